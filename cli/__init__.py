@@ -1,0 +1,1 @@
+"""The `bouncer` command line: the one place that knows every layer."""

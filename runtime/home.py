@@ -1,0 +1,22 @@
+"""Where built models live: `$BOUNCER_HOME` (default `~/.cache/bouncer`), never the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("BOUNCER_HOME") or Path.home() / ".cache" / "bouncer").expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+# Names of the models `bouncer models build` and `bouncer quantize` put in the cache.
+FP32_ONNX = "efficientnet_lite0.fp32.onnx"
+INT8_ONNX = "efficientnet_lite0.int8.onnx"
+FP32_TFLITE = "efficientnet_lite0.fp32.tflite"
+INT8_TFLITE = "efficientnet_lite0.int8.tflite"
+INT8_IO_TFLITE = "efficientnet_lite0.int8io.tflite"  # int8 input/outputs too

@@ -1,0 +1,70 @@
+"""Frame -> model input. This numpy code is the reference the C++ hot path must match."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from bouncer.runtime.errors import BouncerError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its input; travels inside the model (metadata) or its card."""
+
+    height: int = 224
+    width: int = 224
+    color: Literal["rgb", "bgr"] = "rgb"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    # stretch: plain resize; letterbox: keep the aspect ratio and pad with the mean colour.
+    resize: Literal["stretch", "letterbox"] = "stretch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key in ("mean", "std"):
+            if key in known:
+                v = known[key]
+                known[key] = tuple(float(x) for x in (v if isinstance(v, list | tuple) else [v] * 3))
+                if len(known[key]) != 3:
+                    raise BouncerError(f"preprocessing.{key}: need one value or three, got {v!r}")
+        if "std" in known and any(s == 0 for s in known["std"]):
+            raise BouncerError("preprocessing.std: must not be zero")
+        if known.get("color", "rgb") not in ("rgb", "bgr"):
+            raise BouncerError(f"preprocessing.color: 'rgb' or 'bgr', got {known['color']!r}")
+        if known.get("resize", "stretch") not in ("stretch", "letterbox"):
+            raise BouncerError(f"preprocessing.resize: 'stretch' or 'letterbox', got {known['resize']!r}")
+        return cls(**known)
+
+
+def resize_frame(bgr: np.ndarray, pp: Preprocessing) -> np.ndarray:
+    """Resize a BGR uint8 frame to the model's size (area filter when shrinking)."""
+    h, w = bgr.shape[:2]
+    if pp.resize == "stretch":
+        interp = cv2.INTER_AREA if (h > pp.height and w > pp.width) else cv2.INTER_LINEAR
+        return cv2.resize(bgr, (pp.width, pp.height), interpolation=interp)
+    scale = min(pp.width / w, pp.height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(bgr, (nw, nh), interpolation=interp)
+    fill = pp.mean[::-1] if pp.color == "rgb" else pp.mean  # the pad is the mean colour, in BGR order
+    out = np.empty((pp.height, pp.width, 3), np.uint8)
+    out[:] = np.clip(np.round(fill), 0, 255).astype(np.uint8)
+    y0, x0 = (pp.height - nh) // 2, (pp.width - nw) // 2
+    out[y0 : y0 + nh, x0 : x0 + nw] = small
+    return out
+
+
+def preprocess(bgr: np.ndarray, pp: Preprocessing) -> np.ndarray:
+    """BGR uint8 HxWx3 -> float32 1x3xHxW normalised model input."""
+    img = resize_frame(bgr, pp)
+    if pp.color == "rgb":
+        img = img[:, :, ::-1]
+    x = (img.astype(np.float32) - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])

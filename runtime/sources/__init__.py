@@ -1,0 +1,1 @@
+"""Frame sources: image folders, video/cameras, and the production-line simulator."""

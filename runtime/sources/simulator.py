@@ -1,0 +1,151 @@
+"""A procedural production line, deterministic from a seed.
+
+Parts of several classes lie on a textured conveyor belt under slightly uneven light. The same
+renderer makes training/calibration folders (ImageFolder layout) and, later, streams with incidents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+FRAME_W, FRAME_H = 320, 240
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Per-frame nuisance parameters: where the part sits and how the light falls."""
+
+    cx: float
+    cy: float
+    angle: float
+    scale: float
+    light: float
+    belt_phase: int
+
+
+def _belt(rng: np.random.Generator, phase: int, light: float) -> np.ndarray:
+    """Dark rubber belt with ribs that move with `phase`, plus fine grain."""
+    x = np.arange(FRAME_W, dtype=np.float32)
+    ribs = 6.0 * (((x + phase) % 24) < 3)
+    base = 62.0 + ribs[None, :] + rng.normal(0, 3.0, (FRAME_H, FRAME_W)).astype(np.float32)
+    base = cv2.GaussianBlur(base, (3, 3), 0)
+    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float32)
+    vignette = 1.0 - 0.18 * (((xx - FRAME_W / 2) / FRAME_W) ** 2 + ((yy - FRAME_H / 2) / FRAME_H) ** 2) * 4
+    grey = base * vignette * light
+    return np.repeat(grey[:, :, None], 3, axis=2) * np.array([1.0, 1.02, 1.04], np.float32)
+
+
+def _shade(mask: np.ndarray, colour: tuple[float, float, float], s: Scene, rng: np.random.Generator) -> np.ndarray:
+    """A metallic diagonal gradient with brushed texture inside `mask`."""
+    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float32)
+    g = 0.75 + 0.35 * ((xx - s.cx) * np.cos(s.angle) + (yy - s.cy) * np.sin(s.angle)) / 120.0
+    brushed = cv2.blur(rng.normal(0, 10.0, (FRAME_H, FRAME_W)).astype(np.float32), (15, 1))
+    out = np.empty((FRAME_H, FRAME_W, 3), np.float32)
+    for c in range(3):
+        out[:, :, c] = colour[c] * g + brushed
+    return out * s.light
+
+
+def _poly(points: np.ndarray, s: Scene) -> np.ndarray:
+    rot = np.array([[np.cos(s.angle), -np.sin(s.angle)], [np.sin(s.angle), np.cos(s.angle)]])
+    return (points * s.scale @ rot.T + [s.cx, s.cy]).astype(np.int32)
+
+
+def _mask_washer(s: Scene) -> np.ndarray:
+    m = np.zeros((FRAME_H, FRAME_W), np.uint8)
+    cv2.circle(m, (int(s.cx), int(s.cy)), int(58 * s.scale), 255, -1, cv2.LINE_AA)
+    cv2.circle(m, (int(s.cx), int(s.cy)), int(24 * s.scale), 0, -1, cv2.LINE_AA)
+    return m
+
+
+def _mask_gear(s: Scene) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, 12 * 8, endpoint=False)
+    r = 50 + 9 * (np.sin(12 * t) > 0)
+    pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    m = np.zeros((FRAME_H, FRAME_W), np.uint8)
+    cv2.fillPoly(m, [_poly(pts, s)], 255, cv2.LINE_AA)
+    cv2.circle(m, (int(s.cx), int(s.cy)), int(12 * s.scale), 0, -1, cv2.LINE_AA)
+    return m
+
+
+def _mask_bracket(s: Scene) -> np.ndarray:
+    pts = np.array([[-60, -45], [60, -45], [60, -15], [-25, -15], [-25, 50], [-60, 50]], np.float64)
+    m = np.zeros((FRAME_H, FRAME_W), np.uint8)
+    cv2.fillPoly(m, [_poly(pts, s)], 255, cv2.LINE_AA)
+    for hx, hy in ((35, -30), (-43, 30)):
+        c = _poly(np.array([[hx, hy]], np.float64), s)[0]
+        cv2.circle(m, (int(c[0]), int(c[1])), int(7 * s.scale), 0, -1, cv2.LINE_AA)
+    return m
+
+
+def _mask_plate(s: Scene) -> np.ndarray:
+    pts = np.array([[-70, -40], [70, -40], [70, 40], [-70, 40]], np.float64)
+    m = np.zeros((FRAME_H, FRAME_W), np.uint8)
+    cv2.fillPoly(m, [_poly(pts, s)], 255, cv2.LINE_AA)
+    for hx, hy in ((-52, -24), (52, -24), (-52, 24), (52, 24)):
+        c = _poly(np.array([[hx, hy]], np.float64), s)[0]
+        cv2.circle(m, (int(c[0]), int(c[1])), int(6 * s.scale), 0, -1, cv2.LINE_AA)
+    return m
+
+
+def _mask_bolt(s: Scene) -> np.ndarray:
+    """A hex bolt: a part type the line has never shown (for unknown-class tests)."""
+    t = np.linspace(0, 2 * np.pi, 6, endpoint=False)
+    head = np.stack([32 * np.cos(t) - 40, 32 * np.sin(t)], 1)
+    shaft = np.array([[-15, -13], [75, -13], [75, 13], [-15, 13]], np.float64)
+    m = np.zeros((FRAME_H, FRAME_W), np.uint8)
+    cv2.fillPoly(m, [_poly(head, s), _poly(shaft, s)], 255, cv2.LINE_AA)
+    return m
+
+
+PARTS: dict[str, tuple[Callable[[Scene], np.ndarray], tuple[float, float, float]]] = {
+    "washer": (_mask_washer, (170.0, 172.0, 176.0)),
+    "gear": (_mask_gear, (70.0, 130.0, 185.0)),  # BGR: bronze
+    "bracket": (_mask_bracket, (150.0, 120.0, 95.0)),  # BGR: blue-grey paint
+    "plate": (_mask_plate, (80.0, 140.0, 75.0)),  # BGR: green board
+    "bolt": (_mask_bolt, (120.0, 125.0, 130.0)),
+}
+KNOWN_CLASSES = ("washer", "gear", "bracket", "plate")
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    return Scene(
+        cx=FRAME_W / 2 + rng.uniform(-25, 25),
+        cy=FRAME_H / 2 + rng.uniform(-18, 18),
+        angle=rng.uniform(-0.5, 0.5),
+        scale=rng.uniform(0.9, 1.1),
+        light=rng.uniform(0.95, 1.05),
+        belt_phase=int(rng.integers(0, 24)),
+    )
+
+
+def render(part: str, rng: np.random.Generator, scene: Scene | None = None) -> np.ndarray:
+    """One BGR uint8 frame of `part` on the belt."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; known: {', '.join(PARTS)}")
+    s = scene or random_scene(rng)
+    mask_fn, colour = PARTS[part]
+    mask = mask_fn(s).astype(np.float32) / 255.0
+    # a soft shadow under the part, offset away from the light
+    shadow = cv2.GaussianBlur(np.roll(mask, (5, 6), (0, 1)), (0, 0), 4)
+    frame = _belt(rng, s.belt_phase, s.light) * (1 - 0.45 * shadow[:, :, None])
+    part_img = _shade(mask, colour, s, rng)
+    frame = frame * (1 - mask[:, :, None]) + part_img * mask[:, :, None]
+    frame += rng.normal(0, 2.0, frame.shape).astype(np.float32)  # sensor noise
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def write_dataset(out: Path, parts: tuple[str, ...] = KNOWN_CLASSES, per_class: int = 50, seed: int = 0) -> Path:
+    """Write `per_class` PNG frames of each part into OUT/PART/, deterministically from `seed`."""
+    for k, part in enumerate(parts):
+        d = out / part
+        d.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([seed, k])
+        for i in range(per_class):
+            cv2.imwrite(str(d / f"{part}_{i:04d}.png"), render(part, rng))
+    return out

@@ -1,0 +1,32 @@
+# Sourced by scripts/*: create or reuse .venv in the checkout and install the project with EXTRAS.
+# Re-installs only when pyproject.toml or the extras change, so a second run starts at once.
+ensure_venv() {
+    local extras="$1"
+    local root
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    local py="${PYTHON:-}"
+    if [ -z "$py" ]; then
+        for candidate in python3.11 python3; do
+            if command -v "$candidate" >/dev/null 2>&1; then py="$candidate"; break; fi
+        done
+    fi
+    if [ ! -x "$root/.venv/bin/python" ]; then
+        echo "creating $root/.venv with $($py --version)" >&2
+        "$py" -m venv "$root/.venv"
+    fi
+    # shellcheck disable=SC1091
+    . "$root/.venv/bin/activate"
+    python - <<'PY' || { echo "bouncer needs Python >= 3.11" >&2; return 1; }
+import sys; sys.exit(sys.version_info < (3, 11))
+PY
+    local stamp="$root/.venv/.bouncer-stamp-${extras//,/-}"
+    local want
+    want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "installing bouncer[$extras] into .venv (once)" >&2
+        python -m pip install -q --upgrade pip >&2
+        # torch==2.13.0 (CPU build) is pinned in the [build] extra; pip takes it from the local wheel store.
+        python -m pip install -q -e "$root[$extras]" >&2
+        echo "$want" > "$stamp"
+    fi
+}

@@ -1,0 +1,44 @@
+"""Shared fixtures. The backbone models are built once per test run, through the real CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from bouncer.runtime import home
+from helpers import run_cli
+
+
+@pytest.fixture(scope="session")
+def bouncer_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache for this run; BOUNCER_TEST_HOME reuses one across runs while developing."""
+    path = Path(os.environ.get("BOUNCER_TEST_HOME") or tmp_path_factory.mktemp("bouncer_home"))
+    os.environ["BOUNCER_HOME"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_models(bouncer_home: Path) -> dict[str, Path]:
+    """fp32/int8 ONNX and TFLite backbones, built by `bouncer models build --tflite`."""
+    res = run_cli("models", "build", "--tflite", env={"BOUNCER_HOME": str(bouncer_home)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = bouncer_home / "models"
+    paths = {
+        "onnx_fp32": d / home.FP32_ONNX,
+        "onnx_int8": d / home.INT8_ONNX,
+        "tflite_fp32": d / home.FP32_TFLITE,
+        "tflite_int8": d / home.INT8_TFLITE,
+        "tflite_int8io": d / home.INT8_IO_TFLITE,
+    }
+    for p in paths.values():
+        assert p.exists(), f"models build did not produce {p}"
+    return paths
+
+
+@pytest.fixture(scope="session")
+def sim_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulator data set (ImageFolder layout), 12 frames of each known part."""
+    from bouncer.runtime.sources import simulator
+
+    return simulator.write_dataset(tmp_path_factory.mktemp("sim"), per_class=12, seed=7)

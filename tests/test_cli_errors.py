@@ -1,0 +1,87 @@
+"""Bad input to the model commands: one clear line naming the file, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bouncer.runtime.modelcard import ModelCard, write_sidecar
+from bouncer.runtime.preprocess import Preprocessing
+from helpers import run_cli, tiny_classifier
+
+
+def assert_clean_error(res, *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("bouncer: error:"), res.stderr
+    for n in needles:
+        assert n in last, (n, last)
+
+
+@pytest.fixture()
+def calib(tmp_path: Path) -> Path:
+    import cv2
+
+    d = tmp_path / "calib"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        cv2.imwrite(str(d / f"{i}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    return d
+
+
+def test_missing_model(tmp_path, calib):
+    assert_clean_error(
+        run_cli("quantize", str(tmp_path / "none.onnx"), "--calib", str(calib)), "none.onnx", "not found"
+    )
+
+
+def test_non_model_file(tmp_path, calib):
+    p = tmp_path / "notes.onnx"
+    p.write_text("hello")
+    assert_clean_error(run_cli("quantize", str(p), "--calib", str(calib)), "notes.onnx", "not a loadable ONNX model")
+
+
+def test_truncated_model(tmp_path, calib):
+    good = tiny_classifier(tmp_path / "good.onnx")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(good.read_bytes()[:200])
+    assert_clean_error(run_cli("quantize", str(cut), "--calib", str(calib)), "cut.onnx")
+
+
+def test_model_lacking_output(tmp_path, calib):
+    m = tiny_classifier(tmp_path / "short.onnx", outputs=("scores",))
+    write_sidecar(m, ModelCard(name="s", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    assert_clean_error(run_cli("quantize", str(m), "--calib", str(calib)), "short.onnx", "feat")
+
+
+def test_empty_calibration_folder(tmp_path):
+    m = tiny_classifier(tmp_path / "m.onnx")
+    write_sidecar(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run_cli("quantize", str(m), "--calib", str(tmp_path / "empty")), "empty", "no image files")
+    assert_clean_error(run_cli("quantize", str(m), "--calib", str(tmp_path / "absent")), "absent", "not a folder")
+
+
+def test_calibration_images_that_are_not_images(tmp_path, calib):
+    m = tiny_classifier(tmp_path / "m.onnx")
+    write_sidecar(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    (calib / "fake.jpg").write_text("I am text")
+    assert_clean_error(run_cli("quantize", str(m), "--calib", str(calib)), "fake.jpg", "not a decodable image")
+
+
+def test_user_model_quantizes(tmp_path, calib):
+    """A user's classifier with a card goes through the same pipeline."""
+    m = tiny_classifier(tmp_path / "m.onnx")
+    write_sidecar(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    res = run_cli("quantize", str(m), "--calib", str(calib))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "m.int8.onnx").exists() and "cosine feat" in res.stdout
+
+
+def test_bad_options():
+    assert_clean_error(run_cli("quantize"), "model")
+    assert_clean_error(run_cli("bench", "backbone", "--rounds", "0"), "at least 1")
+    assert_clean_error(run_cli("sim", "dataset", "--out", "/tmp/x", "--parts", "giraffe"), "giraffe")
