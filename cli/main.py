@@ -142,6 +142,20 @@ def cmd_bench_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gates(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_gates import bench_gates, print_table
+
+    tile = args.magnetic_tile
+    if tile is None:
+        guess = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "magnetic-tile"
+        tile = guess if guess.is_dir() else None
+        if tile is None:
+            print("magnetic-tile data set not found (pass --magnetic-tile DIR); simulator only", file=sys.stderr)
+    results = bench_gates(args.model or default_model(), tile, args.work, lambda m: print(m, file=sys.stderr))
+    print_table(results)
+    return 0
+
+
 def cmd_sim_dataset(args: argparse.Namespace) -> int:
     from bouncer.runtime.sources import simulator
 
@@ -159,6 +173,7 @@ def cmd_sim_dataset(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     """Backbone only: top ImageNet class and feature norm per image (gates arrive with `bouncer score`)."""
     import numpy as np
+
     from bouncer.runtime import backends
     from bouncer.runtime.errors import ImageError
     from bouncer.runtime.images import iter_image_paths, read_bgr
@@ -193,6 +208,127 @@ def cmd_infer(args: argparse.Namespace) -> int:
         if out:
             out.close()
     print(f"{n_ok} images scored, {n_bad} unreadable ({model.runtime}, {model.card.name})", file=sys.stderr)
+    return 0
+
+
+def _load_guard(gate: Path, model: Path | None, threads: int):
+    from bouncer.runtime import backends
+    from bouncer.runtime.gates.bundle import GateBundle
+    from bouncer.runtime.gates.guard import Guard
+
+    bundle = GateBundle.load(gate)  # validate the bundle before building any model
+    return Guard(bundle, backends.load(model or default_model(), threads))
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from bouncer.runtime import backends
+    from bouncer.runtime.gates.fit import fit_gate
+
+    backend = backends.load(args.model or default_model(), args.threads)
+    heads = tuple(h for h in args.heads.split(",") if h) if args.heads else None
+    kwargs = {"heads": heads} if heads else {}
+    bundle = fit_gate(
+        backend,
+        args.train,
+        args.calib,
+        target_accuracy=args.target_accuracy,
+        delta=args.delta,
+        ood_quantile=args.ood_quantile,
+        resize=args.resize,
+        version=args.gate_version,
+        **kwargs,
+    )
+    path = bundle.save(args.out)
+    a, m = bundle.acceptance, bundle.fit_metrics
+    print(f"gate {bundle.version} -> {path} ({path.stat().st_size / 1e6:.2f} MB), classes: {', '.join(bundle.classes)}")
+    print(
+        f"train accuracy {m['train_accuracy']:.4f}, calibration accuracy {m['calibration_accuracy']:.4f}, "
+        f"temperature {m['temperature']:.3f}, ECE {m['ece_before_scaling']:.4f} -> {m['ece_after_scaling']:.4f}"
+    )
+    print(f"OOD threshold {bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile})")
+    if a.threshold is None:
+        print(f"acceptance: none (no threshold reaches accuracy {a.target_accuracy} at delta {a.delta})")
+    else:
+        print(
+            f"acceptance: confidence >= {a.threshold:.6f}; accuracy >= {a.target_accuracy} with probability >= "
+            f"{1 - a.delta:.2f}: error bound {a.error_bound:.4f} from {a.n_errors} errors in {a.n_accepted} accepted "
+            f"of {a.n_calibration} calibration frames (coverage {m['calibration_coverage']:.1%})"
+        )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from bouncer.runtime.errors import ImageError
+    from bouncer.runtime.gates.guard import unreadable
+    from bouncer.runtime.images import iter_image_paths, read_bgr
+
+    guard = _load_guard(args.gate, args.model, args.threads)
+    counts: dict[str, int] = {}
+    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.jsonl, "w") as out:
+        for given in args.paths:
+            for path in iter_image_paths([given]):
+                try:
+                    decision = guard.score_frames([read_bgr(path)])[0]
+                except ImageError as exc:
+                    decision = unreadable(str(exc))
+                rec = {"path": str(path), **decision.to_dict()}
+                out.write(json.dumps(rec) + "\n")
+                counts[decision.decision] = counts.get(decision.decision, 0) + 1
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("accept", "review", "reject"))
+    print(f"{sum(counts.values())} images: {summary} -> {args.jsonl}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bouncer.runtime.gates.evaluate import evaluate
+
+    guard = _load_guard(args.gate, args.model, args.threads)
+    report = evaluate(
+        guard, args.known, args.unknown, args.foreign, corrupt=args.corrupt, out_dir=args.out, seed=args.seed
+    )
+    print("frames: " + ", ".join(f"{k} {v}" for k, v in report["frames"].items()))
+    for name, e in report["methods"].items():
+        op = e["operating_point"]
+        at = ", ".join(
+            f"{c}: {v if v is None else round(v, 4)}" for c, v in e["accepted_error_at_clean_coverage"].items()
+        )
+        print(
+            f"{name:<24} accepted error {op['accepted_error']:.4f}  clean coverage {op['clean_coverage']:.4f}  "
+            f"garbage accepted {op['garbage_accepted']}  | error at coverage {at}"
+        )
+    au = report["ood_auroc"]
+    print(
+        f"OOD AUROC unknown {au['unknown']}, foreign {au['foreign']}; ECE {report['ece']}; "
+        f"clean accuracy {report['clean_accuracy']}"
+    )
+    if "ood_auroc_last_layer_mahalanobis" in report:
+        mb = report["ood_auroc_last_layer_mahalanobis"]
+        print(f"last-layer Mahalanobis alone: AUROC unknown {mb['unknown']}, foreign {mb['foreign']}")
+    print(f"report: {args.out / 'report.json'}, plots: risk_coverage.png, reliability.png")
+    _print_json_last(
+        {k: report[k] for k in ("gate", "frames", "ood_auroc", "ece", "clean_accuracy")}
+        | {"methods": {k: v["operating_point"] for k, v in report["methods"].items()}}
+    )
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from bouncer.runtime.datasets import split_dataset
+
+    def names(v: str | None) -> list[str]:
+        return [c for c in (v or "").split(",") if c]
+
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(","))
+    except ValueError:
+        raise BouncerError(f"--fractions: expected three numbers like 0.4,0.35,0.25, got {args.fractions!r}") from None
+    counts = split_dataset(
+        args.root, args.out, names(args.known), names(args.unknown), fractions, args.seed, copy=args.copy
+    )
+    for split, per_class in counts.items():
+        if per_class:
+            print(f"{split:<8} " + ", ".join(f"{c} {n}" for c, n in per_class.items()))
     return 0
 
 
@@ -253,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--per-round", type=_positive_int, default=20)
     bb.add_argument("--no-litert", action="store_true", help="ONNX Runtime only")
 
+    bg = add("gates", cmd_bench_gates, "fit and evaluate gates on the simulator and the magnetic-tile data", bsub)
+    bg.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
+    bg.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    bg.add_argument("--work", type=Path, help="keep splits, bundles and reports here (default: a temp folder)")
+
     sim = sub.add_parser("sim", help="the production-line simulator")
     ssub = sim.add_subparsers(dest="sim_command", required=True, parser_class=Parser)
     sd = add("dataset", cmd_sim_dataset, "write an ImageFolder data set of simulated parts", ssub)
@@ -266,6 +407,48 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", type=Path, help="model (default: cached int8 backbone)")
     inf.add_argument("--jsonl", type=Path, help="write JSON lines here instead of stdout")
     inf.add_argument("--threads", type=_positive_int, default=1)
+
+    data = sub.add_parser("data", help="data set helpers")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    ds = add("split", cmd_data_split, "deterministic train/calib/test split with held-out (unknown) classes", dsub)
+    ds.add_argument("root", type=_existing_dir, help="ImageFolder data set")
+    ds.add_argument("--out", type=Path, required=True)
+    ds.add_argument("--known", required=True, help="comma-separated classes to fit on")
+    ds.add_argument("--unknown", help="comma-separated classes held out as never-seen defect types")
+    ds.add_argument("--fractions", default="0.4,0.35,0.25", help="train,calib,test fractions")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--copy", action="store_true", help="copy files instead of linking them")
+
+    f = add("fit", cmd_fit, "fit a gate bundle from labelled training and calibration folders (ImageFolder layout)")
+    f.add_argument("--train", type=_existing_dir, required=True, help="one sub-folder of images per class")
+    f.add_argument("--calib", type=_existing_dir, required=True, help="held-out images of the same classes")
+    f.add_argument("--out", type=Path, required=True, help="bundle file to write")
+    f.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    f.add_argument("--target-accuracy", type=float, default=0.99, help="accuracy guaranteed on accepted frames")
+    f.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability 1 - delta")
+    f.add_argument("--ood-quantile", type=float, default=0.99, help="calibration quantile of the OOD threshold")
+    f.add_argument("--heads", help="OOD heads, comma-separated maha:OUT, patch:MAP, knn:OUT")
+    f.add_argument("--resize", choices=["stretch", "letterbox"], help="override the model's resize mode")
+    f.add_argument("--gate-version", help="version string (default: UTC timestamp)")
+    f.add_argument("--threads", type=_positive_int, default=2)
+
+    sc = add("score", cmd_score, "apply a gate: one JSON line per image with decision, label, confidence, reasons")
+    sc.add_argument("--gate", type=Path, required=True)
+    sc.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    sc.add_argument("--jsonl", type=Path, required=True, help="output file, one JSON object per image")
+    sc.add_argument("paths", nargs="+", help="image files or folders (recursive)")
+    sc.add_argument("--threads", type=_positive_int, default=1)
+
+    ev = add("eval", cmd_eval, "measure a gate on clean, unknown, foreign, corrupted and garbage frames")
+    ev.add_argument("--gate", type=Path, required=True)
+    ev.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    ev.add_argument("--known", type=_existing_dir, required=True, help="labelled test frames of the gate's classes")
+    ev.add_argument("--unknown", type=_existing_dir, action="append", default=[], help="defect types never fitted")
+    ev.add_argument("--foreign", type=_existing_dir, action="append", default=[], help="foreign objects / photos")
+    ev.add_argument("--corrupt", action="store_true", help="add corrupted and garbage frames made from --known")
+    ev.add_argument("--out", type=Path, default=Path("bouncer-eval"), help="folder for report.json and plots")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--threads", type=_positive_int, default=2)
     return p
 
 

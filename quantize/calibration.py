@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from bouncer.runtime.errors import BouncerError, ImageError
 from bouncer.runtime.images import list_images, read_bgr
 from bouncer.runtime.preprocess import Preprocessing, preprocess

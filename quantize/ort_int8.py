@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
 from bouncer.runtime.errors import BouncerError, ModelError
 from bouncer.runtime.modelcard import ModelCard
 
@@ -20,7 +21,6 @@ def quantize_onnx(
 ) -> ModelCard:
     """Write an int8 QDQ model of `fp32` to `out`; return the card it carries."""
     import onnx
-    from bouncer.quantize.export import embed_card, graph_hash
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -29,6 +29,8 @@ def quantize_onnx(
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from bouncer.quantize.export import embed_card, graph_hash
 
     class Reader(CalibrationDataReader):
         def __init__(self, name: str) -> None:

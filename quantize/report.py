@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from bouncer.runtime import backends
 from bouncer.runtime.timing import interleaved_latency_ms, percentiles
 

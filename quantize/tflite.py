@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from bouncer.runtime.backends.litert import interpreter_class
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.modelcard import ModelCard, write_sidecar

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from bouncer.runtime import backends
 from bouncer.runtime.preprocess import preprocess
 from bouncer.runtime.sources import simulator

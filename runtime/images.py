@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+
 from bouncer.runtime.errors import BouncerError, ImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
@@ -51,12 +53,21 @@ def to_bgr(img: np.ndarray, name: str = "frame") -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def walk_images(root: Path) -> list[Path]:
+    """Image files under a folder, following symlinked folders (data sets are often linked in)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return found
+
+
 def iter_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
     """Files as given, folders searched recursively for image files, in a stable order."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            yield from walk_images(p)
         elif p.exists():
             yield p
         else:
@@ -68,11 +79,7 @@ def image_folder(root: str | Path) -> dict[str, list[Path]]:
     root = Path(root)
     if not root.is_dir():
         raise BouncerError(f"{root}: not a folder")
-    classes = {
-        d.name: sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        for d in sorted(root.iterdir())
-        if d.is_dir()
-    }
+    classes = {d.name: walk_images(d) for d in sorted(root.iterdir()) if d.is_dir()}
     classes = {k: v for k, v in classes.items() if v}
     if not classes:
         raise BouncerError(f"{root}: no class sub-folders with images (expected ROOT/CLASS/IMAGE)")

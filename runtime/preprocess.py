@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+
 from bouncer.runtime.errors import BouncerError
 
 

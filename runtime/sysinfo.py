@@ -46,6 +46,7 @@ def hotpath_status() -> str:
 
 def collect() -> dict[str, Any]:
     import onnxruntime as ort
+
     from bouncer.runtime.backends.litert import runtime_version
 
     models = home.models_dir()

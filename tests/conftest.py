@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from bouncer.runtime import home
 from helpers import run_cli
+
+from bouncer.runtime import home
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli, tiny_classifier
+
 from bouncer.runtime.modelcard import ModelCard, write_sidecar
 from bouncer.runtime.preprocess import Preprocessing
-from helpers import run_cli, tiny_classifier
 
 
 def assert_clean_error(res, *needles: str) -> None:
@@ -84,4 +85,4 @@ def test_user_model_quantizes(tmp_path, calib):
 def test_bad_options():
     assert_clean_error(run_cli("quantize"), "model")
     assert_clean_error(run_cli("bench", "backbone", "--rounds", "0"), "at least 1")
-    assert_clean_error(run_cli("sim", "dataset", "--out", "/tmp/x", "--parts", "giraffe"), "giraffe")
+    assert_clean_error(run_cli("sim", "dataset", "--out", "/tmp/x", "--parts", "unicorn"), "unicorn")

@@ -7,11 +7,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from bouncer.runtime.errors import BouncerError, ImageError
-from bouncer.runtime.images import image_folder, iter_image_paths, read_bgr, to_bgr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
+from bouncer.runtime.errors import BouncerError, ImageError
+from bouncer.runtime.images import image_folder, iter_image_paths, read_bgr, to_bgr
 
 
 def _write(path: Path, img: np.ndarray) -> Path:

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_classifier
+
 from bouncer.runtime import backends
 from bouncer.runtime.errors import ModelError
 from bouncer.runtime.modelcard import ModelCard, read_sidecar, write_sidecar
 from bouncer.runtime.preprocess import Preprocessing
-from helpers import tiny_classifier
 
 
 def test_user_onnx_model_with_toml_card(tmp_path):

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import run_cli
+
 from bouncer.quantize.report import cosine_rows
 from bouncer.runtime import backends
 from bouncer.runtime.benchmarks import held_out_frames
 from bouncer.runtime.preprocess import preprocess
-from helpers import run_cli
 
 FEATURE_OUTPUTS = ("features", "pool_s8", "pool_s16", "pool_s32", "map_s8", "map_s16")
 SHAPES = {

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.preprocess import Preprocessing, preprocess, resize_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
+from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.preprocess import Preprocessing, preprocess, resize_frame
 
 frames = st.tuples(st.integers(8, 300), st.integers(8, 300)).flatmap(lambda hw: arrays(np.uint8, (hw[0], hw[1], 3)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from bouncer.runtime.images import image_folder
 from bouncer.runtime.sources import simulator
 

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+
 from bouncer.runtime.errors import ModelError
 from bouncer.runtime.modelcard import ModelCard
 

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+
 from bouncer.runtime.backends.base import Backend, check_outputs
 from bouncer.runtime.errors import ModelError
 from bouncer.runtime.modelcard import read_sidecar, with_hash

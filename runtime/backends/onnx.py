@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from bouncer.runtime.backends.base import Backend, check_outputs
 from bouncer.runtime.errors import ModelError
 from bouncer.runtime.modelcard import CARD_KEY, ModelCard, read_sidecar, with_hash

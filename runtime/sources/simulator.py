@@ -103,14 +103,36 @@ def _mask_bolt(s: Scene) -> np.ndarray:
     return m
 
 
+def _mask_giraffe(s: Scene) -> np.ndarray:
+    """A giraffe silhouette: the foreign object no classifier trained on parts should accept."""
+    body = np.array(
+        [[-55, 5], [30, 5], [38, -10], [45, -70], [62, -78], [66, -70], [52, -62], [46, 0], [40, 20], [-50, 22]],
+        np.float64,
+    )
+    m = np.zeros((FRAME_H, FRAME_W), np.uint8)
+    cv2.fillPoly(m, [_poly(body, s)], 255, cv2.LINE_AA)
+    for lx in (-48, -36, 22, 34):  # legs
+        cv2.fillPoly(m, [_poly(np.array([[lx, 15], [lx + 6, 15], [lx + 6, 70], [lx, 70]], np.float64), s)], 255)
+    # the spots: dark patches inside the body
+    rng = np.random.default_rng(int(s.cx * 7 + s.cy))
+    spots = np.zeros_like(m)
+    for _ in range(14):
+        c = _poly(np.array([[rng.uniform(-50, 35), rng.uniform(-5, 18)]], np.float64), s)[0]
+        cv2.circle(spots, (int(c[0]), int(c[1])), int(4 * s.scale), 255, -1)
+    return np.where(spots > 0, (m * 0.55).astype(np.uint8), m)
+
+
 PARTS: dict[str, tuple[Callable[[Scene], np.ndarray], tuple[float, float, float]]] = {
     "washer": (_mask_washer, (170.0, 172.0, 176.0)),
     "gear": (_mask_gear, (70.0, 130.0, 185.0)),  # BGR: bronze
     "bracket": (_mask_bracket, (150.0, 120.0, 95.0)),  # BGR: blue-grey paint
     "plate": (_mask_plate, (80.0, 140.0, 75.0)),  # BGR: green board
     "bolt": (_mask_bolt, (120.0, 125.0, 130.0)),
+    "giraffe": (_mask_giraffe, (60.0, 150.0, 210.0)),  # BGR: tawny
 }
 KNOWN_CLASSES = ("washer", "gear", "bracket", "plate")
+UNKNOWN_PARTS = ("bolt",)  # a part type the line has never shown
+FOREIGN = ("giraffe",)  # not a part at all
 
 
 def random_scene(rng: np.random.Generator) -> Scene:

@@ -1,0 +1,236 @@
+"""The gate bundle: one zip file holding `gate.json` (metadata, thresholds) and `arrays.npz` (weights).
+
+No pickle anywhere: arrays load with allow_pickle=False and the JSON is validated field by field,
+so a corrupt or hostile bundle is an error naming what is wrong, never code execution or a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, LinearHead
+from bouncer.runtime.gates.quality import QualityGate
+from bouncer.runtime.preprocess import Preprocessing
+
+FORMAT = "bouncer-gate"
+FORMAT_VERSION = 1
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+
+
+class BundleError(BouncerError):
+    """A gate bundle that is missing, corrupt, or made for another backbone."""
+
+
+@dataclass
+class Acceptance:
+    threshold: float | None  # confidence needed to auto-accept; None: never auto-accept
+    target_accuracy: float
+    delta: float
+    error_bound: float | None
+    n_calibration: int
+    n_accepted: int
+    n_errors: int
+    frames_needed: int
+
+
+@dataclass
+class GateBundle:
+    version: str
+    created: str
+    backbone_hash: str
+    backbone_name: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    quality: QualityGate
+    task: LinearHead
+    ood_heads: list[GaussianHead | KnnHead]
+    fusion: Fusion
+    ood_threshold: float
+    ood_quantile: float
+    acceptance: Acceptance
+    fit_metrics: dict[str, Any] = field(default_factory=dict)
+    # Last-layer-only Mahalanobis and its threshold: never used to decide, kept so `bouncer eval`
+    # can compare the gate against it on the same frames.
+    baseline: GaussianHead | None = None
+    baseline_threshold: float | None = None
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"task.weight": self.task.weight, "task.bias": self.task.bias}
+        for i, h in enumerate(self.ood_heads):
+            arrays |= _head_arrays(h, f"ood{i}")
+        if self.baseline is not None:
+            arrays |= _head_arrays(self.baseline, "baseline")
+        arrays["fusion.median"] = self.fusion.median
+        arrays["fusion.scale"] = self.fusion.scale
+        return arrays
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "created": self.created,
+            "backbone": {"hash": self.backbone_hash, "name": self.backbone_name},
+            "classes": self.classes,
+            "preprocessing": self.preprocessing.to_dict(),
+            "quality": self.quality.to_dict(),
+            "task": {"temperature": self.task.temperature},
+            "ood": {
+                "heads": [_head_meta(h) for h in self.ood_heads],
+                "fusion": {"names": self.fusion.names, "method": "mean of (score - median) / (q90 - q50)"},
+                "threshold": self.ood_threshold,
+                "quantile": self.ood_quantile,
+            },
+            "baseline": None
+            if self.baseline is None
+            else {"head": _head_meta(self.baseline), "threshold": self.baseline_threshold},
+            "acceptance": self.acceptance.__dict__,
+            "fit_metrics": self.fit_metrics,
+        }
+
+    def save(self, path: Path) -> Path:
+        """Write atomically: a reader never sees half a bundle, a crash leaves the old one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **self._arrays())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+                    z.writestr("gate.json", json.dumps(self._meta(), indent=2))
+                    z.writestr("arrays.npz", buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> GateBundle:
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path}: gate bundle not found")
+        if path.stat().st_size > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{path}: too large for a gate bundle ({path.stat().st_size} bytes)")
+        try:
+            with zipfile.ZipFile(path) as z:
+                meta = json.loads(z.read("gate.json"))
+                with np.load(io.BytesIO(z.read("arrays.npz")), allow_pickle=False) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise BundleError(f"{path}: corrupt gate bundle ({type(exc).__name__}: {exc})") from None
+        try:
+            return cls._from(meta, arrays)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise BundleError(f"{path}: invalid gate bundle ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _from(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> GateBundle:
+        if meta.get("format") != FORMAT:
+            raise ValueError("not a Bouncer gate bundle")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('format_version')} (this Bouncer reads {FORMAT_VERSION})")
+        classes = [str(c) for c in meta["classes"]]
+        task = LinearHead(
+            weight=arrays["task.weight"].astype(np.float32),
+            bias=arrays["task.bias"].astype(np.float32),
+            temperature=float(meta["task"]["temperature"]),
+        )
+        if task.weight.ndim != 2 or task.weight.shape[0] != len(classes) or task.bias.shape != (len(classes),):
+            raise ValueError(f"task head shape {task.weight.shape} does not match {len(classes)} classes")
+        if not task.temperature > 0:
+            raise ValueError("task temperature must be positive")
+        heads = [_head_from(h, arrays, f"ood{i}") for i, h in enumerate(meta["ood"]["heads"])]
+        base = meta.get("baseline")
+        baseline = _head_from(base["head"], arrays, "baseline") if base else None
+        fusion = Fusion(
+            names=[str(n) for n in meta["ood"]["fusion"]["names"]],
+            median=arrays["fusion.median"].astype(np.float64),
+            scale=arrays["fusion.scale"].astype(np.float64),
+        )
+        if not (len(fusion.names) == len(heads) == len(fusion.median) == len(fusion.scale)):
+            raise ValueError("fusion does not match the OOD heads")
+        acc = meta["acceptance"]
+        return cls(
+            version=str(meta["version"]),
+            created=str(meta["created"]),
+            backbone_hash=str(meta["backbone"]["hash"]),
+            backbone_name=str(meta["backbone"]["name"]),
+            classes=classes,
+            preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+            quality=QualityGate.from_dict(meta["quality"]),
+            task=task,
+            ood_heads=heads,
+            fusion=fusion,
+            ood_threshold=float(meta["ood"]["threshold"]),
+            ood_quantile=float(meta["ood"]["quantile"]),
+            acceptance=Acceptance(
+                threshold=None if acc["threshold"] is None else float(acc["threshold"]),
+                target_accuracy=float(acc["target_accuracy"]),
+                delta=float(acc["delta"]),
+                error_bound=None if acc["error_bound"] is None else float(acc["error_bound"]),
+                n_calibration=int(acc["n_calibration"]),
+                n_accepted=int(acc["n_accepted"]),
+                n_errors=int(acc["n_errors"]),
+                frames_needed=int(acc["frames_needed"]),
+            ),
+            fit_metrics=dict(meta.get("fit_metrics", {})),
+            baseline=baseline if isinstance(baseline, GaussianHead) else None,
+            baseline_threshold=float(base["threshold"]) if base else None,
+        )
+
+
+def _head_arrays(h: GaussianHead | KnnHead, prefix: str) -> dict[str, np.ndarray]:
+    if isinstance(h, GaussianHead):
+        return {f"{prefix}.means": h.means, f"{prefix}.basis": h.basis, f"{prefix}.inv_evals": h.inv_evals}
+    return {f"{prefix}.bank": h.bank}
+
+
+def _head_meta(h: GaussianHead | KnnHead) -> dict[str, Any]:
+    if isinstance(h, GaussianHead):
+        return {"kind": "mahalanobis", "source": h.source, "spatial": h.spatial, "inv_rest": h.inv_rest}
+    return {"kind": "knn", "source": h.source, "k": h.k, "reduce": h.reduce}
+
+
+def _head_from(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> GaussianHead | KnnHead:
+    if meta["kind"] == "mahalanobis":
+        g = GaussianHead(
+            source=str(meta["source"]),
+            means=arrays[f"{prefix}.means"].astype(np.float32),
+            basis=arrays[f"{prefix}.basis"].astype(np.float32),
+            inv_evals=arrays[f"{prefix}.inv_evals"].astype(np.float32),
+            inv_rest=float(meta["inv_rest"]),
+            spatial=bool(meta["spatial"]),
+        )
+        if g.means.ndim != 2 or g.basis.shape[0] != g.means.shape[1] or g.basis.shape[1] != g.inv_evals.shape[0]:
+            raise ValueError(f"{prefix} head ({g.source}): inconsistent shapes")
+        return g
+    if meta["kind"] == "knn":
+        reduce = meta.get("reduce")
+        if reduce not in (None, "max"):
+            raise ValueError(f"{prefix} head: unknown reduce {reduce!r}")
+        bank = arrays[f"{prefix}.bank"]
+        if bank.ndim != 2 or len(bank) == 0:
+            raise ValueError(f"{prefix} head: empty or malformed bank")
+        k = int(meta["k"])
+        if not 1 <= k <= len(bank):
+            raise ValueError(f"{prefix} head: k={k} outside 1..{len(bank)}")
+        return KnnHead(source=str(meta["source"]), bank=bank, k=k, reduce=reduce)
+    raise ValueError(f"unknown OOD head kind {meta['kind']!r}")

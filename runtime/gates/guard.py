@@ -1,0 +1,110 @@
+"""The guard: a backbone plus a gate bundle, turning frames into accept / review / reject with reasons."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bouncer.runtime.backends import Backend
+from bouncer.runtime.gates.bundle import BundleError, GateBundle
+from bouncer.runtime.gates.quality import quality_stats
+from bouncer.runtime.preprocess import preprocess
+
+ACCEPT, REVIEW, REJECT = "accept", "review", "reject"
+
+
+@dataclass
+class Decision:
+    decision: str
+    label: str | None = None
+    confidence: float | None = None
+    ood_score: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)  # what fired: stat, value, threshold
+    quality: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision,
+            "label": self.label,
+            "confidence": None if self.confidence is None else round(self.confidence, 6),
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
+            "reasons": self.reasons,
+            "details": self.details,
+            "quality": {k: round(v, 4) for k, v in self.quality.items()},
+        }
+
+
+def unreadable(message: str) -> Decision:
+    return Decision(REJECT, reasons=["unreadable"], details=[{"reason": "unreadable", "error": message}])
+
+
+class Guard:
+    """Applies a bundle. Refuses a bundle fitted on another backbone (features would be meaningless)."""
+
+    def __init__(self, bundle: GateBundle, backend: Backend) -> None:
+        if bundle.backbone_hash != backend.card.model_hash:
+            raise BundleError(
+                f"gate {bundle.version} was fitted on backbone {bundle.backbone_name} ({bundle.backbone_hash[:12]}), "
+                f"not on {backend.path.name} ({backend.card.model_hash[:12]})"
+            )
+        pp, mp = bundle.preprocessing, backend.card.preprocessing
+        if (pp.height, pp.width, pp.mean, pp.std, pp.color) != (mp.height, mp.width, mp.mean, mp.std, mp.color):
+            raise BundleError(f"gate {bundle.version}: preprocessing does not match the model's card")
+        self.bundle = bundle
+        self.backend = backend
+
+    # ---- heads on backbone outputs (vectorised; the per-frame reference) ----------------------
+
+    def head_scores(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """N x H raw OOD head scores."""
+        return np.stack([h.score(outputs[h.source]) for h in self.bundle.ood_heads], axis=1)
+
+    def heads(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (N x C, temperature-scaled) and fused OOD scores (N)."""
+        probs = self.bundle.task.probs(outputs[self.backend.card.features])
+        fused = self.bundle.fusion.fuse(self.head_scores(outputs))
+        return probs, fused
+
+    def decide(self, issues: list[dict[str, Any]], probs: np.ndarray | None, fused: float | None, q: dict) -> Decision:
+        if issues:
+            return Decision(REJECT, reasons=sorted({i["reason"] for i in issues}), details=issues, quality=q)
+        assert probs is not None and fused is not None
+        b = self.bundle
+        k = int(probs.argmax())
+        conf = float(probs[k])
+        d = Decision(ACCEPT, label=b.classes[k], confidence=conf, ood_score=float(fused), quality=q)
+        if fused > b.ood_threshold:
+            d.reasons.append("ood")
+            d.details.append({"reason": "ood", "value": round(float(fused), 4), "threshold": round(b.ood_threshold, 4)})
+        thr = b.acceptance.threshold
+        if thr is None or conf < thr:
+            d.reasons.append("low_confidence")
+            d.details.append({"reason": "low_confidence", "value": round(conf, 6), "threshold": thr})
+        if d.reasons:
+            d.decision = REVIEW
+        return d
+
+    # ---- frames -------------------------------------------------------------------------------
+
+    def score_frames(
+        self, frames: Sequence[np.ndarray], prevs: Sequence[np.ndarray | None] | None = None
+    ) -> list[Decision]:
+        """BGR uint8 frames -> decisions. Frames failing the quality gate skip the backbone."""
+        stats = [quality_stats(f, prevs[i] if prevs else None)[0] for i, f in enumerate(frames)]
+        issues = [self.bundle.quality.check(s) for s in stats]
+        todo = [i for i, iss in enumerate(issues) if not iss]
+        out: list[Decision | None] = [None] * len(frames)
+        if todo:
+            pp = self.bundle.preprocessing
+            batch = np.concatenate([preprocess(frames[i], pp) for i in todo])
+            probs, fused = self.heads(self.backend.run(batch))
+            for j, i in enumerate(todo):
+                out[i] = self.decide([], probs[j], float(fused[j]), stats[i])
+        for i, iss in enumerate(issues):
+            if iss:
+                out[i] = self.decide(iss, None, None, stats[i])
+        return [d for d in out if d is not None]

@@ -1,0 +1,183 @@
+"""Per-frame heads on backbone outputs. This numpy code is the reference the C++ hot path must match.
+
+- LinearHead: the task classifier with temperature (logits / T -> softmax).
+- GaussianHead: Mahalanobis distance to the nearest of C means under one shared shrunk covariance,
+  stored as a low-rank whitening basis plus one isotropic precision for the rest of the space
+  (exact for Ledoit-Wolf shrinkage beyond the sample rank, and small: d x r instead of d x d).
+  On spatial maps it scores every patch and keeps the maximum, as PaDiM and PatchCore do.
+- KnnHead: cosine distance to the k-th nearest training feature in an fp16 bank.
+- Fusion: each head's score standardised by its calibration median and upper spread, then averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + EPS)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def patches(fmap: np.ndarray) -> np.ndarray:
+    """N x C x H x W map -> N x (H*W) x C patch vectors."""
+    n, c, h, w = fmap.shape
+    return np.ascontiguousarray(fmap.reshape(n, c, h * w).transpose(0, 2, 1))
+
+
+@dataclass
+class LinearHead:
+    weight: np.ndarray  # C x d, applied to l2-normalised features
+    bias: np.ndarray  # C
+    temperature: float = 1.0
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return l2n(features) @ self.weight.T + self.bias
+
+    def probs(self, features: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(features) / self.temperature)
+
+
+def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Eigen-decomposition (basis, eigenvalues, rest) of the Ledoit-Wolf shrunk covariance of centred rows.
+
+    Returns the leading eigenvectors (d x r), their shrunk eigenvalues, and the shrunk eigenvalue of
+    the remaining directions (all equal there, because the sample covariance is zero or tiny beyond r).
+    """
+    n, d = xc.shape
+    xc = xc.astype(np.float64)
+    if n > d:
+        s = xc.T @ xc / n
+        evals, evecs = np.linalg.eigh(s)
+        evals, evecs = evals[::-1].clip(min=0), evecs[:, ::-1]
+    else:
+        _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+        evals, evecs = sv**2 / n, vt.T
+    mu = float(evals.sum() / d)
+    frob2 = float((evals**2).sum())  # ||S||_F^2
+    delta2 = (frob2 - 2 * mu * evals.sum() + d * mu * mu) / d  # ||S - mu I||^2 / d
+    beta2 = (float(((xc**2).sum(1) ** 2).sum()) - n * frob2) / (n * n * d)
+    shrink = 1.0 if delta2 <= 0 else min(max(beta2 / delta2, 0.0), 1.0)
+    shrunk = (1 - shrink) * evals + shrink * mu
+    rest = shrink * mu if len(evals) < d else float(shrunk[-1])
+    return evecs, shrunk, max(rest, EPS * max(mu, EPS))
+
+
+@dataclass
+class GaussianHead:
+    """Mahalanobis distance to the nearest mean. `source`: the backbone output it reads."""
+
+    source: str
+    means: np.ndarray  # C x d
+    basis: np.ndarray  # d x r
+    inv_evals: np.ndarray  # r
+    inv_rest: float
+    spatial: bool = False  # True: source is a feature map; score = max over patches
+
+    @classmethod
+    def fit(cls, source: str, x: np.ndarray, labels: np.ndarray | None, spatial: bool, rank: int = 256) -> GaussianHead:
+        """x: N x d pooled vectors (class means from labels) or N x P x d patches (one mean)."""
+        if spatial:
+            flat = l2n(x.reshape(-1, x.shape[-1]))
+            means = flat.mean(0, keepdims=True)
+            xc = flat - means
+        else:
+            xn = l2n(x)
+            classes = np.unique(labels)
+            means = np.stack([xn[labels == c].mean(0) for c in classes])
+            xc = xn - means[np.searchsorted(classes, labels)]
+        evecs, evals, rest = ledoit_wolf(xc)
+        r = min(rank, evecs.shape[1])
+        return cls(
+            source=source,
+            means=means.astype(np.float32),
+            basis=evecs[:, :r].astype(np.float32),
+            inv_evals=(1.0 / evals[:r]).astype(np.float32),
+            inv_rest=float(1.0 / rest),
+            spatial=spatial,
+        )
+
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance of each row of x (M x d, normalised here) to each mean: M x C."""
+        xn = l2n(x)
+        proj = xn @ self.basis  # M x r
+        mproj = self.means @ self.basis  # C x r
+        diff_p = proj[:, None, :] - mproj[None, :, :]  # M x C x r
+        in_basis = (diff_p**2 * self.inv_evals).sum(-1)
+        sq = (xn**2).sum(1)[:, None] - 2 * xn @ self.means.T + (self.means**2).sum(1)[None, :]
+        residual = np.maximum(sq - (diff_p**2).sum(-1), 0.0)
+        return in_basis + residual * self.inv_rest
+
+    def score(self, out: np.ndarray) -> np.ndarray:
+        """One score per frame: nearest-mean distance; for maps, the most unusual patch."""
+        if self.spatial:
+            p = patches(out)
+            n, m, d = p.shape
+            return self.distances(p.reshape(-1, d)).min(1).reshape(n, m).max(1)
+        return self.distances(out.reshape(len(out), -1)).min(1)
+
+
+def spatial_max(fmap: np.ndarray) -> np.ndarray:
+    """N x C x H x W -> N x C: the strongest response of each channel anywhere in the frame.
+
+    A small local defect barely moves an average but sets a maximum, so this keeps patch-level
+    evidence in one vector (the magnetic-tile measurements in docs/bundle.md).
+    """
+    return fmap.reshape(fmap.shape[0], fmap.shape[1], -1).max(axis=2)
+
+
+@dataclass
+class KnnHead:
+    """Cosine distance to the k-th nearest training vector. `reduce="max"` reads a feature map through
+    `spatial_max` first."""
+
+    source: str
+    bank: np.ndarray  # N x d, l2-normalised, float16
+    k: int = 1
+    reduce: str | None = None
+
+    def vectors(self, out: np.ndarray) -> np.ndarray:
+        return spatial_max(out) if self.reduce == "max" else out.reshape(len(out), -1)
+
+    @classmethod
+    def fit(cls, source: str, out: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
+        head = cls(source=source, bank=np.zeros((0, 0), np.float16), k=min(k, len(out)), reduce=reduce)
+        head.bank = l2n(head.vectors(out)).astype(np.float16)
+        return head
+
+    def score(self, out: np.ndarray) -> np.ndarray:
+        sims = l2n(self.vectors(out)) @ self.bank.astype(np.float32).T
+        kth = -np.partition(-sims, self.k - 1, axis=1)[:, self.k - 1]
+        return 1.0 - kth
+
+
+@dataclass
+class Fusion:
+    """Standardise each head by its calibration median and upper spread (q90 - q50), then average."""
+
+    names: list[str]
+    median: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, names: list[str], scores: np.ndarray) -> Fusion:
+        q50, q90 = np.quantile(scores, [0.5, 0.9], axis=0)
+        return cls(names=list(names), median=q50.astype(np.float64), scale=np.maximum(q90 - q50, EPS))
+
+    def standardise(self, scores: np.ndarray) -> np.ndarray:
+        return (scores - self.median) / self.scale
+
+    def fuse(self, scores: np.ndarray) -> np.ndarray:
+        """scores: N x H raw head scores -> N fused scores (higher = more unfamiliar)."""
+        return self.standardise(scores).mean(axis=1)

@@ -1,0 +1,115 @@
+"""Frame-quality gate. `quality_stats` is the numpy/OpenCV reference the C++ hot path must match.
+
+All statistics are measured on a fixed-size grey downscale so that thresholds fitted on one camera
+resolution hold on another. Bounds are fitted from training frames with robust quantiles and Tukey
+fences (in log space for scale-like statistics), never hand-set grey levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+GREY_W, GREY_H = 160, 120
+TILES = 4  # 4x4 grid for occlusion / low texture
+CLIP_DARK, CLIP_BRIGHT = 8, 247
+FROZEN_EPS = 0.01  # mean |difference| in grey levels: a frozen camera repeats the frame exactly
+STAT_NAMES = ("mean", "std", "dark_frac", "bright_frac", "sharpness", "tile_std_min")
+
+
+def grey_small(bgr: np.ndarray) -> np.ndarray:
+    g = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(g, (GREY_W, GREY_H), interpolation=cv2.INTER_AREA)
+
+
+def quality_stats(bgr: np.ndarray, prev: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Statistics of one frame, and its grey downscale (to pass as `prev` with the next frame)."""
+    g = grey_small(bgr)
+    gf = g.astype(np.float32)
+    lap = cv2.Laplacian(gf, cv2.CV_32F, ksize=1)
+    tiles = gf.reshape(TILES, GREY_H // TILES, TILES, GREY_W // TILES).transpose(0, 2, 1, 3).reshape(TILES * TILES, -1)
+    stats = {
+        "mean": float(gf.mean()),
+        "std": float(gf.std()),
+        "dark_frac": float((g <= CLIP_DARK).mean()),
+        "bright_frac": float((g >= CLIP_BRIGHT).mean()),
+        "sharpness": float(lap[1:-1, 1:-1].var()),
+        "tile_std_min": float(tiles.std(axis=1).min()),
+    }
+    if prev is not None and prev.shape == g.shape:
+        stats["frame_diff"] = float(np.abs(gf - prev.astype(np.float32)).mean())
+    return stats, g
+
+
+def _fence(values: np.ndarray, log: bool) -> tuple[float, float]:
+    """Tukey fences around the 0.5%..99.5% quantiles: a frame outside is unlike any training frame."""
+    v = np.log(np.maximum(values, 1e-6)) if log else values
+    q_lo, q25, q75, q_hi = np.quantile(v, [0.005, 0.25, 0.75, 0.995])
+    spread = 1.5 * max(q75 - q25, 1e-6)
+    lo, hi = q_lo - spread, q_hi + spread
+    return (float(np.exp(lo)), float(np.exp(hi))) if log else (float(lo), float(hi))
+
+
+@dataclass
+class QualityGate:
+    """Fitted bounds; `check` returns the reasons a frame is unusable (empty: usable)."""
+
+    bounds: dict[str, list[float]] = field(default_factory=dict)
+    frozen_eps: float = FROZEN_EPS
+
+    @classmethod
+    def fit(cls, stats: list[dict[str, float]]) -> QualityGate:
+        table = {k: np.array([s[k] for s in stats], np.float64) for k in STAT_NAMES}
+        bounds = {
+            "mean": list(_fence(table["mean"], log=False)),
+            "std": list(_fence(table["std"], log=True)),
+            "sharpness": list(_fence(table["sharpness"], log=True)),
+            "tile_std_min": list(_fence(table["tile_std_min"], log=True)),
+        }
+        for k in ("dark_frac", "bright_frac"):
+            # a fraction of clipped pixels: only an upper bound, at least 5% of the frame
+            bounds[k] = [0.0, max(_fence(table[k], log=False)[1], 0.05)]
+        return cls(bounds=bounds)
+
+    def check(self, stats: dict[str, float]) -> list[dict[str, object]]:
+        """Each failed check as {reason, stat, value, threshold}."""
+        b = self.bounds
+        out: list[dict[str, object]] = []
+
+        def flag(reason: str, stat: str, threshold: float) -> None:
+            out.append(
+                {"reason": reason, "stat": stat, "value": round(stats[stat], 4), "threshold": round(threshold, 4)}
+            )
+
+        if stats["mean"] < b["mean"][0]:
+            flag("dark", "mean", b["mean"][0])
+        elif stats["dark_frac"] > b["dark_frac"][1]:
+            flag("dark", "dark_frac", b["dark_frac"][1])
+        if stats["mean"] > b["mean"][1]:
+            flag("overexposed", "mean", b["mean"][1])
+        elif stats["bright_frac"] > b["bright_frac"][1]:
+            flag("overexposed", "bright_frac", b["bright_frac"][1])
+        if stats["std"] < b["std"][0]:
+            flag("low_contrast", "std", b["std"][0])
+        if stats["sharpness"] < b["sharpness"][0]:
+            flag("blur", "sharpness", b["sharpness"][0])
+        elif stats["sharpness"] > b["sharpness"][1]:
+            flag("noise", "sharpness", b["sharpness"][1])
+        if stats["tile_std_min"] < b["tile_std_min"][0]:
+            flag("occluded", "tile_std_min", b["tile_std_min"][0])
+        if "frame_diff" in stats and stats["frame_diff"] < self.frozen_eps:
+            flag("frozen", "frame_diff", self.frozen_eps)
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {"bounds": self.bounds, "frozen_eps": self.frozen_eps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QualityGate:
+        bounds = {k: [float(x) for x in v] for k, v in d["bounds"].items()}
+        missing = [k for k in STAT_NAMES if k not in bounds]
+        if missing:
+            raise ValueError(f"quality bounds lack {', '.join(missing)}")
+        return cls(bounds=bounds, frozen_eps=float(d.get("frozen_eps", FROZEN_EPS)))

@@ -1,0 +1,78 @@
+"""Frame-quality gate: fitted on clean simulator frames, it passes clean frames and names each fault."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bouncer.runtime.gates.quality import QualityGate, quality_stats
+from bouncer.runtime.sources import corruptions, simulator
+
+
+@pytest.fixture(scope="module")
+def gate_and_frames():
+    rng = np.random.default_rng(0)
+    train = [simulator.render(simulator.KNOWN_CLASSES[i % 4], rng) for i in range(120)]
+    fresh = [simulator.render(simulator.KNOWN_CLASSES[i % 4], rng) for i in range(80)]
+    return QualityGate.fit([quality_stats(f)[0] for f in train]), fresh
+
+
+def reasons(gate: QualityGate, frame: np.ndarray, prev: np.ndarray | None = None) -> set[str]:
+    return {i["reason"] for i in gate.check(quality_stats(frame, prev)[0])}
+
+
+def test_clean_frames_pass(gate_and_frames):
+    gate, fresh = gate_and_frames
+    assert sum(bool(reasons(gate, f)) for f in fresh) == 0
+
+
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        (corruptions.lens_cap, {"dark"}),
+        (corruptions.blown_out, {"overexposed"}),
+        (corruptions.noise_frame, {"noise"}),
+        (corruptions.gaussian_blur, {"blur"}),
+        # a washed-out frame loses texture everywhere: low contrast, blur or low-texture tiles all say so
+        (corruptions.contrast, {"low_contrast", "blur", "occluded"}),
+    ],
+)
+def test_each_fault_is_named(gate_and_frames, fault, expected):
+    gate, fresh = gate_and_frames
+    rng = np.random.default_rng(5)
+    hits = [bool(expected & reasons(gate, fault(f, rng))) for f in fresh[:20]]
+    assert all(hits), f"{expected}: {sum(hits)}/20"
+
+
+def test_occlusion_and_frozen(gate_and_frames):
+    gate, fresh = gate_and_frames
+    occluded = fresh[0].copy()
+    occluded[:, :110] = 30  # a flat object covers a third of the view
+    assert "occluded" in reasons(gate, occluded)
+    _, grey = quality_stats(fresh[1])
+    assert "frozen" in reasons(gate, fresh[1], grey)
+    assert "frozen" not in reasons(gate, fresh[2], grey)
+
+
+def test_a_two_level_light_change_is_not_rejected(gate_and_frames):
+    """A new light bulb (+2 grey levels) is the drift monitor's job, not a per-frame reject."""
+    gate, fresh = gate_and_frames
+    brighter = [np.clip(f.astype(np.int16) + 2, 0, 255).astype(np.uint8) for f in fresh]
+    assert sum(bool(reasons(gate, f)) for f in brighter) == 0
+
+
+def test_stats_are_resolution_independent():
+    frame = simulator.render("gear", np.random.default_rng(1))
+    import cv2
+
+    big = cv2.resize(frame, (640, 480), interpolation=cv2.INTER_CUBIC)
+    a, b = quality_stats(frame)[0], quality_stats(big)[0]
+    assert abs(a["mean"] - b["mean"]) < 1.0
+    assert 0.5 < a["sharpness"] / b["sharpness"] < 2.0
+
+
+def test_round_trip(gate_and_frames):
+    gate, _ = gate_and_frames
+    assert QualityGate.from_dict(gate.to_dict()) == gate
+    with pytest.raises(ValueError, match="lack"):
+        QualityGate.from_dict({"bounds": {"mean": [0, 1]}})

@@ -1,0 +1,78 @@
+"""The acceptance guarantee: Clopper-Pearson bounds and Learn-then-Test selection, checked where the truth is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bouncer.runtime.gates.risk import binom_cdf, clopper_pearson_upper, frames_needed, select_threshold
+
+
+def test_known_values():
+    assert frames_needed(0.01, 0.1) == 230  # FIELD-NOTES: zero errors, 1% at delta 0.1
+    # zero events: the bound solves (1 - p)^n = delta
+    assert math.isclose(clopper_pearson_upper(0, 230, 0.1), 1 - 0.1 ** (1 / 230), rel_tol=1e-6)
+    assert clopper_pearson_upper(0, 0, 0.1) == 1.0
+    assert math.isclose(binom_cdf(1, 2, 0.5), 0.75)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 600), frac=st.floats(0, 1), delta=st.floats(0.01, 0.5))
+def test_bound_is_a_valid_upper_bound(n, frac, delta):
+    k = int(frac * n)
+    ub = clopper_pearson_upper(k, n, delta)
+    assert k / n <= ub <= 1.0
+    if k < n:
+        assert abs(binom_cdf(k, n, ub) - delta) < 1e-6  # it is the exact inversion
+        assert clopper_pearson_upper(k + 1, n, delta) >= ub  # more errors, looser bound
+        assert clopper_pearson_upper(k, n, delta * 2) <= ub + 1e-12  # less confidence, tighter bound
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(50, 800),
+    acc=st.floats(0.9, 1.0),
+    alpha=st.sampled_from([0.01, 0.02, 0.05]),
+    delta=st.sampled_from([0.05, 0.1, 0.2]),
+    seed=st.integers(0, 2**31),
+)
+def test_selection_is_consistent(n, acc, alpha, delta, seed):
+    rng = np.random.default_rng(seed)
+    conf = rng.uniform(0.3, 1.0, n)
+    correct = rng.uniform(size=n) < acc
+    sel = select_threshold(conf, correct, alpha, delta)
+    assert sel.frames_needed == frames_needed(alpha, delta)
+    if sel.threshold is None:
+        assert sel.n_accepted == 0
+        return
+    accepted = conf >= sel.threshold
+    assert sel.n_accepted == accepted.sum() >= sel.frames_needed
+    assert sel.n_errors == (~correct[accepted]).sum()
+    assert sel.error_bound <= alpha
+    assert math.isclose(sel.coverage, accepted.mean())
+
+
+def test_guarantee_holds_where_the_truth_is_known():
+    """Synthetic confidence/correctness with a known error curve: P(true risk of the chosen threshold > alpha)
+    must stay below delta over many calibration draws."""
+    alpha, delta, n, trials = 0.02, 0.1, 1500, 120
+    rng = np.random.default_rng(1)
+
+    def true_risk(lam: float) -> float:
+        # conf ~ U(0.5, 1); P(wrong | conf = c) = 0.5 * (1 - c)^2 * 4  (0 at c = 1, 0.5 at c = 0.5)
+        c = np.linspace(lam, 1.0, 2001)
+        return float((2 * (1 - c) ** 2).mean())
+
+    violations = chosen = 0
+    for _ in range(trials):
+        conf = rng.uniform(0.5, 1.0, n)
+        correct = rng.uniform(size=n) >= 2 * (1 - conf) ** 2
+        sel = select_threshold(conf, correct, alpha, delta)
+        if sel.threshold is not None:
+            chosen += 1
+            violations += true_risk(sel.threshold) > alpha
+    assert chosen > trials * 0.75  # the target is reachable: the test has power
+    assert violations / trials <= delta  # the promise
