@@ -1,4 +1,4 @@
-"""Frame -> model input. This numpy code is the reference the C++ hot path must match."""
+"""Frame -> model input: OpenCV resize, then one fused pass (kernels.normalize_chw) to normalised CHW."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from bouncer.runtime import kernels
 from bouncer.runtime.errors import BouncerError
 
 
@@ -62,10 +63,8 @@ def resize_frame(bgr: np.ndarray, pp: Preprocessing) -> np.ndarray:
     return out
 
 
-def preprocess(bgr: np.ndarray, pp: Preprocessing) -> np.ndarray:
-    """BGR uint8 HxWx3 -> float32 1x3xHxW normalised model input."""
+def preprocess(bgr: np.ndarray, pp: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+    """BGR uint8 HxWx3 -> float32 1x3xHxW normalised model input (written into `out` if given)."""
     img = resize_frame(bgr, pp)
-    if pp.color == "rgb":
-        img = img[:, :, ::-1]
-    x = (img.astype(np.float32) - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    buf = kernels.normalize_chw(img, pp.mean, pp.std, pp.color == "rgb", None if out is None else out[0])
+    return buf[None] if out is None else out

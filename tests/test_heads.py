@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from bouncer.runtime.gates.calibration import expected_calibration_error, fit_temperature
 from bouncer.runtime.gates.fit import conformal_quantile, fit_logistic
-from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, l2n, ledoit_wolf, spatial_max
+from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, l2n, ledoit_wolf
+from bouncer.runtime.kernels import spatial_max
 
 
 def dense_shrunk_cov(xc: np.ndarray) -> np.ndarray:
@@ -65,7 +66,7 @@ def test_knn_matches_brute_force_and_spatial_max():
     expected = 1 - np.sort(sims, axis=1)[:, -3]
     np.testing.assert_allclose(head.score(q), expected, atol=2e-3)  # fp16 bank
     fmap = rng.normal(size=(4, 8, 5, 5))
-    np.testing.assert_array_equal(spatial_max(fmap), fmap.max(axis=(2, 3)))
+    np.testing.assert_array_equal(spatial_max(fmap.astype(np.float32)), fmap.astype(np.float32).max(axis=(2, 3)))
     mh = KnnHead.fit("m", fmap, reduce="max")
     assert np.all(mh.score(fmap) < 1e-2)  # each frame is its own nearest neighbour
 

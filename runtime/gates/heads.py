@@ -1,4 +1,5 @@
-"""Per-frame heads on backbone outputs. This numpy code is the reference the C++ hot path must match.
+"""Heads on backbone outputs. Fitting is numpy; scoring goes through `bouncer.runtime.kernels` (the C++ hot
+path, or its numpy reference).
 
 - LinearHead: the task classifier with temperature (logits / T -> softmax).
 - GaussianHead: Mahalanobis distance to the nearest of C means under one shared shrunk covariance,
@@ -15,7 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bouncer.runtime import kernels
+
 EPS = 1e-6
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, np.float32)
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -42,11 +49,14 @@ class LinearHead:
     bias: np.ndarray  # C
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:  # kernels read C-contiguous float32 in place
+        self.weight, self.bias = _f32(self.weight), _f32(self.bias)
+
     def logits(self, features: np.ndarray) -> np.ndarray:
         return l2n(features) @ self.weight.T + self.bias
 
     def probs(self, features: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(features) / self.temperature)
+        return kernels.linear_probs(_f32(features), self.weight, self.bias, self.temperature)
 
 
 def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -101,23 +111,23 @@ class GaussianHead:
         r = min(rank, evecs.shape[1])
         return cls(
             source=source,
-            means=means.astype(np.float32),
-            basis=evecs[:, :r].astype(np.float32),
-            inv_evals=(1.0 / evals[:r]).astype(np.float32),
+            means=means,
+            basis=evecs[:, :r],
+            inv_evals=1.0 / evals[:r],
             inv_rest=float(1.0 / rest),
             spatial=spatial,
         )
 
+    def __post_init__(self) -> None:
+        self.means, self.basis, self.inv_evals = _f32(self.means), _f32(self.basis), _f32(self.inv_evals)
+        m, b, e = self.means, self.basis, self.inv_evals
+        if m.ndim != 2 or b.ndim != 2 or b.shape[0] != m.shape[1] or e.shape != (b.shape[1],):
+            raise ValueError(f"{self.source} head: inconsistent shapes means {m.shape}, basis {b.shape}, {e.shape}")
+        self.means_proj = _f32(self.means @ self.basis)
+
     def distances(self, x: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distance of each row of x (M x d, normalised here) to each mean: M x C."""
-        xn = l2n(x)
-        proj = xn @ self.basis  # M x r
-        mproj = self.means @ self.basis  # C x r
-        diff_p = proj[:, None, :] - mproj[None, :, :]  # M x C x r
-        in_basis = (diff_p**2 * self.inv_evals).sum(-1)
-        sq = (xn**2).sum(1)[:, None] - 2 * xn @ self.means.T + (self.means**2).sum(1)[None, :]
-        residual = np.maximum(sq - (diff_p**2).sum(-1), 0.0)
-        return in_basis + residual * self.inv_rest
+        """Squared Mahalanobis distance of each row of x (M x d, normalised in the kernel) to each mean: M x C."""
+        return kernels.mahalanobis(_f32(x), self.means, self.basis, self.inv_evals, self.inv_rest, self.means_proj)
 
     def score(self, out: np.ndarray) -> np.ndarray:
         """One score per frame: nearest-mean distance; for maps, the most unusual patch."""
@@ -128,27 +138,22 @@ class GaussianHead:
         return self.distances(out.reshape(len(out), -1)).min(1)
 
 
-def spatial_max(fmap: np.ndarray) -> np.ndarray:
-    """N x C x H x W -> N x C: the strongest response of each channel anywhere in the frame.
-
-    A small local defect barely moves an average but sets a maximum, so this keeps patch-level
-    evidence in one vector (the magnetic-tile measurements in docs/bundle.md).
-    """
-    return fmap.reshape(fmap.shape[0], fmap.shape[1], -1).max(axis=2)
-
-
 @dataclass
 class KnnHead:
-    """Cosine distance to the k-th nearest training vector. `reduce="max"` reads a feature map through
-    `spatial_max` first."""
+    """Cosine distance to the k-th nearest training vector. `reduce="max"` first takes each channel's
+    maximum over the feature map: a small local defect barely moves an average but sets a maximum, so
+    patch-level evidence survives in one vector (the magnetic-tile measurements in docs/bundle.md)."""
 
     source: str
     bank: np.ndarray  # N x d, l2-normalised, float16
     k: int = 1
     reduce: str | None = None
 
+    def __post_init__(self) -> None:
+        self.bank = np.ascontiguousarray(self.bank)
+
     def vectors(self, out: np.ndarray) -> np.ndarray:
-        return spatial_max(out) if self.reduce == "max" else out.reshape(len(out), -1)
+        return kernels.spatial_max(_f32(out)) if self.reduce == "max" else _f32(out.reshape(len(out), -1))
 
     @classmethod
     def fit(cls, source: str, out: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
@@ -157,9 +162,7 @@ class KnnHead:
         return head
 
     def score(self, out: np.ndarray) -> np.ndarray:
-        sims = l2n(self.vectors(out)) @ self.bank.astype(np.float32).T
-        kth = -np.partition(-sims, self.k - 1, axis=1)[:, self.k - 1]
-        return 1.0 - kth
+        return kernels.knn_score(self.vectors(out), self.bank, self.k)
 
 
 @dataclass
@@ -180,4 +183,4 @@ class Fusion:
 
     def fuse(self, scores: np.ndarray) -> np.ndarray:
         """scores: N x H raw head scores -> N fused scores (higher = more unfamiliar)."""
-        return self.standardise(scores).mean(axis=1)
+        return kernels.fuse(_f32(scores), self.median, self.scale)

@@ -1,4 +1,4 @@
-"""Frame-quality gate. `quality_stats` is the numpy/OpenCV reference the C++ hot path must match.
+"""Frame-quality gate: statistics from one fused kernel pass (kernels.quality_stats), bounds, reasons.
 
 All statistics are measured on a fixed-size grey downscale so that thresholds fitted on one camera
 resolution hold on another. Bounds are fitted from training frames with robust quantiles and Tukey
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
+from bouncer.runtime import kernels
 
 GREY_W, GREY_H = 160, 120
 TILES = 4  # 4x4 grid for occlusion / low texture
@@ -27,19 +29,12 @@ def grey_small(bgr: np.ndarray) -> np.ndarray:
 def quality_stats(bgr: np.ndarray, prev: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
     """Statistics of one frame, and its grey downscale (to pass as `prev` with the next frame)."""
     g = grey_small(bgr)
-    gf = g.astype(np.float32)
-    lap = cv2.Laplacian(gf, cv2.CV_32F, ksize=1)
-    tiles = gf.reshape(TILES, GREY_H // TILES, TILES, GREY_W // TILES).transpose(0, 2, 1, 3).reshape(TILES * TILES, -1)
-    stats = {
-        "mean": float(gf.mean()),
-        "std": float(gf.std()),
-        "dark_frac": float((g <= CLIP_DARK).mean()),
-        "bright_frac": float((g >= CLIP_BRIGHT).mean()),
-        "sharpness": float(lap[1:-1, 1:-1].var()),
-        "tile_std_min": float(tiles.std(axis=1).min()),
-    }
-    if prev is not None and prev.shape == g.shape:
-        stats["frame_diff"] = float(np.abs(gf - prev.astype(np.float32)).mean())
+    if prev is not None and prev.shape != g.shape:
+        prev = None
+    values = kernels.quality_stats(g, prev, TILES, CLIP_DARK, CLIP_BRIGHT)
+    stats = {k: float(v) for k, v in zip(kernels.STAT_FIELDS, values, strict=True)}
+    if prev is None:
+        del stats["frame_diff"]
     return stats, g
 
 

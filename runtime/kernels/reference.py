@@ -1,0 +1,197 @@
+"""The numpy reference of every per-frame kernel: the specification the C++ hot path (`bouncer._hotpath`)
+must match. Same names, same arguments, same results within the tolerances the tests state.
+
+Conventions shared by both implementations:
+- feature inputs are float32 M x D (a batch of rows); each row is l2-normalised inside the kernel;
+- a row holding NaN or inf yields NaN in every output of that row (never a silently wrong number);
+- wrong dtypes, shapes or mismatched sizes raise TypeError / ValueError before any work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def _rows(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise TypeError(f"{name}: expected a float32 array, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected 2 dimensions (rows x features), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: rows have {x.shape[1]} features, expected {dim}")
+    return _contiguous(x, name)
+
+
+def _contiguous(x: np.ndarray, name: str) -> np.ndarray:
+    """Kernels read arrays in place: a strided view is refused rather than silently copied."""
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    return x
+
+
+def _l2n(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows (float32, the norm taken in float64) and a mask of rows that were all finite."""
+    finite = np.isfinite(x).all(axis=1)
+    x = np.where(finite[:, None], x, np.float32(0))
+    norm = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True) + EPS
+    return (x * (1.0 / norm).astype(np.float32)).astype(np.float32), finite
+
+
+def normalize_chw(
+    img: np.ndarray,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    swap_rb: bool,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Resized BGR uint8 H x W x 3 -> float32 3 x H x W, (value - mean) / std, channels reversed if swap_rb."""
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise TypeError(f"img: expected uint8, got {getattr(img, 'dtype', type(img).__name__)}")
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"img: expected H x W x 3, got shape {img.shape}")
+    _contiguous(img, "img")
+    h, w = img.shape[:2]
+    if out is None:
+        out = np.empty((3, h, w), np.float32)
+    elif out.dtype != np.float32 or out.shape != (3, h, w) or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous float32 array of shape (3, {h}, {w})")
+    src = img[:, :, ::-1] if swap_rb else img
+    m = np.asarray(mean, np.float32)
+    s = np.asarray(std, np.float32)
+    for c in range(3):
+        out[c] = (src[:, :, c].astype(np.float32) - m[c]) * np.float32(1.0 / s[c])
+    return out
+
+
+STAT_FIELDS = ("mean", "std", "dark_frac", "bright_frac", "sharpness", "tile_std_min", "frame_diff")
+
+
+def quality_stats(grey: np.ndarray, prev: np.ndarray | None, tiles: int, dark: int, bright: int) -> np.ndarray:
+    """Fused frame statistics of a grey uint8 h x w image, as float64[7] in STAT_FIELDS order.
+
+    sharpness is the variance of the 4-neighbour Laplacian over interior pixels; tile_std_min the lowest
+    population std of a tiles x tiles grid (h and w divisible by tiles); frame_diff the mean absolute
+    difference to `prev` (NaN without one).
+    """
+    if not isinstance(grey, np.ndarray) or grey.dtype != np.uint8:
+        raise TypeError("grey: expected uint8")
+    if grey.ndim != 2 or min(grey.shape) < 3:
+        raise ValueError(f"grey: expected a 2-d image of at least 3 x 3, got shape {grey.shape}")
+    _contiguous(grey, "grey")
+    h, w = grey.shape
+    if tiles < 1 or h % tiles or w % tiles:
+        raise ValueError(f"tiles: {tiles} does not divide the image {h} x {w}")
+    if prev is not None and (not isinstance(prev, np.ndarray) or prev.dtype != np.uint8 or prev.shape != grey.shape):
+        raise ValueError("prev: expected a uint8 image of the same shape as grey")
+    g = grey.astype(np.float64)
+    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+    t = g.reshape(tiles, h // tiles, tiles, w // tiles).transpose(0, 2, 1, 3).reshape(tiles * tiles, -1)
+    diff = float(np.abs(g - prev.astype(np.float64)).mean()) if prev is not None else float("nan")
+    return np.array(
+        [g.mean(), g.std(), (grey <= dark).mean(), (grey >= bright).mean(), lap.var(), t.std(axis=1).min(), diff]
+    )
+
+
+def linear_probs(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax((W l2n(x) + b) / T): M x C class probabilities."""
+    weight = _rows(weight, "weight")
+    x = _rows(x, "x", weight.shape[1])
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {bias.shape}")
+    if not temperature > 0:
+        raise ValueError("temperature must be positive")
+    xn, finite = _l2n(x)
+    z = ((xn @ weight.T).astype(np.float64) + bias) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    p[~finite] = np.nan
+    return p.astype(np.float32)
+
+
+def mahalanobis(
+    x: np.ndarray,
+    means: np.ndarray,
+    basis: np.ndarray,
+    inv_evals: np.ndarray,
+    inv_rest: float,
+    means_proj: np.ndarray,
+) -> np.ndarray:
+    """Squared Mahalanobis distance of each l2-normalised row to each mean: M x C.
+
+    The precision is basis diag(inv_evals) basis^T + inv_rest (I - basis basis^T): a low-rank whitening
+    plus one isotropic precision for the rest of the space. means_proj = means @ basis, computed once
+    when the head is loaded, not per frame.
+    """
+    means = _rows(means, "means")
+    basis = _rows(basis, "basis", None)
+    x = _rows(x, "x", means.shape[1])
+    if not isinstance(inv_evals, np.ndarray) or inv_evals.dtype != np.float32:
+        raise TypeError("inv_evals: expected a float32 array")
+    if basis.shape[0] != means.shape[1] or inv_evals.shape != (basis.shape[1],):
+        raise ValueError(f"basis {basis.shape} / inv_evals {inv_evals.shape} do not match means {means.shape}")
+    means_proj = _rows(means_proj, "means_proj", basis.shape[1])
+    if len(means_proj) != len(means):
+        raise ValueError("means_proj: expected one row per mean")
+    xn, finite = _l2n(x)
+    diff_p = (xn @ basis)[:, None, :] - means_proj[None, :, :]
+    in_basis = (diff_p**2 * inv_evals).sum(-1, dtype=np.float64)
+    sq = (xn**2).sum(1, dtype=np.float64)[:, None] - 2.0 * (xn @ means.T) + (means**2).sum(1, dtype=np.float64)[None, :]
+    d = in_basis + np.maximum(sq - (diff_p**2).sum(-1, dtype=np.float64), 0.0) * inv_rest
+    d[~finite] = np.nan
+    return d.astype(np.float32)
+
+
+def knn_score(x: np.ndarray, bank: np.ndarray, k: int, bank_scale: np.ndarray | None = None) -> np.ndarray:
+    """1 - the k-th largest cosine similarity of each l2-normalised row to the bank: M.
+
+    The bank holds l2-normalised rows as float32, float16, or int8 with one scale per row
+    (row = int8 * scale).
+    """
+    if bank.dtype not in (np.float32, np.float16, np.int8) or bank.ndim != 2:
+        raise TypeError(f"bank: expected a 2-d float32, float16 or int8 array, got {bank.dtype} {bank.shape}")
+    _contiguous(bank, "bank")
+    x = _rows(x, "x", bank.shape[1])
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k: {k} outside 1..{len(bank)}")
+    if bank.dtype == np.int8:
+        if bank_scale is None or bank_scale.shape != (len(bank),):
+            raise ValueError("bank_scale: an int8 bank needs one float32 scale per row")
+        rows = bank.astype(np.float32) * bank_scale[:, None]
+    else:
+        rows = bank.astype(np.float32, copy=False)
+    xn, finite = _l2n(x)
+    sims = xn @ rows.T
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+    out = (1.0 - kth).astype(np.float32)
+    out[~finite] = np.nan
+    return out
+
+
+def quantize_bank(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 of a float bank: (int8 rows, float32 scales)."""
+    b = np.asarray(bank, np.float32)
+    scale = np.abs(b).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(b / scale[:, None]), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def spatial_max(fmap: np.ndarray) -> np.ndarray:
+    """N x C x H x W -> N x C, each channel's maximum over the map (NaN if the map holds NaN)."""
+    if not isinstance(fmap, np.ndarray) or fmap.dtype != np.float32:
+        raise TypeError("fmap: expected float32")
+    if fmap.ndim != 4 or fmap.shape[2] * fmap.shape[3] == 0:
+        raise ValueError(f"fmap: expected a non-empty N x C x H x W map, got shape {fmap.shape}")
+    _contiguous(fmap, "fmap")
+    return fmap.reshape(fmap.shape[0], fmap.shape[1], -1).max(axis=2)
+
+
+def fuse(scores: np.ndarray, median: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Mean over heads of (score - median) / scale: M x H -> M."""
+    scores = _rows(scores, "scores")
+    h = scores.shape[1]
+    if any(a.dtype != np.float64 or a.shape != (h,) or not a.flags.c_contiguous for a in (median, scale)):
+        raise ValueError(f"median/scale: expected shape ({h},)")
+    return ((scores.astype(np.float64) - median) / scale).mean(axis=1).astype(np.float32)

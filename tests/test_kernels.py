@@ -1,0 +1,207 @@
+"""The C++ hot path against its specification, the numpy reference: same results within stated tolerances,
+same TypeError/ValueError for bad arguments. Property tests over random shapes, values, NaN/inf and
+non-contiguous arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from bouncer import _hotpath as cpp  # CI builds it (BOUNCER_REQUIRE_HOTPATH=1): a missing module fails here
+from bouncer.runtime.kernels import reference as ref
+
+SETTINGS = settings(max_examples=60, deadline=None)
+floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+def same_error(name: str, *args, **kwargs) -> type[Exception]:
+    errors = []
+    for impl in (ref, cpp):
+        with pytest.raises((TypeError, ValueError)) as exc:
+            getattr(impl, name)(*args, **kwargs)
+        errors.append(exc.type)
+    assert errors[0] is errors[1], errors
+    return errors[0]
+
+
+def with_bad_values(x: np.ndarray, data) -> np.ndarray:
+    """Sprinkle NaN / inf into some rows."""
+    x = x.copy()
+    for _ in range(data.draw(st.integers(0, 2))):
+        i = data.draw(st.integers(0, x.shape[0] - 1))
+        j = data.draw(st.integers(0, x.shape[1] - 1))
+        x[i, j] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return x
+
+
+@SETTINGS
+@given(data=st.data(), h=st.integers(1, 40), w=st.integers(1, 40), swap=st.booleans())
+def test_normalize_chw(data, h, w, swap):
+    img = data.draw(arrays(np.uint8, (h, w, 3)))
+    mean = tuple(data.draw(st.floats(0, 255)) for _ in range(3))
+    std = tuple(data.draw(st.floats(1, 200)) for _ in range(3))
+    a, b = ref.normalize_chw(img, mean, std, swap), cpp.normalize_chw(img, mean, std, swap)
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-5)
+    out = np.empty((3, h, w), np.float32)
+    assert cpp.normalize_chw(img, mean, std, swap, out) is out
+    np.testing.assert_allclose(out, a, rtol=1e-6, atol=1e-5)
+
+
+def test_normalize_chw_errors():
+    img = np.zeros((8, 8, 3), np.uint8)
+    assert same_error("normalize_chw", img.astype(np.float32), (0, 0, 0), (1, 1, 1), True) is TypeError
+    assert same_error("normalize_chw", img[:, :, :2], (0, 0, 0), (1, 1, 1), True) is ValueError
+    assert same_error("normalize_chw", img, (0, 0, 0), (1, 1, 1), True, np.empty((3, 8, 9), np.float32)) is ValueError
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpp.normalize_chw(np.zeros((8, 16, 3), np.uint8)[:, ::2], (0, 0, 0), (1, 1, 1), True)
+
+
+@SETTINGS
+@given(data=st.data(), tiles=st.integers(1, 4), th=st.integers(1, 12), tw=st.integers(1, 12), with_prev=st.booleans())
+def test_quality_stats(data, tiles, th, tw, with_prev):
+    h, w = max(3, tiles * th) // tiles * tiles, max(3, tiles * tw) // tiles * tiles
+    h, w = (h if h >= 3 else tiles * 3), (w if w >= 3 else tiles * 3)
+    grey = data.draw(arrays(np.uint8, (h, w)))
+    prev = data.draw(arrays(np.uint8, (h, w))) if with_prev else None
+    a = ref.quality_stats(grey, prev, tiles, 8, 247)
+    b = cpp.quality_stats(grey, prev, tiles, 8, 247)
+    np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_quality_stats_errors():
+    g = np.zeros((12, 16), np.uint8)
+    assert same_error("quality_stats", g.astype(np.int16), None, 4, 8, 247) is TypeError
+    assert same_error("quality_stats", g, None, 5, 8, 247) is ValueError  # 5 does not divide 12 x 16
+    assert same_error("quality_stats", g, np.zeros((12, 15), np.uint8), 4, 8, 247) is ValueError
+    assert same_error("quality_stats", np.zeros((2, 8), np.uint8), None, 1, 8, 247) is ValueError
+
+
+@SETTINGS
+@given(data=st.data(), m=st.integers(1, 6), c=st.integers(1, 8), d=st.integers(1, 64), t=st.floats(0.05, 20))
+def test_linear_probs(data, m, c, d, t):
+    x = with_bad_values(data.draw(arrays(np.float32, (m, d), elements=floats)), data)
+    w = data.draw(arrays(np.float32, (c, d), elements=st.floats(-5, 5, width=32)))
+    b = data.draw(arrays(np.float32, (c,), elements=st.floats(-5, 5, width=32)))
+    np.testing.assert_allclose(cpp.linear_probs(x, w, b, t), ref.linear_probs(x, w, b, t), rtol=1e-4, atol=1e-6)
+
+
+@SETTINGS
+@given(data=st.data(), m=st.integers(1, 5), c=st.integers(1, 6), d=st.integers(2, 48), r=st.integers(1, 48))
+def test_mahalanobis(data, m, c, d, r):
+    r = min(r, d)
+    x = with_bad_values(data.draw(arrays(np.float32, (m, d), elements=floats)), data)
+    means = data.draw(arrays(np.float32, (c, d), elements=st.floats(-1, 1, width=32)))
+    q, _ = np.linalg.qr(np.random.default_rng(data.draw(st.integers(0, 999))).normal(size=(d, d)))
+    basis = np.ascontiguousarray(q[:, :r], np.float32)
+    inv_evals = data.draw(arrays(np.float32, (r,), elements=st.floats(0.125, 100, width=32)))
+    inv_rest = data.draw(st.floats(0.1, 100))
+    mp = np.ascontiguousarray(means @ basis, np.float32)
+    a = ref.mahalanobis(x, means, basis, inv_evals, inv_rest, mp)
+    b = cpp.mahalanobis(x, means, basis, inv_evals, inv_rest, mp)
+    scale = max(100.0, float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 100.0)
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * scale)
+
+
+@SETTINGS
+@given(
+    data=st.data(),
+    m=st.integers(1, 4),
+    n=st.integers(1, 60),
+    d=st.integers(1, 40),
+    kind=st.sampled_from(["f32", "f16", "i8"]),
+)
+def test_knn_score(data, m, n, d, kind):
+    x = with_bad_values(data.draw(arrays(np.float32, (m, d), elements=floats)), data)
+    raw = data.draw(arrays(np.float32, (n, d), elements=st.floats(-1, 1, width=32)))
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True) + 1e-6
+    scale = None
+    bank = raw.astype(np.float16) if kind == "f16" else raw
+    if kind == "i8":
+        bank, scale = ref.quantize_bank(raw)
+    k = data.draw(st.integers(1, n))
+    a, b = ref.knn_score(x, bank, k, scale), cpp.knn_score(x, bank, k, scale)
+    np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+def test_knn_int8_bank_is_close_to_float():
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(500, 192)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q8, s = ref.quantize_bank(bank)
+    x = rng.normal(size=(10, 192)).astype(np.float32)
+    np.testing.assert_allclose(cpp.knn_score(x, q8, 3, s), ref.knn_score(x, bank, 3), atol=0.01)
+
+
+def test_knn_errors():
+    x = np.zeros((1, 4), np.float32)
+    assert same_error("knn_score", x, np.zeros((3, 4), np.float64), 1) is TypeError
+    assert same_error("knn_score", x, np.zeros((3, 4), np.float32), 4) is ValueError
+    assert same_error("knn_score", x, np.zeros((3, 4), np.int8), 1) is ValueError  # int8 without scales
+    assert same_error("knn_score", np.zeros((1, 5), np.float32), np.zeros((3, 4), np.float32), 1) is ValueError
+    assert same_error("knn_score", np.zeros((4, 4), np.float32)[:, ::2], np.zeros((3, 2), np.float32), 1) is ValueError
+
+
+@SETTINGS
+@given(data=st.data(), shape=st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 7), st.integers(1, 7)))
+def test_spatial_max(data, shape):
+    fmap = data.draw(arrays(np.float32, shape, elements=st.floats(allow_nan=True, allow_infinity=True, width=32)))
+    np.testing.assert_array_equal(cpp.spatial_max(fmap), ref.spatial_max(fmap))
+
+
+@SETTINGS
+@given(data=st.data(), m=st.integers(1, 8), h=st.integers(1, 6))
+def test_fuse(data, m, h):
+    s = data.draw(arrays(np.float32, (m, h), elements=floats))
+    med = data.draw(arrays(np.float64, (h,), elements=st.floats(-10, 10)))
+    sc = data.draw(arrays(np.float64, (h,), elements=st.floats(0.01, 10)))
+    np.testing.assert_allclose(cpp.fuse(s, med, sc), ref.fuse(s, med, sc), rtol=1e-6, atol=1e-4)
+
+
+def test_shape_and_dtype_errors_match():
+    w, b = np.zeros((3, 4), np.float32), np.zeros(3, np.float32)
+    assert same_error("linear_probs", np.zeros((2, 4), np.float64), w, b, 1.0) is TypeError
+    assert same_error("linear_probs", np.zeros((2, 5), np.float32), w, b, 1.0) is ValueError
+    assert same_error("linear_probs", np.zeros((2, 4), np.float32), w, np.zeros(2, np.float32), 1.0) is ValueError
+    assert same_error("linear_probs", np.zeros((2, 4), np.float32), w, b, 0.0) is ValueError
+    assert same_error("linear_probs", np.zeros(4, np.float32), w, b, 1.0) is ValueError
+    means, basis = np.zeros((2, 4), np.float32), np.zeros((4, 3), np.float32)
+    ie, mp = np.ones(3, np.float32), np.zeros((2, 3), np.float32)
+    assert same_error("mahalanobis", np.zeros((1, 4), np.float32), means, basis, np.ones(2, np.float32), 1.0, mp)
+    assert same_error("mahalanobis", np.zeros((1, 4), np.float32), means, np.zeros((5, 3), np.float32), ie, 1.0, mp)
+    assert same_error("spatial_max", np.zeros((1, 2, 3), np.float32)) is ValueError
+    assert same_error("spatial_max", np.zeros((1, 2, 3, 3), np.float64)) is TypeError
+    assert same_error("fuse", np.zeros((2, 3), np.float32), np.zeros(2), np.ones(3)) is ValueError
+
+
+def test_kernels_release_the_gil():
+    """While a long kernel runs in one thread, Python keeps running in another about as fast as beside an
+    idle (sleeping) thread; a kernel holding the GIL would stall it for the kernel's whole duration."""
+    import threading
+    import time
+
+    def ticks_per_second(fn) -> tuple[float, float]:
+        started = threading.Event()
+
+        def work() -> None:
+            started.set()
+            fn()
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        started.wait()
+        ticks, t0 = 0, time.perf_counter()
+        while worker.is_alive():
+            ticks += 1
+        duration = time.perf_counter() - t0
+        return ticks / duration, duration
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(50000, 192)).astype(np.float32)
+    x = rng.normal(size=(60, 192)).astype(np.float32)
+    idle, _ = ticks_per_second(lambda: time.sleep(0.08))
+    busy, duration = ticks_per_second(lambda: cpp.knn_score(x, bank, 1))
+    assert duration > 0.02, duration  # the kernel ran long enough to tell
+    assert busy > 0.5 * idle, (busy, idle)
