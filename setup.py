@@ -12,7 +12,14 @@ from setuptools import setup
 
 flags = ["-O3", "-fopenmp-simd", "-fvisibility=hidden"]
 if os.environ.get("BOUNCER_ASAN"):
-    flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-DBOUNCER_NO_CLONES"]
+    flags = [
+        "-O1",
+        "-g",
+        "-fopenmp-simd",
+        "-fno-omit-frame-pointer",
+        "-fsanitize=address,undefined",
+        "-DBOUNCER_NO_CLONES",
+    ]
 
 ext = Pybind11Extension(
     "bouncer._hotpath",

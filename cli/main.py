@@ -156,6 +156,36 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_hotpath(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from bouncer.runtime import kernels
+
+    if kernels.ACTIVE != "c++":
+        raise BouncerError(f"the C++ hot path is not active ({kernels.ACTIVE}); reinstall with a C++ compiler")
+    from bouncer.cli.bench_hotpath import bench_hotpath
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = bench_hotpath(args.model or default_model(), Path(tmp), args.rounds, args.per_round)
+    print(f"{'kernel':<58} {'numpy us':>10} {'C++ us':>10} {'speed-up':>9}")
+    for name, k in res["kernels"].items():
+        print(f"{name:<58} {k['numpy_us']:>10.2f} {k['cpp_us']:>10.2f} {k['speedup']:>8.1f}x")
+    print(
+        f"guarded frame {res['guarded_frame_us']:.0f} us = backbone {res['backbone_us']:.0f} us + guard "
+        f"{res['guarded_frame_us'] - res['backbone_us']:.0f} us: overhead {res['guard_overhead']:.1%} "
+        f"(numpy kernels: {res['guard_overhead_numpy']:.1%}) [{res['frame']}]"
+    )
+    _print_json_last(
+        {
+            "kernels": res["kernels"],
+            "guard_overhead": res["guard_overhead"],
+            "guard_overhead_numpy": res["guard_overhead_numpy"],
+            "backbone_us": res["backbone_us"],
+        }
+    )
+    return 0
+
+
 def cmd_sim_dataset(args: argparse.Namespace) -> int:
     from bouncer.runtime.sources import simulator
 
@@ -393,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
     bg.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bg.add_argument("--work", type=Path, help="keep splits, bundles and reports here (default: a temp folder)")
+
+    bh = add("hotpath", cmd_bench_hotpath, "every kernel numpy vs C++, and the guard overhead per frame", bsub)
+    bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    bh.add_argument("--rounds", type=_positive_int, default=5)
+    bh.add_argument("--per-round", type=_positive_int, default=40)
 
     sim = sub.add_parser("sim", help="the production-line simulator")
     ssub = sim.add_subparsers(dest="sim_command", required=True, parser_class=Parser)

@@ -7,12 +7,18 @@
 //
 // Portability: plain C++17. Loops are written for the compiler's auto-vectoriser (`omp simd`
 // reductions, no -ffast-math so NaN/inf keep their meaning); on x86-64 the dot products are also
-// compiled for AVX2 and picked at run time (target_clones), the default clone runs on any x86-64.
+// compiled for AVX2 and picked at run time (target_clones; a Haswell clone was slower: it gathers strided
+// loads); the default clone runs on any x86-64. fp16 and int8 dot products use guarded intrinsics.
 // aarch64 gets NEON from the baseline.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BOUNCER_X86 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -95,15 +101,8 @@ BOUNCER_CLONES float dot_f32(const float *a, const float *b, py::ssize_t d) {
     return acc;
 }
 
-BOUNCER_CLONES float dot_i8(const int8_t *a, const float *b, py::ssize_t d) {
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (py::ssize_t i = 0; i < d; ++i) acc += static_cast<float>(a[i]) * b[i];
-    return acc;
-}
-
-// IEEE half -> float for finite values (the bank is validated finite): shift the exponent and
-// mantissa into place and rescale by 2^112, which also handles subnormals. Branch-free, vectorisable.
+// IEEE half -> float for finite values (banks are validated finite): shift exponent and mantissa into
+// place and rescale by 2^112, which also handles subnormals. Branch-free, so the loop vectorises.
 inline float half_to_float(uint16_t h) {
     uint32_t bits = static_cast<uint32_t>(h & 0x7fffu) << 13;
     float f;
@@ -116,22 +115,240 @@ inline float half_to_float(uint16_t h) {
     return f;
 }
 
-BOUNCER_CLONES float dot_f16(const uint16_t *a, const float *b, py::ssize_t d) {
+float dot_f16_portable(const uint16_t *a, const float *b, py::ssize_t d) {
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
     for (py::ssize_t i = 0; i < d; ++i) acc += half_to_float(a[i]) * b[i];
     return acc;
 }
 
-// y[r] = sum_d x[d] * m[d, r] for a row-major D x R matrix (x^T M).
-BOUNCER_CLONES void vecmat(const float *x, const float *m, py::ssize_t d, py::ssize_t r, float *y) {
+// int8 x int8 -> int32 dot product (query quantised once per frame, bank rows as stored).
+int32_t dot_q8_portable(const int8_t *a, const int8_t *b, py::ssize_t d) {
+    int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (py::ssize_t i = 0; i < d; ++i) acc += int32_t(a[i]) * int32_t(b[i]);
+    return acc;
+}
+
+#ifdef BOUNCER_X86
+__attribute__((target("avx2"))) inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma,f16c"))) float dot_f16_avx2(const uint16_t *a, const float *b, py::ssize_t d) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    py::ssize_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + i))),
+                               _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + i + 8))),
+                               _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    float acc = hsum256(_mm256_add_ps(acc0, acc1));
+    for (; i < d; ++i) acc += half_to_float(a[i]) * b[i];
+    return acc;
+}
+
+__attribute__((target("avx2"))) int32_t dot_q8_avx2(const int8_t *a, const int8_t *b, py::ssize_t d) {
+    __m256i acc = _mm256_setzero_si256();
+    py::ssize_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        const __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + i)));
+        const __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b + i)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    int32_t total = _mm_cvtsi128_si32(s);
+    for (; i < d; ++i) total += int32_t(a[i]) * int32_t(b[i]);
+    return total;
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+
+inline float dot_f16(const uint16_t *a, const float *b, py::ssize_t d) {
+#ifdef BOUNCER_X86
+    if (kHasAvx2) return dot_f16_avx2(a, b, d);
+#endif
+    return dot_f16_portable(a, b, d);
+}
+
+inline int32_t dot_q8(const int8_t *a, const int8_t *b, py::ssize_t d) {
+#ifdef BOUNCER_X86
+    if (kHasAvx2) return dot_q8_avx2(a, b, d);
+#endif
+    return dot_q8_portable(a, b, d);
+}
+
+// Symmetric int8 of a unit row, as reference.quantize_bank does for bank rows: returns the scale.
+float quantize_row(const float *x, py::ssize_t d, int8_t *q) {
+    float mx = 0.f;
+    for (py::ssize_t i = 0; i < d; ++i) mx = std::max(mx, std::fabs(x[i]));
+    const float scale = mx > 0.f ? mx / 127.0f : 1.0f;
+    const float inv = 1.0f / scale;
+    for (py::ssize_t i = 0; i < d; ++i)
+        q[i] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[i] * inv))));
+    return scale;
+}
+
+// y[r] = sum_d x[d] * m[d, r] for a row-major D x R matrix (x^T M), 64 outputs at a time held in
+// registers so each matrix element is loaded once and y is not re-stored per input element.
+BOUNCER_CLONES void vecmat_portable(const float *x, const float *m, py::ssize_t d, py::ssize_t r, float *y) {
+    constexpr py::ssize_t B = 64;
+    for (py::ssize_t j0 = 0; j0 < r; j0 += B) {
+        const py::ssize_t nb = std::min(B, r - j0);
+        float acc[B] = {0.f};
+        for (py::ssize_t i = 0; i < d; ++i) {
+            const float xi = x[i];
+            const float *row = m + i * r + j0;
+#pragma omp simd
+            for (py::ssize_t j = 0; j < nb; ++j) acc[j] += xi * row[j];
+        }
+        std::copy(acc, acc + nb, y + j0);
+    }
+}
+
+#ifdef BOUNCER_X86
+__attribute__((target("avx2,fma"))) void vecmat_avx2(const float *x, const float *m, py::ssize_t d, py::ssize_t r,
+                                                     float *y) {
+    py::ssize_t j0 = 0;
+    for (; j0 + 64 <= r; j0 += 64) {
+        __m256 a[8];
+        for (auto &v : a) v = _mm256_setzero_ps();
+        for (py::ssize_t i = 0; i < d; ++i) {
+            const __m256 xi = _mm256_set1_ps(x[i]);
+            const float *row = m + i * r + j0;
+            for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(xi, _mm256_loadu_ps(row + 8 * k), a[k]);
+        }
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + j0 + 8 * k, a[k]);
+    }
+    if (j0 < r) {  // the remaining columns
+        std::vector<float> tail(r - j0);
+        for (py::ssize_t i = 0; i < d; ++i)
+            for (py::ssize_t j = j0; j < r; ++j) tail[j - j0] += x[i] * m[i * r + j];
+        std::copy(tail.begin(), tail.end(), y + j0);
+    }
+}
+#endif
+
+// The same with a float16 matrix: half the bytes to stream, which is what bounds this product.
+void vecmat_f16_portable(const float *x, const uint16_t *m, py::ssize_t d, py::ssize_t r, float *y) {
     std::fill(y, y + r, 0.f);
     for (py::ssize_t i = 0; i < d; ++i) {
         const float xi = x[i];
-        const float *row = m + i * r;
+        const uint16_t *row = m + i * r;
 #pragma omp simd
-        for (py::ssize_t j = 0; j < r; ++j) y[j] += xi * row[j];
+        for (py::ssize_t j = 0; j < r; ++j) y[j] += xi * half_to_float(row[j]);
     }
+}
+
+#ifdef BOUNCER_X86
+__attribute__((target("avx2,fma,f16c"))) void vecmat_f16_avx2(const float *x, const uint16_t *m, py::ssize_t d,
+                                                              py::ssize_t r, float *y) {
+    py::ssize_t j0 = 0;
+    for (; j0 + 64 <= r; j0 += 64) {
+        __m256 a[8];
+        for (auto &v : a) v = _mm256_setzero_ps();
+        for (py::ssize_t i = 0; i < d; ++i) {
+            const __m256 xi = _mm256_set1_ps(x[i]);
+            const uint16_t *row = m + i * r + j0;
+            for (int k = 0; k < 8; ++k)
+                a[k] = _mm256_fmadd_ps(
+                    xi, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 8 * k))), a[k]);
+        }
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + j0 + 8 * k, a[k]);
+    }
+    if (j0 < r) {
+        std::vector<float> tail(r - j0);
+        for (py::ssize_t i = 0; i < d; ++i)
+            for (py::ssize_t j = j0; j < r; ++j) tail[j - j0] += x[i] * half_to_float(m[i * r + j]);
+        std::copy(tail.begin(), tail.end(), y + j0);
+    }
+}
+#endif
+
+inline void vecmat_f16(const float *x, const uint16_t *m, py::ssize_t d, py::ssize_t r, float *y) {
+#ifdef BOUNCER_X86
+    if (kHasAvx2) return vecmat_f16_avx2(x, m, d, r, y);
+#endif
+    vecmat_f16_portable(x, m, d, r, y);
+}
+
+inline void vecmat(const float *x, const float *m, py::ssize_t d, py::ssize_t r, float *y) {
+#ifdef BOUNCER_X86
+    if (kHasAvx2) return vecmat_avx2(x, m, d, r, y);
+#endif
+    vecmat_portable(x, m, d, r, y);
+}
+
+// One pass over interleaved pixels writing three planes.
+BOUNCER_CLONES void normalize_pass(const uint8_t *src, py::ssize_t n, int c0, int c2, float m0, float m1, float m2,
+                                   float s0, float s1, float s2, float *o) {
+    float *o0 = o, *o1 = o + n, *o2 = o + 2 * n;
+#pragma omp simd
+    for (py::ssize_t i = 0; i < n; ++i) {
+        const uint8_t *px = src + 3 * i;
+        o0[i] = (static_cast<float>(px[c0]) - m0) * s0;
+        o1[i] = (static_cast<float>(px[1]) - m1) * s1;
+        o2[i] = (static_cast<float>(px[c2]) - m2) * s2;
+    }
+}
+
+// Sums of one row segment in 32-bit (a segment of 255-valued pixels cannot overflow them).
+struct SegStats {
+    uint32_t sum, sq, dark, bright;
+};
+
+BOUNCER_CLONES SegStats segment_stats(const uint8_t *seg, py::ssize_t n, uint32_t dark, uint32_t bright) {
+    uint32_t s = 0, q = 0, nd = 0, nb = 0;
+#pragma omp simd reduction(+ : s, q, nd, nb)
+    for (py::ssize_t x = 0; x < n; ++x) {
+        const uint32_t v = seg[x];
+        s += v;
+        q += v * v;
+        nd += v <= dark;
+        nb += v >= bright;
+    }
+    return {s, q, nd, nb};
+}
+
+BOUNCER_CLONES uint32_t row_absdiff(const uint8_t *a, const uint8_t *b, py::ssize_t n) {
+    uint32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (py::ssize_t x = 0; x < n; ++x) acc += static_cast<uint32_t>(a[x] > b[x] ? a[x] - b[x] : b[x] - a[x]);
+    return acc;
+}
+
+// 4-neighbour Laplacian of one interior row: sum and sum of squares (|l| <= 1020, so int32 per row).
+BOUNCER_CLONES void row_laplacian(const uint8_t *up, const uint8_t *row, const uint8_t *down, py::ssize_t w,
+                                  int64_t *sum, int64_t *sq) {
+    int32_t ls = 0;
+    uint32_t lq = 0;
+#pragma omp simd reduction(+ : ls, lq)
+    for (py::ssize_t x = 1; x < w - 1; ++x) {
+        const int32_t l = int32_t(up[x]) + down[x] + row[x - 1] + row[x + 1] - 4 * int32_t(row[x]);
+        ls += l;
+        lq += static_cast<uint32_t>(l * l);
+    }
+    *sum += ls;
+    *sq += lq;
+}
+
+// Maximum of a channel; NaN if any element is NaN (as numpy's max).
+BOUNCER_CLONES float channel_max(const float *p, py::ssize_t n) {
+    float mx = -std::numeric_limits<float>::infinity();
+    int32_t nans = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nans)
+    for (py::ssize_t j = 0; j < n; ++j) {
+        nans += p[j] != p[j];
+        mx = p[j] > mx ? p[j] : mx;
+    }
+    return nans ? kNaN : mx;
 }
 
 // ---- kernels -----------------------------------------------------------------------------------
@@ -157,23 +374,12 @@ py::array_t<float> normalize_chw(const py::array &img, std::vector<float> mean, 
     }
     const uint8_t *src = static_cast<const uint8_t *>(img.data());
     float *o = dst.mutable_data();
-    float scale[3], offset[3];
-    for (int c = 0; c < 3; ++c) {
-        const int sc = swap_rb ? 2 - c : c;  // output channel c reads input channel sc
-        scale[c] = static_cast<float>(1.0f / stdv[c]);
-        offset[c] = mean[c];
-        (void)sc;
-    }
+    const float s0 = 1.0f / stdv[0], s1 = 1.0f / stdv[1], s2 = 1.0f / stdv[2];
+    const float m0 = mean[0], m1 = mean[1], m2 = mean[2];
+    const int c0 = swap_rb ? 2 : 0, c2 = swap_rb ? 0 : 2;  // output channel 0 reads input channel c0
     {
         py::gil_scoped_release release;
-        const py::ssize_t n = h * w;
-        for (int c = 0; c < 3; ++c) {
-            const int sc = swap_rb ? 2 - c : c;
-            float *oc = o + c * n;
-            const float s = scale[c], m = offset[c];
-#pragma omp simd
-            for (py::ssize_t i = 0; i < n; ++i) oc[i] = (static_cast<float>(src[3 * i + sc]) - m) * s;
-        }
+        normalize_pass(src, h * w, c0, c2, m0, m1, m2, s0, s1, s2, o);
     }
     return dst;
 }
@@ -210,42 +416,17 @@ py::array_t<double> quality_stats(const py::array &grey, std::optional<py::array
             const uint8_t *row = g + y * w;
             const int trow = static_cast<int>(y / th) * tiles;
             for (py::ssize_t tx = 0; tx < tiles; ++tx) {
-                uint64_t s = 0, q = 0, nd = 0, nb = 0;
-                const uint8_t *seg = row + tx * tw;
-#pragma omp simd reduction(+ : s, q, nd, nb)
-                for (py::ssize_t x = 0; x < tw; ++x) {
-                    const uint32_t v = seg[x];
-                    s += v;
-                    q += v * v;
-                    nd += v <= static_cast<uint32_t>(dark);
-                    nb += v >= static_cast<uint32_t>(bright);
-                }
-                tsum[trow + tx] += s;
-                tsq[trow + tx] += q;
-                sum += s;
-                sq += q;
-                ndark += nd;
-                nbright += nb;
+                const SegStats st = segment_stats(row + tx * tw, tw, static_cast<uint32_t>(dark),
+                                                  static_cast<uint32_t>(bright));
+                tsum[trow + tx] += st.sum;
+                tsq[trow + tx] += st.sq;
+                sum += st.sum;
+                sq += st.sq;
+                ndark += st.dark;
+                nbright += st.bright;
             }
-            if (p) {
-                const uint8_t *prow = p + y * w;
-                uint64_t a = 0;
-#pragma omp simd reduction(+ : a)
-                for (py::ssize_t x = 0; x < w; ++x) a += static_cast<uint64_t>(std::abs(int(row[x]) - int(prow[x])));
-                adiff += a;
-            }
-            if (y >= 1 && y + 1 < h) {  // 4-neighbour Laplacian on interior pixels
-                const uint8_t *up = row - w, *down = row + w;
-                int64_t ls = 0, lq = 0;
-#pragma omp simd reduction(+ : ls, lq)
-                for (py::ssize_t x = 1; x < w - 1; ++x) {
-                    const int64_t l = int64_t(up[x]) + down[x] + row[x - 1] + row[x + 1] - 4 * int64_t(row[x]);
-                    ls += l;
-                    lq += l * l;
-                }
-                lsum += ls;
-                lsq += lq;
-            }
+            if (p) adiff += row_absdiff(row, p + y * w, w);
+            if (y >= 1 && y + 1 < h) row_laplacian(row - w, row, row + w, w, &lsum, &lsq);
         }
         const double n = static_cast<double>(h * w);
         const double mean = sum / n;
@@ -310,7 +491,10 @@ py::array_t<float> mahalanobis(const py::array &x, const py::array &means, const
                                const py::array &inv_evals, double inv_rest, const py::array &means_proj) {
     need_rows(means, "means");
     const py::ssize_t c = means.shape(0), d = means.shape(1);
-    need_rows(basis, "basis");
+    const bool basis_f16 = basis.dtype().kind() == 'f' && basis.dtype().itemsize() == 2;
+    if (!basis_f16) need_dtype<float>(basis, "basis", "a float32 or float16 array");
+    if (basis.ndim() != 2) throw py::value_error("basis: expected 2 dimensions, got shape " + shape_str(basis));
+    need_contiguous(basis, "basis");
     need_rows(x, "x", d);
     const py::ssize_t r = basis.shape(1);
     need_dtype<float>(inv_evals, "inv_evals", "a float32 array");
@@ -324,7 +508,7 @@ py::array_t<float> mahalanobis(const py::array &x, const py::array &means, const
     py::array_t<float> out({m, c});
     const float *xs = static_cast<const float *>(x.data());
     const float *ms = static_cast<const float *>(means.data());
-    const float *bs = static_cast<const float *>(basis.data());
+    const void *bs = basis.data();
     const float *ie = static_cast<const float *>(inv_evals.data());
     const float *mp = static_cast<const float *>(means_proj.data());
     float *o = out.mutable_data();
@@ -339,7 +523,10 @@ py::array_t<float> mahalanobis(const py::array &x, const py::array &means, const
                 std::fill(oi, oi + c, kNaN);
                 continue;
             }
-            vecmat(xn.data(), bs, d, r, proj.data());
+            if (basis_f16)
+                vecmat_f16(xn.data(), static_cast<const uint16_t *>(bs), d, r, proj.data());
+            else
+                vecmat(xn.data(), static_cast<const float *>(bs), d, r, proj.data());
             const double xsq = dot_f32(xn.data(), xn.data(), d);
             for (py::ssize_t k = 0; k < c; ++k) {
                 const float *mk = mp + k * r;
@@ -385,11 +572,13 @@ py::array_t<float> knn_score(const py::array &x, const py::array &bank, int k, s
     {
         py::gil_scoped_release release;
         std::vector<float> xn(d), top(k);
+        std::vector<int8_t> xq(d);
         for (py::ssize_t i = 0; i < m; ++i) {
             if (!l2n(xs + i * d, d, xn.data())) {
                 o[i] = kNaN;
                 continue;
             }
+            const float xscale = is_i8 ? quantize_row(xn.data(), d, xq.data()) : 1.0f;
             // the k largest similarities, kept sorted descending; top[k-1] is the k-th nearest
             std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
             for (py::ssize_t j = 0; j < n; ++j) {
@@ -399,7 +588,8 @@ py::array_t<float> knn_score(const py::array &x, const py::array &bank, int k, s
                 else if (is_f16)
                     s = dot_f16(static_cast<const uint16_t *>(bd) + j * d, xn.data(), d);
                 else
-                    s = dot_i8(static_cast<const int8_t *>(bd) + j * d, xn.data(), d) * scales[j];
+                    s = static_cast<float>(dot_q8(static_cast<const int8_t *>(bd) + j * d, xq.data(), d)) *
+                        (scales[j] * xscale);
                 if (s > top[k - 1]) {
                     int pos = k - 1;
                     while (pos > 0 && top[pos - 1] < s) {
@@ -426,17 +616,7 @@ py::array_t<float> spatial_max(const py::array &fmap) {
     float *o = out.mutable_data();
     {
         py::gil_scoped_release release;
-        for (py::ssize_t i = 0; i < n * c; ++i) {
-            const float *p = f + i * hw;
-            float mx = -std::numeric_limits<float>::infinity();
-            bool nan = false;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-            for (py::ssize_t j = 0; j < hw; ++j) {
-                nan |= std::isnan(p[j]);
-                mx = std::max(mx, p[j]);
-            }
-            o[i] = nan ? kNaN : mx;
-        }
+        for (py::ssize_t i = 0; i < n * c; ++i) o[i] = channel_max(f + i * hw, hw);
     }
     return out;
 }

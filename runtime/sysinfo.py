@@ -37,11 +37,11 @@ def package_version(dist: str) -> str | None:
 
 
 def hotpath_status() -> str:
-    try:
-        from bouncer import _hotpath  # type: ignore[attr-defined]
-    except ImportError:
-        return "not built (numpy reference in use)"
-    return f"built ({getattr(_hotpath, '__file__', '?')})"
+    from bouncer.runtime import kernels
+
+    if kernels.ACTIVE == "c++":
+        return f"c++ ({Path(kernels._impl.__file__).name})"
+    return kernels.ACTIVE
 
 
 def collect() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 # Sourced by scripts/*: create or reuse .venv in the checkout and install the project with EXTRAS.
-# Re-installs only when pyproject.toml or the extras change, so a second run starts at once.
+# Re-installs only when pyproject.toml, setup.py, the C++ sources or the extras change.
 ensure_venv() {
     local extras="$1"
     local root
@@ -21,12 +21,14 @@ import sys; sys.exit(sys.version_info < (3, 11))
 PY
     local stamp="$root/.venv/.bouncer-stamp-${extras//,/-}"
     local want
-    want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+    # the C++ hot path is compiled at install time: its sources are part of the stamp
+    want="$(cat "$root/pyproject.toml" "$root/setup.py" "$root"/cpp_ext/*.cpp | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing bouncer[$extras] into .venv (once)" >&2
         python -m pip install -q --upgrade pip >&2
         # torch==2.13.0 (CPU build) is pinned in the [build] extra; pip takes it from the local wheel store.
-        python -m pip install -q -e "$root[$extras]" >&2
+        # BOUNCER_REQUIRE_HOTPATH: fail here, loudly, if the C++ extension does not compile
+        BOUNCER_REQUIRE_HOTPATH=1 python -m pip install -q -e "$root[$extras]" >&2
         echo "$want" > "$stamp"
     fi
 }

@@ -38,7 +38,7 @@ def test_low_rank_mahalanobis_matches_dense(n, d, seed):
     q = rng.normal(size=(7, d))
     qn = l2n(q).astype(np.float64)
     dense = np.array([[(v - m) @ prec @ (v - m) for m in means] for v in qn])
-    np.testing.assert_allclose(head.distances(q), dense, rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(head.distances(q), dense, rtol=1e-2, atol=1e-2)  # basis stored as float16
 
 
 def test_truncated_rank_stays_close():

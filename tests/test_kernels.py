@@ -10,8 +10,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from bouncer import _hotpath as cpp  # CI builds it (BOUNCER_REQUIRE_HOTPATH=1): a missing module fails here
 from bouncer.runtime.kernels import reference as ref
+
+
+def _load_cpp():
+    """The built extension; BOUNCER_HOTPATH_SO points at another build (scripts/asan_kernels uses it)."""
+    import importlib.util
+    import os
+
+    path = os.environ.get("BOUNCER_HOTPATH_SO")
+    if not path:
+        from bouncer import _hotpath  # CI builds it (BOUNCER_REQUIRE_HOTPATH=1): a missing module fails here
+
+        return _hotpath
+    spec = importlib.util.spec_from_file_location("bouncer._hotpath", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpp = _load_cpp()
 
 SETTINGS = settings(max_examples=60, deadline=None)
 floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -89,16 +107,23 @@ def test_linear_probs(data, m, c, d, t):
 
 
 @SETTINGS
-@given(data=st.data(), m=st.integers(1, 5), c=st.integers(1, 6), d=st.integers(2, 48), r=st.integers(1, 48))
-def test_mahalanobis(data, m, c, d, r):
+@given(
+    data=st.data(),
+    m=st.integers(1, 5),
+    c=st.integers(1, 6),
+    d=st.integers(2, 48),
+    r=st.integers(1, 80),
+    half=st.booleans(),
+)
+def test_mahalanobis(data, m, c, d, r, half):
     r = min(r, d)
     x = with_bad_values(data.draw(arrays(np.float32, (m, d), elements=floats)), data)
     means = data.draw(arrays(np.float32, (c, d), elements=st.floats(-1, 1, width=32)))
     q, _ = np.linalg.qr(np.random.default_rng(data.draw(st.integers(0, 999))).normal(size=(d, d)))
-    basis = np.ascontiguousarray(q[:, :r], np.float32)
+    basis = np.ascontiguousarray(q[:, :r], np.float16 if half else np.float32)
     inv_evals = data.draw(arrays(np.float32, (r,), elements=st.floats(0.125, 100, width=32)))
     inv_rest = data.draw(st.floats(0.1, 100))
-    mp = np.ascontiguousarray(means @ basis, np.float32)
+    mp = np.ascontiguousarray(means @ basis.astype(np.float32), np.float32)
     a = ref.mahalanobis(x, means, basis, inv_evals, inv_rest, mp)
     b = cpp.mahalanobis(x, means, basis, inv_evals, inv_rest, mp)
     scale = max(100.0, float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 100.0)
@@ -205,3 +230,24 @@ def test_kernels_release_the_gil():
     busy, duration = ticks_per_second(lambda: cpp.knn_score(x, bank, 1))
     assert duration > 0.02, duration  # the kernel ran long enough to tell
     assert busy > 0.5 * idle, (busy, idle)
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'bouncer._hotpath':\n"
+        "            raise ImportError('blocked by the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from bouncer.runtime import kernels\n"
+        "from bouncer.runtime.gates import guard, heads, quality\n"
+        "import numpy as np\n"
+        "print(kernels.ACTIVE, kernels.fuse is kernels.reference.fuse)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "numpy (C++ hot path not built) True"
+    assert res.stderr.count("C++ hot path not available") == 1, res.stderr

@@ -31,8 +31,11 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
         "bouncer/quantize/export.py",
         "bouncer/devices/data/generic.toml",
         "bouncer/station/__init__.py",
+        "bouncer/runtime/gates/guard.py",
+        "bouncer/runtime/kernels/reference.py",
     ):
         assert expected in names, expected
+    assert any(n.startswith("bouncer/_hotpath") and n.endswith(".so") for n in names), "C++ hot path not in the wheel"
     assert not any(n.startswith(("bouncer/tests/", "bouncer/.venv", "tests/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "bouncer = bouncer.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
@@ -63,4 +66,6 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert json.loads(lines[0]).startswith(str(target))
-    assert json.loads(lines[-1])["onnxruntime"]["version"]
+    info = json.loads(lines[-1])
+    assert info["onnxruntime"]["version"]
+    assert info["hot_path"].startswith("c++"), info["hot_path"]

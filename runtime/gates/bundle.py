@@ -214,7 +214,7 @@ def _head_from(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str)
         g = GaussianHead(
             source=str(meta["source"]),
             means=arrays[f"{prefix}.means"].astype(np.float32),
-            basis=arrays[f"{prefix}.basis"].astype(np.float32),
+            basis=arrays[f"{prefix}.basis"],
             inv_evals=arrays[f"{prefix}.inv_evals"].astype(np.float32),
             inv_rest=float(meta["inv_rest"]),
             spatial=bool(meta["spatial"]),

@@ -90,7 +90,7 @@ class GaussianHead:
 
     source: str
     means: np.ndarray  # C x d
-    basis: np.ndarray  # d x r
+    basis: np.ndarray  # d x r, float16: the per-frame cost is streaming it
     inv_evals: np.ndarray  # r
     inv_rest: float
     spatial: bool = False  # True: source is a feature map; score = max over patches
@@ -119,11 +119,12 @@ class GaussianHead:
         )
 
     def __post_init__(self) -> None:
-        self.means, self.basis, self.inv_evals = _f32(self.means), _f32(self.basis), _f32(self.inv_evals)
+        self.means, self.inv_evals = _f32(self.means), _f32(self.inv_evals)
+        self.basis = np.ascontiguousarray(self.basis, np.float16)
         m, b, e = self.means, self.basis, self.inv_evals
         if m.ndim != 2 or b.ndim != 2 or b.shape[0] != m.shape[1] or e.shape != (b.shape[1],):
             raise ValueError(f"{self.source} head: inconsistent shapes means {m.shape}, basis {b.shape}, {e.shape}")
-        self.means_proj = _f32(self.means @ self.basis)
+        self.means_proj = _f32(self.means @ self.basis.astype(np.float32))
 
     def distances(self, x: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of x (M x d, normalised in the kernel) to each mean: M x C."""

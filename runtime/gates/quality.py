@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from bouncer.runtime import kernels
+from bouncer.runtime.preprocess import shrink
 
 GREY_W, GREY_H = 160, 120
 TILES = 4  # 4x4 grid for occlusion / low texture
@@ -22,8 +23,7 @@ STAT_NAMES = ("mean", "std", "dark_frac", "bright_frac", "sharpness", "tile_std_
 
 
 def grey_small(bgr: np.ndarray) -> np.ndarray:
-    g = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    return cv2.resize(g, (GREY_W, GREY_H), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(shrink(bgr, GREY_W, GREY_H), cv2.COLOR_BGR2GRAY)
 
 
 def quality_stats(bgr: np.ndarray, prev: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:

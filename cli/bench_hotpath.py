@@ -1,0 +1,153 @@
+"""`bouncer bench hotpath`: every kernel, numpy reference vs C++, at real sizes; and the guard's per-frame
+overhead (everything but the backbone call) as a fraction of the int8 backbone call, all in one run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bouncer.runtime import backends, kernels
+from bouncer.runtime.gates.fit import fit_gate
+from bouncer.runtime.gates.guard import Guard
+from bouncer.runtime.kernels import reference
+from bouncer.runtime.preprocess import preprocess
+from bouncer.runtime.sources import simulator
+from bouncer.runtime.timing import interleaved_latency_ms
+
+KERNEL_NAMES = ("normalize_chw", "quality_stats", "linear_probs", "mahalanobis", "knn_score", "spatial_max", "fuse")
+
+
+def _median_us(fns: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
+    lat = interleaved_latency_ms(fns, rounds=rounds, per_round=per_round, warmup=20)
+    return {k: float(np.median(v)) * 1e3 for k, v in lat.items()}
+
+
+def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[str, tuple]]:
+    """name -> (kernel, arguments) at the sizes a camera sees."""
+    rng = np.random.default_rng(0)
+
+    def unit(n: int, d: int) -> np.ndarray:
+        x = rng.normal(size=(n, d)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    img = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    chw = np.empty((3, 224, 224), np.float32)  # the guard writes into a preallocated input buffer
+    grey, prev = (rng.integers(0, 256, (120, 160), dtype=np.uint8) for _ in range(2))
+    feats, tap = unit(1, 1280), unit(1, 192)
+    w, b = rng.normal(size=(classes, 1280)).astype(np.float32), rng.normal(size=classes).astype(np.float32)
+
+    def gauss(d: int, r: int) -> tuple:
+        means = unit(classes, d)
+        basis = np.ascontiguousarray(np.linalg.qr(rng.normal(size=(d, r)))[0], np.float16)  # as heads store it
+        inv = rng.uniform(1, 100, r).astype(np.float32)
+        return means, basis, inv, 50.0, np.ascontiguousarray(means @ basis.astype(np.float32))
+
+    bank32 = unit(bank_rows, 192)
+    bank8, scale8 = reference.quantize_bank(bank32)
+    fmap = rng.random((1, 112, 14, 14), dtype=np.float32)
+    scores = rng.normal(size=(1, 2)).astype(np.float32)
+    return {
+        "normalize_chw (224x224 BGR -> CHW)": ("normalize_chw", (img, (127.0,) * 3, (128.0,) * 3, True, chw)),
+        "quality_stats (160x120 grey + previous)": ("quality_stats", (grey, prev, 4, 8, 247)),
+        f"linear_probs (1280-d, {classes} classes)": ("linear_probs", (feats, w, b, 1.3)),
+        f"mahalanobis features (1280-d, rank 256, {classes} means)": ("mahalanobis", (feats, *gauss(1280, 256))),
+        f"mahalanobis pool_s32 (192-d, full rank, {classes} means)": ("mahalanobis", (tap, *gauss(192, 192))),
+        f"knn_score fp16 bank ({bank_rows} x 192)": ("knn_score", (tap, bank32.astype(np.float16), 1)),
+        f"knn_score int8 bank ({bank_rows} x 192)": ("knn_score", (tap, bank8, 1, scale8)),
+        "spatial_max (112 x 14 x 14)": ("spatial_max", (fmap,)),
+        "fuse (2 heads)": ("fuse", (scores, np.zeros(2), np.ones(2))),
+    }
+
+
+def bench_kernels(cpp, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, (fn, args) in kernel_cases().items():
+        t = _median_us(
+            {"numpy": lambda f=fn, a=args: getattr(reference, f)(*a), "cpp": lambda f=fn, a=args: getattr(cpp, f)(*a)},
+            rounds,
+            per_round,
+        )
+        out[name] = {
+            "numpy_us": round(t["numpy"], 2),
+            "cpp_us": round(t["cpp"], 2),
+            "speedup": round(t["numpy"] / t["cpp"], 2),
+        }
+    return out
+
+
+@contextmanager
+def numpy_kernels():
+    """Route the runtime through the numpy reference for a moment (to measure the guard both ways)."""
+    saved = {n: getattr(kernels, n) for n in KERNEL_NAMES}
+    try:
+        for n in KERNEL_NAMES:
+            setattr(kernels, n, getattr(reference, n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(kernels, n, f)
+
+
+def camera_frame(part: str, rng: np.random.Generator) -> np.ndarray:
+    """A simulated frame at the 640x480 a camera delivers."""
+    return cv2.resize(simulator.render(part, rng), (640, 480), interpolation=cv2.INTER_LINEAR)
+
+
+def small_gate(backend: backends.Backend, work: Path):
+    """A gate fitted on 640x480 frames of the simulated line (default heads)."""
+    for split, n, seed in (("train", 30, 1), ("calib", 60, 2)):
+        rng = np.random.default_rng(seed)
+        for part in simulator.KNOWN_CLASSES:
+            (work / split / part).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cv2.imwrite(str(work / split / part / f"{i}.png"), camera_frame(part, rng))
+    return fit_gate(backend, work / "train", work / "calib", log=lambda m: None)
+
+
+def bench_guard(model: Path, work: Path, rounds: int, per_round: int) -> dict[str, Any]:
+    backend = backends.load(model, 1)
+    guard = Guard(small_gate(backend, work), backend)
+    frame = camera_frame("gear", np.random.default_rng(5))
+    assert guard.score_frames([frame])[0].decision == "accept", "the benchmark frame must take the full path"
+    x = preprocess(frame, guard.bundle.preprocessing)
+    # the previous frame of the stream: a different part on the belt (the same frame would be "frozen")
+    prev = cv2.resize(
+        cv2.cvtColor(camera_frame("washer", np.random.default_rng(6)), cv2.COLOR_BGR2GRAY),
+        (160, 120),
+        interpolation=cv2.INTER_AREA,
+    )
+
+    def guarded() -> None:
+        guard.score_frames([frame], [prev])
+
+    def guarded_numpy() -> None:
+        with numpy_kernels():
+            guard.score_frames([frame], [prev])
+
+    t = _median_us(
+        {"backbone": lambda: backend.run(x), "guard": guarded, "guard_numpy": guarded_numpy}, rounds, per_round
+    )
+    return {
+        "backbone_us": round(t["backbone"], 1),
+        "guarded_frame_us": round(t["guard"], 1),
+        "guarded_frame_numpy_us": round(t["guard_numpy"], 1),
+        "guard_overhead": round((t["guard"] - t["backbone"]) / t["backbone"], 4),
+        "guard_overhead_numpy": round((t["guard_numpy"] - t["backbone"]) / t["backbone"], 4),
+        "frame": "640x480 BGR, int8 EfficientNet-Lite0 on ONNX Runtime (1 thread), default heads",
+    }
+
+
+def bench_hotpath(model: Path, work: Path, rounds: int = 5, per_round: int = 40) -> dict[str, Any]:
+    from bouncer import _hotpath as cpp  # type: ignore[attr-defined]
+
+    t0 = time.perf_counter()
+    result = {"kernels": bench_kernels(cpp, rounds, per_round)}
+    result |= bench_guard(model, work, rounds, per_round)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
