@@ -343,6 +343,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from bouncer.devices.loop import Device
+    from bouncer.runtime.config import load_config
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format='{"ts": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "msg": "%(message)s"}',
+    )
+    overrides = {
+        "source.uri": args.source,
+        "gate.bundle": args.gate,
+        "gate.model": args.model,
+        "mqtt.broker": args.broker,
+        "device.id": args.device_id,
+        "device.data_dir": args.data_dir,
+        "device.profile": args.profile,
+        "metrics.port": args.metrics_port,
+        "mqtt.protocol": args.protocol,
+    }
+    cfg = load_config(args.config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+    summary = Device(cfg).run(once=args.once, drain_timeout=args.drain_timeout)
+    d = summary.decisions
+    print(
+        f"{summary.frames} frames: {d['accept']} accept, {d['review']} review, {d['reject']} reject; "
+        f"{summary.skipped_done} already done; {summary.events} events; {summary.undelivered} undelivered"
+    )
+    if args.once and summary.undelivered and cfg.mqtt.broker:
+        print(
+            f"bouncer: {summary.undelivered} messages not delivered within {args.drain_timeout:g} s; they stay in "
+            f"the outbox for the next start",
+            file=sys.stderr,
+        )
+    _print_json_last(summary.to_dict())
+    return 0
+
+
 def cmd_data_split(args: argparse.Namespace) -> int:
     from bouncer.runtime.datasets import split_dataset
 
@@ -442,6 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", type=Path, help="model (default: cached int8 backbone)")
     inf.add_argument("--jsonl", type=Path, help="write JSON lines here instead of stdout")
     inf.add_argument("--threads", type=_positive_int, default=1)
+
+    r = add("run", cmd_run, "run the guard on a camera, video, folder or the simulator; flag frames over MQTT")
+    r.add_argument("config", type=Path, nargs="?", help="TOML config (docs/config.md); flags override it")
+    r.add_argument("--source", help="folder, video file, camera index, rtsp:// or http:// URL, or sim:SEED")
+    r.add_argument("--gate", type=Path, help="gate bundle")
+    r.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    r.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    r.add_argument("--protocol", choices=["v5", "v311"], help="MQTT protocol version (default v5)")
+    r.add_argument("--device-id", help="this device's id (topic segment)")
+    r.add_argument("--data-dir", type=Path, help="outbox and progress live here")
+    r.add_argument("--profile", help="device profile (default: detect)")
+    r.add_argument("--metrics-port", type=int, help="Prometheus metrics on this port")
+    r.add_argument("--once", action="store_true", help="process a finite source once, deliver, exit")
+    r.add_argument("--drain-timeout", type=float, default=60.0, help="--once: seconds to wait for delivery")
+    r.add_argument("--verbose", action="store_true", help="log events (JSON lines on stderr)")
 
     data = sub.add_parser("data", help="data set helpers")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)

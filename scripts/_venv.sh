@@ -1,5 +1,22 @@
 # Sourced by scripts/*: create or reuse .venv in the checkout and install the project with EXTRAS.
 # Re-installs only when pyproject.toml, setup.py, the C++ sources or the extras change.
+# Debian packages the tests and the device runtime use (Mosquitto for the real-broker tests).
+ensure_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "please install: ${missing[*]} (apt-get needs root)" >&2
+        return 1
+    fi
+    echo "installing ${missing[*]} with apt-get (once)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || {
+        apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+    }
+}
+
 ensure_venv() {
     local extras="$1"
     local root

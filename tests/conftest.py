@@ -43,3 +43,17 @@ def sim_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bouncer.runtime.sources import simulator
 
     return simulator.write_dataset(tmp_path_factory.mktemp("sim"), per_class=12, seed=7)
+
+
+@pytest.fixture(scope="session")
+def sim_gate(built_models, tmp_path_factory) -> Path:
+    """A gate fitted on the simulated line (4 parts), through the CLI."""
+    from bouncer.runtime.sources import simulator
+
+    root = tmp_path_factory.mktemp("sim_gate")
+    simulator.write_dataset(root / "train", per_class=30, seed=31)
+    simulator.write_dataset(root / "calib", per_class=65, seed=32)
+    out = root / "line.gate"
+    res = run_cli("fit", "--train", str(root / "train"), "--calib", str(root / "calib"), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out

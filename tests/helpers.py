@@ -47,3 +47,88 @@ def tiny_classifier(path: Path, outputs: tuple[str, ...] = ("feat", "scores")) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
     return path
+
+
+class Mosquitto:
+    """A real Mosquitto broker on a free port, restartable; persistence on so queued messages survive."""
+
+    def __init__(self, workdir: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {workdir}/\nautosave_interval 1\nmax_queued_messages 100000\n"
+            "message_size_limit 0\n" + ("user root\n" if os.geteuid() == 0 else "")
+            # as root, mosquitto drops to user "mosquitto", which cannot write the persistence file here
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import socket
+        import time
+
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class Collector:
+    """A subscriber with a persistent session (QoS 1): collects every message on bouncer/v1/#."""
+
+    def __init__(self, port: int, client_id: str = "test-collector") -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=mqtt.MQTTv311
+        )
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("bouncer/v1/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload))
+
+    def on(self, suffix: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p in self.messages if t.endswith(suffix)]
+
+    def wait_for(self, suffix: str, n: int, timeout: float = 30.0) -> list[bytes]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.on(suffix)) < n:
+            time.sleep(0.05)
+        return self.on(suffix)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -248,6 +248,12 @@ def fit_gate(
             float((passing & (conf >= sel.threshold)).mean()) if sel.threshold is not None else 0.0, 4
         ),
     }
+    # spreads the drift monitor scales its noise floors by (docs/mqtt.md, runtime/drift.py)
+    fit_metrics["drift_reference"] = {
+        "brightness": round(float(np.std([st["mean"] for st in calib.stats])), 4),
+        "sharpness": round(float(np.std(np.log([max(st["sharpness"], 1e-6) for st in calib.stats]))), 4),
+        "ood_score": round(float(np.std(fused[q_ok])) if q_ok.any() else 1.0, 4),
+    }
     base_scores = baseline.score(calib.outputs[baseline.source])
     baseline_threshold = conformal_quantile(base_scores[q_ok] if q_ok.any() else base_scores, ood_quantile)
     now = datetime.now(UTC)

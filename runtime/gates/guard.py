@@ -93,28 +93,25 @@ class Guard:
             d.decision = REVIEW
         return d
 
+    def score_frame(
+        self, frame: np.ndarray, prev: np.ndarray | None = None
+    ) -> tuple[Decision, dict[str, np.ndarray] | None]:
+        """One frame of a stream -> its decision and the backbone outputs (None if the quality gate
+        rejected it before the backbone)."""
+        pp = self.bundle.preprocessing
+        base = halve_while(frame, max(pp.width, GREY_W), max(pp.height, GREY_H))
+        stats = quality_stats(base, prev)[0]
+        issues = self.bundle.quality.check(stats)
+        if issues:
+            return self.decide(issues, None, None, stats), None
+        outputs = self.backend.run(preprocess(base, pp, out=self._input))
+        probs, fused = self.heads(outputs)
+        return self.decide([], probs[0], float(fused[0]), stats), outputs
+
     # ---- frames -------------------------------------------------------------------------------
 
     def score_frames(
         self, frames: Sequence[np.ndarray], prevs: Sequence[np.ndarray | None] | None = None
     ) -> list[Decision]:
-        """BGR uint8 frames -> decisions. Frames failing the quality gate skip the backbone."""
-        pp = self.bundle.preprocessing
-        # the area-halving steps both resizes would take, taken once (same result, see preprocess.shrink)
-        frames = [halve_while(f, max(pp.width, GREY_W), max(pp.height, GREY_H)) for f in frames]
-        stats = [quality_stats(f, prevs[i] if prevs else None)[0] for i, f in enumerate(frames)]
-        issues = [self.bundle.quality.check(s) for s in stats]
-        todo = [i for i, iss in enumerate(issues) if not iss]
-        out: list[Decision | None] = [None] * len(frames)
-        if todo:
-            if len(todo) == 1:
-                batch = preprocess(frames[todo[0]], pp, out=self._input)
-            else:
-                batch = np.concatenate([preprocess(frames[i], pp) for i in todo])
-            probs, fused = self.heads(self.backend.run(batch))
-            for j, i in enumerate(todo):
-                out[i] = self.decide([], probs[j], float(fused[j]), stats[i])
-        for i, iss in enumerate(issues):
-            if iss:
-                out[i] = self.decide(iss, None, None, stats[i])
-        return [d for d in out if d is not None]
+        """BGR uint8 frames -> decisions, frame by frame (see score_frame)."""
+        return [self.score_frame(f, prevs[i] if prevs else None)[0] for i, f in enumerate(frames)]

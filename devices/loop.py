@@ -1,0 +1,250 @@
+"""`bouncer run`: the camera loop. Source -> guard -> decision -> outbox (-> MQTT link), with drift
+monitoring, stats and metrics. The loop never waits on the network: it only writes to the outbox."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bouncer.devices import profiles
+from bouncer.devices.metrics import DeviceMetrics
+from bouncer.runtime import backends, schemas
+from bouncer.runtime.config import Config
+from bouncer.runtime.drift import DriftMonitor
+from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.guard import ACCEPT, Decision, Guard, unreadable
+from bouncer.runtime.gates.heads import KnnHead
+from bouncer.runtime.gates.quality import grey_small
+from bouncer.runtime.outbox import Outbox
+from bouncer.runtime.sources.streams import FrameItem, open_source
+
+log = logging.getLogger("bouncer.device")
+ID_NAMESPACE = uuid.UUID("6f1c2f4e-3b1a-4c55-9d0e-6a8f1f0b7c21")
+
+
+@dataclass
+class RunSummary:
+    frames: int = 0
+    decisions: dict[str, int] = field(default_factory=lambda: {"accept": 0, "review": 0, "reject": 0})
+    skipped_done: int = 0
+    events: int = 0
+    undelivered: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def message_id(device: str, source: str, key: str, finite: bool) -> str:
+    """Finite sources get ids derived from the frame (a re-run after a crash re-sends the same id)."""
+    return uuid.uuid5(ID_NAMESPACE, f"{device}|{source}|{key}").hex if finite else uuid.uuid4().hex
+
+
+def encode_jpeg(frame: np.ndarray, max_side: int, quality: int) -> bytes:
+    h, w = frame.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1.0:
+        frame = cv2.resize(frame, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise BouncerError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+class Device:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.id = cfg.device.id
+        profile = profiles.detect() if cfg.device.profile == "auto" else profiles.get(cfg.device.profile)
+        self.profile = profile
+        bundle = GateBundle.load(Path(cfg.gate.bundle))
+        if cfg.gate.model:
+            model = Path(cfg.gate.model)
+        else:
+            from bouncer.cli.main import default_model
+
+            model = default_model()
+        backend = backends.load(model, profile.threads, list(profile.providers) or None)
+        self.guard = Guard(bundle, backend)
+        data = Path(cfg.device.data_dir)
+        self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
+        self.metrics = DeviceMetrics()
+        self.metrics.gate.labels(bundle.version, bundle.backbone_hash[:12]).set(1)
+        ref = bundle.fit_metrics.get("drift_reference", {})
+        d = cfg.drift
+        self.drift = DriftMonitor(ref, warmup=d.warmup, k=d.k, h=d.h, rate_h=d.rate_h)
+        self.link = None
+        self.paused = threading.Event()
+        if cfg.mqtt.broker:
+            from bouncer.devices.link import MqttLink
+
+            self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command)
+        self.summary = RunSummary()
+        self._stop = threading.Event()
+
+    # ---- messages ---------------------------------------------------------------------------------
+
+    def emit_event(self, kind: str, **fields: Any) -> None:
+        payload = schemas.event(self.id, kind, **fields)
+        self.outbox.put(json.loads(payload)["id"], schemas.topic(self.id, "events"), payload, "event")
+        self.summary.events += 1
+        log.info("event %s %s", kind, fields)
+
+    def on_command(self, payload: bytes) -> None:
+        """Runs on the MQTT thread: validate, act, and answer bad commands with an event."""
+        try:
+            cmd = schemas.Command.decode(payload)
+        except schemas.SchemaError as exc:
+            self.emit_event("command_rejected", reason=str(exc)[:300], size=len(payload))
+            return
+        if cmd.command == "pause":
+            self.paused.set()
+        elif cmd.command == "resume":
+            self.paused.clear()
+        self.emit_event("command_done", command=cmd.command, command_id=cmd.id)
+        if cmd.command in ("stats", "ping") and self.link:
+            self.link.send_volatile(schemas.topic(self.id, "stats"), self.stats_payload())
+
+    def stats_payload(self) -> bytes:
+        return schemas.encode(
+            {
+                "device": self.id,
+                "ts": time.time(),
+                "frames": self.summary.frames,
+                "decisions": self.summary.decisions,
+                "outbox_depth": self.outbox.depth(),
+                "evicted": self.outbox.counter("evicted"),
+                "drift": self.drift.state,
+                "gate_version": self.guard.bundle.version,
+                "profile": self.profile.name,
+            }
+        )
+
+    def flag(self, item: FrameItem, decision: Decision, outputs: dict[str, np.ndarray] | None, finite: bool) -> None:
+        b = self.guard.bundle
+        features: dict[str, np.ndarray] = {}
+        if outputs is not None:
+            features[self.guard.backend.card.features] = outputs[self.guard.backend.card.features][0]
+            for name, head in zip(b.fusion.names, b.ood_heads, strict=True):
+                vec = head.vectors(outputs[head.source]) if isinstance(head, KnnHead) else outputs[head.source]
+                features[name] = np.asarray(vec)[0]
+        jpeg = b""
+        if item.frame is not None:
+            jpeg = encode_jpeg(item.frame, self.cfg.outbox.jpeg_max_side, self.cfg.outbox.jpeg_quality)
+        msg = schemas.FrameMessage(
+            id=message_id(self.id, self.source_uri, item.key, finite),
+            device=self.id,
+            ts=time.time(),
+            source=item.source,
+            decision=decision.decision,
+            label=decision.label,
+            confidence=decision.confidence,
+            ood_score=decision.ood_score,
+            reasons=decision.reasons,
+            details=decision.details,
+            quality={k: round(v, 4) for k, v in decision.quality.items()},
+            gate_version=b.version,
+            backbone_hash=b.backbone_hash,
+            jpeg=jpeg,
+            features=features,
+        )
+        evicted = self.outbox.put(msg.id, schemas.topic(self.id, "frames"), msg.encode(), decision.decision)
+        if evicted:
+            self.metrics.evictions.inc(len(evicted))
+            self.emit_event(
+                "eviction",
+                evicted=len(evicted),
+                total_evicted=self.outbox.counter("evicted"),
+                order="oldest reject first, then oldest review",
+            )
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def process(self, item: FrameItem, prev: np.ndarray | None, finite: bool) -> np.ndarray | None:
+        m = self.metrics
+        if item.event:
+            self.emit_event(item.event.pop("event"), **item.event)
+            return prev
+        t0 = time.perf_counter()
+        outputs = None
+        grey = None
+        if item.frame is None:
+            decision = unreadable(item.error or "unreadable frame")
+        else:
+            decision, outputs = self.guard.score_frame(item.frame, prev)
+            grey = grey_small(item.frame) if self.source.stream else None
+        m.stage.labels("guard").observe(time.perf_counter() - t0)
+        self.summary.frames += 1
+        self.summary.decisions[decision.decision] += 1
+        m.frames.inc()
+        for reason in decision.reasons or ["-"]:
+            m.decisions.labels(decision.decision, reason).inc()
+        if decision.decision != ACCEPT:
+            t1 = time.perf_counter()
+            self.flag(item, decision, outputs, finite)
+            m.stage.labels("outbox").observe(time.perf_counter() - t1)
+        for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision):
+            m.drift.labels(ev["signal"]).set(1)
+            self.emit_event(ev.pop("event"), **ev)
+        return grey
+
+    def run(self, once: bool = False, drain_timeout: float = 60.0) -> RunSummary:
+        self.source = open_source(self.cfg.source.uri, loop=self.cfg.source.loop and not once)
+        self.source_uri = self.source.uri
+        if once and not self.source.finite:
+            raise BouncerError(f"--once needs a finite source (a folder or video file), not {self.source.uri}")
+        finite = self.source.finite
+        done = self.outbox.done(self.source.uri) if finite else set()
+        self.metrics.serve(self.cfg.metrics.port)
+        if self.link:
+            self.link.start()
+        max_fps = self.cfg.source.max_fps or (self.profile.max_fps if self.source.live else 0.0)
+        period = 1.0 / max_fps if max_fps else 0.0
+        prev = None
+        next_stats = time.monotonic() + self.cfg.metrics.stats_every_s
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            for item in self.source:
+                if self._stop.is_set():
+                    break
+                while self.paused.is_set() and not self._stop.is_set():
+                    time.sleep(0.1)
+                if finite and item.key in done:
+                    self.summary.skipped_done += 1
+                    continue
+                t0 = time.monotonic()
+                prev = self.process(item, prev if self.source.stream else None, finite)
+                if finite:
+                    self.outbox.mark_done(self.source.uri, item.key)
+                self.metrics.outbox_depth.set(self.outbox.depth())
+                self.metrics.outbox_bytes.set(self.outbox.bytes)
+                if self.link:
+                    self.metrics.connected.set(1 if self.link.connected.is_set() else 0)
+                    if time.monotonic() > next_stats:
+                        self.link.send_volatile(schemas.topic(self.id, "stats"), self.stats_payload())
+                        next_stats = time.monotonic() + self.cfg.metrics.stats_every_s
+                if period:
+                    time.sleep(max(0.0, period - (time.monotonic() - t0)))
+            if once and self.link:
+                deadline = time.monotonic() + drain_timeout
+                while self.outbox.depth() and time.monotonic() < deadline and not self._stop.is_set():
+                    time.sleep(0.05)
+        finally:
+            self.summary.undelivered = self.outbox.depth()
+            if self.link:
+                self.link.send_volatile(schemas.topic(self.id, "stats"), self.stats_payload())
+                time.sleep(0.1)
+                self.link.stop()
+            self.outbox.close()
+        return self.summary

@@ -1,0 +1,164 @@
+"""Device configuration: one TOML file, validated into dataclasses; every error names its key.
+
+Secrets never live in the file: `mqtt.password_env` names the environment variable that holds the
+password. Command-line flags override file values (see `bouncer run --help`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bouncer.runtime.errors import BouncerError
+
+
+@dataclass
+class DeviceSection:
+    id: str = ""
+    profile: str = "auto"  # a name from devices/data/*.toml, or "auto" to detect
+    data_dir: str = "bouncer-data"
+
+
+@dataclass
+class SourceSection:
+    uri: str = ""  # folder path, video file, camera index, rtsp://..., http://..., or sim:SEED
+    loop: bool = False  # folders: start again at the end
+    max_fps: float = 0.0  # 0: the device profile's rate for live sources, unlimited for files
+    skip_under_load: bool = True  # live sources only: drop frames rather than fall behind
+
+
+@dataclass
+class GateSection:
+    bundle: str = ""
+    model: str = ""  # empty: the cached int8 backbone
+
+
+@dataclass
+class MqttSection:
+    broker: str = ""  # mqtt://host:port or mqtts://host:port (TLS); empty: no link, the outbox keeps everything
+    protocol: str = "v5"  # v5 or v311
+    username: str = ""
+    password_env: str = "BOUNCER_MQTT_PASSWORD"
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    keepalive: int = 30
+    max_inflight: int = 100
+
+
+@dataclass
+class OutboxSection:
+    max_mb: float = 512.0
+    jpeg_quality: int = 85
+    jpeg_max_side: int = 640
+
+
+@dataclass
+class DriftSection:
+    warmup: int = 500  # frames that set each signal's baseline (rates: at least 1000)
+    k: float = 0.5  # CUSUM slack, in baseline standard deviations
+    h: float = 20.0  # CUSUM alarm threshold, in baseline standard deviations
+    rate_h: float = 14.0  # log-likelihood threshold for the review/reject rate tests
+
+
+@dataclass
+class MetricsSection:
+    port: int = 0  # Prometheus endpoint on this port; 0: off
+    stats_every_s: float = 10.0
+
+
+@dataclass
+class Config:
+    device: DeviceSection = field(default_factory=DeviceSection)
+    source: SourceSection = field(default_factory=SourceSection)
+    gate: GateSection = field(default_factory=GateSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    drift: DriftSection = field(default_factory=DriftSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def validate(self) -> Config:
+        from bouncer.runtime.schemas import SchemaError, check_device_id
+
+        try:
+            check_device_id(self.device.id)
+        except SchemaError as exc:
+            raise BouncerError(f"device.id: {exc}") from None
+        if not self.source.uri:
+            raise BouncerError("source.uri: required (a folder, video file, camera index, URL or sim:SEED)")
+        if not self.gate.bundle:
+            raise BouncerError("gate.bundle: required (a bundle made by `bouncer fit`)")
+        if self.mqtt.protocol not in ("v5", "v311"):
+            raise BouncerError(f"mqtt.protocol: 'v5' or 'v311', got {self.mqtt.protocol!r}")
+        if self.mqtt.broker and not self.mqtt.broker.startswith(("mqtt://", "mqtts://")):
+            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.mqtt.broker!r}")
+        checks = [
+            ("outbox.max_mb", self.outbox.max_mb > 0),
+            ("outbox.jpeg_quality", 1 <= self.outbox.jpeg_quality <= 100),
+            ("outbox.jpeg_max_side", self.outbox.jpeg_max_side >= 16),
+            ("source.max_fps", self.source.max_fps >= 0),
+            ("drift.warmup", self.drift.warmup >= 10),
+            ("drift.h", self.drift.h > 0),
+            ("mqtt.keepalive", self.mqtt.keepalive >= 5),
+            ("metrics.port", 0 <= self.metrics.port <= 65535),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise BouncerError(f"{key}: value out of range")
+        return self
+
+
+def _section(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise BouncerError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise BouncerError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in data.items():
+        want = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(want):
+            values[name] = _section(want, value, key)
+            continue
+        ok = (
+            isinstance(value, want)
+            if not isinstance(want, types.UnionType)
+            else isinstance(value, typing.get_args(want))
+        )
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if isinstance(value, bool) and want is not bool:
+            ok = False
+        if not ok:
+            raise BouncerError(f"{key}: expected {getattr(want, '__name__', want)}, got {type(value).__name__}")
+        values[name] = value
+    return cls(**values)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read CONFIG (optional), apply `section.key` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise BouncerError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BouncerError(f"{path}: unreadable config ({exc})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise BouncerError(f"{path}: not valid TOML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".")
+        data.setdefault(section, {})[key] = value
+    return _section(Config, data, "").validate()

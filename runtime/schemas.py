@@ -1,0 +1,198 @@
+"""The wire: MQTT topics and JSON payloads shared by devices and the station. Defined once, here.
+
+Version 1. Every payload is a JSON object with `"v": 1`; binary parts (JPEG, fp16 features) are base64.
+Parsers validate type by type and raise SchemaError naming the field: a malformed message is an error
+to report, never a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+VERSION = 1
+PREFIX = f"bouncer/v{VERSION}"
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SchemaError(ValueError):
+    """A payload that does not follow the documented schema."""
+
+
+def topic(device: str, kind: str) -> str:
+    """bouncer/v1/<device>/<kind>; kind is one of status, frames, events, stats, cmd."""
+    return f"{PREFIX}/{device}/{kind}"
+
+
+def check_device_id(device: str) -> str:
+    if not DEVICE_ID.match(device or ""):
+        raise SchemaError(f"device id {device!r}: 1-64 characters of A-Z a-z 0-9 _ . -, starting alphanumeric")
+    return device
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, **obj}, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise SchemaError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SchemaError(f"{what}: payload is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"{what}: not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise SchemaError(f"{what}: expected a JSON object")
+    if obj.get("v") != VERSION:
+        raise SchemaError(f"{what}: schema version {obj.get('v')!r}, this side speaks {VERSION}")
+    return obj
+
+
+def _get(obj: dict, key: str, kind: type | tuple[type, ...], what: str, optional: bool = False) -> Any:
+    if key not in obj or obj[key] is None:
+        if optional:
+            return None
+        raise SchemaError(f"{what}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
+        raise SchemaError(f"{what}: field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def features_to_wire(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Named feature vectors as fp16 base64 with their shapes (the station retrains from these)."""
+    out = {}
+    for name, a in arrays.items():
+        h = np.ascontiguousarray(a, np.float16)
+        out[name] = {"shape": list(h.shape), "fp16": base64.b64encode(h.tobytes()).decode()}
+    return out
+
+
+def features_from_wire(obj: dict[str, Any], what: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, f in obj.items():
+        try:
+            shape = tuple(int(s) for s in f["shape"])
+            data = np.frombuffer(base64.b64decode(f["fp16"], validate=True), np.float16)
+            out[name] = data.reshape(shape).astype(np.float32)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SchemaError(f"{what}: feature {name!r} malformed ({exc})") from None
+    return out
+
+
+@dataclass
+class FrameMessage:
+    """A flagged frame: what the guard decided, why, the JPEG, and the features to retrain from."""
+
+    id: str
+    device: str
+    ts: float
+    source: str | None
+    decision: str
+    label: str | None
+    confidence: float | None
+    ood_score: float | None
+    reasons: list[str]
+    details: list[dict[str, Any]]
+    quality: dict[str, float]
+    gate_version: str
+    backbone_hash: str
+    jpeg: bytes
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return encode(
+            {
+                "id": self.id,
+                "device": self.device,
+                "ts": self.ts,
+                "source": self.source,
+                "decision": self.decision,
+                "label": self.label,
+                "confidence": self.confidence,
+                "ood_score": self.ood_score,
+                "reasons": self.reasons,
+                "details": self.details,
+                "quality": self.quality,
+                "gate_version": self.gate_version,
+                "backbone_hash": self.backbone_hash,
+                "jpeg": base64.b64encode(self.jpeg).decode(),
+                "features": features_to_wire(self.features),
+            }
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> FrameMessage:
+        what = "frame message"
+        o = decode(payload, what)
+        decision = _get(o, "decision", str, what)
+        if decision not in ("accept", "review", "reject"):
+            raise SchemaError(f"{what}: decision {decision!r} is not accept, review or reject")
+        try:
+            jpeg = base64.b64decode(_get(o, "jpeg", str, what), validate=True)
+        except ValueError:
+            raise SchemaError(f"{what}: field 'jpeg' is not base64") from None
+        return cls(
+            id=_get(o, "id", str, what),
+            device=check_device_id(_get(o, "device", str, what)),
+            ts=float(_get(o, "ts", (int, float), what)),
+            source=_get(o, "source", str, what, optional=True),
+            decision=decision,
+            label=_get(o, "label", str, what, optional=True),
+            confidence=_get(o, "confidence", (int, float), what, optional=True),
+            ood_score=_get(o, "ood_score", (int, float), what, optional=True),
+            reasons=[str(r) for r in _get(o, "reasons", list, what)],
+            details=list(_get(o, "details", list, what)),
+            quality=dict(_get(o, "quality", dict, what)),
+            gate_version=_get(o, "gate_version", str, what),
+            backbone_hash=_get(o, "backbone_hash", str, what),
+            jpeg=jpeg,
+            features=features_from_wire(_get(o, "features", dict, what), what),
+        )
+
+
+def event(device: str, kind: str, **fields: Any) -> bytes:
+    """An event: drift, camera, gate_swap, eviction, command_rejected, ... with an id and time."""
+    return encode({"id": new_id(), "device": device, "ts": time.time(), "event": kind, **fields})
+
+
+def status(device: str, state: str, **fields: Any) -> bytes:
+    """Retained per-device status; the last will publishes state "offline"."""
+    return encode({"device": device, "ts": time.time(), "state": state, **fields})
+
+
+COMMANDS = {"ping", "stats", "pause", "resume"}
+
+
+@dataclass
+class Command:
+    id: str
+    command: str
+    args: dict[str, Any]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Command:
+        what = "command"
+        o = decode(payload, what)
+        name = _get(o, "command", str, what)
+        if name not in COMMANDS:
+            raise SchemaError(f"{what}: unknown command {name!r} (known: {', '.join(sorted(COMMANDS))})")
+        return cls(
+            id=_get(o, "id", str, what), command=name, args=dict(_get(o, "args", dict, what, optional=True) or {})
+        )

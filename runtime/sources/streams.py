@@ -1,0 +1,144 @@
+"""Frame sources behind one iterator of FrameItem: image folders, OpenCV VideoCapture (camera index,
+RTSP/HTTP URL, video file) and the production-line simulator.
+
+A live source that fails (camera unplugged, stream down) reconnects with exponential backoff and
+reports each loss and recovery as an item with `event` set, never an exception.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bouncer.runtime.errors import BouncerError, ImageError
+from bouncer.runtime.images import read_bgr, to_bgr, walk_images
+from bouncer.runtime.sources import simulator
+
+
+@dataclass
+class FrameItem:
+    key: str  # stable name of the frame within its source (a path, or a frame counter)
+    source: str  # URI or path, as the station should show it
+    frame: np.ndarray | None = None
+    error: str | None = None  # unreadable frame: the guard rejects it with reason "unreadable"
+    event: dict | None = None  # camera lost / recovered
+
+
+class Source:
+    uri: str
+    finite: bool = False  # a finite source is processed once, completely; progress survives restarts
+    live: bool = False  # live sources may drop frames under load; frozen-frame checks apply
+    stream: bool = True  # consecutive frames come from one scene (frozen-frame checks make sense)
+
+    def __iter__(self) -> Iterator[FrameItem]:
+        raise NotImplementedError
+
+
+class FolderSource(Source):
+    stream = False  # independent images: two identical files are not a frozen camera
+
+    def __init__(self, folder: Path, loop: bool) -> None:
+        self.folder, self.loop = folder, loop
+        self.uri = str(folder)
+        self.finite = not loop
+        if not walk_images(folder):
+            raise BouncerError(f"{folder}: no image files to read")
+
+    def __iter__(self) -> Iterator[FrameItem]:
+        while True:
+            for path in walk_images(self.folder):
+                key = str(path.relative_to(self.folder))
+                try:
+                    yield FrameItem(key, str(path), frame=read_bgr(path))
+                except ImageError as exc:
+                    yield FrameItem(key, str(path), error=str(exc))
+            if not self.loop:
+                return
+
+
+class VideoSource(Source):
+    """A video file (finite) or a camera / network stream (live, reconnecting)."""
+
+    def __init__(self, uri: str, max_backoff_s: float = 30.0) -> None:
+        self.uri = uri
+        self.target: int | str = int(uri) if uri.isdigit() else uri
+        self.finite = not (uri.isdigit() or "://" in uri)
+        self.live = not self.finite
+        self.max_backoff_s = max_backoff_s
+        if self.finite and not Path(uri).is_file():
+            raise BouncerError(f"{uri}: no such video file")
+
+    def _open(self) -> cv2.VideoCapture | None:
+        cap = cv2.VideoCapture(self.target)
+        if cap.isOpened():
+            return cap
+        cap.release()
+        return None
+
+    def __iter__(self) -> Iterator[FrameItem]:
+        n, backoff, lost = 0, 0.5, False
+        cap = self._open()
+        if cap is None and self.finite:
+            raise BouncerError(f"{self.uri}: cannot open the video (codec or file format not supported)")
+        while True:
+            if cap is None:
+                if not lost:
+                    lost = True
+                    yield FrameItem(f"event-{n}", self.uri, event={"event": "camera_lost", "uri": self.uri})
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                cap = self._open()
+                continue
+            if lost:
+                lost, backoff = False, 0.5
+                yield FrameItem(f"event-{n}", self.uri, event={"event": "camera_recovered", "uri": self.uri})
+            ok, frame = cap.read()
+            if not ok:
+                cap.release()
+                cap = None
+                if self.finite:
+                    return
+                continue
+            key = f"frame-{n:08d}"
+            n += 1
+            try:
+                yield FrameItem(key, self.uri, frame=to_bgr(frame, key))
+            except ImageError as exc:
+                yield FrameItem(key, self.uri, error=str(exc))
+
+
+class SimulatorSource(Source):
+    """The simulated line as an endless stream (sim:SEED)."""
+
+    live = True
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.uri = f"sim:{seed}"
+
+    def __iter__(self) -> Iterator[FrameItem]:
+        rng = np.random.default_rng(self.seed)
+        n = 0
+        while True:
+            part = simulator.KNOWN_CLASSES[int(rng.integers(len(simulator.KNOWN_CLASSES)))]
+            yield FrameItem(f"frame-{n:08d}", self.uri, frame=simulator.render(part, rng))
+            n += 1
+
+
+def open_source(uri: str, loop: bool = False) -> Source:
+    if uri.startswith("sim:"):
+        try:
+            return SimulatorSource(int(uri[4:] or 0))
+        except ValueError:
+            raise BouncerError(f"source {uri!r}: expected sim:SEED with an integer seed") from None
+    path = Path(uri)
+    if path.is_dir():
+        return FolderSource(path, loop)
+    if uri.isdigit() or "://" in uri or path.is_file():
+        return VideoSource(uri)
+    raise BouncerError(f"source {uri!r}: not a folder, video file, camera index, URL or sim:SEED")

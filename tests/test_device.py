@@ -1,0 +1,257 @@
+"""The device runtime against a real Mosquitto: delivery, crashes, broker restarts, disk budget, commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import Collector, Mosquitto, run_cli
+
+from bouncer.runtime import schemas
+from bouncer.runtime.sources import simulator
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    b = Mosquitto(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def frames_folder(root: Path, parts: tuple[str, ...], per_class: int, seed: int) -> Path:
+    simulator.write_dataset(root, parts, per_class=per_class, seed=seed)
+    return root
+
+
+def device_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bouncer", "run", *args]
+
+
+def test_once_delivers_every_flagged_frame_per_schema(broker, sim_gate, tmp_path, bouncer_home):
+    src = frames_folder(tmp_path / "frames", ("gear", "washer", "bolt", "giraffe"), 4, seed=3)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    collector = Collector(broker.port)
+    plain = subprocess.Popen(
+        ["mosquitto_sub", "-p", str(broker.port), "-t", "bouncer/v1/+/frames", "-C", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    res = run_cli(
+        "run",
+        "--source",
+        str(src),
+        "--gate",
+        str(sim_gate),
+        "--broker",
+        broker.url,
+        "--device-id",
+        "cam-1",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--once",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    flagged = summary["decisions"]["review"] + summary["decisions"]["reject"]
+    assert summary["frames"] == 17 and flagged >= 9 and summary["undelivered"] == 0
+    frames = collector.wait_for("/frames", flagged)
+    msgs = [schemas.FrameMessage.decode(p) for p in frames]
+    assert len({m.id for m in msgs}) == flagged
+    by_source = {Path(m.source).name: m for m in msgs}
+    assert by_source["broken.jpg"].reasons == ["unreadable"] and by_source["broken.jpg"].decision == "reject"
+    bolts = [m for m in msgs if "bolt" in m.source]
+    assert len(bolts) == 4 and all(m.decision == "review" and "ood" in m.reasons for m in bolts)
+    m = bolts[0]
+    img = cv2.imdecode(np.frombuffer(m.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[2] == 3
+    assert m.features["features"].shape == (1280,) and m.features["knn:pool_s32"].shape == (192,)
+    assert m.gate_version and len(m.backbone_hash) == 64 and m.device == "cam-1"
+    # a plain mosquitto_sub sees a well-formed JSON payload
+    out, _ = plain.communicate(timeout=10)
+    assert json.loads(out)["v"] == 1
+    status = [json.loads(p) for p in collector.on("/status")]
+    assert status[0]["state"] == "online" and status[-1]["state"] == "offline"
+    collector.close()
+    # a second run with the same data dir does not process finished frames again
+    res = run_cli(
+        "run",
+        "--source",
+        str(src),
+        "--gate",
+        str(sim_gate),
+        "--broker",
+        broker.url,
+        "--device-id",
+        "cam-1",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--once",
+    )
+    assert json.loads(res.stdout.strip().splitlines()[-1])["skipped_done"] == 17
+
+
+def test_nothing_lost_across_broker_restarts_and_sigkill(broker, sim_gate, tmp_path, bouncer_home):
+    """Broker stopped and started twice mid-stream, the device killed with SIGKILL and restarted:
+    every flagged frame arrives, duplicates only with the same id."""
+    src = frames_folder(tmp_path / "frames", ("bolt", "giraffe"), 60, seed=5)  # all flagged (unfamiliar)
+    expected = 120
+    cfg = tmp_path / "device.toml"
+    cfg.write_text(
+        f'[device]\nid = "cam-9"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[source]\nuri = "{src}"\nmax_fps = 12.0\n[gate]\nbundle = "{sim_gate}"\n'
+        f'[mqtt]\nbroker = "{broker.url}"\n'
+    )
+    collector = Collector(broker.port, "collector-crash-test")
+    env = {**os.environ, "BOUNCER_HOME": str(bouncer_home)}
+    dev = subprocess.Popen(device_cmd(str(cfg), "--once"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    for _ in range(2):
+        broker.stop()
+        time.sleep(0.7)
+        broker.start()
+        time.sleep(0.7)
+    dev.send_signal(signal.SIGKILL)
+    dev.wait(timeout=10)
+    assert dev.returncode == -signal.SIGKILL
+    res = subprocess.run(
+        device_cmd(str(cfg), "--once", "--drain-timeout", "60"), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["skipped_done"] > 0 and summary["undelivered"] == 0
+    frames = collector.wait_for("/frames", expected, timeout=60)
+    msgs = [schemas.FrameMessage.decode(p) for p in frames]
+    ids = {m.id for m in msgs}
+    assert len(ids) == expected, (len(ids), len(msgs))
+    by_id: dict[str, set[str]] = {}
+    for m in msgs:
+        by_id.setdefault(m.id, set()).add(m.source)
+    assert all(len(sources) == 1 for sources in by_id.values())  # a duplicate is the same frame
+    collector.close()
+
+
+def test_malformed_commands_are_rejected_with_events(broker, sim_gate, tmp_path, bouncer_home):
+    import paho.mqtt.client as mqtt
+
+    collector = Collector(broker.port, "collector-cmd")
+    env = {**os.environ, "BOUNCER_HOME": str(bouncer_home)}
+    dev = subprocess.Popen(
+        device_cmd(
+            "--source",
+            "sim:3",
+            "--gate",
+            str(sim_gate),
+            "--broker",
+            broker.url,
+            "--device-id",
+            "cam-5",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert collector.wait_for("/status", 1, timeout=60), "device never came online"
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        cmd_topic = schemas.topic("cam-5", "cmd")
+        bad = [
+            b"\xff\xfe\x00 not utf-8",
+            b"{not json",
+            b'{"v": 1, "command": "selfdestruct", "id": "x"}',
+            b'{"v": 2, "command": "ping", "id": "x"}',
+            b"[1, 2, 3]",
+            b" " * (9 * 1024 * 1024),
+        ]
+        for payload in bad:
+            pub.publish(cmd_topic, payload, qos=1).wait_for_publish(5)
+        pub.publish(cmd_topic, schemas.encode({"id": "c1", "command": "ping"}), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 30
+        events: list[dict] = []
+        while time.monotonic() < deadline:
+            events = [json.loads(p) for p in collector.on("/events")]
+            if sum(e["event"] == "command_rejected" for e in events) >= len(bad) and any(
+                e["event"] == "command_done" for e in events
+            ):
+                break
+            time.sleep(0.1)
+        rejected = [e for e in events if e["event"] == "command_rejected"]
+        assert len(rejected) == len(bad), events
+        assert any("not UTF-8" in e["reason"] for e in rejected)
+        assert any("unknown command" in e["reason"] for e in rejected)
+        assert any("exceeds" in e["reason"] for e in rejected)
+        assert any(e["event"] == "command_done" and e["command_id"] == "c1" for e in events)
+        assert dev.poll() is None  # still running
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        dev.wait(timeout=30)
+    assert dev.returncode == 0, dev.stderr.read()[-2000:]
+    time.sleep(0.5)
+    assert json.loads(collector.on("/status")[-1])["state"] == "offline"
+    collector.close()
+
+
+def test_disk_budget_evicts_in_the_stated_order(sim_gate, tmp_path, bouncer_home):
+    """No broker reachable and a tiny budget: the oldest rejects go first, then reviews; counted, reported."""
+    src = tmp_path / "frames"
+    frames_folder(src / "a", ("bolt",), 30, seed=7)  # reviews (ood)
+    cap = np.full((240, 320, 3), 3, np.uint8)
+    for i in range(10):
+        (src / "b").mkdir(exist_ok=True)
+        cv2.imwrite(str(src / "b" / f"cap{i}.png"), cap)
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(
+        f'[device]\nid = "cam-7"\ndata_dir = "{tmp_path / "data"}"\n[source]\nuri = "{src}"\n'
+        f'[gate]\nbundle = "{sim_gate}"\n[mqtt]\nbroker = "mqtt://127.0.0.1:1"\n[outbox]\nmax_mb = 0.2\n'
+    )
+    res = run_cli("run", str(cfg), "--once", "--drain-timeout", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    from bouncer.runtime.outbox import Outbox
+
+    box = Outbox(tmp_path / "data" / "outbox.sqlite", 10**9)
+    kinds = [p.kind for p in box.pending(limit=10_000)]
+    evicted = box.counter("evicted")
+    assert evicted > 0 and box.bytes <= 0.2 * 1024 * 1024
+    assert "event" in kinds  # eviction events are kept, never evicted
+    events = [json.loads(p.payload) for p in box.pending(limit=10_000) if p.kind == "event"]
+    assert any(e["event"] == "eviction" for e in events)
+    box.close()
+
+
+def test_outbox_eviction_order_unit(tmp_path):
+    from bouncer.runtime.outbox import Outbox
+
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=1000)
+    for i in range(3):
+        box.put(f"rev{i}", "t", b"x" * 200, "review")
+        box.put(f"rej{i}", "t", b"x" * 200, "reject")
+    box.put("ev", "t", b"x" * 10, "event")
+    left = [p.msg_id for p in box.pending()]
+    assert left == ["rev0", "rev1", "rev2", "rej2", "ev"]  # oldest rejects went first
+    evicted = box.put("rev3", "t", b"x" * 200, "review")
+    assert evicted == ["rej2"]
+    evicted = box.put("rev4", "t", b"x" * 200, "review")
+    assert evicted == ["rev0"]
+    assert box.counter("evicted") == 4
+    assert box.put("rev4", "t", b"x" * 200, "review") == []  # the same id twice is stored once
+    box.ack(box.pending()[0].rowid)
+    assert box.depth() == 4
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite", max_bytes=1000)  # reopened: the state is on disk
+    assert again.depth() == 4 and again.counter("evicted") == 4
+    again.close()

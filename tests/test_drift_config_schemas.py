@@ -1,0 +1,150 @@
+"""Drift monitor (false alarms and detection), config validation, and wire-schema parsers under fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bouncer.runtime import schemas
+from bouncer.runtime.config import load_config
+from bouncer.runtime.drift import DriftMonitor
+from bouncer.runtime.errors import BouncerError
+
+REFERENCE = {"brightness": 8.0, "sharpness": 0.3, "ood_score": 0.5}
+
+
+def steady(rng: np.random.Generator, brightness: float = 60.0) -> tuple[dict, float, str]:
+    """A steady scene: sensor noise only; review and reject at their usual rates."""
+    q = {"mean": brightness + rng.normal(0, 0.05), "sharpness": float(np.exp(5 + rng.normal(0, 0.02)))}
+    u = rng.random()
+    return q, float(rng.normal(0, 0.3)), "review" if u < 0.02 else ("reject" if u < 0.03 else "accept")
+
+
+def test_no_false_alarm_in_100k_steady_frames_and_a_light_bulb_is_caught():
+    rng = np.random.default_rng(0)
+    monitor = DriftMonitor(REFERENCE)
+    alarms = [ev for _ in range(100_000) for ev in monitor.update(*steady(rng))]
+    assert alarms == []
+    # someone changed the light bulb: +2 grey levels, persistent
+    caught = next((i, ev) for i in range(50) if (ev := monitor.update(*steady(rng, brightness=62.0))))
+    frames, events = caught
+    assert events[0]["signal"] == "brightness" and events[0]["direction"] == "up"
+    assert frames < 20, frames
+
+
+def test_review_rate_drift_is_caught():
+    rng = np.random.default_rng(1)
+    monitor = DriftMonitor(REFERENCE)
+    for _ in range(3000):
+        assert not monitor.update(*steady(rng))
+    caught = None
+    for i in range(3000):  # a new defect type: a fifth of the frames now go to review
+        q, ood, _ = steady(rng)
+        events = monitor.update(q, ood, "review" if rng.random() < 0.2 else "accept")
+        if any(e["signal"] == "review_rate" for e in events):
+            caught = i
+            break
+    assert caught is not None and caught < 500
+
+
+def test_config_errors_name_the_key(tmp_path):
+    base = '[device]\nid = "cam-1"\n[source]\nuri = "sim:1"\n[gate]\nbundle = "g.gate"\n'
+    cases = {
+        base + "[outbox]\nmax_mb = 'lots'\n": "outbox.max_mb: expected float",
+        base + "[outbox]\njpeg_quality = 101\n": "outbox.jpeg_quality",
+        base + "[mqtt]\nbroker = 'tcp://x'\n": "mqtt.broker",
+        base + "[mqtt]\nprotocol = 'v4'\n": "mqtt.protocol",
+        base + "[drift]\nwarmpu = 5\n": "drift.warmpu: unknown key",
+        base.replace('id = "cam-1"', 'id = "cam 1"'): "device.id",
+        base.replace('uri = "sim:1"\n', ""): "source.uri: required",
+        "[device\n": "not valid TOML",
+        base + "[source]\nuri = 'again'\n": "not valid TOML",
+    }
+    for text, message in cases.items():
+        p = tmp_path / "c.toml"
+        p.write_text(text)
+        with pytest.raises(BouncerError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            load_config(p)
+    with pytest.raises(BouncerError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    p = tmp_path / "ok.toml"
+    p.write_text(base)
+    cfg = load_config(p, {"mqtt.broker": "mqtt://h:1", "outbox.max_mb": 5})
+    assert cfg.mqtt.broker == "mqtt://h:1" and cfg.outbox.max_mb == 5.0 and cfg.source.uri == "sim:1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+def test_parsers_raise_only_schema_errors(payload):
+    for parse in (schemas.FrameMessage.decode, schemas.Command.decode):
+        with contextlib.suppress(schemas.SchemaError):
+            parse(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    obj=st.dictionaries(
+        st.sampled_from(
+            [
+                "v",
+                "id",
+                "command",
+                "args",
+                "device",
+                "ts",
+                "decision",
+                "jpeg",
+                "reasons",
+                "features",
+                "quality",
+                "details",
+            ]
+        ),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(),
+            st.floats(allow_nan=False),
+            st.text(max_size=20),
+            st.lists(st.integers(), max_size=3),
+            st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+        ),
+    )
+)
+def test_parsers_on_json_objects(obj):
+    import json
+
+    payload = json.dumps({**obj, "v": 1}).encode()
+    for parse in (schemas.FrameMessage.decode, schemas.Command.decode):
+        with contextlib.suppress(schemas.SchemaError):
+            parse(payload)
+
+
+def test_frame_message_round_trip():
+    feats = {"features": np.arange(8, dtype=np.float32)}
+    m = schemas.FrameMessage(
+        id="a" * 32,
+        device="cam-1",
+        ts=1.5,
+        source="x.png",
+        decision="review",
+        label="gear",
+        confidence=0.5,
+        ood_score=3.2,
+        reasons=["ood"],
+        details=[{"reason": "ood"}],
+        quality={"mean": 60.0},
+        gate_version="1",
+        backbone_hash="b" * 64,
+        jpeg=b"\xff\xd8jpeg",
+        features=feats,
+    )
+    back = schemas.FrameMessage.decode(m.encode())
+    assert back.id == m.id and back.jpeg == m.jpeg and back.reasons == ["ood"]
+    np.testing.assert_array_equal(back.features["features"], feats["features"])
+    with pytest.raises(schemas.SchemaError, match="decision"):
+        schemas.FrameMessage.decode(m.encode().replace(b'"review"', b'"maybe"'))
