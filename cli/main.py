@@ -186,6 +186,22 @@ def cmd_bench_hotpath(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_device(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_device import bench_device
+
+    res = bench_device(args.model or default_model())
+    print(
+        f"bare loop (resize + normalise + backbone): {res['bare_fps']:.1f} fps; guarded loop: "
+        f"{res['guarded_fps']:.1f} fps ({res['guarded_over_bare']:.1%} of bare) [640x480, int8, 2 threads]"
+    )
+    print(
+        f"outbox drain after an outage: {res['outbox_drain_msgs_per_s']:.0f} msgs/s of 50 KB "
+        f"({res['outbox_drain_mb_per_s']} MB/s) to a local Mosquitto; peak RSS {res['peak_rss_mb']} MB"
+    )
+    _print_json_last(res)
+    return 0
+
+
 def cmd_sim_dataset(args: argparse.Namespace) -> int:
     from bouncer.runtime.sources import simulator
 
@@ -466,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bh.add_argument("--rounds", type=_positive_int, default=5)
     bh.add_argument("--per-round", type=_positive_int, default=40)
+
+    bd = add("device", cmd_bench_device, "guarded vs bare fps, outbox drain rate, peak memory", bsub)
+    bd.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
 
     sim = sub.add_parser("sim", help="the production-line simulator")
     ssub = sim.add_subparsers(dest="sim_command", required=True, parser_class=Parser)

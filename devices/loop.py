@@ -25,7 +25,6 @@ from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.guard import ACCEPT, Decision, Guard, unreadable
 from bouncer.runtime.gates.heads import KnnHead
-from bouncer.runtime.gates.quality import grey_small
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.sources.streams import FrameItem, open_source
 
@@ -40,9 +39,24 @@ class RunSummary:
     skipped_done: int = 0
     events: int = 0
     undelivered: int = 0
+    peak_rss_mb: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM of the current address space (ru_maxrss would also
+    count the parent's pages this process was forked with before it exec'd)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def message_id(device: str, source: str, key: str, finite: bool) -> str:
@@ -172,6 +186,9 @@ class Device:
 
     def process(self, item: FrameItem, prev: np.ndarray | None, finite: bool) -> np.ndarray | None:
         m = self.metrics
+        if not hasattr(self, "_guard_timer"):  # label lookups cost microseconds: resolve them once
+            self._guard_timer = m.stage.labels("guard")
+            self._outbox_timer = m.stage.labels("outbox")
         if item.event:
             self.emit_event(item.event.pop("event"), **item.event)
             return prev
@@ -181,9 +198,8 @@ class Device:
         if item.frame is None:
             decision = unreadable(item.error or "unreadable frame")
         else:
-            decision, outputs = self.guard.score_frame(item.frame, prev)
-            grey = grey_small(item.frame) if self.source.stream else None
-        m.stage.labels("guard").observe(time.perf_counter() - t0)
+            decision, outputs, grey = self.guard.score_frame(item.frame, prev)
+        self._guard_timer.observe(time.perf_counter() - t0)
         self.summary.frames += 1
         self.summary.decisions[decision.decision] += 1
         m.frames.inc()
@@ -192,14 +208,16 @@ class Device:
         if decision.decision != ACCEPT:
             t1 = time.perf_counter()
             self.flag(item, decision, outputs, finite)
-            m.stage.labels("outbox").observe(time.perf_counter() - t1)
+            self._outbox_timer.observe(time.perf_counter() - t1)
         for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision):
             m.drift.labels(ev["signal"]).set(1)
             self.emit_event(ev.pop("event"), **ev)
         return grey
 
     def run(self, once: bool = False, drain_timeout: float = 60.0) -> RunSummary:
-        self.source = open_source(self.cfg.source.uri, loop=self.cfg.source.loop and not once)
+        self.source = open_source(
+            self.cfg.source.uri, loop=self.cfg.source.loop and not once, skip_under_load=self.cfg.source.skip_under_load
+        )
         self.source_uri = self.source.uri
         if once and not self.source.finite:
             raise BouncerError(f"--once needs a finite source (a folder or video file), not {self.source.uri}")
@@ -212,8 +230,13 @@ class Device:
         period = 1.0 / max_fps if max_fps else 0.0
         prev = None
         next_stats = time.monotonic() + self.cfg.metrics.stats_every_s
+
+        def stop(*_: object) -> None:
+            self._stop.set()
+            self.source.stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+            signal.signal(sig, stop)
         try:
             for item in self.source:
                 if self._stop.is_set():
@@ -227,7 +250,7 @@ class Device:
                 prev = self.process(item, prev if self.source.stream else None, finite)
                 if finite:
                     self.outbox.mark_done(self.source.uri, item.key)
-                self.metrics.outbox_depth.set(self.outbox.depth())
+                self.metrics.outbox_depth.set(self.outbox.depth())  # in memory: no query per frame
                 self.metrics.outbox_bytes.set(self.outbox.bytes)
                 if self.link:
                     self.metrics.connected.set(1 if self.link.connected.is_set() else 0)
@@ -242,6 +265,7 @@ class Device:
                     time.sleep(0.05)
         finally:
             self.summary.undelivered = self.outbox.depth()
+            self.summary.peak_rss_mb = peak_rss_mb()
             if self.link:
                 self.link.send_volatile(schemas.topic(self.id, "stats"), self.stats_payload())
                 time.sleep(0.1)

@@ -58,7 +58,9 @@ class Outbox:
             )
         except sqlite3.DatabaseError as exc:
             raise BouncerError(f"{self.path}: unusable outbox database ({exc})") from None
-        self._bytes = self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()[0]
+        self._bytes, self._depth = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox"
+        ).fetchone()
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -74,6 +76,7 @@ class Outbox:
                 )
                 if cur.rowcount:
                     self._bytes += len(payload)
+                    self._depth += 1
                 while self._bytes > self.max_bytes:
                     victim = self._victim()
                     if victim is None:
@@ -81,6 +84,7 @@ class Outbox:
                     rowid, vid, size = victim
                     self._db.execute("DELETE FROM outbox WHERE rowid = ?", (rowid,))
                     self._bytes -= size
+                    self._depth -= 1
                     evicted.append(vid)
                 if evicted:
                     self._bump("evicted", len(evicted))
@@ -122,12 +126,12 @@ class Outbox:
             if row:
                 self._db.execute("DELETE FROM outbox WHERE rowid = ?", (rowid,))
                 self._bytes -= row[0]
+                self._depth -= 1
 
     # ---- state -----------------------------------------------------------------------------------
 
     def depth(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return self._depth
 
     @property
     def bytes(self) -> int:

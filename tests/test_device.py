@@ -255,3 +255,97 @@ def test_outbox_eviction_order_unit(tmp_path):
     again = Outbox(tmp_path / "o.sqlite", max_bytes=1000)  # reopened: the state is on disk
     assert again.depth() == 4 and again.counter("evicted") == 4
     again.close()
+
+
+def test_video_file_and_lost_camera(sim_gate, tmp_path, bouncer_home):
+    """A video file is processed frame by frame (--once); a camera URL that refuses is reported as an
+    event and retried, never a crash."""
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        writer.write(simulator.render(("gear", "bolt")[i % 2], rng))
+    writer.release()
+    res = run_cli(
+        "run",
+        "--source",
+        str(video),
+        "--gate",
+        str(sim_gate),
+        "--device-id",
+        "cam-v",
+        "--data-dir",
+        str(tmp_path / "d1"),
+        "--once",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 12 and summary["decisions"]["review"] >= 6
+    env = {**os.environ, "BOUNCER_HOME": str(bouncer_home)}
+    dev = subprocess.Popen(
+        device_cmd(
+            "--source",
+            "http://127.0.0.1:1/cam.mjpg",
+            "--gate",
+            str(sim_gate),
+            "--device-id",
+            "cam-l",
+            "--data-dir",
+            str(tmp_path / "d2"),
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(6)
+    assert dev.poll() is None, dev.stderr.read()[-2000:]
+    dev.send_signal(signal.SIGTERM)
+    dev.wait(timeout=30)
+    from bouncer.runtime.outbox import Outbox
+
+    box = Outbox(tmp_path / "d2" / "outbox.sqlite")
+    events = [json.loads(p.payload)["event"] for p in box.pending() if p.kind == "event"]
+    box.close()
+    assert "camera_lost" in events
+
+
+def test_metrics_endpoint(sim_gate, tmp_path, bouncer_home):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BOUNCER_HOME": str(bouncer_home)}
+    dev = subprocess.Popen(
+        device_cmd(
+            "--source",
+            "sim:1",
+            "--gate",
+            str(sim_gate),
+            "--device-id",
+            "cam-m",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--metrics-port",
+            str(port),
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        text = ""
+        for _ in range(100):
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+                if "bouncer_frames_total" in text and "bouncer_frames_total 0.0" not in text:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert "bouncer_frames_total" in text and "bouncer_stage_seconds_bucket" in text
+        assert 'bouncer_decisions_total{decision="accept"' in text and "bouncer_gate_info" in text
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        dev.wait(timeout=30)

@@ -95,18 +95,18 @@ class Guard:
 
     def score_frame(
         self, frame: np.ndarray, prev: np.ndarray | None = None
-    ) -> tuple[Decision, dict[str, np.ndarray] | None]:
-        """One frame of a stream -> its decision and the backbone outputs (None if the quality gate
-        rejected it before the backbone)."""
+    ) -> tuple[Decision, dict[str, np.ndarray] | None, np.ndarray]:
+        """One frame of a stream -> its decision, the backbone outputs (None if the quality gate rejected
+        it before the backbone), and its grey downscale (the `prev` of the next frame)."""
         pp = self.bundle.preprocessing
         base = halve_while(frame, max(pp.width, GREY_W), max(pp.height, GREY_H))
-        stats = quality_stats(base, prev)[0]
+        stats, grey = quality_stats(base, prev)
         issues = self.bundle.quality.check(stats)
         if issues:
-            return self.decide(issues, None, None, stats), None
+            return self.decide(issues, None, None, stats), None, grey
         outputs = self.backend.run(preprocess(base, pp, out=self._input))
         probs, fused = self.heads(outputs)
-        return self.decide([], probs[0], float(fused[0]), stats), outputs
+        return self.decide([], probs[0], float(fused[0]), stats), outputs, grey
 
     # ---- frames -------------------------------------------------------------------------------
 

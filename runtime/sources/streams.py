@@ -7,7 +7,7 @@ reports each loss and recovery as an item with `event` set, never an exception.
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +30,16 @@ class FrameItem:
 
 
 class Source:
+    """Iterating yields frames; setting `stop` ends a live source promptly (even while it waits to reconnect)."""
+
     uri: str
+    stop: threading.Event
     finite: bool = False  # a finite source is processed once, completely; progress survives restarts
     live: bool = False  # live sources may drop frames under load; frozen-frame checks apply
     stream: bool = True  # consecutive frames come from one scene (frozen-frame checks make sense)
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
 
     def __iter__(self) -> Iterator[FrameItem]:
         raise NotImplementedError
@@ -43,6 +49,7 @@ class FolderSource(Source):
     stream = False  # independent images: two identical files are not a frozen camera
 
     def __init__(self, folder: Path, loop: bool) -> None:
+        super().__init__()
         self.folder, self.loop = folder, loop
         self.uri = str(folder)
         self.finite = not loop
@@ -62,10 +69,18 @@ class FolderSource(Source):
 
 
 class VideoSource(Source):
-    """A video file (finite) or a camera / network stream (live, reconnecting)."""
+    """A video file (finite) or a camera / network stream (live, reconnecting).
 
-    def __init__(self, uri: str, max_backoff_s: float = 30.0) -> None:
+    With `skip_under_load`, a live source is read by a background thread that keeps only the newest
+    frame: when the guard is slower than the camera, stale frames are dropped (and counted in
+    `dropped`) instead of piling up in the driver's buffer. Files are never skipped.
+    """
+
+    def __init__(self, uri: str, max_backoff_s: float = 30.0, skip_under_load: bool = True) -> None:
+        super().__init__()
         self.uri = uri
+        self.skip_under_load = skip_under_load
+        self.dropped = 0
         self.target: int | str = int(uri) if uri.isdigit() else uri
         self.finite = not (uri.isdigit() or "://" in uri)
         self.live = not self.finite
@@ -85,19 +100,20 @@ class VideoSource(Source):
         cap = self._open()
         if cap is None and self.finite:
             raise BouncerError(f"{self.uri}: cannot open the video (codec or file format not supported)")
-        while True:
+        while not self.stop.is_set():
             if cap is None:
                 if not lost:
                     lost = True
                     yield FrameItem(f"event-{n}", self.uri, event={"event": "camera_lost", "uri": self.uri})
-                time.sleep(backoff)
+                if self.stop.wait(backoff):
+                    return
                 backoff = min(backoff * 2, self.max_backoff_s)
                 cap = self._open()
                 continue
             if lost:
                 lost, backoff = False, 0.5
                 yield FrameItem(f"event-{n}", self.uri, event={"event": "camera_recovered", "uri": self.uri})
-            ok, frame = cap.read()
+            ok, frame = self._read(cap)
             if not ok:
                 cap.release()
                 cap = None
@@ -111,6 +127,48 @@ class VideoSource(Source):
             except ImageError as exc:
                 yield FrameItem(key, self.uri, error=str(exc))
 
+    def _read(self, cap: cv2.VideoCapture) -> tuple[bool, np.ndarray | None]:
+        if self.finite or not self.skip_under_load:
+            return cap.read()
+        reader = getattr(cap, "_bouncer_reader", None)
+        if reader is None:
+            reader = _LatestFrame(cap)
+            cap._bouncer_reader = reader  # type: ignore[attr-defined]
+        ok, frame, skipped = reader.take(self.stop)
+        self.dropped += skipped
+        return ok, frame
+
+
+class _LatestFrame:
+    """Reads a live capture continuously and keeps only the newest frame."""
+
+    def __init__(self, cap: cv2.VideoCapture) -> None:
+        self.cap = cap
+        self.cond = threading.Condition()
+        self.frame: np.ndarray | None = None
+        self.ok = True
+        self.fresh = 0
+        threading.Thread(target=self._run, daemon=True, name="bouncer-capture").start()
+
+    def _run(self) -> None:
+        while True:
+            ok, frame = self.cap.read()
+            with self.cond:
+                self.ok, self.frame = ok, frame
+                self.fresh += 1
+                self.cond.notify()
+            if not ok:
+                return
+
+    def take(self, stop: threading.Event) -> tuple[bool, np.ndarray | None, int]:
+        with self.cond:
+            while self.fresh == 0:
+                if stop.is_set():
+                    return False, None, 0
+                self.cond.wait(0.2)
+            skipped, self.fresh = self.fresh - 1, 0
+            return self.ok, self.frame, skipped
+
 
 class SimulatorSource(Source):
     """The simulated line as an endless stream (sim:SEED)."""
@@ -118,6 +176,7 @@ class SimulatorSource(Source):
     live = True
 
     def __init__(self, seed: int) -> None:
+        super().__init__()
         self.seed = seed
         self.uri = f"sim:{seed}"
 
@@ -130,7 +189,7 @@ class SimulatorSource(Source):
             n += 1
 
 
-def open_source(uri: str, loop: bool = False) -> Source:
+def open_source(uri: str, loop: bool = False, skip_under_load: bool = True) -> Source:
     if uri.startswith("sim:"):
         try:
             return SimulatorSource(int(uri[4:] or 0))
@@ -140,5 +199,5 @@ def open_source(uri: str, loop: bool = False) -> Source:
     if path.is_dir():
         return FolderSource(path, loop)
     if uri.isdigit() or "://" in uri or path.is_file():
-        return VideoSource(uri)
+        return VideoSource(uri, skip_under_load=skip_under_load)
     raise BouncerError(f"source {uri!r}: not a folder, video file, camera index, URL or sim:SEED")
