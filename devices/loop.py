@@ -84,10 +84,10 @@ class Device:
         bundle = GateBundle.load(Path(cfg.gate.bundle))
         if cfg.gate.model:
             model = Path(cfg.gate.model)
-        else:
+        else:  # the profile's runtime picks the cached backbone (LiteRT on a Raspberry Pi)
             from bouncer.cli.main import default_model
 
-            model = default_model()
+            model = default_model("litert" if profile.runtime == "litert" else "onnxruntime")
         backend = backends.load(model, profile.threads, list(profile.providers) or None)
         self.guard = Guard(bundle, backend)
         data = Path(cfg.device.data_dir)

@@ -349,3 +349,122 @@ def test_metrics_endpoint(sim_gate, tmp_path, bouncer_home):
     finally:
         dev.send_signal(signal.SIGTERM)
         dev.wait(timeout=30)
+
+
+def _certs(d: Path) -> None:
+    """A test CA, a server certificate for 127.0.0.1 and two client certificates (device, station)."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bouncer-test-ca",
+    )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, cn, ext in (
+        ("server", "127.0.0.1", ["-extfile", "san.ext"]),
+        ("cam", "cam-t", []),
+        ("station", "station", []),
+    ):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={cn}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *ext,
+        )
+
+
+def test_tls_with_client_certificates(sim_gate, tmp_path, bouncer_home):
+    import socket
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _certs(certs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\ncafile {certs}/ca.crt\ncertfile {certs}/server.crt\nkeyfile {certs}/server.key\n"
+        "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        got: list[bytes] = []
+        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        sub.tls_set(
+            ca_certs=str(certs / "ca.crt"),
+            certfile=str(certs / "station.crt"),
+            keyfile=str(certs / "station.key"),
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+        sub.on_connect = lambda c, u, f, rc, p: c.subscribe("bouncer/v1/+/frames", qos=1)
+        sub.on_message = lambda c, u, m: got.append(m.payload)
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        src = frames_folder(tmp_path / "frames", ("bolt",), 3, seed=2)
+        cfg = tmp_path / "d.toml"
+        cfg.write_text(
+            f'[device]\nid = "cam-t"\ndata_dir = "{tmp_path / "data"}"\n[source]\nuri = "{src}"\n'
+            f'[gate]\nbundle = "{sim_gate}"\n[mqtt]\nbroker = "mqtts://127.0.0.1:{port}"\n'
+            f'ca = "{certs}/ca.crt"\ncert = "{certs}/cam.crt"\nkey = "{certs}/cam.key"\n'
+        )
+        time.sleep(0.5)
+        res = run_cli("run", str(cfg), "--once", "--drain-timeout", "30")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout.strip().splitlines()[-1])["undelivered"] == 0
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(got) == 3
+        # a device without a client certificate is refused, and its frames stay in its outbox
+        cfg.write_text(
+            cfg.read_text()
+            .replace(f'cert = "{certs}/cam.crt"\nkey = "{certs}/cam.key"\n', "")
+            .replace(str(tmp_path / "data"), str(tmp_path / "data2"))
+        )
+        res = run_cli("run", str(cfg), "--once", "--drain-timeout", "3")
+        assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["undelivered"] == 3
+        sub.loop_stop()
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
