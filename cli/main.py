@@ -171,9 +171,9 @@ def cmd_bench_hotpath(args: argparse.Namespace) -> int:
     for name, k in res["kernels"].items():
         print(f"{name:<58} {k['numpy_us']:>10.2f} {k['cpp_us']:>10.2f} {k['speedup']:>8.1f}x")
     print(
-        f"guarded frame {res['guarded_frame_us']:.0f} us = backbone {res['backbone_us']:.0f} us + guard "
-        f"{res['guarded_frame_us'] - res['backbone_us']:.0f} us: overhead {res['guard_overhead']:.1%} "
-        f"(numpy kernels: {res['guard_overhead_numpy']:.1%}) [{res['frame']}]"
+        f"guarded frame {res['guarded_frame_us']:.0f} us: backbone call {res['backbone_us']:.0f} us (alone: "
+        f"{res['backbone_alone_us']:.0f} us) + guard {res['guard_us']:.0f} us = overhead {res['guard_overhead']:.1%} "
+        f"(numpy kernels: {res['guard_numpy_us']:.0f} us, {res['guard_overhead_numpy']:.1%}) [{res['frame']}]"
     )
     _print_json_last(
         {
