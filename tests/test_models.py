@@ -134,3 +134,22 @@ def test_infer_scores_a_folder_and_survives_bad_files(built_models, sim_folder, 
     assert set(rows) == {"good.png", "broken.jpg", "empty.png"}
     assert rows["good.png"]["feature_norm"] > 0 and 0 < rows["good.png"]["top1_prob"] <= 1
     assert "not a decodable image" in rows["broken.jpg"]["error"] and "empty file" in rows["empty.png"]["error"]
+
+
+def test_bench_hotpath_prints_the_documented_json(built_models, bouncer_home):
+    res = run_cli("bench", "hotpath", "--rounds", "1", "--per-round", "5", env={"BOUNCER_HOME": str(bouncer_home)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(out["kernels"]) >= 7
+    for k in out["kernels"].values():
+        assert k["numpy_us"] > 0 and k["cpp_us"] > 0 and abs(k["speedup"] - k["numpy_us"] / k["cpp_us"]) < 0.02
+    assert 0 < out["guard_overhead"] < out["guard_overhead_numpy"]
+
+
+def test_bench_device_prints_the_documented_json(built_models, bouncer_home):
+    res = run_cli("bench", "device", env={"BOUNCER_HOME": str(bouncer_home)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("bare_fps", "guarded_fps", "guarded_over_bare", "outbox_drain_msgs_per_s", "peak_rss_mb"):
+        assert out[key] > 0, key
+    assert out["drain_left"] == 0 and out["peak_rss_mb"] < 1000
