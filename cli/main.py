@@ -296,7 +296,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"acceptance: none (no threshold reaches accuracy {a.target_accuracy} at delta {a.delta})")
     else:
         print(
-            f"acceptance: confidence >= {a.threshold:.6f}; accuracy >= {a.target_accuracy} with probability >= "
+            f"acceptance: {'any confidence' if a.threshold == 0 else f'confidence >= {a.threshold:.6f}'}; "
+            f"accuracy >= {a.target_accuracy} with probability >= "
             f"{1 - a.delta:.2f}: error bound {a.error_bound:.4f} from {a.n_errors} errors in {a.n_accepted} accepted "
             f"of {a.n_calibration} calibration frames (coverage {m['calibration_coverage']:.1%})"
         )
