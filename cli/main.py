@@ -29,20 +29,17 @@ def _print_json_last(obj: object) -> None:
 
 
 def default_model(runtime: str = "onnxruntime", precision: str = "int8") -> Path:
-    """The cached default backbone, built on first use."""
-    names = {
-        ("onnxruntime", "int8"): home.INT8_ONNX,
-        ("onnxruntime", "fp32"): home.FP32_ONNX,
-        ("litert", "int8"): home.INT8_TFLITE,
-        ("litert", "fp32"): home.FP32_TFLITE,
-    }
-    path = home.models_dir() / names[(runtime, precision)]
-    if not path.exists():
+    """The cached default backbone, built on first use (where the [build] extra is installed)."""
+    from bouncer.runtime.errors import ModelError
+
+    try:
+        return home.cached_model(runtime, precision)
+    except ModelError:
         from bouncer.quantize.pipeline import build_default_models
 
         print(f"bouncer: building the default models into {home.models_dir()} (once)", file=sys.stderr)
         build_default_models(tflite=runtime == "litert")
-    return path
+        return home.cached_model(runtime, precision)
 
 
 # ---- commands ---------------------------------------------------------------------------------

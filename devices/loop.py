@@ -18,7 +18,7 @@ import numpy as np
 
 from bouncer.devices import profiles
 from bouncer.devices.metrics import DeviceMetrics
-from bouncer.runtime import backends, schemas
+from bouncer.runtime import backends, home, schemas
 from bouncer.runtime.config import Config
 from bouncer.runtime.drift import DriftMonitor
 from bouncer.runtime.errors import BouncerError
@@ -85,9 +85,7 @@ class Device:
         if cfg.gate.model:
             model = Path(cfg.gate.model)
         else:  # the profile's runtime picks the cached backbone (LiteRT on a Raspberry Pi)
-            from bouncer.cli.main import default_model
-
-            model = default_model("litert" if profile.runtime == "litert" else "onnxruntime")
+            model = home.cached_model("litert" if profile.runtime == "litert" else "onnxruntime")
         backend = backends.load(model, profile.threads, list(profile.providers) or None)
         self.guard = Guard(bundle, backend)
         data = Path(cfg.device.data_dir)

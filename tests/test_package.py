@@ -68,3 +68,19 @@ def test_device_profiles_are_data():
     assert {"generic", "x86-ipc", "rpi4", "rpi5", "jetson-orin-nano"} <= set(known)
     assert all(p.threads >= 1 and p.max_fps > 0 for p in known.values())
     assert profiles.detect().name in known
+
+
+def test_layers_meet_only_where_the_design_says():
+    """runtime/ is the core; devices/ and station/ build on it; only the CLI knows every layer."""
+    from helpers import REPO
+
+    rules = {
+        "runtime": ("bouncer.cli", "bouncer.quantize", "bouncer.devices", "bouncer.station"),
+        "devices": ("bouncer.cli", "bouncer.quantize", "bouncer.station"),
+        "station": ("bouncer.cli", "bouncer.quantize", "bouncer.devices"),
+    }
+    for layer, forbidden in rules.items():
+        for path in (REPO / layer).rglob("*.py"):
+            text = path.read_text()
+            for name in forbidden:
+                assert f"from {name}" not in text and f"import {name}" not in text, (path, name)
