@@ -196,90 +196,54 @@ float quantize_row(const float *x, py::ssize_t d, int8_t *q) {
     return scale;
 }
 
-// y[r] = sum_d x[d] * m[d, r] for a row-major D x R matrix (x^T M), 64 outputs at a time held in
-// registers so each matrix element is loaded once and y is not re-stored per input element.
-BOUNCER_CLONES void vecmat_portable(const float *x, const float *m, py::ssize_t d, py::ssize_t r, float *y) {
-    constexpr py::ssize_t B = 64;
-    for (py::ssize_t j0 = 0; j0 < r; j0 += B) {
-        const py::ssize_t nb = std::min(B, r - j0);
-        float acc[B] = {0.f};
-        for (py::ssize_t i = 0; i < d; ++i) {
-            const float xi = x[i];
-            const float *row = m + i * r + j0;
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t h) { return half_to_float(h); }
+
+// y[r] = sum_d x[d] * m[d, r] for a row-major D x R matrix (x^T M) of float32 or float16 (half the bytes
+// to stream, which is what bounds this product).
+template <typename T>
+void vecmat_portable(const float *x, const T *m, py::ssize_t d, py::ssize_t r, float *y) {
+    std::fill(y, y + r, 0.f);
+    for (py::ssize_t i = 0; i < d; ++i) {
+        const float xi = x[i];
+        const T *row = m + i * r;
 #pragma omp simd
-            for (py::ssize_t j = 0; j < nb; ++j) acc[j] += xi * row[j];
-        }
-        std::copy(acc, acc + nb, y + j0);
+        for (py::ssize_t j = 0; j < r; ++j) y[j] += xi * to_float(row[j]);
     }
 }
 
 #ifdef BOUNCER_X86
-__attribute__((target("avx2,fma"))) void vecmat_avx2(const float *x, const float *m, py::ssize_t d, py::ssize_t r,
-                                                     float *y) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+
+// 64 outputs at a time held in eight registers, so each matrix element is loaded once.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void vecmat_avx2(const float *x, const T *m, py::ssize_t d, py::ssize_t r,
+                                                          float *y) {
     py::ssize_t j0 = 0;
     for (; j0 + 64 <= r; j0 += 64) {
         __m256 a[8];
         for (auto &v : a) v = _mm256_setzero_ps();
         for (py::ssize_t i = 0; i < d; ++i) {
             const __m256 xi = _mm256_set1_ps(x[i]);
-            const float *row = m + i * r + j0;
-            for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(xi, _mm256_loadu_ps(row + 8 * k), a[k]);
+            const T *row = m + i * r + j0;
+            for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(xi, load8(row + 8 * k), a[k]);
         }
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + j0 + 8 * k, a[k]);
     }
     if (j0 < r) {  // the remaining columns
         std::vector<float> tail(r - j0);
         for (py::ssize_t i = 0; i < d; ++i)
-            for (py::ssize_t j = j0; j < r; ++j) tail[j - j0] += x[i] * m[i * r + j];
+            for (py::ssize_t j = j0; j < r; ++j) tail[j - j0] += x[i] * to_float(m[i * r + j]);
         std::copy(tail.begin(), tail.end(), y + j0);
     }
 }
 #endif
 
-// The same with a float16 matrix: half the bytes to stream, which is what bounds this product.
-void vecmat_f16_portable(const float *x, const uint16_t *m, py::ssize_t d, py::ssize_t r, float *y) {
-    std::fill(y, y + r, 0.f);
-    for (py::ssize_t i = 0; i < d; ++i) {
-        const float xi = x[i];
-        const uint16_t *row = m + i * r;
-#pragma omp simd
-        for (py::ssize_t j = 0; j < r; ++j) y[j] += xi * half_to_float(row[j]);
-    }
-}
-
-#ifdef BOUNCER_X86
-__attribute__((target("avx2,fma,f16c"))) void vecmat_f16_avx2(const float *x, const uint16_t *m, py::ssize_t d,
-                                                              py::ssize_t r, float *y) {
-    py::ssize_t j0 = 0;
-    for (; j0 + 64 <= r; j0 += 64) {
-        __m256 a[8];
-        for (auto &v : a) v = _mm256_setzero_ps();
-        for (py::ssize_t i = 0; i < d; ++i) {
-            const __m256 xi = _mm256_set1_ps(x[i]);
-            const uint16_t *row = m + i * r + j0;
-            for (int k = 0; k < 8; ++k)
-                a[k] = _mm256_fmadd_ps(
-                    xi, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + 8 * k))), a[k]);
-        }
-        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + j0 + 8 * k, a[k]);
-    }
-    if (j0 < r) {
-        std::vector<float> tail(r - j0);
-        for (py::ssize_t i = 0; i < d; ++i)
-            for (py::ssize_t j = j0; j < r; ++j) tail[j - j0] += x[i] * half_to_float(m[i * r + j]);
-        std::copy(tail.begin(), tail.end(), y + j0);
-    }
-}
-#endif
-
-inline void vecmat_f16(const float *x, const uint16_t *m, py::ssize_t d, py::ssize_t r, float *y) {
-#ifdef BOUNCER_X86
-    if (kHasAvx2) return vecmat_f16_avx2(x, m, d, r, y);
-#endif
-    vecmat_f16_portable(x, m, d, r, y);
-}
-
-inline void vecmat(const float *x, const float *m, py::ssize_t d, py::ssize_t r, float *y) {
+template <typename T>
+inline void vecmat(const float *x, const T *m, py::ssize_t d, py::ssize_t r, float *y) {
 #ifdef BOUNCER_X86
     if (kHasAvx2) return vecmat_avx2(x, m, d, r, y);
 #endif
@@ -524,7 +488,7 @@ py::array_t<float> mahalanobis(const py::array &x, const py::array &means, const
                 continue;
             }
             if (basis_f16)
-                vecmat_f16(xn.data(), static_cast<const uint16_t *>(bs), d, r, proj.data());
+                vecmat(xn.data(), static_cast<const uint16_t *>(bs), d, r, proj.data());
             else
                 vecmat(xn.data(), static_cast<const float *>(bs), d, r, proj.data());
             const double xsq = dot_f32(xn.data(), xn.data(), d);
