@@ -17,8 +17,8 @@ from bouncer.runtime.sources import simulator
 
 
 def sibling(model: Path, tag: str, suffix: str) -> Path:
-    """model.fp32.onnx -> model.<tag><suffix>; other.onnx -> other.<tag><suffix>."""
-    stem = model.stem.removesuffix(".fp32")
+    """model.fp32.onnx or model.int8.onnx -> model.<tag><suffix>; other.onnx -> other.<tag><suffix>."""
+    stem = model.stem.removesuffix(".fp32").removesuffix(".int8")
     return model.with_name(f"{stem}.{tag}{suffix}")
 
 
@@ -43,10 +43,8 @@ def quantize_model(
     if tflite:
         from bouncer.quantize.tflite import convert_tflite
 
-        fp32_tfl = int8_out.with_name(int8_out.name.replace(".int8.onnx", ".fp32.tflite"))
-        int8_tfl = int8_out.with_name(int8_out.name.replace(".int8.onnx", ".int8.tflite"))
+        fp32_tfl, int8_tfl, int8io_tfl = (sibling(int8_out, tag, ".tflite") for tag in ("fp32", "int8", "int8io"))
         sample = held_out[0]
-        int8io_tfl = int8_out.with_name(int8_out.name.replace(".int8.onnx", ".int8io.tflite"))
         convert_tflite(model, fp32.card, calib, fp32.run(sample), sample, fp32_tfl, int8_tfl, int8io_tfl)
         pairs["litert"] = (fp32_tfl, int8_tfl)
     report = quantization_report(pairs, held_out, threads)
