@@ -91,6 +91,9 @@ class Device:
         data = Path(cfg.device.data_dir)
         self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
         self.metrics = DeviceMetrics()
+        # label lookups cost microseconds per frame: resolve the per-stage timers once
+        self._guard_timer = self.metrics.stage.labels("guard")
+        self._outbox_timer = self.metrics.stage.labels("outbox")
         self.metrics.gate.labels(bundle.version, bundle.backbone_hash[:12]).set(1)
         ref = bundle.fit_metrics.get("drift_reference", {})
         d = cfg.drift
@@ -184,9 +187,6 @@ class Device:
 
     def process(self, item: FrameItem, prev: np.ndarray | None, finite: bool) -> np.ndarray | None:
         m = self.metrics
-        if not hasattr(self, "_guard_timer"):  # label lookups cost microseconds: resolve them once
-            self._guard_timer = m.stage.labels("guard")
-            self._outbox_timer = m.stage.labels("outbox")
         if item.event:
             self.emit_event(item.event.pop("event"), **item.event)
             return prev
