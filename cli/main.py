@@ -554,13 +554,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("bouncer-eval"), help="folder for report.json and plots")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--threads", type=_positive_int, default=2)
+
+    from bouncer.cli.station import add_station
+
+    add_station(sub, add, _existing_dir)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        args = build_parser().parse_args(argv)
+        from bouncer.cli.station import normalise_argv
+
+        args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else list(argv)))
         return int(args.func(args))
     except BouncerError as exc:
         print(f"bouncer: error: {exc}", file=sys.stderr)

@@ -29,7 +29,12 @@ log = logging.getLogger("bouncer.link")
 
 class MqttLink:
     def __init__(
-        self, cfg: MqttSection, device: str, outbox: Outbox, on_command: Callable[[bytes], None] | None = None
+        self,
+        cfg: MqttSection,
+        device: str,
+        outbox: Outbox,
+        on_command: Callable[[bytes], None] | None = None,
+        subscriptions: dict[str, Callable[[bytes], None]] | None = None,
     ) -> None:
         url = urlparse(cfg.broker)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
@@ -37,6 +42,9 @@ class MqttLink:
         self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
         self.device, self.outbox, self.cfg = device, outbox, cfg
         self.on_command = on_command
+        self.handlers: dict[str, Callable[[bytes], None]] = dict(subscriptions or {})
+        if on_command:
+            self.handlers[schemas.topic(device, "cmd")] = on_command
         self.status_topic = schemas.topic(device, "status")
         self.connected = threading.Event()
         self._stop = threading.Event()
@@ -80,7 +88,7 @@ class MqttLink:
         with self._lock:
             self._inflight.clear()
             self._cursor = 0  # resend everything not yet acknowledged
-        client.subscribe(schemas.topic(self.device, "cmd"), qos=1)
+        client.subscribe([(t, 1) for t in self.handlers] or [(schemas.topic(self.device, "cmd"), 1)])
         self.send_volatile(self.status_topic, schemas.status(self.device, "online"), retain=True)
         self.connected.set()
 
@@ -95,8 +103,9 @@ class MqttLink:
             self.acked += 1
 
     def _on_message(self, client, userdata, msg) -> None:
-        if self.on_command:
-            self.on_command(msg.payload)
+        handler = self.handlers.get(msg.topic)
+        if handler:
+            handler(msg.payload)
 
     # ---- the publishing thread --------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ ID_NAMESPACE = uuid.UUID("6f1c2f4e-3b1a-4c55-9d0e-6a8f1f0b7c21")
 class RunSummary:
     frames: int = 0
     decisions: dict[str, int] = field(default_factory=lambda: {"accept": 0, "review": 0, "reject": 0})
+    accepted: dict[str, int] = field(default_factory=dict)  # accepted frames by class
     skipped_done: int = 0
     events: int = 0
     undelivered: int = 0
@@ -81,14 +82,22 @@ class Device:
         self.id = cfg.device.id
         profile = profiles.detect() if cfg.device.profile == "auto" else profiles.get(cfg.device.profile)
         self.profile = profile
-        bundle = GateBundle.load(Path(cfg.gate.bundle))
+        data = Path(cfg.device.data_dir)
+        self.ota = None
+        self.serial = 0
+        if cfg.ota.url:
+            from bouncer.devices.ota import GateSlots
+
+            # a committed over-the-air gate wins over the configured one (see devices/ota.py)
+            bundle, self.serial = GateSlots(data / "gates").boot(Path(cfg.gate.bundle))
+        else:
+            bundle = GateBundle.load(Path(cfg.gate.bundle))
         if cfg.gate.model:
             model = Path(cfg.gate.model)
         else:  # the profile's runtime picks the cached backbone (LiteRT on a Raspberry Pi)
             model = home.cached_model("litert" if profile.runtime == "litert" else "onnxruntime")
         backend = backends.load(model, profile.threads, list(profile.providers) or None)
         self.guard = Guard(bundle, backend)
-        data = Path(cfg.device.data_dir)
         self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
         self.metrics = DeviceMetrics()
         # label lookups cost microseconds per frame: resolve the per-stage timers once
@@ -100,12 +109,61 @@ class Device:
         self.drift = DriftMonitor(ref, warmup=d.warmup, k=d.k, h=d.h, rate_h=d.rate_h)
         self.link = None
         self.paused = threading.Event()
+        self._candidate = None  # a new gate waiting for the next frame boundary
+        self.trial = None
+        self.flag_rate = None
+        if cfg.ota.url:
+            from bouncer.devices.ota import FlagRate, OtaUpdater
+
+            self.flag_rate = FlagRate()
+            self.ota = OtaUpdater(
+                cfg.ota, data, lambda: (self.guard, self.serial), self._offer, self.emit_event, self.flag_rate.rate
+            )
         if cfg.mqtt.broker:
             from bouncer.devices.link import MqttLink
 
-            self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command)
+            extra = {schemas.gate_topic(cfg.ota.group): self._on_announce} if self.ota else {}
+            self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command, subscriptions=extra)
         self.summary = RunSummary()
         self._stop = threading.Event()
+
+    # ---- gate updates -----------------------------------------------------------------------------
+
+    def _on_announce(self, payload: bytes) -> None:
+        try:
+            ann = schemas.GateAnnouncement.decode(payload)
+        except schemas.SchemaError as exc:
+            self.emit_event("announcement_rejected", reason=str(exc)[:300])
+            return
+        if self.ota and ann.serial != self.serial:
+            self.ota.poke()
+
+    def _offer(self, candidate) -> None:
+        self._candidate = candidate  # one reference, picked up between two frames
+
+    def _swap_gates(self) -> None:
+        """Between frames: put a warmed candidate in, or judge the running trial."""
+        from bouncer.devices.ota import Trial
+
+        cand, self._candidate = self._candidate, None
+        if cand is not None:
+            self.trial = Trial(cand, self.guard, self.serial)
+            old = self.guard.bundle.version
+            self.guard, self.serial = cand.guard, cand.serial
+            self.metrics.gate.clear()
+            self.metrics.gate.labels(cand.guard.bundle.version, cand.guard.bundle.backbone_hash[:12]).set(1)
+            self.emit_event("gate_swap", version=cand.version, serial=cand.serial, previous=old)
+        if self.trial is None or self.ota is None:
+            return
+        verdict = self.ota.judge(self.trial)
+        if verdict is None:
+            return
+        trial, self.trial = self.trial, None
+        if verdict != "commit":
+            self.guard, self.serial = trial.old, trial.old_serial
+            self.metrics.gate.clear()
+            self.metrics.gate.labels(trial.old.bundle.version, trial.old.bundle.backbone_hash[:12]).set(1)
+        self.ota.finish(trial, verdict)
 
     # ---- messages ---------------------------------------------------------------------------------
 
@@ -141,6 +199,7 @@ class Device:
                 "evicted": self.outbox.counter("evicted"),
                 "drift": self.drift.state,
                 "gate_version": self.guard.bundle.version,
+                "gate_serial": self.serial,
                 "profile": self.profile.name,
             }
         )
@@ -197,9 +256,21 @@ class Device:
             decision = unreadable(item.error or "unreadable frame")
         else:
             decision, outputs, grey = self.guard.score_frame(item.frame, prev)
-        self._guard_timer.observe(time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        self._guard_timer.observe(spent)
+        if self.ota is not None:
+            flagged = decision.decision != ACCEPT
+            self.flag_rate.add(flagged)
+            if self.trial is not None:
+                self.trial.frames += 1
+                self.trial.flagged += flagged
+                self.trial.seconds += spent
+            elif item.frame is not None:
+                self.ota.canary.offer(item.frame, decision.decision)
         self.summary.frames += 1
         self.summary.decisions[decision.decision] += 1
+        if decision.decision == ACCEPT and decision.label is not None:
+            self.summary.accepted[decision.label] = self.summary.accepted.get(decision.label, 0) + 1
         m.frames.inc()
         for reason in decision.reasons or ["-"]:
             m.decisions.labels(decision.decision, reason).inc()
@@ -224,6 +295,8 @@ class Device:
         self.metrics.serve(self.cfg.metrics.port)
         if self.link:
             self.link.start()
+        if self.ota:
+            self.ota.start()
         max_fps = self.cfg.source.max_fps or (self.profile.max_fps if self.source.live else 0.0)
         period = 1.0 / max_fps if max_fps else 0.0
         prev = None
@@ -245,6 +318,8 @@ class Device:
                     self.summary.skipped_done += 1
                     continue
                 t0 = time.monotonic()
+                if self._candidate is not None or self.trial is not None:
+                    self._swap_gates()
                 prev = self.process(item, prev if self.source.stream else None, finite)
                 if finite:
                     self.outbox.mark_done(self.source.uri, item.key)
@@ -262,6 +337,8 @@ class Device:
                 while self.outbox.depth() and time.monotonic() < deadline and not self._stop.is_set():
                     time.sleep(0.05)
         finally:
+            if self.ota:
+                self.ota.stop()
             self.summary.undelivered = self.outbox.depth()
             self.summary.peak_rss_mb = peak_rss_mb()
             if self.link:

@@ -67,6 +67,17 @@ class DriftSection:
 
 
 @dataclass
+class OtaSection:
+    url: str = ""  # the station's TUF repository, e.g. http://station:8080/tuf; empty: no over-the-air updates
+    root: str = ""  # the trusted root.json written by `bouncer station init` (copied to the device once)
+    group: str = "default"  # the gate group this device follows
+    poll_s: float = 300.0  # also checks at once when the station's retained announcement arrives
+    canary_size: int = 32  # accepted frames kept on the device to try a new gate on before the swap
+    canary_every: int = 25  # keep every n-th accepted frame
+    trial_frames: int = 100  # live frames after the swap before the new gate is committed
+
+
+@dataclass
 class MetricsSection:
     port: int = 0  # Prometheus endpoint on this port; 0: off
     stats_every_s: float = 10.0
@@ -81,6 +92,7 @@ class Config:
     outbox: OutboxSection = field(default_factory=OutboxSection)
     drift: DriftSection = field(default_factory=DriftSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    ota: OtaSection = field(default_factory=OtaSection)
 
     def validate(self) -> Config:
         from bouncer.runtime.schemas import SchemaError, check_device_id
@@ -91,6 +103,8 @@ class Config:
             raise BouncerError(f"device.id: {exc}") from None
         if not self.source.uri:
             raise BouncerError("source.uri: required (a folder, video file, camera index, URL or sim:SEED)")
+        if self.ota.url and not self.ota.root:
+            raise BouncerError("ota.root: required with ota.url (the root.json written by `bouncer station init`)")
         if not self.gate.bundle:
             raise BouncerError("gate.bundle: required (a bundle made by `bouncer fit`)")
         if self.mqtt.protocol not in ("v5", "v311"):
@@ -106,6 +120,10 @@ class Config:
             ("drift.h", self.drift.h > 0),
             ("mqtt.keepalive", self.mqtt.keepalive >= 5),
             ("metrics.port", 0 <= self.metrics.port <= 65535),
+            ("ota.poll_s", self.ota.poll_s > 0),
+            ("ota.canary_size", self.ota.canary_size >= 0),
+            ("ota.canary_every", self.ota.canary_every >= 1),
+            ("ota.trial_frames", self.ota.trial_frames >= 0),
         ]
         for key, ok in checks:
             if not ok:
@@ -144,8 +162,8 @@ def _section(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read CONFIG (optional), apply `section.key` overrides, validate."""
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None, root: type = Config) -> Any:
+    """Read CONFIG (optional) into `root` (a dataclass of sections), apply `section.key` overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -161,4 +179,4 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> C
             continue
         section, key = dotted.split(".")
         data.setdefault(section, {})[key] = value
-    return _section(Config, data, "").validate()
+    return _section(root, data, "").validate()

@@ -196,3 +196,107 @@ class Command:
         return cls(
             id=_get(o, "id", str, what), command=name, args=dict(_get(o, "args", dict, what, optional=True) or {})
         )
+
+
+# ---- parsing what arrives (the station side) -----------------------------------------------------
+
+KINDS = ("status", "frames", "events", "stats", "cmd")
+
+
+def parse_topic(name: str) -> tuple[str, str]:
+    """bouncer/v1/<device>/<kind> -> (device, kind); anything else is a SchemaError."""
+    parts = name.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != PREFIX or parts[3] not in KINDS:
+        raise SchemaError(f"topic {name!r} is not {PREFIX}/<device>/<{'|'.join(KINDS)}>")
+    return check_device_id(parts[2]), parts[3]
+
+
+def parse_status(payload: bytes) -> dict[str, Any]:
+    o = decode(payload, "status")
+    check_device_id(_get(o, "device", str, "status"))
+    state = _get(o, "state", str, "status")
+    if state not in ("online", "offline"):
+        raise SchemaError(f"status: state {state!r} is not online or offline")
+    _get(o, "ts", (int, float), "status")
+    return o
+
+
+def parse_event(payload: bytes) -> dict[str, Any]:
+    o = decode(payload, "event")
+    for key, kind in (("id", str), ("device", str), ("event", str), ("ts", (int, float))):
+        _get(o, key, kind, "event")
+    check_device_id(o["device"])
+    return o
+
+
+def parse_stats(payload: bytes) -> dict[str, Any]:
+    o = decode(payload, "stats")
+    check_device_id(_get(o, "device", str, "stats"))
+    _get(o, "frames", int, "stats")
+    return o
+
+
+# ---- gate announcements (station -> devices, retained) -------------------------------------------
+
+GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def gate_topic(group: str) -> str:
+    """bouncer/v1/gates/<group>: the retained announcement of a group's current gate."""
+    if not GROUP.match(group or ""):
+        raise SchemaError(f"gate group {group!r}: 1-64 characters of A-Z a-z 0-9 _ . -, starting alphanumeric")
+    return f"{PREFIX}/gates/{group}"
+
+
+@dataclass
+class GateAnnouncement:
+    """A hint that a new gate exists; the device trusts only what its TUF client verifies."""
+
+    group: str
+    version: str
+    serial: int
+    backbone_hash: str
+
+    def encode(self) -> bytes:
+        return encode({**self.__dict__, "ts": time.time()})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> GateAnnouncement:
+        what = "gate announcement"
+        o = decode(payload, what)
+        return cls(
+            group=_get(o, "group", str, what),
+            version=_get(o, "version", str, what),
+            serial=_get(o, "serial", int, what),
+            backbone_hash=_get(o, "backbone_hash", str, what),
+        )
+
+
+# ---- operator labels (station HTTP API) ---------------------------------------------------------
+
+CORRECT, GARBAGE, NEW_PREFIX = "correct", "garbage", "new:"
+CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
+
+
+def parse_label(value: Any, classes: list[str], predicted: str | None) -> tuple[str, str | None]:
+    """An operator's label -> (kind, class name). Kinds: "class" (a known class, or `correct` = the
+    predicted one), "new" (a new defect type, `new:NAME`), "garbage" (not a part at all)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SchemaError("label: expected a non-empty string (a class, 'correct', 'garbage' or 'new:NAME')")
+    value = value.strip()
+    if value == GARBAGE:
+        return "garbage", None
+    if value == CORRECT:
+        if predicted is None or predicted not in classes:
+            raise SchemaError("label: 'correct' needs a predicted class, and this frame has none")
+        return "class", predicted
+    if value.startswith(NEW_PREFIX):
+        name = value[len(NEW_PREFIX) :].strip()
+        if not CLASS_NAME.match(name):
+            raise SchemaError(f"label: new class name {name!r}: 1-64 characters of letters, digits, space _ . -")
+        return ("class", name) if name in classes else ("new", name)
+    if value in classes:
+        return "class", value
+    raise SchemaError(
+        f"label: {value!r} is not a known class ({', '.join(classes)}), 'correct', 'garbage' or 'new:NAME'"
+    )

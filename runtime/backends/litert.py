@@ -8,6 +8,7 @@ returned NCHW like ONNX Runtime returns them.
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class LiteRTBackend(Backend):
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         self.path = path
+        self._lock = threading.Lock()
         interp_cls = interpreter_class()
         if interp_cls is None:
             raise ModelError(f"{path}: LiteRT is not installed (pip install 'bouncer[litert]')")
@@ -95,8 +97,10 @@ class LiteRTBackend(Backend):
             x = x.transpose(0, 2, 3, 1)
         results: dict[str, list[np.ndarray]] = {n: [] for n in self.outputs}
         for item in x:  # converted models have a static batch of one
-            self.interp.set_tensor(self.input["index"], np.ascontiguousarray(self._quantize_input(item[None])))
-            self.interp.invoke()
-            for n in self.outputs:
-                results[n].append(self._output(n))
+            # an interpreter is not thread-safe; a gate update warms its new gate beside the frame loop
+            with self._lock:
+                self.interp.set_tensor(self.input["index"], np.ascontiguousarray(self._quantize_input(item[None])))
+                self.interp.invoke()
+                for n in self.outputs:
+                    results[n].append(self._output(n))
         return {n: np.concatenate(v) for n, v in results.items()}

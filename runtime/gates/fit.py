@@ -117,19 +117,90 @@ def parse_head(spec: str) -> tuple[str, str, str | None]:
     return kind, source, reduce or None
 
 
-def fit_head(spec: str, train: Extracted) -> GaussianHead | KnnHead:
+@dataclass
+class FeatureSet:
+    """What the gates are fitted from: per frame, the task features, each head's input vector (keyed by the
+    head spec) and the quality statistics. The station keeps these (fp16 from the devices) and refits
+    without running the backbone."""
+
+    labels: np.ndarray  # N class indices
+    features: np.ndarray  # N x D
+    vectors: dict[str, np.ndarray]  # head spec -> N x ... (kNN: reduced vectors; Gaussian: the tap output)
+    stats: list[dict[str, float]]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: np.ndarray | Sequence[int]) -> FeatureSet:
+        i = np.asarray(idx, np.int64)
+        return FeatureSet(
+            self.labels[i], self.features[i], {k: v[i] for k, v in self.vectors.items()}, [self.stats[j] for j in i]
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[FeatureSet]) -> FeatureSet:
+        parts = [p for p in parts if len(p)]
+        keys = set.intersection(*(set(p.vectors) for p in parts))
+        return FeatureSet(
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.features for p in parts]).astype(np.float32),
+            {k: np.concatenate([p.vectors[k] for p in parts]).astype(np.float32) for k in sorted(keys)},
+            [s for p in parts for s in p.stats],
+        )
+
+    def save(self, path: Path) -> None:
+        keys = sorted({k for s in self.stats for k in s})
+        stats = np.array([[s.get(k, np.nan) for k in keys] for s in self.stats], np.float32).reshape(len(self), -1)
+        arrays = {f"vec.{k}": v.astype(np.float16) for k, v in self.vectors.items()}
+        np.savez(
+            path,
+            labels=self.labels,
+            features=self.features.astype(np.float16),
+            stats=stats,
+            stat_keys=np.array(keys),
+            **arrays,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureSet:
+        with np.load(path, allow_pickle=False) as z:
+            keys = [str(k) for k in z["stat_keys"]]
+            stats = [dict(zip(keys, map(float, row), strict=True)) for row in z["stats"]]
+            vectors = {k[4:]: z[k].astype(np.float32) for k in z.files if k.startswith("vec.")}
+            return cls(z["labels"].astype(np.int64), z["features"].astype(np.float32), vectors, stats)
+
+
+def head_input(spec: str, out: np.ndarray) -> np.ndarray:
+    """The per-frame vector a head is fitted from: kNN@max reduces the map, everything else is the output."""
+    kind, _, reduce = parse_head(spec)
+    if kind == "knn" and reduce:
+        if out.ndim != 4:
+            raise BouncerError(f"OOD head {spec!r}: its output is not a feature map")
+        return KnnHead(source="", bank=np.zeros((1, 1), np.float16), reduce=reduce).vectors(out)
+    return np.asarray(out, np.float32)
+
+
+def to_features(ex: Extracted, features: str, specs: Sequence[str]) -> FeatureSet:
+    return FeatureSet(
+        ex.labels, ex.outputs[features], {s: head_input(s, ex.outputs[parse_head(s)[1]]) for s in specs}, ex.stats
+    )
+
+
+def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> GaussianHead | KnnHead:
     kind, source, reduce = parse_head(spec)
-    x = train.outputs[source]
     if kind == "knn":
-        if reduce and x.ndim != 4:
-            raise BouncerError(f"OOD head {spec!r}: {source} is not a feature map")
-        return KnnHead.fit(source, x, reduce=reduce)
+        return KnnHead.from_vectors(source, x.reshape(len(x), -1), reduce=reduce)
     if kind == "patch":
         if x.ndim != 4:
             raise BouncerError(f"OOD head {spec!r}: {source} is not a feature map")
         n, c, h, w = x.shape
         return GaussianHead.fit(source, x.reshape(n, c, h * w).transpose(0, 2, 1), None, spatial=True)
-    return GaussianHead.fit(source, x.reshape(len(x), -1), train.labels, spatial=False)
+    return GaussianHead.fit(source, x.reshape(len(x), -1), labels, spatial=False)
+
+
+def head_scores(head: GaussianHead | KnnHead, x: np.ndarray) -> np.ndarray:
+    """Scores from head inputs (a kNN head's vectors are already reduced)."""
+    return head.score_vectors(x) if isinstance(head, KnnHead) else head.score(x)
 
 
 def conformal_quantile(scores: np.ndarray, q: float) -> float:
@@ -185,26 +256,65 @@ def fit_gate(
         raise BouncerError(f"{backend.path}: OOD heads need output(s) {', '.join(missing)} the model does not have")
 
     say(f"extracting features of {len(train_paths)} training and {len(calib_paths)} calibration images")
-    train = extract(backend, pp, train_paths, train_labels, sources, lambda m: say(f"train: {m}"))
-    calib = extract(backend, pp, calib_paths, calib_labels, sources, lambda m: say(f"calib: {m}"))
+    train_ex = extract(backend, pp, train_paths, train_labels, sources, lambda m: say(f"train: {m}"))
+    calib_ex = extract(backend, pp, calib_paths, calib_labels, sources, lambda m: say(f"calib: {m}"))
+    specs = [*heads, BASELINE_HEAD]
+    train = to_features(train_ex, backend.card.features, specs)
+    calib = to_features(calib_ex, backend.card.features, specs)
     counts = np.bincount(train.labels, minlength=len(classes))
     if (counts < 2).any():
         thin = [c for c, n in zip(classes, counts, strict=True) if n < 2]
         raise BouncerError(f"{train_dir}: need at least 2 readable training images per class, short: {', '.join(thin)}")
+    bundle = fit_from_features(
+        train,
+        calib,
+        classes,
+        backend.card.model_hash,
+        backend.card.name,
+        pp,
+        target_accuracy,
+        delta,
+        ood_quantile,
+        heads,
+        version,
+        say,
+        where=str(calib_dir),
+    )
+    bundle.fit_metrics["skipped_unreadable"] = len(train_ex.skipped) + len(calib_ex.skipped)
+    return bundle
 
+
+def fit_from_features(
+    train: FeatureSet,
+    calib: FeatureSet,
+    classes: list[str],
+    backbone_hash: str,
+    backbone_name: str,
+    pp: Preprocessing,
+    target_accuracy: float = 0.99,
+    delta: float = 0.1,
+    ood_quantile: float = 0.99,
+    heads: Sequence[str] = DEFAULT_HEADS,
+    version: str | None = None,
+    log: Callable[[str], None] | None = None,
+    where: str = "calibration set",
+) -> GateBundle:
+    """The fit proper, from feature sets: `bouncer fit` after the backbone, and the station's retraining."""
+    say = log or (lambda m: print(m, file=sys.stderr))
+    calib_dir = where
     quality = QualityGate.fit(train.stats)
-    task = fit_logistic(train.outputs[backend.card.features], train.labels, len(classes))
-    ood_heads = [fit_head(h, train) for h in heads]
-    baseline = fit_head(BASELINE_HEAD, train)
+    task = fit_logistic(train.features, train.labels, len(classes))
+    ood_heads = [fit_head(h, train.vectors[h], train.labels) for h in heads]
+    baseline = fit_head(BASELINE_HEAD, train.vectors[BASELINE_HEAD], train.labels)
     names = list(heads)
 
     # Everything below is calibration: thresholds and temperature, never the training set.
     q_ok = np.array([not quality.check(s) for s in calib.stats], bool)
-    raw = np.stack([h.score(calib.outputs[h.source]) for h in ood_heads], axis=1)
+    raw = np.stack([head_scores(h, calib.vectors[n]) for h, n in zip(ood_heads, heads, strict=True)], axis=1)
     fusion = Fusion.fit(names, raw[q_ok] if q_ok.sum() >= 10 else raw)
     fused = fusion.fuse(raw)
     ood_threshold = conformal_quantile(fused[q_ok], ood_quantile) if q_ok.any() else float("inf")
-    logits = task.logits(calib.outputs[backend.card.features])
+    logits = task.logits(calib.features)
     task.temperature = fit_temperature(logits, calib.labels)
     probs = softmax(logits / task.temperature)
     conf, pred = probs.max(1), probs.argmax(1)
@@ -215,7 +325,7 @@ def fit_gate(
         raise BouncerError(
             f"{calib_dir}: calibration set too small for accuracy {target_accuracy} at delta {delta}: "
             f"need at least {sel.frames_needed} calibration frames passing the input gate (more if some are "
-            f"misclassified), have {int(passing.sum())} of {len(calib.paths)}"
+            f"misclassified), have {int(passing.sum())} of {len(calib)}"
         )
     if sel.threshold is None:
         say(
@@ -232,11 +342,11 @@ def fit_gate(
         n_errors=sel.n_errors,
         frames_needed=frames_needed(1 - target_accuracy, delta),
     )
-    train_acc = float((task.logits(train.outputs[backend.card.features]).argmax(1) == train.labels).mean())
+    train_acc = float((task.logits(train.features).argmax(1) == train.labels).mean())
     fit_metrics: dict[str, Any] = {
-        "train_images": len(train.paths),
-        "calibration_images": len(calib.paths),
-        "skipped_unreadable": len(train.skipped) + len(calib.skipped),
+        "train_images": len(train),
+        "calibration_images": len(calib),
+        "class_counts": dict(zip(classes, map(int, np.bincount(train.labels, minlength=len(classes))), strict=True)),
         "train_accuracy": round(train_acc, 4),
         "calibration_accuracy": round(float(correct.mean()), 4),
         "temperature": round(task.temperature, 4),
@@ -254,14 +364,14 @@ def fit_gate(
         "sharpness": round(float(np.std(np.log([max(st["sharpness"], 1e-6) for st in calib.stats]))), 4),
         "ood_score": round(float(np.std(fused[q_ok])) if q_ok.any() else 1.0, 4),
     }
-    base_scores = baseline.score(calib.outputs[baseline.source])
+    base_scores = baseline.score(calib.vectors[BASELINE_HEAD])
     baseline_threshold = conformal_quantile(base_scores[q_ok] if q_ok.any() else base_scores, ood_quantile)
     now = datetime.now(UTC)
     return GateBundle(
         version=version or now.strftime("%Y%m%d%H%M%S"),
         created=now.isoformat(timespec="seconds"),
-        backbone_hash=backend.card.model_hash,
-        backbone_name=backend.card.name,
+        backbone_hash=backbone_hash,
+        backbone_name=backbone_name,
         classes=classes,
         preprocessing=pp,
         quality=quality,

@@ -159,11 +159,18 @@ class KnnHead:
     @classmethod
     def fit(cls, source: str, out: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
         head = cls(source=source, bank=np.zeros((0, 0), np.float16), k=min(k, len(out)), reduce=reduce)
-        head.bank = l2n(head.vectors(out)).astype(np.float16)
-        return head
+        return cls.from_vectors(source, head.vectors(out), k, reduce)
+
+    @classmethod
+    def from_vectors(cls, source: str, vectors: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
+        """A bank from vectors already reduced (what devices send the station with a flagged frame)."""
+        return cls(source=source, bank=l2n(_f32(vectors)).astype(np.float16), k=min(k, len(vectors)), reduce=reduce)
 
     def score(self, out: np.ndarray) -> np.ndarray:
-        return kernels.knn_score(self.vectors(out), self.bank, self.k)
+        return self.score_vectors(self.vectors(out))
+
+    def score_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        return kernels.knn_score(_f32(vectors), self.bank, self.k)
 
 
 @dataclass

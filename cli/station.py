@@ -1,0 +1,117 @@
+"""`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+ACTIONS = ("serve", "init", "retrain")
+
+
+def _station(config: Path | None, data_dir: Path | None = None, port: int | None = None, broker: str | None = None):
+    try:
+        from bouncer.station.config import StationConfig
+        from bouncer.station.service import Station
+    except ImportError as exc:
+        from bouncer.runtime.errors import BouncerError
+
+        raise BouncerError(f"the station needs the [station] extra: pip install 'bouncer[station]' ({exc})") from None
+    from bouncer.runtime.config import load_config
+
+    overrides = {"station.data_dir": str(data_dir) if data_dir else None, "http.port": port, "mqtt.broker": broker}
+    return Station(load_config(config, overrides, root=StationConfig))
+
+
+def cmd_station_init(args: argparse.Namespace) -> int:
+    from bouncer.cli.main import default_model
+    from bouncer.runtime import backends
+
+    station = _station(args.config, args.data_dir)
+    backend = backends.load(args.model or default_model(), threads=args.threads)
+    out = station.init(args.gate, backend, args.train, args.calib)
+    print(
+        f"station ready in {station.root}: {out['train']} training and {out['calib']} calibration frames as base "
+        f"features; gate published; give devices {out['root']} as ota.root"
+    )
+    return 0
+
+
+def cmd_station_retrain(args: argparse.Namespace) -> int:
+    station = _station(args.config, args.data_dir, broker=args.broker)
+    station.start_mqtt()  # to announce a published gate
+    try:
+        result = station.retrain(log_fn=lambda m: print(m, file=sys.stderr))
+        if station.consumer is not None:
+            station.consumer.connected.wait(5)
+    finally:
+        station.stop()
+    verdict = f"published {result.challenger.version}" if result.publish else "not published"
+    print(f"{verdict}: {result.reason}")
+    print(json.dumps({"published": result.publish, "reason": result.reason, **result.metrics}))
+    return 0
+
+
+def cmd_station_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bouncer.station.web import create_app, resolve_token
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    station = _station(args.config, args.data_dir, args.port, args.broker)
+    token = resolve_token(station)
+    app = create_app(station, token)
+    station.start_mqtt()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=station.cfg.http.host, port=station.cfg.http.port, log_level="warning")
+    )
+    print(f"station on http://{station.cfg.http.host}:{station.cfg.http.port}/ (group {station.group})", flush=True)
+    stop = threading.Event()
+
+    def handle(*_: object) -> None:
+        server.should_exit = True
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+    try:
+        server.run()
+    finally:
+        station.stop()
+    return 0
+
+
+def add_station(sub, add, existing_dir) -> None:
+    st = sub.add_parser("station", help="the review station: store, review UI, retraining, signed gate updates")
+    ssub = st.add_subparsers(dest="station_command", required=True, parser_class=type(st))
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", type=Path, nargs="?", help="station TOML config (docs/config.md)")
+        p.add_argument("--data-dir", type=Path, help="override station.data_dir")
+
+    s = add("serve", cmd_station_serve, "consume flagged frames over MQTT and serve the review UI and TUF repo", ssub)
+    common(s)
+    s.add_argument("--port", type=int, help="override http.port")
+    s.add_argument("--broker", help="override mqtt.broker")
+    s.add_argument("--verbose", action="store_true")
+    i = add("init", cmd_station_init, "signing keys, TUF repository, base features, first gate published", ssub)
+    common(i)
+    i.add_argument("--gate", type=Path, required=True, help="the gate bundle devices start with")
+    i.add_argument("--train", type=existing_dir, required=True, help="the gate's training folder")
+    i.add_argument("--calib", type=existing_dir, required=True, help="the gate's calibration folder")
+    i.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    i.add_argument("--threads", type=int, default=2)
+    r = add("retrain", cmd_station_retrain, "refit the gate with the labels; publish if not worse", ssub)
+    common(r)
+    r.add_argument("--broker", help="override mqtt.broker (announces a published gate)")
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`bouncer station CONFIG` means `bouncer station serve CONFIG`."""
+    if len(argv) >= 2 and argv[0] == "station" and argv[1] not in (*ACTIONS, "-h", "--help"):
+        return ["station", "serve", *argv[1:]]
+    return argv

@@ -1,0 +1,138 @@
+"""The station's MQTT side: a shared subscription to the fleet's frames and events (several workers split
+the load), status and stats of every device, and the retained gate announcements it publishes.
+
+A message is acknowledged (manual PUBACK) only after it is in the store, so a station crash or a full disk
+means the broker delivers it again, never that it is lost; malformed messages are quarantined with their
+reason and acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+import threading
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bouncer.runtime import schemas
+from bouncer.runtime.config import MqttSection
+from bouncer.runtime.errors import BouncerError
+from bouncer.station.store import Store
+
+log = logging.getLogger("bouncer.station.mqtt")
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+class Consumer:
+    def __init__(self, cfg: MqttSection, store: Store, share_group: str, worker: str = "") -> None:
+        url = urlparse(cfg.broker)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.broker!r}")
+        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+        self.cfg, self.store, self.share = cfg, store, share_group
+        self.connected = threading.Event()
+        self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0}
+        self.v5 = cfg.protocol == "v5"
+        worker = worker or f"{socket.gethostname()}-{os.getpid()}"
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"bouncer-station-{share_group}-{worker}",
+            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            clean_session=None if self.v5 else False,
+            manual_ack=True,
+        )
+        self.client.reconnect_delay_set(0.2, 5)
+        if cfg.username:
+            self.client.username_pw_set(cfg.username, os.environ.get(cfg.password_env))
+        if url.scheme == "mqtts":
+            try:
+                self.client.tls_set(
+                    ca_certs=cfg.ca or None, certfile=cfg.cert or None, keyfile=cfg.key or None,
+                    cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )  # fmt: skip
+            except (OSError, ssl.SSLError) as exc:
+                raise BouncerError(f"mqtt TLS setup: {exc}") from None
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = self._on_message
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [
+            (f"$share/{self.share}/{schemas.PREFIX}/+/frames", 1),
+            (f"$share/{self.share}/{schemas.PREFIX}/+/events", 1),
+            (f"{schemas.PREFIX}/+/status", 1),  # retained; shared subscriptions get no retained messages
+            (f"{schemas.PREFIX}/+/stats", 0),
+        ]
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the station: %s", reason_code)
+            return
+        client.subscribe(self.subscriptions())
+        self.connected.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            self.handle(msg.topic, msg.payload)
+        except OSError as exc:  # disk full, I/O error: leave it unacknowledged, the broker sends it again
+            self.counts["unstored"] += 1
+            log.error("could not store a message from %s: %s", msg.topic, exc)
+            return
+        if msg.qos:
+            client.ack(msg.mid, msg.qos)
+
+    def handle(self, topic: str, payload: bytes) -> str:
+        """Store one message; returns what happened (frame, duplicate, event, status, stats, quarantined)."""
+        try:
+            device, kind = schemas.parse_topic(topic)
+            if kind == "frames":
+                msg = schemas.FrameMessage.decode(payload)
+                if msg.device != device:
+                    raise schemas.SchemaError(f"frame message: device {msg.device!r} on the topic of {device!r}")
+                new = self.store.add_frame(msg)
+                self.counts["frames" if new else "duplicates"] += 1
+                return "frame" if new else "duplicate"
+            if kind == "events":
+                ev = schemas.parse_event(payload)
+                self.store.add_event(ev)
+                self.counts["events"] += 1
+                return "event"
+            if kind == "status":
+                self.store.set_status(schemas.parse_status(payload))
+                return "status"
+            if kind == "stats":
+                self.store.set_stats(schemas.parse_stats(payload))
+                return "stats"
+            raise schemas.SchemaError(f"topic {topic!r}: the station does not consume {kind}")
+        except schemas.SchemaError as exc:
+            self.store.quarantine(topic, payload, str(exc))
+            self.counts["quarantined"] += 1
+            log.warning("quarantined a message on %s: %s", topic, exc)
+            return "quarantined"
+
+    def announce(self, group: str, ann: schemas.GateAnnouncement) -> None:
+        """Retained: a device that connects later still learns the current gate."""
+        self.client.publish(schemas.gate_topic(group), ann.encode(), qos=1, retain=True)
+
+    def start(self) -> None:
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S  # queued for us while the station restarts
+        self.client.connect_async(
+            self.host,
+            self.port,
+            keepalive=self.cfg.keepalive,
+            clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,320 @@
+"""The station's store: flagged frames (JPEG files + SQLite in WAL mode), labels, events, fleet status,
+gate versions and quarantined messages.
+
+Idempotent on the message id (`INSERT ... ON CONFLICT (id) DO NOTHING`): a frame re-sent after a device
+or broker restart is stored once. The SQL is the portable subset SQLite and PostgreSQL share (TEXT,
+DOUBLE PRECISION, BIGINT, ON CONFLICT; placeholders are the one thing `_sql` translates), so a
+PostgreSQL connection can go through the same code later.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bouncer.runtime import schemas
+from bouncer.runtime.errors import BouncerError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    received DOUBLE PRECISION NOT NULL,
+    source TEXT,
+    decision TEXT NOT NULL,
+    predicted TEXT,
+    confidence DOUBLE PRECISION,
+    ood_score DOUBLE PRECISION,
+    reasons TEXT NOT NULL,
+    details TEXT NOT NULL,
+    quality TEXT NOT NULL,
+    gate_version TEXT NOT NULL,
+    backbone_hash TEXT NOT NULL,
+    jpeg_path TEXT NOT NULL,
+    features BYTEA,
+    label_kind TEXT,
+    label TEXT,
+    labelled_by TEXT,
+    labelled_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS frames_queue ON frames (label_kind, received);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id TEXT PRIMARY KEY,
+    received DOUBLE PRECISION NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    path TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    status TEXT NOT NULL,
+    stats TEXT
+);
+CREATE TABLE IF NOT EXISTS gates (
+    version TEXT PRIMARY KEY,
+    serial BIGINT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    role TEXT NOT NULL,
+    path TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class Frame:
+    id: str
+    device: str
+    ts: float
+    received: float
+    source: str | None
+    decision: str
+    predicted: str | None
+    confidence: float | None
+    ood_score: float | None
+    reasons: list[str]
+    details: list[dict[str, Any]]
+    quality: dict[str, float]
+    gate_version: str
+    label_kind: str | None
+    label: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "image": f"/api/frames/{self.id}/image.jpg"}
+
+
+FRAME_COLUMNS = (
+    "id, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
+    "gate_version, label_kind, label"
+)
+
+
+def _frame(row: tuple) -> Frame:
+    values = list(row)
+    for i in (9, 10, 11):
+        values[i] = json.loads(values[i])
+    return Frame(*values)
+
+
+def pack_features(features: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in features.items()})
+    return buf.getvalue()
+
+
+def unpack_features(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k].astype(np.float32) for k in z.files}
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.images = self.root / "frames"
+        self.quarantine_dir = self.root / "quarantine"
+        for d in (self.images, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        path = self.root / "station.sqlite"
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise BouncerError(f"{path}: unusable station database ({exc})") from None
+
+    @staticmethod
+    def _sql(statement: str) -> str:
+        return statement  # SQLite takes `?`; a PostgreSQL driver would get `%s` here
+
+    def _exec(self, statement: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(self._sql(statement), args)
+
+    def _all(self, statement: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(self._sql(statement), args).fetchall()
+
+    # ---- incoming -------------------------------------------------------------------------------
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def add_frame(self, msg: schemas.FrameMessage) -> bool:
+        """Store a flagged frame once; returns False for a duplicate id. The JPEG is on disk first, so a
+        row never points at a missing file."""
+        if not schemas.DEVICE_ID.match(msg.id):
+            raise schemas.SchemaError(f"frame message: id {msg.id!r} is not a plain identifier")
+        if self._all("SELECT 1 FROM frames WHERE id = ?", (msg.id,)):
+            return False
+        jpeg = self.images / msg.id[:2] / f"{msg.id}.jpg"
+        self._write_file(jpeg, msg.jpeg)
+        cur = self._exec(
+            "INSERT INTO frames (id, device, ts, received, source, decision, predicted, confidence, ood_score, "
+            "reasons, details, quality, gate_version, backbone_hash, jpeg_path, features) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (
+                msg.id, msg.device, msg.ts, time.time(), msg.source, msg.decision, msg.label, msg.confidence,
+                msg.ood_score, json.dumps(msg.reasons), json.dumps(msg.details), json.dumps(msg.quality),
+                msg.gate_version, msg.backbone_hash, str(jpeg.relative_to(self.root)),
+                pack_features(msg.features) if msg.features else None,
+            ),
+        )  # fmt: skip
+        return cur.rowcount == 1
+
+    def quarantine(self, topic: str, payload: bytes, reason: str) -> str:
+        """Keep a malformed message aside with its reason (the payload as a file, for a human to look at)."""
+        qid = schemas.new_id()
+        path = self.quarantine_dir / f"{qid}.bin"
+        self._write_file(path, payload[: schemas.MAX_PAYLOAD_BYTES])
+        self._exec(
+            "INSERT INTO quarantine (id, received, topic, reason, size, path) VALUES (?, ?, ?, ?, ?, ?)",
+            (qid, time.time(), topic[:500], reason[:500], len(payload), str(path.relative_to(self.root))),
+        )
+        return qid
+
+    def add_event(self, ev: dict[str, Any]) -> bool:
+        cur = self._exec(
+            "INSERT INTO events (id, device, ts, kind, body) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (ev["id"], ev["device"], float(ev["ts"]), ev["event"], json.dumps(ev)),
+        )
+        return cur.rowcount == 1
+
+    def set_status(self, status: dict[str, Any]) -> None:
+        self._exec(
+            "INSERT INTO devices (device, state, ts, status) VALUES (?, ?, ?, ?) ON CONFLICT (device) DO UPDATE "
+            "SET state = excluded.state, ts = excluded.ts, status = excluded.status",
+            (status["device"], status["state"], float(status["ts"]), json.dumps(status)),
+        )
+
+    def set_stats(self, stats: dict[str, Any]) -> None:
+        self._exec(
+            "INSERT INTO devices (device, state, ts, status, stats) VALUES (?, 'online', ?, '{}', ?) "
+            "ON CONFLICT (device) DO UPDATE SET stats = excluded.stats",
+            (stats["device"], float(stats.get("ts", time.time())), json.dumps(stats)),
+        )
+
+    # ---- review ---------------------------------------------------------------------------------
+
+    def queue(self, limit: int = 50) -> list[Frame]:
+        rows = self._all(
+            f"SELECT {FRAME_COLUMNS} FROM frames WHERE label_kind IS NULL ORDER BY received, id LIMIT ?", (limit,)
+        )
+        return [_frame(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        (total, unlabelled), = self._all(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN label_kind IS NULL THEN 1 ELSE 0 END), 0) FROM frames"
+        )  # fmt: skip
+        (quarantined,) = self._all("SELECT COUNT(*) FROM quarantine")[0]
+        (events,) = self._all("SELECT COUNT(*) FROM events")[0]
+        return {
+            "frames": total, "unlabelled": unlabelled, "labelled": total - unlabelled, "quarantined": quarantined,
+            "events": events,
+        }  # fmt: skip
+
+    def frame(self, frame_id: str) -> Frame | None:
+        rows = self._all(f"SELECT {FRAME_COLUMNS} FROM frames WHERE id = ?", (frame_id,))
+        return _frame(rows[0]) if rows else None
+
+    def image_path(self, frame_id: str) -> Path | None:
+        rows = self._all("SELECT jpeg_path FROM frames WHERE id = ?", (frame_id,))
+        return self.root / rows[0][0] if rows else None
+
+    def set_label(self, frame_id: str, kind: str, label: str | None, user: str) -> None:
+        self._exec(
+            "UPDATE frames SET label_kind = ?, label = ?, labelled_by = ?, labelled_at = ? WHERE id = ?",
+            (kind, label, user, time.time(), frame_id),
+        )
+
+    def labelled(self, backbone_hash: str) -> list[tuple[str, str, str | None, dict[str, float], bytes | None]]:
+        """(id, kind, label, quality, features) of labelled frames made with this backbone."""
+        rows = self._all(
+            "SELECT id, label_kind, label, quality, features FROM frames "
+            "WHERE label_kind IS NOT NULL AND backbone_hash = ? ORDER BY id",
+            (backbone_hash,),
+        )
+        return [(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+    # ---- fleet, events, gates -------------------------------------------------------------------
+
+    def devices(self) -> list[dict[str, Any]]:
+        out = []
+        for device, state, ts, status, stats in self._all(
+            "SELECT device, state, ts, status, stats FROM devices ORDER BY device"
+        ):
+            st = json.loads(stats) if stats else {}
+            out.append(
+                {
+                    "device": device, "state": state, "since": ts, "status": json.loads(status),
+                    "gate_version": st.get("gate_version") or json.loads(status).get("gate_version"),
+                    "outbox_depth": st.get("outbox_depth"), "frames": st.get("frames"), "drift": st.get("drift"),
+                }
+            )  # fmt: skip
+        return out
+
+    def events(self, kind_prefix: str = "", limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._all(
+            "SELECT body FROM events WHERE kind LIKE ? ORDER BY ts DESC LIMIT ?", (f"{kind_prefix}%", limit)
+        )
+        return [json.loads(r[0]) for r in rows]
+
+    def quarantined(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._all(
+            "SELECT id, received, topic, reason, size FROM quarantine ORDER BY received DESC LIMIT ?", (limit,)
+        )
+        return [dict(zip(("id", "received", "topic", "reason", "size"), r, strict=True)) for r in rows]
+
+    def add_gate(self, version: str, serial: int, role: str, path: Path, metrics: dict[str, Any]) -> None:
+        self._exec(
+            "INSERT INTO gates (version, serial, created, role, path, metrics) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (version) DO UPDATE SET role = excluded.role, metrics = excluded.metrics",
+            (version, serial, time.time(), role, str(path), json.dumps(metrics)),
+        )
+
+    def set_gate_role(self, version: str, role: str) -> None:
+        self._exec("UPDATE gates SET role = ? WHERE version = ?", (role, version))
+
+    def gates(self) -> list[dict[str, Any]]:
+        rows = self._all("SELECT version, serial, created, role, path, metrics FROM gates ORDER BY serial DESC")
+        keys = ("version", "serial", "created", "role", "path", "metrics")
+        return [{**dict(zip(keys, r, strict=True)), "metrics": json.loads(r[5])} for r in rows]
+
+    def champion(self) -> dict[str, Any] | None:
+        rows = [g for g in self.gates() if g["role"] == "champion"]
+        return rows[0] if rows else None
+
+    def next_serial(self) -> int:
+        (serial,) = self._all("SELECT COALESCE(MAX(serial), 0) FROM gates")[0]
+        return int(serial) + 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,169 @@
+"""The station's web UI and JSON API (FastAPI, server-rendered Jinja2 templates, a little vanilla JS).
+
+Every page has a JSON twin under /api. Access needs the token (Authorization: Bearer, the
+`bouncer_token` cookie, or ?token= once, which sets the cookie) unless the station is bound to loopback
+and no token is configured. /tuf is public: TUF metadata and targets are signed, not secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from bouncer.runtime import schemas
+from bouncer.runtime.errors import BouncerError
+from bouncer.station.config import LOOPBACK
+from bouncer.station.service import Station
+
+HERE = Path(__file__).parent
+PUBLIC = ("/tuf/", "/static/", "/healthz")
+
+
+def resolve_token(station: Station) -> str | None:
+    token = os.environ.get(station.cfg.http.token_env) or None
+    if token is None and station.cfg.http.host not in LOOPBACK:
+        raise BouncerError(
+            f"http.host {station.cfg.http.host!r} is not loopback: set a token in ${station.cfg.http.token_env}"
+        )
+    return token
+
+
+def create_app(station: Station, token: str | None) -> FastAPI:
+    app = FastAPI(title="Bouncer review station", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    station.repo.metadata_dir.parent.mkdir(parents=True, exist_ok=True)
+    app.mount("/tuf", StaticFiles(directory=str(station.repo.metadata_dir.parent), check_dir=False), name="tuf")
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        path = request.url.path
+        if token is None or path.startswith(PUBLIC):
+            return await call_next(request)
+        given = request.query_params.get("token") or request.cookies.get("bouncer_token") or ""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:]
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return JSONResponse({"error": "a valid token is required (Authorization: Bearer TOKEN)"}, status_code=401)
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie("bouncer_token", given, httponly=True, samesite="strict")
+        return response
+
+    def page(request: Request, name: str, **ctx: Any) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {"group": station.group, **ctx})
+
+    # ---- review queue ---------------------------------------------------------------------------
+
+    def classes() -> list[str]:
+        return station.champion().classes
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True}
+
+    @app.get("/")
+    def index() -> RedirectResponse:
+        return RedirectResponse("/queue")
+
+    @app.get("/api/queue")
+    def api_queue(limit: int = 50) -> dict[str, Any]:
+        limit = max(1, min(limit, 500))
+        return {
+            "counts": station.store.counts(),
+            "classes": classes(),
+            "frames": [f.to_dict() for f in station.store.queue(limit)],
+        }
+
+    @app.get("/queue", response_class=HTMLResponse)
+    def queue(request: Request) -> HTMLResponse:
+        return page(request, "queue.html", classes=classes(), counts=station.store.counts())
+
+    @app.get("/api/frames/{frame_id}")
+    def api_frame(frame_id: str) -> dict[str, Any]:
+        f = station.store.frame(frame_id)
+        if f is None:
+            raise HTTPException(404, f"no frame {frame_id}")
+        return f.to_dict()
+
+    @app.get("/api/frames/{frame_id}/image.jpg")
+    def api_image(frame_id: str) -> Response:
+        path = station.store.image_path(frame_id)
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"no image for frame {frame_id}")
+        return FileResponse(path, media_type="image/jpeg")
+
+    @app.post("/api/frames/{frame_id}/label")
+    async def api_label(frame_id: str, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, 'expected a JSON body like {"label": "gear"}') from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "expected a JSON object")
+        try:
+            done = station.label(frame_id, body.get("label"), str(body.get("user") or "operator")[:64])
+        except KeyError:
+            raise HTTPException(404, f"no frame {frame_id}") from None
+        except schemas.SchemaError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {**done, "counts": station.store.counts()}
+
+    # ---- fleet ----------------------------------------------------------------------------------
+
+    def fleet() -> dict[str, Any]:
+        return {
+            "devices": station.store.devices(),
+            "drift_events": station.store.events("drift", 50),
+            "gate_events": station.store.events("gate_", 50),
+            "quarantined": station.store.quarantined(20),
+        }
+
+    @app.get("/api/fleet")
+    def api_fleet() -> dict[str, Any]:
+        return fleet()
+
+    @app.get("/api/events")
+    def api_events(kind: str = "", limit: int = 100) -> list[dict[str, Any]]:
+        return station.store.events(kind, max(1, min(limit, 1000)))
+
+    @app.get("/fleet", response_class=HTMLResponse)
+    def fleet_page(request: Request) -> HTMLResponse:
+        return page(request, "fleet.html", **fleet())
+
+    # ---- gates ----------------------------------------------------------------------------------
+
+    def gates() -> dict[str, Any]:
+        return {"gates": station.store.gates(), "published": station.repo.current(station.group),
+                "last_retrain": station.last_retrain}  # fmt: skip
+
+    @app.get("/api/gates")
+    def api_gates() -> dict[str, Any]:
+        return gates()
+
+    @app.get("/gates", response_class=HTMLResponse)
+    def gates_page(request: Request) -> HTMLResponse:
+        return page(request, "gates.html", **gates())
+
+    @app.post("/api/retrain")
+    def api_retrain() -> dict[str, Any]:
+        try:
+            result = station.retrain()
+        except BouncerError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {
+            "published": result.publish,
+            "reason": result.reason,
+            "version": result.challenger.version if result.challenger else None,
+            "metrics": result.metrics,
+        }
+
+    return app
