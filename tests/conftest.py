@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import Mosquitto, run_cli
 
 from bouncer.runtime import home
 
@@ -57,3 +57,12 @@ def sim_gate(built_models, tmp_path_factory) -> Path:
     res = run_cli("fit", "--train", str(root / "train"), "--calib", str(root / "calib"), "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    """A real Mosquitto on a free port (persistence on), stopped after the test."""
+    b = Mosquitto(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()

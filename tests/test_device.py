@@ -12,19 +12,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
-from helpers import Collector, Mosquitto, run_cli
+from helpers import Collector, run_cli
 
 from bouncer.runtime import schemas
 from bouncer.runtime.sources import simulator
-
-
-@pytest.fixture()
-def broker(tmp_path):
-    b = Mosquitto(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def frames_folder(root: Path, parts: tuple[str, ...], per_class: int, seed: int) -> Path:

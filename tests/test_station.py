@@ -1,0 +1,281 @@
+"""The review station against real Mosquitto, real HTTP and real SQLite: the loop from a flagged new defect
+type to a device accepting it, shared subscriptions, quarantine, labels and the token."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from helpers import Collector, StationProcess, free_port, http_json, run_cli
+
+from bouncer.runtime import schemas
+from bouncer.runtime.sources import simulator
+from bouncer.station.consumer import Consumer
+from bouncer.station.store import Store
+
+
+def station_config(path: Path, data_dir: Path, broker: str = "", **http: object) -> Path:
+    lines = ["[station]", f'data_dir = "{data_dir}"']
+    if broker:
+        lines += ["[mqtt]", f'broker = "{broker}"']
+    if http:
+        lines += ["[http]", *(f"{k} = {json.dumps(v)}" for k, v in http.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def station_dir(sim_gate, tmp_path) -> Path:
+    """`bouncer station init` on the simulated line's gate and its training and calibration folders."""
+    cfg = station_config(tmp_path / "station.toml", tmp_path / "station")
+    root = sim_gate.parent
+    res = run_cli(
+        "station", "init", str(cfg), "--gate", str(sim_gate), "--train", str(root / "train"), "--calib",
+        str(root / "calib"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "gate published" in res.stdout
+    return tmp_path / "station"
+
+
+def wait_until(fn, timeout: float = 60.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def device_toml(path: Path, **sections: dict[str, object]) -> Path:
+    text = ""
+    for name, values in sections.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    path.write_text(text)
+    return path
+
+
+def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tmp_path, bouncer_home):
+    """Device flags bolts (unknown) -> station stores them -> labels over HTTP -> retrain -> signed bundle ->
+    the device pulls, swaps and commits -> bolts are now accepted as `bolt`."""
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=45, seed=41)
+        res = run_cli(
+            "run", "--source", str(bolts), "--gate", str(sim_gate), "--broker", broker.url, "--device-id", "cam-1",
+            "--data-dir", str(tmp_path / "flagging"), "--once",
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        assert summary["decisions"]["accept"] <= 2, "the gate must not accept a part type it has never seen"
+        flagged = summary["decisions"]["review"] + summary["decisions"]["reject"]
+
+        queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
+                           >= flagged and q)  # fmt: skip
+        assert queue["counts"]["unlabelled"] == flagged
+        frame = queue["frames"][0]
+        assert frame["device"] == "cam-1" and frame["source"] and frame["reasons"]
+        for f in queue["frames"]:
+            status, body = http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})
+            assert status == 200, body
+        assert http_json(f"{station.url}/api/queue")[1]["counts"]["unlabelled"] == 0
+
+        status, result = http_json(f"{station.url}/api/retrain", {})
+        assert status == 200, result
+        assert result["published"], result["reason"]
+        assert result["metrics"]["new_classes"] == ["bolt"]
+        chall, champ = result["metrics"]["challenger"], result["metrics"]["champion"]
+        assert chall["accepted_correct"] > champ["accepted_correct"] and chall["accepted_error"] <= 0.01
+        gates = http_json(f"{station.url}/api/gates")[1]
+        assert gates["published"]["version"] == result["version"] and "bolt" in gates["published"]["classes"]
+
+        # the retained announcement a device gets when it connects
+        watcher = Collector(broker.port, "ann-watcher")
+        watcher.client.subscribe(schemas.gate_topic("default"), qos=1)
+        ann = schemas.GateAnnouncement.decode(watcher.wait_for("gates/default", 1, timeout=10)[-1])
+        watcher.close()
+        assert ann.version == result["version"] and ann.serial == 2
+
+        # a running device pulls the new gate over the air, swaps it in and commits it after its trial
+        more = simulator.write_dataset(tmp_path / "more", ("bolt",), per_class=12, seed=42)
+        ota = {"url": f"{station.url}/tuf", "root": str(station_dir / "tuf/metadata/1.root.json"),
+               "trial_frames": 15, "poll_s": 2.0}  # fmt: skip
+        dev = device_toml(
+            tmp_path / "device.toml",
+            device={"id": "cam-1", "data_dir": str(tmp_path / "device")},
+            source={"uri": str(more), "loop": True, "max_fps": 30.0},
+            gate={"bundle": str(sim_gate)},
+            mqtt={"broker": broker.url},
+            ota=ota,
+        )
+        proc = subprocess.Popen([sys.executable, "-m", "bouncer", "run", str(dev)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            commits = wait_until(lambda: http_json(f"{station.url}/api/events?kind=gate_commit")[1], timeout=90)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert commits[0]["device"] == "cam-1" and commits[0]["version"] == result["version"]
+        kinds = [e["event"] for e in http_json(f"{station.url}/api/events?kind=gate_")[1]]
+        assert "gate_swap" in kinds and "gate_rollback" not in kinds
+
+        # after a restart the device boots the committed gate, and new bolts are accepted as `bolt`
+        fresh = simulator.write_dataset(tmp_path / "fresh", ("bolt",), per_class=20, seed=43)
+        dev2 = device_toml(
+            tmp_path / "device2.toml",
+            device={"id": "cam-1", "data_dir": str(tmp_path / "device")},
+            source={"uri": str(fresh)},
+            gate={"bundle": str(sim_gate)},
+            ota=ota,
+        )
+        res = run_cli("run", str(dev2), "--once")
+        assert res.returncode == 0, res.stderr[-3000:]
+        after = json.loads(res.stdout.strip().splitlines()[-1])
+        assert after["accepted"].get("bolt", 0) >= 18, after
+        assert set(after["accepted"]) == {"bolt"}
+        fleet = http_json(f"{station.url}/api/fleet")[1]
+        assert any(d["device"] == "cam-1" for d in fleet["devices"])
+    finally:
+        station.stop()
+
+
+# ---- the consumer on its own ------------------------------------------------------------------------
+
+
+def frame_message(device: str, i: int, decision: str = "review") -> schemas.FrameMessage:
+    img = np.full((48, 64, 3), i % 255, np.uint8)
+    rng = np.random.default_rng(i)
+    return schemas.FrameMessage(
+        id=f"{device}-{i:05d}", device=device, ts=time.time(), source=f"/frames/{i}.png", decision=decision,
+        label="gear", confidence=0.7, ood_score=3.2, reasons=["ood"], details=[], quality={"mean": 100.0},
+        gate_version="g1", backbone_hash="b" * 64, jpeg=cv2.imencode(".jpg", img)[1].tobytes(),
+        features={"features": rng.normal(size=1280).astype(np.float32), "knn:pool_s32": rng.normal(size=320)},
+    )  # fmt: skip
+
+
+def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-publisher", protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    for topic, payload in items:
+        c.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def consumer(broker, root: Path, worker: str) -> Consumer:
+    from bouncer.runtime.config import MqttSection
+
+    c = Consumer(MqttSection(broker=broker.url), Store(root), "workers", worker)
+    c.start()
+    assert c.connected.wait(10)
+    time.sleep(0.3)  # subscriptions granted
+    return c
+
+
+def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, tmp_path):
+    c = consumer(broker, tmp_path / "st", "w1")
+    try:
+        good = frame_message("cam-2", 1)
+        bad = [
+            (schemas.topic("cam-2", "frames"), b"\xff\xfe not utf-8"),
+            (schemas.topic("cam-2", "frames"), b'{"v": 1, "id": "x"}'),
+            (schemas.topic("cam-2", "frames"), b"[1, 2, 3]"),
+            (schemas.topic("cam-2", "frames"), b"x" * (schemas.MAX_PAYLOAD_BYTES + 1)),
+            (schemas.topic("cam-3", "frames"), good.encode()),  # a device speaking for another
+            (schemas.topic("cam-2", "events"), b'{"v": 2, "event": "drift"}'),
+            (schemas.topic("cam-2", "status"), b'{"v": 1, "device": "cam-2", "state": "dancing", "ts": 1}'),
+        ]
+        publish_all(broker.port, [(schemas.topic("cam-2", "frames"), good.encode())] * 3 + bad)
+        publish_all(broker.port, [(schemas.topic("cam-2", "frames"), frame_message("cam-2", 2).encode())])
+        wait_until(lambda: c.counts["quarantined"] >= len(bad) and c.store.counts()["frames"] == 2, 30)
+        counts = c.store.counts()
+        assert counts["frames"] == 2, "a duplicate id is stored once; the consumer survived the garbage"
+        assert counts["quarantined"] == len(bad)
+        reasons = " | ".join(q["reason"] for q in c.store.quarantined())
+        for needle in (
+            "not UTF-8",
+            "missing field",
+            "expected a JSON object",
+            "exceeds",
+            "on the topic of",
+            "schema version",
+            "dancing",
+        ):  # noqa: E501
+            assert needle in reasons, needle
+        stored = c.store.frame(good.id)
+        assert stored is not None and stored.predicted == "gear" and stored.source == "/frames/1.png"
+        assert c.store.image_path(good.id).read_bytes() == good.jpeg
+    finally:
+        c.stop()
+
+
+def test_a_shared_subscription_splits_the_fleet_between_workers(broker, tmp_path):
+    a, b = consumer(broker, tmp_path / "a", "wa"), consumer(broker, tmp_path / "b", "wb")
+    try:
+        n = 40
+        publish_all(broker.port, [(schemas.topic("cam-4", "frames"), frame_message("cam-4", i).encode())
+                                  for i in range(n)])  # fmt: skip
+        wait_until(lambda: a.store.counts()["frames"] + b.store.counts()["frames"] >= n, 30)
+        ids_a = {f.id for f in a.store.queue(500)}
+        ids_b = {f.id for f in b.store.queue(500)}
+        assert len(ids_a | ids_b) == n and not ids_a & ids_b
+        assert ids_a and ids_b, "both workers take a share"
+    finally:
+        a.stop()
+        b.stop()
+
+
+# ---- labels and access -------------------------------------------------------------------------------
+
+
+def test_labels_api_rejects_bad_input_clearly(broker, station_dir, tmp_path):
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        publish_all(broker.port, [(schemas.topic("cam-5", "frames"), frame_message("cam-5", 7).encode())])
+        fid = wait_until(lambda: [f["id"] for f in http_json(f"{station.url}/api/queue")[1]["frames"]], 30)[0]
+        url = f"{station.url}/api/frames/{fid}/label"
+        assert http_json(url, {"label": "giraffe"})[0] == 422
+        assert "not a known class" in http_json(url, {"label": "giraffe"})[1]["detail"]
+        assert http_json(url, {"label": "new:"})[0] == 422
+        assert http_json(url, {"label": 3})[0] == 422
+        assert http_json(url, b"{not json")[0] == 400
+        assert http_json(f"{station.url}/api/frames/nope/label", {"label": "gear"})[0] == 404
+        status, body = http_json(url, {"label": "correct"})
+        assert status == 200 and body["label"] == "gear" and body["counts"]["unlabelled"] == 0
+        status, body = http_json(f"{station.url}/api/retrain", {})
+        assert status == 200 and not body["published"] and "no labelled frames with features" in body["reason"]
+    finally:
+        station.stop()
+
+
+def test_a_station_off_loopback_needs_a_token(station_dir, tmp_path):
+    cfg = station_config(tmp_path / "open.toml", station_dir, host="0.0.0.0")
+    env = {k: v for k, v in os.environ.items() if k != "BOUNCER_STATION_TOKEN"}
+    res = subprocess.run([sys.executable, "-m", "bouncer", "station", str(cfg)], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert res.returncode == 2 and "set a token in $BOUNCER_STATION_TOKEN" in res.stderr
+    assert "Traceback" not in res.stderr
+
+    port = free_port()
+    station = StationProcess(cfg, port, env={"BOUNCER_STATION_TOKEN": "s3cret"}).start()
+    try:
+        assert http_json(f"{station.url}/api/queue")[0] == 401
+        assert http_json(f"{station.url}/api/queue", token="wrong")[0] == 401
+        status, body = http_json(f"{station.url}/api/queue", token="s3cret")
+        assert status == 200 and body["classes"] == ["bracket", "gear", "plate", "washer"]
+        status, root = http_json(f"{station.url}/tuf/metadata/1.root.json")  # TUF is signed, not secret
+        assert status == 200 and root["signed"]["_type"] == "root"
+    finally:
+        station.stop()
