@@ -195,6 +195,11 @@ class OtaUpdater:
     # ---- thread ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.prepare()
+        self._thread.start()
+
+    def prepare(self) -> None:
+        """Provision the TUF client's trust (the root.json from `bouncer station init`) on first start."""
         self.tuf_dir.mkdir(parents=True, exist_ok=True)
         self.download_dir.mkdir(parents=True, exist_ok=True)
         if not (self.tuf_dir / "root.json").is_file():
@@ -202,12 +207,12 @@ class OtaUpdater:
                 shutil.copyfile(self.cfg.root, self.tuf_dir / "root.json")
             except OSError as exc:
                 raise BouncerError(f"ota.root: cannot read the trusted root {self.cfg.root!r} ({exc})") from None
-        self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def poke(self) -> None:
         """The station announced a gate: check now instead of at the next poll."""

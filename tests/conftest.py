@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import Mosquitto, run_cli
+from helpers import Mosquitto, run_cli, station_config
 
 from bouncer.runtime import home
 
@@ -66,3 +66,17 @@ def broker(tmp_path):
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture()
+def station_dir(sim_gate, tmp_path) -> Path:
+    """`bouncer station init` on the simulated line's gate and its training and calibration folders."""
+    cfg = station_config(tmp_path / "station.toml", tmp_path / "station")
+    root = sim_gate.parent
+    res = run_cli(
+        "station", "init", str(cfg), "--gate", str(sim_gate), "--train", str(root / "train"), "--calib",
+        str(root / "calib"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "gate published" in res.stdout
+    return tmp_path / "station"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,35 @@ class StationProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+def station_config(path: Path, data_dir: Path, broker: str = "", **http: object) -> Path:
+    lines = ["[station]", f'data_dir = "{data_dir}"']
+    if broker:
+        lines += ["[mqtt]", f'broker = "{broker}"']
+    if http:
+        lines += ["[http]", *(f"{k} = {json.dumps(v)}" for k, v in http.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_until(fn, timeout: float = 60.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-publisher", protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    for topic, payload in items:
+        c.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
+    c.disconnect()
+    c.loop_stop()

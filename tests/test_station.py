@@ -12,48 +12,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import paho.mqtt.client as mqtt
-import pytest
-from helpers import Collector, StationProcess, free_port, http_json, run_cli
+from helpers import Collector, StationProcess, free_port, http_json, publish_all, run_cli, station_config, wait_until
 
 from bouncer.runtime import schemas
 from bouncer.runtime.sources import simulator
 from bouncer.station.consumer import Consumer
 from bouncer.station.store import Store
-
-
-def station_config(path: Path, data_dir: Path, broker: str = "", **http: object) -> Path:
-    lines = ["[station]", f'data_dir = "{data_dir}"']
-    if broker:
-        lines += ["[mqtt]", f'broker = "{broker}"']
-    if http:
-        lines += ["[http]", *(f"{k} = {json.dumps(v)}" for k, v in http.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture()
-def station_dir(sim_gate, tmp_path) -> Path:
-    """`bouncer station init` on the simulated line's gate and its training and calibration folders."""
-    cfg = station_config(tmp_path / "station.toml", tmp_path / "station")
-    root = sim_gate.parent
-    res = run_cli(
-        "station", "init", str(cfg), "--gate", str(sim_gate), "--train", str(root / "train"), "--calib",
-        str(root / "calib"),
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "gate published" in res.stdout
-    return tmp_path / "station"
-
-
-def wait_until(fn, timeout: float = 60.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def device_toml(path: Path, **sections: dict[str, object]) -> Path:
@@ -163,16 +127,6 @@ def frame_message(device: str, i: int, decision: str = "review") -> schemas.Fram
     )  # fmt: skip
 
 
-def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-publisher", protocol=mqtt.MQTTv5)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    for topic, payload in items:
-        c.publish(topic, payload, qos=1).wait_for_publish(timeout=10)
-    c.disconnect()
-    c.loop_stop()
-
-
 def consumer(broker, root: Path, worker: str) -> Consumer:
     from bouncer.runtime.config import MqttSection
 
@@ -211,7 +165,7 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
             "on the topic of",
             "schema version",
             "dancing",
-        ):  # noqa: E501
+        ):
             assert needle in reasons, needle
         stored = c.store.frame(good.id)
         assert stored is not None and stored.predicted == "gear" and stored.source == "/frames/1.png"

@@ -1,0 +1,101 @@
+"""The review UI in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium):
+open the queue, label with the keyboard, watch the count go down. Saves docs/review-ui.png."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import REPO, StationProcess, free_port, http_json, publish_all, station_config, wait_until
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from bouncer.runtime import schemas
+from bouncer.runtime.images import read_bgr
+from bouncer.runtime.sources import simulator
+
+
+@pytest.fixture()
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, ".ci/run installs Debian's chromium and chromium-driver"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,860"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(driver_path))
+    yield driver
+    driver.quit()
+
+
+def remaining(driver) -> int:
+    return int(driver.find_element(By.ID, "remaining").text)
+
+
+def test_label_the_queue_with_the_keyboard(broker, station_dir, browser, tmp_path):
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        parts = simulator.write_dataset(tmp_path / "parts", ("bolt", "gear", "washer"), per_class=2, seed=3)
+        msgs = []
+        for i, path in enumerate(sorted(parts.rglob("*.png"))[:5]):
+            rng = np.random.default_rng(i)
+            msgs.append(schemas.FrameMessage(
+                id=f"ui{i:04d}", device="cam-ui", ts=time.time(), source=str(path), decision="review",
+                label="gear", confidence=0.62, ood_score=4.1, reasons=["ood", "low_confidence"], details=[],
+                quality={"mean": 120.0}, gate_version="g1", backbone_hash="b" * 64,
+                jpeg=cv2.imencode(".jpg", read_bgr(path))[1].tobytes(),
+                features={"features": rng.normal(size=1280).astype(np.float32)},
+            ))  # fmt: skip
+        publish_all(broker.port, [(schemas.topic("cam-ui", "frames"), m.encode()) for m in msgs])
+        wait_until(lambda: http_json(f"{station.url}/api/queue")[1]["counts"]["frames"] == 5, 30)
+
+        browser.get(f"{station.url}/queue")
+        wait = WebDriverWait(browser, 15)
+        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("naturalWidth") not in (None, "0"))
+        assert remaining(browser) == 5
+        assert browser.find_element(By.ID, "device").text == "cam-ui"
+        assert browser.find_element(By.ID, "reasons").text == "ood, low_confidence"
+        assert browser.find_element(By.ID, "predicted").text == "gear"
+        (REPO / "docs").mkdir(exist_ok=True)
+        browser.save_screenshot(str(REPO / "docs" / "review-ui.png"))
+
+        body = browser.find_element(By.TAG_NAME, "body")
+        first = browser.execute_script("return current.id")
+        body.send_keys("2")  # the second known class: gear
+        wait.until(lambda d: remaining(d) == 4)
+        body.send_keys("c")  # correct as predicted
+        wait.until(lambda d: remaining(d) == 3)
+        body.send_keys("g")  # garbage
+        wait.until(lambda d: remaining(d) == 2)
+        body.send_keys("n")  # a new defect type, named in the form
+        field = wait.until(lambda d: d.find_element(By.ID, "newname") if d.find_element(By.ID, "newname")
+                           .is_displayed() else None)  # fmt: skip
+        field.send_keys("bent pin", Keys.ENTER)
+        wait.until(lambda d: remaining(d) == 1)
+        assert http_json(f"{station.url}/api/frames/{first}")[1]["label"] == "gear"
+        labels = sorted((f["label_kind"], f["label"]) for f in (http_json(f"{station.url}/api/frames/{m.id}")[1]
+                                                                for m in msgs) if f["label_kind"])  # fmt: skip
+        assert labels == [("class", "gear"), ("class", "gear"), ("garbage", None), ("new", "bent pin")]
+
+        browser.get(f"{station.url}/gates")
+        assert "Gates" in browser.find_element(By.TAG_NAME, "h1").text
+        assert browser.find_element(By.ID, "published").text
+        browser.get(f"{station.url}/fleet")
+        assert "Fleet" in browser.find_element(By.TAG_NAME, "h1").text
+    finally:
+        station.stop()
+
+
+def test_screenshot_is_a_real_png():
+    """The screenshot the README shows is what the browser test saved (committed with the docs)."""
+    path = Path(REPO / "docs" / "review-ui.png")
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
