@@ -558,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     from bouncer.cli.station import add_station
 
     add_station(sub, add, _existing_dir)
+
+    from bouncer.cli.demo import add_demo
+
+    add_demo(sub, add)
     return p
 
 

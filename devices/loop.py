@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -76,9 +76,18 @@ def encode_jpeg(frame: np.ndarray, max_side: int, quality: int) -> bytes:
     return buf.tobytes()
 
 
+class Observer(Protocol):
+    """Something watching a device from inside its process (the demo's ground-truth tally)."""
+
+    def frame(self, item: FrameItem, decision: Decision) -> None: ...
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None: ...
+
+
 class Device:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, observer: Observer | None = None) -> None:
         self.cfg = cfg
+        self.observer = observer
         self.id = cfg.device.id
         profile = profiles.detect() if cfg.device.profile == "auto" else profiles.get(cfg.device.profile)
         self.profile = profile
@@ -172,6 +181,8 @@ class Device:
         self.outbox.put(json.loads(payload)["id"], schemas.topic(self.id, "events"), payload, "event")
         self.summary.events += 1
         log.info("event %s %s", kind, fields)
+        if self.observer is not None:
+            self.observer.event(kind, fields)
 
     def on_command(self, payload: bytes) -> None:
         """Runs on the MQTT thread: validate, act, and answer bad commands with an event."""
@@ -269,6 +280,8 @@ class Device:
                 self.ota.canary.offer(item.frame, decision.decision)
         self.summary.frames += 1
         self.summary.decisions[decision.decision] += 1
+        if self.observer is not None:
+            self.observer.frame(item, decision)
         if decision.decision == ACCEPT and decision.label is not None:
             self.summary.accepted[decision.label] = self.summary.accepted.get(decision.label, 0) + 1
         m.frames.inc()
@@ -278,12 +291,18 @@ class Device:
             t1 = time.perf_counter()
             self.flag(item, decision, outputs, finite)
             self._outbox_timer.observe(time.perf_counter() - t1)
-        for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision):
+        for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision, decision.label):
             m.drift.labels(ev["signal"]).set(1)
             self.emit_event(ev.pop("event"), **ev)
         return grey
 
-    def run(self, once: bool = False, drain_timeout: float = 60.0) -> RunSummary:
+    def stop(self) -> None:
+        """End the run from another thread (what SIGTERM does for `bouncer run`)."""
+        self._stop.set()
+        if getattr(self, "source", None) is not None:
+            self.source.stop.set()
+
+    def run(self, once: bool = False, drain_timeout: float = 60.0, handle_signals: bool = True) -> RunSummary:
         self.source = open_source(
             self.cfg.source.uri, loop=self.cfg.source.loop and not once, skip_under_load=self.cfg.source.skip_under_load
         )
@@ -302,12 +321,9 @@ class Device:
         prev = None
         next_stats = time.monotonic() + self.cfg.metrics.stats_every_s
 
-        def stop(*_: object) -> None:
-            self._stop.set()
-            self.source.stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, stop)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
         try:
             for item in self.source:
                 if self._stop.is_set():

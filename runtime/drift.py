@@ -8,7 +8,10 @@
 - Rates (review, reject): Bernoulli log-likelihood CUSUM of "rate went from p0 to p1", p0 the 95%
   Clopper-Pearson upper bound of the rate over the first max(warmup, 1000) frames (a low estimate
   from a short warmup would turn noise into alarms) and p1 = max(2 p0, p0 + 0.05).
-After an alarm a signal reports once, then re-baselines (the new normal).
+After an alarm a signal reports once, then re-baselines (the new normal). Rejected frames (quality gate,
+unreadable) feed the rate tests only: a lens cap is the quality gate's to report, not a brightness drift.
+Brightness and sharpness are centred on the median of each predicted class (products differ in both; a
+light or focus change moves them all) and follow accepted frames only, whose class is trusted.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from bouncer.runtime.gates.risk import clopper_pearson_upper
 
 CONTINUOUS = ("brightness", "sharpness", "ood_score")
+CLASS_CENTRED = ("brightness", "sharpness")  # products differ in these; a light or focus change moves all
 RATES = ("review_rate", "reject_rate")
 
 
@@ -36,24 +40,71 @@ class _Cusum:
     hi: float = 0.0
     lo: float = 0.0
 
+    ready: bool = False
+
+    def set_baseline(self, values: list[float]) -> None:
+        v = np.asarray(values, np.float64)
+        self.mean = float(np.median(v))
+        self.std = max(1.4826 * float(np.median(np.abs(v - self.mean))), self.floor, 1e-9)
+        self.buf, self.ready = [], True
+
     def update(self, x: float) -> str | None:
         if not math.isfinite(x):
             return None
-        if len(self.buf) < self.warmup:
+        if not self.ready:
             self.buf.append(x)
-            if len(self.buf) == self.warmup:
-                v = np.asarray(self.buf)
-                self.mean = float(np.median(v))
-                self.std = max(1.4826 * float(np.median(np.abs(v - self.mean))), self.floor, 1e-9)
+            if len(self.buf) >= self.warmup:
+                self.set_baseline(self.buf)
             return None
         z = (x - self.mean) / self.std
         self.hi = max(0.0, self.hi + z - self.k)
         self.lo = max(0.0, self.lo - z - self.k)
         if self.hi > self.h or self.lo > self.h:
             direction = "up" if self.hi > self.h else "down"
-            self.buf, self.hi, self.lo = [], 0.0, 0.0  # re-baseline on the new normal
+            self.buf, self.hi, self.lo, self.ready = [], 0.0, 0.0, False  # re-baseline on the new normal
             return direction
         return None
+
+
+@dataclass
+class _ClassCentred:
+    """A CUSUM on the value minus the median of its predicted class. On a line making several products,
+    frame brightness differs more between products than a new light bulb moves it; the shift the bulb
+    causes is common to all of them. Frames of a class unseen during warm-up are skipped."""
+
+    cusum: _Cusum
+    warm: list[tuple[str, float]] = field(default_factory=list)
+    medians: dict[str, float] = field(default_factory=dict)
+
+    def baseline(self, label: str | None) -> float:
+        return self.medians.get(label or "-", math.nan)
+
+    def update(self, x: float, label: str | None) -> str | None:
+        if not math.isfinite(x):
+            return None
+        key = label or "-"
+        if not self.medians:
+            self.warm.append((key, x))
+            if len(self.warm) < self.cusum.warmup:
+                return None
+            groups: dict[str, list[float]] = {}
+            for k, v in self.warm:
+                groups.setdefault(k, []).append(v)
+            self.medians = {k: float(np.median(v)) for k, v in groups.items() if len(v) >= 5}
+            residuals = [v - self.medians[k] for k, v in self.warm if k in self.medians]
+            self.warm = []
+            if residuals:
+                self.cusum.set_baseline(residuals)
+            else:
+                self.medians = {}
+            return None
+        if key not in self.medians:
+            return None
+        direction = self.cusum.update(x - self.medians[key])
+        if direction:
+            self.medians = {}  # re-baseline, per class, on the new normal (the CUSUM waits for it)
+            self.cusum.ready = True
+        return direction
 
 
 @dataclass
@@ -87,14 +138,18 @@ class DriftMonitor:
         self, reference: dict[str, float], warmup: int = 500, k: float = 0.5, h: float = 20.0, rate_h: float = 14.0
     ) -> None:
         """reference: calibration spreads {"brightness": std, "sharpness": std of log, "ood_score": spread}."""
-        self.signals = {
+        self.signals: dict[str, _Cusum | _ClassCentred] = {
             name: _Cusum(floor=0.1 * float(reference.get(name, 0.0)), k=k, h=h, warmup=warmup) for name in CONTINUOUS
         }
+        for name in CLASS_CENTRED:
+            self.signals[name] = _ClassCentred(self.signals[name])
         self.rates = {name: _RateCusum(warmup=max(warmup, 1000), h=rate_h) for name in RATES}
         self.state: dict[str, str] = {}
 
-    def update(self, quality: dict[str, float], ood_score: float | None, decision: str) -> list[dict]:
-        """Feed one frame; returns drift events (usually none)."""
+    def update(
+        self, quality: dict[str, float], ood_score: float | None, decision: str, label: str | None = None
+    ) -> list[dict]:
+        """Feed one frame (with its predicted class, if any); returns drift events (usually none)."""
         values = {
             "brightness": quality.get("mean", math.nan),
             "sharpness": math.log(max(quality.get("sharpness", math.nan), 1e-6)),
@@ -102,8 +157,18 @@ class DriftMonitor:
         }
         events = []
         for name, test in self.signals.items():
-            baseline = test.mean
-            direction = test.update(values[name])
+            if decision == "reject":
+                # a frame the quality gate rejected is a visible, single-frame failure, already reported;
+                # the continuous signals follow the frames the line is really producing
+                break
+            if isinstance(test, _ClassCentred):
+                if decision != "accept":
+                    continue  # the predicted class of a flagged frame is not to be trusted
+                baseline = test.baseline(label)
+                direction = test.update(values[name], label)
+            else:
+                baseline = test.mean
+                direction = test.update(values[name])
             if direction:
                 self.state[name] = direction
                 events.append(

@@ -15,7 +15,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class StationSection:
     data_dir: str = "bouncer-station"
     group: str = "default"  # the gate group this station trains and publishes
-    share_group: str = "bouncer-station"  # $share/<share_group>/...: workers in one group split the load
+    share_group: str = "bouncer-station"  # $share/<share_group>/...: workers split the load; "" = no sharing
     worker: str = ""  # MQTT client id suffix; empty: host name and process id
 
 

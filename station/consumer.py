@@ -62,9 +62,10 @@ class Consumer:
         self.client.on_message = self._on_message
 
     def subscriptions(self) -> list[tuple[str, int]]:
+        shared = f"$share/{self.share}/" if self.share else ""  # empty: a broker without shared subscriptions
         return [
-            (f"$share/{self.share}/{schemas.PREFIX}/+/frames", 1),
-            (f"$share/{self.share}/{schemas.PREFIX}/+/events", 1),
+            (f"{shared}{schemas.PREFIX}/+/frames", 1),
+            (f"{shared}{schemas.PREFIX}/+/events", 1),
             (f"{schemas.PREFIX}/+/status", 1),  # retained; shared subscriptions get no retained messages
             (f"{schemas.PREFIX}/+/stats", 0),
         ]

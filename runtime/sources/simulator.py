@@ -28,27 +28,41 @@ class Scene:
     belt_phase: int
 
 
+# pixel grids and the lens vignette are the same for every frame: computed once (rendering speed is what
+# lets the demo run several simulated cameras on a laptop)
+_YY, _XX = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float32)
+_VIGNETTE = 1.0 - 0.18 * (((_XX - FRAME_W / 2) / FRAME_W) ** 2 + ((_YY - FRAME_H / 2) / FRAME_H) ** 2) * 4
+_TINT = np.array([1.0, 1.02, 1.04], np.float32)
+
+
+_BANK = np.random.default_rng(20261127).standard_normal((2 * FRAME_H, 6 * FRAME_W), dtype=np.float32)
+
+
+def _noise(rng: np.random.Generator, sigma: float, shape: tuple[int, ...]) -> np.ndarray:
+    """Gaussian noise: a window at a random offset of one fixed noise field (drawing fresh normals for every
+    pixel was most of the rendering time); deterministic from `rng` like everything else."""
+    h, w = shape[0], int(np.prod(shape[1:]))
+    y, x = int(rng.integers(0, _BANK.shape[0] - h)), int(rng.integers(0, _BANK.shape[1] - w))
+    return (_BANK[y : y + h, x : x + w] * np.float32(sigma)).reshape(shape)
+
+
 def _belt(rng: np.random.Generator, phase: int, light: float) -> np.ndarray:
     """Dark rubber belt with ribs that move with `phase`, plus fine grain."""
     x = np.arange(FRAME_W, dtype=np.float32)
     ribs = 6.0 * (((x + phase) % 24) < 3)
-    base = 62.0 + ribs[None, :] + rng.normal(0, 3.0, (FRAME_H, FRAME_W)).astype(np.float32)
+    base = 62.0 + ribs[None, :] + _noise(rng, 3.0, (FRAME_H, FRAME_W))
     base = cv2.GaussianBlur(base, (3, 3), 0)
-    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float32)
-    vignette = 1.0 - 0.18 * (((xx - FRAME_W / 2) / FRAME_W) ** 2 + ((yy - FRAME_H / 2) / FRAME_H) ** 2) * 4
-    grey = base * vignette * light
-    return np.repeat(grey[:, :, None], 3, axis=2) * np.array([1.0, 1.02, 1.04], np.float32)
+    grey = base * _VIGNETTE * np.float32(light)
+    return grey[:, :, None] * _TINT
 
 
 def _shade(mask: np.ndarray, colour: tuple[float, float, float], s: Scene, rng: np.random.Generator) -> np.ndarray:
     """A metallic diagonal gradient with brushed texture inside `mask`."""
-    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float32)
-    g = 0.75 + 0.35 * ((xx - s.cx) * np.cos(s.angle) + (yy - s.cy) * np.sin(s.angle)) / 120.0
-    brushed = cv2.blur(rng.normal(0, 10.0, (FRAME_H, FRAME_W)).astype(np.float32), (15, 1))
-    out = np.empty((FRAME_H, FRAME_W, 3), np.float32)
-    for c in range(3):
-        out[:, :, c] = colour[c] * g + brushed
-    return out * s.light
+    ca, sa = np.float32(np.cos(s.angle) * 0.35 / 120.0), np.float32(np.sin(s.angle) * 0.35 / 120.0)
+    g = 0.75 + (_XX - np.float32(s.cx)) * ca + (_YY - np.float32(s.cy)) * sa
+    brushed = cv2.blur(_noise(rng, 10.0, (FRAME_H, FRAME_W)), (15, 1))
+    out = g[:, :, None] * np.asarray(colour, np.float32) + brushed[:, :, None]
+    return out * np.float32(s.light)
 
 
 def _poly(points: np.ndarray, s: Scene) -> np.ndarray:
@@ -157,9 +171,10 @@ def render(part: str, rng: np.random.Generator, scene: Scene | None = None) -> n
     shadow = cv2.GaussianBlur(np.roll(mask, (5, 6), (0, 1)), (0, 0), 4)
     frame = _belt(rng, s.belt_phase, s.light) * (1 - 0.45 * shadow[:, :, None])
     part_img = _shade(mask, colour, s, rng)
-    frame = frame * (1 - mask[:, :, None]) + part_img * mask[:, :, None]
-    frame += rng.normal(0, 2.0, frame.shape).astype(np.float32)  # sensor noise
-    return np.clip(frame, 0, 255).astype(np.uint8)
+    m3 = mask[:, :, None]
+    frame += (part_img - frame) * m3
+    frame += _noise(rng, 2.0, frame.shape)  # sensor noise
+    return np.clip(frame, 0, 255, out=frame).astype(np.uint8)
 
 
 def write_dataset(out: Path, parts: tuple[str, ...] = KNOWN_CLASSES, per_class: int = 50, seed: int = 0) -> Path:

@@ -27,6 +27,7 @@ class FrameItem:
     frame: np.ndarray | None = None
     error: str | None = None  # unreadable frame: the guard rejects it with reason "unreadable"
     event: dict | None = None  # camera lost / recovered
+    truth: str | None = None  # simulated line: the incident this frame belongs to (ground truth)
 
 
 class Source:
@@ -189,7 +190,39 @@ class SimulatorSource(Source):
             n += 1
 
 
+class LineSource(Source):
+    """The simulated line with its incident schedule (line:SEED[:FRAMES[:WARMUP]]); frames carry their ground
+    truth. WARMUP (default 500) should match the device's drift.warmup."""
+
+    finite = True
+
+    def __init__(self, seed: int, frames: int, warmup: int = 500) -> None:
+        super().__init__()
+        self.seed, self.frames, self.warmup = seed, frames, warmup
+        self.uri = f"line:{seed}:{frames}:{warmup}"
+
+    def __iter__(self) -> Iterator[FrameItem]:
+        from bouncer.runtime.sources import incidents
+
+        for f in incidents.line(self.seed, self.frames, self.warmup):
+            if self.stop.is_set():
+                return
+            yield FrameItem(f"frame-{f.index:08d}", self.uri, frame=f.frame, truth=f.truth)
+
+
 def open_source(uri: str, loop: bool = False, skip_under_load: bool = True) -> Source:
+    if uri.startswith("line:"):
+        from bouncer.runtime.sources import incidents
+
+        try:
+            parts = [int(x) for x in uri[5:].split(":")]
+            warmup = parts[2] if len(parts) > 2 else 500
+            seed, frames = parts[0], parts[1] if len(parts) > 1 else incidents.frames_needed(warmup)
+            if len(parts) > 3 or frames < 1 or warmup < 1:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise BouncerError(f"source {uri!r}: expected line:SEED[:FRAMES[:WARMUP]] (positive integers)") from None
+        return LineSource(seed, frames, warmup)
     if uri.startswith("sim:"):
         try:
             return SimulatorSource(int(uri[4:] or 0))
