@@ -213,6 +213,30 @@ def cmd_sim_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_line(args: argparse.Namespace) -> int:
+    import json
+
+    import cv2
+
+    from bouncer.runtime.sources import incidents
+
+    frames = args.frames or incidents.frames_needed(args.warmup)
+    if frames < 1 or args.warmup < 1:
+        raise BouncerError("--frames and --warmup must be at least 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "truth.jsonl", "w") as truth:
+        for f in incidents.line(args.seed, frames, args.warmup):
+            name = f"frame_{f.index:06d}.png"
+            if not cv2.imwrite(str(args.out / name), f.frame):
+                raise BouncerError(f"{args.out / name}: could not write")
+            truth.write(json.dumps({"frame": name, "index": f.index, "incident": f.truth}) + "\n")
+    plan = incidents.schedule(args.warmup, frames)
+    print(f"wrote {frames} frames and truth.jsonl to {args.out}")
+    for inc in plan:
+        print(f"  {inc.kind:<15} frames {inc.start}-{inc.start + inc.length - 1}: caught by {inc.catch}")
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     """Backbone only: top ImageNet class and feature norm per image (gates arrive with `bouncer score`)."""
     import numpy as np
@@ -491,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--per-class", type=int, default=50)
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--parts", help="comma-separated part names (default: the known classes)")
+    sl = add("line", cmd_sim_line, "write the line with its incident schedule as frames + truth.jsonl", ssub)
+    sl.add_argument("--out", type=Path, required=True)
+    sl.add_argument("--seed", type=int, default=0)
+    sl.add_argument("--frames", type=int, help="default: what the schedule needs")
+    sl.add_argument("--warmup", type=int, default=500, help="clean frames before the first incident - 100")
 
     inf = add("infer", cmd_infer, "run the backbone on images: top ImageNet class and feature norm per image")
     inf.add_argument("paths", nargs="+", help="image files or folders (recursive)")
