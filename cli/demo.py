@@ -233,6 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             d.stop()
         for th in threads:
             th.join(10)
+    console.print()
     elapsed = time.monotonic() - t0
     flagged = sum(t.decisions["review"] + t.decisions["reject"] for t in tallies)
     deadline = time.monotonic() + 20
