@@ -333,19 +333,42 @@ def cmd_score(args: argparse.Namespace) -> int:
     guard = _load_guard(args.gate, args.model, args.threads)
     counts: dict[str, int] = {}
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    if args.explain:
+        args.explain.mkdir(parents=True, exist_ok=True)
     with open(args.jsonl, "w") as out:
-        for given in args.paths:
+        for n, given in enumerate(args.paths):
             for path in iter_image_paths([given]):
+                overlay_path = None
                 try:
-                    decision = guard.score_frames([read_bgr(path)])[0]
+                    frame = read_bgr(path)
+                    decision, outputs, _ = guard.score_frame(frame)
+                    if args.explain and outputs is not None and decision.decision != "accept":
+                        overlay_path = _write_overlay(guard, frame, outputs, args.explain, path, n)
                 except ImageError as exc:
                     decision = unreadable(str(exc))
                 rec = {"path": str(path), **decision.to_dict()}
+                if args.explain:
+                    rec["explain"] = overlay_path
                 out.write(json.dumps(rec) + "\n")
                 counts[decision.decision] = counts.get(decision.decision, 0) + 1
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("accept", "review", "reject"))
     print(f"{sum(counts.values())} images: {summary} -> {args.jsonl}")
     return 0
+
+
+def _write_overlay(guard, frame, outputs, folder: Path, path: Path, n: int) -> str | None:
+    """The frame with the heatmap of where it is unusual, for offline review."""
+    import cv2
+
+    from bouncer.runtime.gates import explain
+
+    heat = explain.heatmap(guard.bundle, outputs)
+    if heat is None:
+        return None
+    out = folder / f"{n:02d}-{Path(path).stem}.explain.png"
+    if not cv2.imwrite(str(out), explain.overlay(frame, heat)):
+        raise BouncerError(f"{out}: could not write the overlay")
+    return str(out)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -571,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     sc.add_argument("--jsonl", type=Path, required=True, help="output file, one JSON object per image")
     sc.add_argument("paths", nargs="+", help="image files or folders (recursive)")
+    sc.add_argument("--explain", type=Path, help="write heatmap overlays of flagged frames into this folder")
     sc.add_argument("--threads", type=_positive_int, default=1)
 
     ev = add("eval", cmd_eval, "measure a gate on clean, unknown, foreign, corrupted and garbage frames")

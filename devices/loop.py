@@ -22,6 +22,7 @@ from bouncer.runtime import backends, home, schemas
 from bouncer.runtime.config import Config
 from bouncer.runtime.drift import DriftMonitor
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates import explain
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.guard import ACCEPT, Decision, Guard, unreadable
 from bouncer.runtime.gates.heads import KnnHead
@@ -135,6 +136,8 @@ class Device:
             self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command, subscriptions=extra)
         self.summary = RunSummary()
         self._stop = threading.Event()
+        self._audit_rate = cfg.outbox.audit_rate
+        self._audit_rng = np.random.default_rng()
 
     # ---- gate updates -----------------------------------------------------------------------------
 
@@ -215,7 +218,14 @@ class Device:
             }
         )
 
-    def flag(self, item: FrameItem, decision: Decision, outputs: dict[str, np.ndarray] | None, finite: bool) -> None:
+    def flag(
+        self,
+        item: FrameItem,
+        decision: Decision,
+        outputs: dict[str, np.ndarray] | None,
+        finite: bool,
+        audit: bool = False,
+    ) -> None:
         b = self.guard.bundle
         features: dict[str, np.ndarray] = {}
         if outputs is not None:
@@ -226,6 +236,10 @@ class Device:
         jpeg = b""
         if item.frame is not None:
             jpeg = encode_jpeg(item.frame, self.cfg.outbox.jpeg_max_side, self.cfg.outbox.jpeg_quality)
+        heat = None
+        if outputs is not None and self.cfg.outbox.explain:
+            h = explain.heatmap(b, outputs)
+            heat = None if h is None else explain.heatmap_png(h)
         msg = schemas.FrameMessage(
             id=message_id(self.id, self.source_uri, item.key, finite),
             device=self.id,
@@ -242,6 +256,8 @@ class Device:
             backbone_hash=b.backbone_hash,
             jpeg=jpeg,
             features=features,
+            heatmap=heat,
+            audit=audit,
         )
         evicted = self.outbox.put(msg.id, schemas.topic(self.id, "frames"), msg.encode(), decision.decision)
         if evicted:
@@ -287,9 +303,10 @@ class Device:
         m.frames.inc()
         for reason in decision.reasons or ["-"]:
             m.decisions.labels(decision.decision, reason).inc()
-        if decision.decision != ACCEPT:
+        audit = decision.decision == ACCEPT and self._audit_rate > 0 and self._audit_rng.random() < self._audit_rate
+        if decision.decision != ACCEPT or audit:
             t1 = time.perf_counter()
-            self.flag(item, decision, outputs, finite)
+            self.flag(item, decision, outputs, finite, audit)
             self._outbox_timer.observe(time.perf_counter() - t1)
         for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision, decision.label):
             m.drift.labels(ev["signal"]).set(1)

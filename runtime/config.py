@@ -56,6 +56,8 @@ class OutboxSection:
     max_mb: float = 512.0
     jpeg_quality: int = 85
     jpeg_max_side: int = 640
+    audit_rate: float = 0.0  # fraction of accepted frames also sent (with their explanation) for spot checks
+    explain: bool = True  # attach a heatmap of where a flagged frame is unusual
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Config:
             ("outbox.max_mb", self.outbox.max_mb > 0),
             ("outbox.jpeg_quality", 1 <= self.outbox.jpeg_quality <= 100),
             ("outbox.jpeg_max_side", self.outbox.jpeg_max_side >= 16),
+            ("outbox.audit_rate", 0.0 <= self.outbox.audit_rate <= 1.0),
             ("source.max_fps", self.source.max_fps >= 0),
             ("drift.warmup", self.drift.warmup >= 10),
             ("drift.h", self.drift.h > 0),

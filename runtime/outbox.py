@@ -5,7 +5,8 @@
 - Rows are deleted only by `ack`, called when the broker's PUBACK arrives; anything unacked is sent
   again after a restart (duplicates carry the same id; the station keeps one).
 - A disk budget bounds the database: over it, the oldest `reject` rows go first, then the oldest
-  `review` rows; events are never evicted. Every eviction is counted and reported.
+  `review` rows (audit samples of accepted frames go before both); events are never evicted.
+  Every eviction is counted and reported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from bouncer.runtime.errors import BouncerError
 
-EVICTION_ORDER = ("reject", "review")  # oldest of each, in this order
+EVICTION_ORDER = ("accept", "reject", "review")  # oldest of each, in this order (accept: audit samples)
 
 
 @dataclass(frozen=True)

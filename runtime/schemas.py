@@ -115,6 +115,8 @@ class FrameMessage:
     backbone_hash: str
     jpeg: bytes
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    heatmap: bytes | None = None  # PNG: where the frame is unusual (runtime/gates/explain.py)
+    audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
 
     def encode(self) -> bytes:
         return encode(
@@ -134,6 +136,8 @@ class FrameMessage:
                 "backbone_hash": self.backbone_hash,
                 "jpeg": base64.b64encode(self.jpeg).decode(),
                 "features": features_to_wire(self.features),
+                "heatmap": None if self.heatmap is None else base64.b64encode(self.heatmap).decode(),
+                "audit": self.audit,
             }
         )
 
@@ -146,8 +150,10 @@ class FrameMessage:
             raise SchemaError(f"{what}: decision {decision!r} is not accept, review or reject")
         try:
             jpeg = base64.b64decode(_get(o, "jpeg", str, what), validate=True)
+            heat = _get(o, "heatmap", str, what, optional=True)
+            heatmap = None if heat is None else base64.b64decode(heat, validate=True)
         except ValueError:
-            raise SchemaError(f"{what}: field 'jpeg' is not base64") from None
+            raise SchemaError(f"{what}: field 'jpeg' or 'heatmap' is not base64") from None
         return cls(
             id=_get(o, "id", str, what),
             device=check_device_id(_get(o, "device", str, what)),
@@ -164,6 +170,8 @@ class FrameMessage:
             backbone_hash=_get(o, "backbone_hash", str, what),
             jpeg=jpeg,
             features=features_from_wire(_get(o, "features", dict, what), what),
+            heatmap=heatmap,
+            audit=bool(_get(o, "audit", bool, what, optional=True)),
         )
 
 

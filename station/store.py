@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS frames (
     gate_version TEXT NOT NULL,
     backbone_hash TEXT NOT NULL,
     jpeg_path TEXT NOT NULL,
+    heatmap_path TEXT,
+    audit BIGINT NOT NULL DEFAULT 0,
     features BYTEA,
     label_kind TEXT,
     label TEXT,
@@ -98,14 +100,20 @@ class Frame:
     gate_version: str
     label_kind: str | None
     label: str | None
+    heatmap_path: str | None
+    audit: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "image": f"/api/frames/{self.id}/image.jpg"}
+        d = {k: v for k, v in self.__dict__.items() if k != "heatmap_path"}
+        d["audit"] = bool(self.audit)
+        d["image"] = f"/api/frames/{self.id}/image.jpg"
+        d["heatmap"] = f"/api/frames/{self.id}/heatmap.png" if self.heatmap_path else None
+        return d
 
 
 FRAME_COLUMNS = (
     "id, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
-    "gate_version, label_kind, label"
+    "gate_version, label_kind, label, heatmap_path, audit"
 )
 
 
@@ -176,14 +184,19 @@ class Store:
             return False
         jpeg = self.images / msg.id[:2] / f"{msg.id}.jpg"
         self._write_file(jpeg, msg.jpeg)
+        heat = None
+        if msg.heatmap:
+            heat = self.images / msg.id[:2] / f"{msg.id}.heat.png"
+            self._write_file(heat, msg.heatmap)
         cur = self._exec(
             "INSERT INTO frames (id, device, ts, received, source, decision, predicted, confidence, ood_score, "
-            "reasons, details, quality, gate_version, backbone_hash, jpeg_path, features) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            "reasons, details, quality, gate_version, backbone_hash, jpeg_path, heatmap_path, audit, features) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (
                 msg.id, msg.device, msg.ts, time.time(), msg.source, msg.decision, msg.label, msg.confidence,
                 msg.ood_score, json.dumps(msg.reasons), json.dumps(msg.details), json.dumps(msg.quality),
                 msg.gate_version, msg.backbone_hash, str(jpeg.relative_to(self.root)),
+                str(heat.relative_to(self.root)) if heat else None, int(msg.audit),
                 pack_features(msg.features) if msg.features else None,
             ),
         )  # fmt: skip
@@ -244,9 +257,10 @@ class Store:
         rows = self._all(f"SELECT {FRAME_COLUMNS} FROM frames WHERE id = ?", (frame_id,))
         return _frame(rows[0]) if rows else None
 
-    def image_path(self, frame_id: str) -> Path | None:
-        rows = self._all("SELECT jpeg_path FROM frames WHERE id = ?", (frame_id,))
-        return self.root / rows[0][0] if rows else None
+    def image_path(self, frame_id: str, heatmap: bool = False) -> Path | None:
+        column = "heatmap_path" if heatmap else "jpeg_path"
+        rows = self._all(f"SELECT {column} FROM frames WHERE id = ?", (frame_id,))
+        return self.root / rows[0][0] if rows and rows[0][0] else None
 
     def set_label(self, frame_id: str, kind: str, label: str | None, user: str) -> None:
         self._exec(

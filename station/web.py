@@ -101,6 +101,13 @@ def create_app(station: Station, token: str | None) -> FastAPI:
             raise HTTPException(404, f"no image for frame {frame_id}")
         return FileResponse(path, media_type="image/jpeg")
 
+    @app.get("/api/frames/{frame_id}/heatmap.png")
+    def api_heatmap(frame_id: str) -> Response:
+        path = station.store.image_path(frame_id, heatmap=True)
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"no heatmap for frame {frame_id}")
+        return FileResponse(path, media_type="image/png")
+
     @app.post("/api/frames/{frame_id}/label")
     async def api_label(frame_id: str, request: Request) -> dict[str, Any]:
         try:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 from helpers import REPO, StationProcess, free_port, http_json, publish_all, station_config, wait_until
 from selenium import webdriver
@@ -17,7 +16,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bouncer.runtime import schemas
+from bouncer.runtime import backends, schemas
+from bouncer.runtime.gates import explain
+from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.images import read_bgr
 from bouncer.runtime.sources import simulator
 
@@ -40,21 +42,30 @@ def remaining(driver) -> int:
     return int(driver.find_element(By.ID, "remaining").text)
 
 
-def test_label_the_queue_with_the_keyboard(broker, station_dir, browser, tmp_path):
+def flagged_messages(sim_gate: Path, model: Path, folder: Path) -> list[schemas.FrameMessage]:
+    """Real decisions of the simulated line's gate on parts it does not know, as a device would send them."""
+    guard = Guard(GateBundle.load(sim_gate), backends.load(model))
+    msgs = []
+    for i, path in enumerate(sorted(folder.rglob("*.png"))):
+        frame = read_bgr(path)
+        d, outputs, _ = guard.score_frame(frame)
+        assert d.decision == "review", "a part the gate never saw is flagged"
+        msgs.append(schemas.FrameMessage(
+            id=f"ui{i:04d}", device="cam-ui", ts=time.time(), source=str(path), decision=d.decision,
+            label=d.label, confidence=d.confidence, ood_score=d.ood_score, reasons=d.reasons, details=d.details,
+            quality=d.quality, gate_version=guard.bundle.version, backbone_hash=guard.bundle.backbone_hash,
+            jpeg=cv2.imencode(".jpg", frame)[1].tobytes(), features={"features": outputs["features"][0]},
+            heatmap=explain.heatmap_png(explain.heatmap(guard.bundle, outputs)),
+        ))  # fmt: skip
+    return msgs
+
+
+def test_label_the_queue_with_the_keyboard(broker, station_dir, sim_gate, built_models, browser, tmp_path):
     cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
     station = StationProcess(cfg, free_port()).start()
     try:
-        parts = simulator.write_dataset(tmp_path / "parts", ("bolt", "gear", "washer"), per_class=2, seed=3)
-        msgs = []
-        for i, path in enumerate(sorted(parts.rglob("*.png"))[:5]):
-            rng = np.random.default_rng(i)
-            msgs.append(schemas.FrameMessage(
-                id=f"ui{i:04d}", device="cam-ui", ts=time.time(), source=str(path), decision="review",
-                label="gear", confidence=0.62, ood_score=4.1, reasons=["ood", "low_confidence"], details=[],
-                quality={"mean": 120.0}, gate_version="g1", backbone_hash="b" * 64,
-                jpeg=cv2.imencode(".jpg", read_bgr(path))[1].tobytes(),
-                features={"features": rng.normal(size=1280).astype(np.float32)},
-            ))  # fmt: skip
+        parts = simulator.write_dataset(tmp_path / "parts", ("giraffe", "bolt"), per_class=3, seed=3)
+        msgs = flagged_messages(sim_gate, built_models["onnx_int8"], parts)[:5]
         publish_all(broker.port, [(schemas.topic("cam-ui", "frames"), m.encode()) for m in msgs])
         wait_until(lambda: http_json(f"{station.url}/api/queue")[1]["counts"]["frames"] == 5, 30)
 
@@ -62,13 +73,22 @@ def test_label_the_queue_with_the_keyboard(broker, station_dir, browser, tmp_pat
         wait = WebDriverWait(browser, 15)
         wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("naturalWidth") not in (None, "0"))
         assert remaining(browser) == 5
+        first = msgs[0]
         assert browser.find_element(By.ID, "device").text == "cam-ui"
-        assert browser.find_element(By.ID, "reasons").text == "ood, low_confidence"
-        assert browser.find_element(By.ID, "predicted").text == "gear"
+        assert browser.find_element(By.ID, "reasons").text == ", ".join(first.reasons)
+        assert browser.find_element(By.ID, "predicted").text == first.label
+        ood = next(d for d in first.details if d["reason"] == "ood")
+        assert browser.find_element(By.ID, "why").text.startswith(f"ood: {ood['value']} vs {ood['threshold']}")
+        heat = browser.find_element(By.ID, "heat")
+        wait.until(lambda d: heat.is_displayed() and heat.get_attribute("naturalWidth") == "14")
         (REPO / "docs").mkdir(exist_ok=True)
         browser.save_screenshot(str(REPO / "docs" / "review-ui.png"))
 
         body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("h")  # the heatmap toggles
+        assert not heat.is_displayed()
+        body.send_keys("h")
+        assert heat.is_displayed()
         first = browser.execute_script("return current.id")
         body.send_keys("2")  # the second known class: gear
         wait.until(lambda d: remaining(d) == 4)
@@ -84,7 +104,7 @@ def test_label_the_queue_with_the_keyboard(broker, station_dir, browser, tmp_pat
         assert http_json(f"{station.url}/api/frames/{first}")[1]["label"] == "gear"
         labels = sorted((f["label_kind"], f["label"]) for f in (http_json(f"{station.url}/api/frames/{m.id}")[1]
                                                                 for m in msgs) if f["label_kind"])  # fmt: skip
-        assert labels == [("class", "gear"), ("class", "gear"), ("garbage", None), ("new", "bent pin")]
+        assert labels == sorted([("class", "gear"), ("class", msgs[1].label), ("garbage", None), ("new", "bent pin")])
 
         browser.get(f"{station.url}/gates")
         assert "Gates" in browser.find_element(By.TAG_NAME, "h1").text

@@ -1,5 +1,11 @@
 // Review queue: one frame at a time, labelled with one key press through the JSON API.
 let current = null;
+let showHeat = true;
+
+function why(details) {
+  return details.map((d) => d.threshold === undefined || d.threshold === null
+    ? d.reason : `${d.reason}: ${d.value} vs ${d.threshold}`).join("; ");
+}
 
 async function loadNext() {
   const r = await fetch("/api/queue?limit=1");
@@ -10,8 +16,12 @@ async function loadNext() {
   document.getElementById("empty").hidden = !!current;
   if (!current) return;
   document.getElementById("image").src = current.image;
+  const heat = document.getElementById("heat");
+  heat.hidden = !current.heatmap || !showHeat;
+  if (current.heatmap) heat.src = current.heatmap;
+  document.getElementById("why").textContent = why(current.details) || "-";
   document.getElementById("device").textContent = current.device;
-  document.getElementById("decision").textContent = current.decision;
+  document.getElementById("decision").textContent = current.audit ? "accept (audit sample)" : current.decision;
   document.getElementById("reasons").textContent = current.reasons.join(", ");
   document.getElementById("predicted").textContent = current.predicted || "-";
   document.getElementById("confidence").textContent = current.confidence == null ? "-" : current.confidence.toFixed(3);
@@ -35,6 +45,10 @@ document.addEventListener("keydown", (e) => {
   if (n >= 1 && n <= CLASSES.length) label(CLASSES[n - 1]);
   else if (e.key === "c") label("correct");
   else if (e.key === "g") label("garbage");
+  else if (e.key === "h") {
+    showHeat = !showHeat;
+    document.getElementById("heat").hidden = !showHeat || !(current && current.heatmap);
+  }
   else if (e.key === "n") {
     const form = document.getElementById("newform");
     form.hidden = false;

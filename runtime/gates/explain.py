@@ -1,0 +1,62 @@
+"""Where a frame is unusual: a coarse heatmap from the kNN head on the channel maxima of a feature map.
+
+That head compares each channel's maximum over the map with the nearest training frame's. The channels
+whose maximum exceeds the nearest normal frame's carry the evidence; each position's heat is the sum of
+that excess over the channels weighted by how close the position comes to the channel's maximum there.
+So the map shows the cells that set the unusual maxima, at the tap's resolution (14 x 14 for map_s16).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.heads import KnnHead
+
+SHARPNESS = 4.0  # how strongly a position must approach the channel maximum to count
+
+
+def explaining_head(bundle: GateBundle) -> KnnHead | None:
+    return next((h for h in bundle.ood_heads if isinstance(h, KnnHead) and h.reduce == "max"), None)
+
+
+def heatmap(bundle: GateBundle, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """H x W float32 in [0, 1] for the first frame of `outputs`, or None if the gate has no spatial head."""
+    head = explaining_head(bundle)
+    if head is None or head.source not in outputs or outputs[head.source].ndim != 4:
+        return None
+    fmap = np.asarray(outputs[head.source][0], np.float32)  # C x H x W
+    c, h, w = fmap.shape
+    v = fmap.reshape(c, -1).max(axis=1)
+    norm = float(np.linalg.norm(v)) or 1.0
+    vn = v / norm
+    bank = head.bank.astype(np.float32)
+    nearest = bank[int(np.argmax(bank @ vn))]
+    excess = np.maximum(vn - nearest, 0.0)
+    share = np.clip(fmap / np.maximum(v, 1e-6)[:, None, None], 0.0, 1.0) ** SHARPNESS
+    heat = np.tensordot(excess, share, axes=1)
+    top = float(heat.max())
+    return (heat / top).astype(np.float32) if top > 0 else np.zeros((h, w), np.float32)
+
+
+def _alpha(heat: np.ndarray) -> np.ndarray:
+    """Opacity grows with the heat: cold cells stay see-through, so the overlay marks only what matters."""
+    return np.clip(heat * 1.4 - 0.15, 0.0, 0.8)
+
+
+def heatmap_png(heat: np.ndarray) -> bytes:
+    """A small colour PNG with alpha (JET colour map): what travels with a flagged frame."""
+    bgr = cv2.applyColorMap(np.clip(heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    bgra = np.dstack([bgr, (_alpha(heat) * 255).astype(np.uint8)])
+    ok, buf = cv2.imencode(".png", bgra)
+    return buf.tobytes() if ok else b""
+
+
+def overlay(frame: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The frame with its heatmap blended on top (for offline review: `bouncer score --explain`)."""
+    h, w = frame.shape[:2]
+    big = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+    colour = cv2.applyColorMap((big * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    a = _alpha(big)[:, :, None]
+    return (frame.astype(np.float32) * (1 - a) + colour * a).astype(np.uint8)
