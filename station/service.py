@@ -60,6 +60,8 @@ class Station:
             vectors = {s: head_input(s, ex.outputs[parse_head(s)[1]]) for s in specs}
             sets.append(FeatureSet(ex.labels, ex.outputs[backend.card.features], vectors, ex.stats))
         self.base.save(sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes})
+        self.store.audit(bundle.version, "fitted", "bouncer fit", _fit_summary(bundle, train_dir=str(train_dir)))
+        self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {})
         self.publish(bundle, bundle_path, role_metrics={"origin": f"bouncer fit ({train_dir})"})
         return {"train": len(sets[0]), "calib": len(sets[1]), "root": str(self.repo.root_json)}
 
@@ -81,8 +83,11 @@ class Station:
             bundle.save(dest)
         custom = {"version": bundle.version, "serial": serial, "backbone_hash": bundle.backbone_hash,
                   "classes": bundle.classes}  # fmt: skip
-        self.repo.publish(dest, self.group, custom)
+        targets_version = self.repo.publish(dest, self.group, custom)
+        self.store.audit(bundle.version, "published", "station", {"serial": serial, "group": self.group,
+                                                                  "tuf_targets_version": targets_version})  # fmt: skip
         old = self.store.champion()
+        self.write_card(bundle, self._load_version(old["path"]) if old else None)
         if old:
             self.store.set_gate_role(old["version"], "retired")
         self.store.add_gate(bundle.version, serial, "champion", dest, {**bundle.fit_metrics, **(role_metrics or {})})
@@ -98,15 +103,43 @@ class Station:
             champion = self.champion()
             serial = self.store.next_serial()
             result = retrain(self.store, self.base, champion, serial, log=log_fn or (lambda m: log.info(m)))
+            if result.challenger is not None:
+                self.store.audit(result.challenger.version, "fitted", "station retrain",
+                                 _fit_summary(result.challenger, **result.metrics))  # fmt: skip
+                if result.publish:
+                    self.store.audit(result.challenger.version, "approved", "rule: guarantee holds and not worse "
+                                     "than the champion on held-out labels", {"reason": result.reason})  # fmt: skip
+                else:
+                    self.store.audit(
+                        result.challenger.version, "rejected", "station retrain", {"reason": result.reason}
+                    )
             if result.challenger is not None and not result.publish:
                 path = self.gates_dir / f"{result.challenger.version}.bouncer"
                 result.challenger.save(path)
                 self.store.add_gate(result.challenger.version, serial, "rejected", path,
                                     {**result.challenger.fit_metrics, "rejected_because": result.reason})  # fmt: skip
+                self.write_card(result.challenger, champion)
             if result.publish and result.challenger is not None:
                 self.publish(result.challenger)
             self.last_retrain = {"published": result.publish, "reason": result.reason, **result.metrics}
             return result
+
+    def _load_version(self, path: str) -> GateBundle | None:
+        try:
+            return GateBundle.load(Path(path))
+        except BouncerError:
+            return None
+
+    def card_path(self, version: str) -> Path:
+        return self.gates_dir / f"{version}.md"
+
+    def write_card(self, bundle: GateBundle, previous: GateBundle | None) -> Path:
+        from bouncer.station.gatecard import gate_card
+
+        self.gates_dir.mkdir(parents=True, exist_ok=True)
+        path = self.card_path(bundle.version)
+        path.write_text(gate_card(bundle, previous, self.store.audit_log(bundle.version)))
+        return path
 
     # ---- labels ---------------------------------------------------------------------------------
 
@@ -139,3 +172,11 @@ class Station:
         if self.consumer is not None:
             self.consumer.stop()
         self.store.close()
+
+
+def _fit_summary(bundle: GateBundle, **extra: Any) -> dict[str, Any]:
+    """What a `fitted` audit record keeps: data used, metrics, the guarantee achieved."""
+    m = bundle.fit_metrics
+    keep = ("train_images", "calibration_images", "class_counts", "calibration_accuracy", "calibration_coverage",
+            "ece_after_scaling")  # fmt: skip
+    return {**{k: m.get(k) for k in keep}, "classes": bundle.classes, "guarantee": bundle.acceptance.__dict__, **extra}

@@ -72,6 +72,16 @@ CREATE TABLE IF NOT EXISTS devices (
     status TEXT NOT NULL,
     stats TEXT
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id TEXT PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    gate_version TEXT NOT NULL,
+    event TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    device TEXT,
+    details TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS gates (
     version TEXT PRIMARY KEY,
     serial BIGINT NOT NULL,
@@ -135,6 +145,17 @@ def unpack_features(blob: bytes) -> dict[str, np.ndarray]:
         return {k: z[k].astype(np.float32) for k in z.files}
 
 
+# the audit log is append-only: the database itself refuses to change or delete a row
+APPEND_ONLY = """
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+AUDIT_FIELDS = ("id", "ts", "gate_version", "event", "actor", "device", "details")
+DEVICE_GATE_EVENTS = {"gate_commit": "applied", "gate_rollback": "rolled_back", "gate_update_rejected": "refused"}
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -149,6 +170,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._db.executescript(APPEND_ONLY)
         except sqlite3.DatabaseError as exc:
             raise BouncerError(f"{path}: unusable station database ({exc})") from None
 
@@ -218,7 +240,26 @@ class Store:
             "INSERT INTO events (id, device, ts, kind, body) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (ev["id"], ev["device"], float(ev["ts"]), ev["event"], json.dumps(ev)),
         )
-        return cur.rowcount == 1
+        new = cur.rowcount == 1
+        if new and ev["event"] in DEVICE_GATE_EVENTS:  # a gate's life on each device is part of its audit trail
+            details = {k: v for k, v in ev.items() if k not in ("v", "id", "device", "ts", "event")}
+            self.audit(str(ev.get("version") or "?"), DEVICE_GATE_EVENTS[ev["event"]], f"device:{ev['device']}",
+                       details, device=ev["device"])  # fmt: skip
+        return new
+
+    # ---- audit log ------------------------------------------------------------------------------
+
+    def audit(self, gate_version: str, event: str, actor: str, details: dict[str, Any], device: str | None = None):
+        """Append one gate lifecycle record: fitted, approved, rejected, published, applied, rolled_back."""
+        self._exec(
+            "INSERT INTO audit (id, ts, gate_version, event, actor, device, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (schemas.new_id(), time.time(), gate_version, event, actor, device, json.dumps(details, default=str)),
+        )
+
+    def audit_log(self, gate_version: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("WHERE gate_version = ?", (gate_version,)) if gate_version else ("", ())
+        rows = self._all(f"SELECT {', '.join(AUDIT_FIELDS)} FROM audit {where} ORDER BY ts, id", args)
+        return [{**dict(zip(AUDIT_FIELDS, r, strict=True)), "details": json.loads(r[6])} for r in rows]
 
     def set_status(self, status: dict[str, Any]) -> None:
         self._exec(

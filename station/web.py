@@ -150,7 +150,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     def gates() -> dict[str, Any]:
         return {"gates": station.store.gates(), "published": station.repo.current(station.group),
-                "last_retrain": station.last_retrain}  # fmt: skip
+                "last_retrain": station.last_retrain, "audit": station.store.audit_log()[-50:]}  # fmt: skip
 
     @app.get("/api/gates")
     def api_gates() -> dict[str, Any]:
@@ -159,6 +159,35 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     @app.get("/gates", response_class=HTMLResponse)
     def gates_page(request: Request) -> HTMLResponse:
         return page(request, "gates.html", **gates())
+
+    @app.get("/api/gates/{version}/card.md")
+    def api_gate_card(version: str) -> Response:
+        if not any(g["version"] == version for g in station.store.gates()):
+            raise HTTPException(404, f"no gate {version}")
+        path = station.card_path(version)
+        if not path.is_file():
+            raise HTTPException(404, f"no card for gate {version}")
+        return Response(path.read_text(), media_type="text/markdown; charset=utf-8")
+
+    @app.get("/api/audit")
+    def api_audit(format: str = "json", gate: str | None = None) -> Response:
+        rows = station.store.audit_log(gate)
+        if format == "csv":
+            import csv
+            import io
+            import json as _json
+
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["id", "ts", "gate_version", "event", "actor", "device", "details"])
+            for r in rows:
+                w.writerow([r["id"], r["ts"], r["gate_version"], r["event"], r["actor"], r["device"] or "",
+                            _json.dumps(r["details"])])  # fmt: skip
+            return Response(buf.getvalue(), media_type="text/csv",
+                            headers={"Content-Disposition": "attachment; filename=bouncer-audit.csv"})  # fmt: skip
+        if format != "json":
+            raise HTTPException(422, "format: json or csv")
+        return JSONResponse(rows)
 
     @app.post("/api/retrain")
     def api_retrain() -> dict[str, Any]:

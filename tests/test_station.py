@@ -3,15 +3,20 @@ type to a device accepting it, shared subscriptions, quarantine, labels and the 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from helpers import Collector, StationProcess, free_port, http_json, publish_all, run_cli, station_config, wait_until
 
 from bouncer.runtime import schemas
@@ -109,6 +114,30 @@ def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tm
         assert set(after["accepted"]) == {"bolt"}
         fleet = http_json(f"{station.url}/api/fleet")[1]
         assert any(d["device"] == "cam-1" for d in fleet["devices"])
+
+        # the audit trail: who fitted, approved, published and applied which gate
+        trail = http_json(f"{station.url}/api/audit")[1]
+        new = [(a["event"], a["actor"]) for a in trail if a["gate_version"] == result["version"]]
+        assert [e for e, _ in new] == ["fitted", "approved", "published", "applied"], new
+        assert new[1][1].startswith("rule:") and new[3][1] == "device:cam-1"
+        first = [a["event"] for a in trail if a["gate_version"] == champ["version"]]
+        assert first == ["fitted", "approved", "published"]
+        fitted = next(a for a in trail if a["gate_version"] == result["version"] and a["event"] == "fitted")
+        assert fitted["details"]["guarantee"]["threshold"] is not None and "bolt" in fitted["details"]["classes"]
+        with urllib.request.urlopen(f"{station.url}/api/audit?format=csv") as r:
+            rows = list(csv.reader(io.StringIO(r.read().decode())))
+        assert rows[0][:4] == ["id", "ts", "gate_version", "event"] and len(rows) == len(trail) + 1
+        with urllib.request.urlopen(f"{station.url}/api/gates/{result['version']}/card.md") as r:
+            card = r.read().decode()
+        assert f"# Gate {result['version']}" in card and "bolt" in card
+        assert f"previous version: {champ['version']}" in card
+        assert "## Guarantee" in card and "Held-out operator labels" in card
+        db = sqlite3.connect(station_dir / "station.sqlite")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("UPDATE audit SET actor = 'someone else'")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM audit")
+        db.close()
     finally:
         station.stop()
 

@@ -1,0 +1,84 @@
+"""A gate card per version (like a model card, for the gate): classes, data, metrics against the previous
+version, the guarantee, known limits, and the gate's audit trail so far."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from bouncer.runtime.gates.bundle import GateBundle
+
+LIMITS = (
+    "The accuracy guarantee holds for frames like the calibration set (exchangeable with it); a changed line "
+    "voids it until the gate is refitted.",
+    "Part types and defects never seen are caught by the OOD heads only as far as they look unlike every "
+    "training frame; subtle new defects on a known part can pass.",
+    "Frame-quality fences come from the training frames: a camera set up differently needs new training data.",
+)
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f}%"
+
+
+def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[str, Any]]) -> str:
+    m, a = bundle.fit_metrics, bundle.acceptance
+    prev = previous.fit_metrics if previous else {}
+    lines = [
+        f"# Gate {bundle.version}",
+        "",
+        f"- created: {bundle.created}",
+        f"- backbone: {bundle.backbone_name} (`{bundle.backbone_hash[:16]}`)",
+        f"- classes: {', '.join(bundle.classes)}",
+        f"- previous version: {previous.version if previous else 'none'}",
+        "",
+        "## Data",
+        "",
+        "| | this gate | previous |",
+        "| --- | --- | --- |",
+        f"| training frames | {m.get('train_images', '-')} | {prev.get('train_images', '-')} |",
+        f"| calibration frames | {m.get('calibration_images', '-')} | {prev.get('calibration_images', '-')} |",
+    ]
+    for cls, n in (m.get("class_counts") or {}).items():
+        lines.append(f"| training frames of `{cls}` | {n} | {(prev.get('class_counts') or {}).get(cls, '-')} |")
+    retrain = m.get("retrain") or {}
+    if retrain:
+        lines.append(f"| operator labels used | {retrain.get('labelled_used', '-')} | |")
+        lines.append(f"| new classes | {', '.join(retrain.get('new_classes') or []) or 'none'} | |")
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        "| metric (calibration set) | this gate | previous |",
+        "| --- | --- | --- |",
+    ]
+    for label, key, fmt in (
+        ("accuracy", "calibration_accuracy", _pct),
+        ("coverage (auto-accepted)", "calibration_coverage", _pct),
+        ("ECE after temperature scaling", "ece_after_scaling", lambda x: "-" if x is None else str(x)),
+    ):
+        lines.append(f"| {label} | {fmt(m.get(key))} | {fmt(prev.get(key))} |")
+    if retrain.get("challenger", {}).get("frames"):
+        ch, cp = retrain["challenger"], retrain["champion"]
+        lines += [
+            "",
+            f"Held-out operator labels ({ch['frames']} frames), this gate vs the champion it challenged "
+            f"({cp['version']}): accepted error {_pct(ch['accepted_error'])} vs {_pct(cp['accepted_error'])}, "
+            f"coverage {_pct(ch['coverage'])} vs {_pct(cp['coverage'])}, correct accepts "
+            f"{ch['accepted_correct']} vs {cp['accepted_correct']}.",
+        ]
+    guarantee = (
+        f"accepted frames are at least {_pct(a.target_accuracy)} correct with probability {_pct(1 - a.delta)} "
+        f"(Learn-then-Test, Clopper-Pearson; error bound {a.error_bound:.4f} from {a.n_errors} errors in "
+        f"{a.n_accepted} accepted of {a.n_calibration} calibration frames)"
+        if a.threshold is not None
+        else f"none: no confidence threshold reaches {_pct(a.target_accuracy)}; this gate auto-accepts nothing"
+    )
+    lines += ["", "## Guarantee", "", guarantee, "", "## Known limits", ""]
+    lines += [f"- {x}" for x in LIMITS]
+    lines += ["", "## Audit trail", "", "| when (UTC) | event | by | details |", "| --- | --- | --- | --- |"]
+    for r in audit:
+        when = dt.datetime.fromtimestamp(r["ts"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        detail = ", ".join(f"{k}={v}" for k, v in r["details"].items() if not isinstance(v, dict | list))[:200]
+        lines.append(f"| {when} | {r['event']} | {r['actor']} | {detail} |")
+    return "\n".join(lines) + "\n"
