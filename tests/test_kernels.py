@@ -202,8 +202,10 @@ def test_shape_and_dtype_errors_match():
 
 
 def test_kernels_release_the_gil():
-    """While a long kernel runs in one thread, Python keeps running in another about as fast as beside an
-    idle (sleeping) thread; a kernel holding the GIL would stall it for the kernel's whole duration."""
+    """While a long kernel runs in one thread, Python keeps running in another; a kernel holding the GIL
+    would stall it for the kernel's whole duration (zero ticks). Other load on the machine slows the ticking
+    thread too, so the bar is a tenth of the rate beside a sleeping thread, best of three tries: far from
+    the zero a held GIL gives, robust to a busy CI machine."""
     import threading
     import time
 
@@ -226,10 +228,15 @@ def test_kernels_release_the_gil():
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(50000, 192)).astype(np.float32)
     x = rng.normal(size=(60, 192)).astype(np.float32)
-    idle, _ = ticks_per_second(lambda: time.sleep(0.08))
-    busy, duration = ticks_per_second(lambda: cpp.knn_score(x, bank, 1))
-    assert duration > 0.02, duration  # the kernel ran long enough to tell
-    assert busy > 0.5 * idle, (busy, idle)
+    tries = []
+    for _ in range(3):
+        idle, _ = ticks_per_second(lambda: time.sleep(0.08))
+        busy, duration = ticks_per_second(lambda: cpp.knn_score(x, bank, 1))
+        assert duration > 0.02, duration  # the kernel ran long enough to tell
+        tries.append((busy / idle, busy, idle))
+        if busy > 0.1 * idle:
+            break
+    assert max(t[0] for t in tries) > 0.1, tries
 
 
 def test_missing_extension_falls_back_with_one_warning():
