@@ -33,10 +33,10 @@ def cmd_station_init(args: argparse.Namespace) -> int:
 
     station = _station(args.config, args.data_dir)
     backend = backends.load(args.model or default_model(), threads=args.threads)
-    out = station.init(args.gate, backend, args.train, args.calib)
+    out = station.init(args.gate, backend, args.train, args.calib, args.group)
     print(
-        f"station ready in {station.root}: {out['train']} training and {out['calib']} calibration frames as base "
-        f"features; gate published; give devices {out['root']} as ota.root"
+        f"station ready in {station.root}, group {out['group']}: {out['train']} training and {out['calib']} "
+        f"calibration frames as base features; gate published; give devices {out['root']} as ota.root"
     )
     return 0
 
@@ -45,12 +45,16 @@ def cmd_station_retrain(args: argparse.Namespace) -> int:
     station = _station(args.config, args.data_dir, broker=args.broker)
     station.start_mqtt()  # to announce a published gate
     try:
-        result = station.retrain(log_fn=lambda m: print(m, file=sys.stderr))
+        result = station.retrain(args.group, log_fn=lambda m: print(m, file=sys.stderr))
         if station.consumer is not None:
             station.consumer.connected.wait(5)
     finally:
         station.stop()
-    verdict = f"published {result.challenger.version}" if result.publish else "not published"
+    pending = result.publish and station.cfg.retrain.approval == "manual"
+    verdict = (
+        f"{result.challenger.version} awaits approval" if pending
+        else f"published {result.challenger.version}" if result.publish else "not published"
+    )  # fmt: skip
     print(f"{verdict}: {result.reason}")
     print(json.dumps({"published": result.publish, "reason": result.reason, **result.metrics}))
     return 0
@@ -69,7 +73,10 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=station.cfg.http.host, port=station.cfg.http.port, log_level="warning")
     )
-    print(f"station on http://{station.cfg.http.host}:{station.cfg.http.port}/ (group {station.group})", flush=True)
+    if station.cfg.retrain.every_s or station.cfg.retrain.min_new_labels:
+        threading.Thread(target=station.retrain_loop, name="retrain", daemon=True).start()
+    groups = ", ".join(station.groups)
+    print(f"station on http://{station.cfg.http.host}:{station.cfg.http.port}/ (groups {groups})", flush=True)
     stop = threading.Event()
 
     def handle(*_: object) -> None:
@@ -105,9 +112,11 @@ def add_station(sub, add, existing_dir) -> None:
     i.add_argument("--calib", type=existing_dir, required=True, help="the gate's calibration folder")
     i.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     i.add_argument("--threads", type=int, default=2)
+    i.add_argument("--group", help="the group this gate is for (default: the first of station.groups)")
     r = add("retrain", cmd_station_retrain, "refit the gate with the labels; publish if not worse", ssub)
     common(r)
     r.add_argument("--broker", help="override mqtt.broker (announces a published gate)")
+    r.add_argument("--group", help="the group to retrain (default: the first of station.groups)")
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

@@ -127,12 +127,18 @@ class Device:
 
             self.flag_rate = FlagRate()
             self.ota = OtaUpdater(
-                cfg.ota, data, lambda: (self.guard, self.serial), self._offer, self.emit_event, self.flag_rate.rate
+                cfg.ota,
+                data,
+                lambda: (self.guard, self.serial),
+                self._offer,
+                self.emit_event,
+                self.flag_rate.rate,
+                group=cfg.device.group,
             )
         if cfg.mqtt.broker:
             from bouncer.devices.link import MqttLink
 
-            extra = {schemas.gate_topic(cfg.ota.group): self._on_announce} if self.ota else {}
+            extra = {schemas.gate_topic(cfg.device.group): self._on_announce} if self.ota else {}
             self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command, subscriptions=extra)
         self.summary = RunSummary()
         self._stop = threading.Event()
@@ -214,6 +220,7 @@ class Device:
                 "drift": self.drift.state,
                 "gate_version": self.guard.bundle.version,
                 "gate_serial": self.serial,
+                "group": self.cfg.device.group,
                 "profile": self.profile.name,
             }
         )
@@ -256,6 +263,7 @@ class Device:
             backbone_hash=b.backbone_hash,
             jpeg=jpeg,
             features=features,
+            group=self.cfg.device.group,
             heatmap=heat,
             audit=audit,
         )

@@ -178,8 +178,10 @@ class OtaUpdater:
         offer: Callable[[Candidate], None],
         emit: Callable[..., None],
         recent_flag_rate: Callable[[], float | None],
+        group: str = "default",
     ) -> None:
         self.cfg = cfg
+        self.group = group
         self.slots = GateSlots(Path(data_dir) / "gates")
         self.canary = Canary(Path(data_dir) / "canary", cfg.canary_size, cfg.canary_every)
         self.current, self.offer, self.emit, self.recent_flag_rate = current, offer, emit, recent_flag_rate
@@ -249,7 +251,7 @@ class OtaUpdater:
                 str(self.tuf_dir), f"{url}/metadata/", str(self.download_dir), f"{url}/targets/", bootstrap=None
             )
             updater.refresh()
-            info = updater.get_targetinfo(TARGET.format(group=self.cfg.group))
+            info = updater.get_targetinfo(TARGET.format(group=self.group))
         except tuf_errors.DownloadError as exc:
             log.info("gate repository unreachable: %s", exc)
             return None
@@ -257,6 +259,7 @@ class OtaUpdater:
             self._report("gate_update_rejected", f"metadata refused: {type(exc).__name__}: {exc}")
             return None
         if info is None:
+            self._report("gate_update_rejected", f"the station publishes no gate for group {self.group!r}")
             return None
         custom = info.custom or {}
         try:

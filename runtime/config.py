@@ -20,6 +20,7 @@ from bouncer.runtime.errors import BouncerError
 @dataclass
 class DeviceSection:
     id: str = ""
+    group: str = "default"  # the line / camera group: which gate this device follows, where its frames go
     profile: str = "auto"  # a name from devices/data/*.toml, or "auto" to detect
     data_dir: str = "bouncer-data"
 
@@ -72,7 +73,6 @@ class DriftSection:
 class OtaSection:
     url: str = ""  # the station's TUF repository, e.g. http://station:8080/tuf; empty: no over-the-air updates
     root: str = ""  # the trusted root.json written by `bouncer station init` (copied to the device once)
-    group: str = "default"  # the gate group this device follows
     poll_s: float = 300.0  # also checks at once when the station's retained announcement arrives
     canary_size: int = 32  # accepted frames kept on the device to try a new gate on before the swap
     canary_every: int = 25  # keep every n-th accepted frame
@@ -97,12 +97,16 @@ class Config:
     ota: OtaSection = field(default_factory=OtaSection)
 
     def validate(self) -> Config:
-        from bouncer.runtime.schemas import SchemaError, check_device_id
+        from bouncer.runtime.schemas import SchemaError, check_device_id, gate_topic
 
         try:
             check_device_id(self.device.id)
         except SchemaError as exc:
             raise BouncerError(f"device.id: {exc}") from None
+        try:
+            gate_topic(self.device.group)
+        except SchemaError as exc:
+            raise BouncerError(f"device.group: {exc}") from None
         if not self.source.uri:
             raise BouncerError("source.uri: required (a folder, video file, camera index, URL or sim:SEED)")
         if self.ota.url and not self.ota.root:
@@ -149,6 +153,12 @@ def _section(cls: type, data: Any, where: str) -> Any:
         key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(want):
             values[name] = _section(want, value, key)
+            continue
+        if typing.get_origin(want) is list:  # list[str] and the like: a TOML array of one type
+            (item,) = typing.get_args(want)
+            if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+                raise BouncerError(f"{key}: expected a list of {item.__name__}")
+            values[name] = list(value)
             continue
         ok = (
             isinstance(value, want)

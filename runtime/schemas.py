@@ -115,6 +115,7 @@ class FrameMessage:
     backbone_hash: str
     jpeg: bytes
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    group: str = "default"  # the device's line / camera group: which gate it follows
     heatmap: bytes | None = None  # PNG: where the frame is unusual (runtime/gates/explain.py)
     audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
 
@@ -136,6 +137,7 @@ class FrameMessage:
                 "backbone_hash": self.backbone_hash,
                 "jpeg": base64.b64encode(self.jpeg).decode(),
                 "features": features_to_wire(self.features),
+                "group": self.group,
                 "heatmap": None if self.heatmap is None else base64.b64encode(self.heatmap).decode(),
                 "audit": self.audit,
             }
@@ -170,9 +172,16 @@ class FrameMessage:
             backbone_hash=_get(o, "backbone_hash", str, what),
             jpeg=jpeg,
             features=features_from_wire(_get(o, "features", dict, what), what),
+            group=_group(_get(o, "group", str, what, optional=True) or "default", what),
             heatmap=heatmap,
             audit=bool(_get(o, "audit", bool, what, optional=True)),
         )
+
+
+def _group(group: str, what: str) -> str:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", group):
+        raise SchemaError(f"{what}: group {group!r} is not 1-64 characters of A-Z a-z 0-9 _ . -")
+    return group
 
 
 def event(device: str, kind: str, **fields: Any) -> bytes:

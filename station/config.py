@@ -14,7 +14,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class StationSection:
     data_dir: str = "bouncer-station"
-    group: str = "default"  # the gate group this station trains and publishes
+    groups: list[str] = field(default_factory=lambda: ["default"])  # lines / camera groups, one gate each
     share_group: str = "bouncer-station"  # $share/<share_group>/...: workers split the load; "" = no sharing
     worker: str = ""  # MQTT client id suffix; empty: host name and process id
 
@@ -27,16 +27,31 @@ class HttpSection:
 
 
 @dataclass
+class RetrainSection:
+    every_s: float = 0.0  # retrain each group on this schedule (0: off)
+    min_new_labels: int = 0  # ... or as soon as a group has this many new labels (0: off)
+    approval: str = "auto"  # auto: publish a challenger that passes its checks; manual: wait for an operator
+
+
+@dataclass
 class StationConfig:
     station: StationSection = field(default_factory=StationSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     http: HttpSection = field(default_factory=HttpSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
 
     def validate(self) -> StationConfig:
-        try:
-            gate_topic(self.station.group)
-        except SchemaError as exc:
-            raise BouncerError(f"station.group: {exc}") from None
+        if not self.station.groups or len(set(self.station.groups)) != len(self.station.groups):
+            raise BouncerError("station.groups: one or more distinct group names")
+        for g in self.station.groups:
+            try:
+                gate_topic(g)
+            except SchemaError as exc:
+                raise BouncerError(f"station.groups: {exc}") from None
+        if self.retrain.approval not in ("auto", "manual"):
+            raise BouncerError(f"retrain.approval: 'auto' or 'manual', got {self.retrain.approval!r}")
+        if self.retrain.every_s < 0 or self.retrain.min_new_labels < 0:
+            raise BouncerError("retrain.every_s, retrain.min_new_labels: must not be negative")
         if self.mqtt.broker and not self.mqtt.broker.startswith(("mqtt://", "mqtts://")):
             raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.mqtt.broker!r}")
         if not 0 <= self.http.port <= 65535:

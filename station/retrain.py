@@ -70,7 +70,9 @@ def _featureset(rows: list[tuple[int, dict[str, np.ndarray], dict[str, float]]],
     return FeatureSet(labels, feats, vectors, [r[2] for r in rows])
 
 
-def retrain(store: Store, base: BaseData, champion: GateBundle, serial: int, log=print) -> RetrainResult:
+def retrain(
+    store: Store, base: BaseData, champion: GateBundle, serial: int, group: str = "default", log=print
+) -> RetrainResult:
     meta = base.meta
     features = meta["features"]
     heads = list(champion.fusion.names)
@@ -78,7 +80,7 @@ def retrain(store: Store, base: BaseData, champion: GateBundle, serial: int, log
     parts: dict[str, list] = {"train": [], "calib": [], "heldout": []}
     truth: list[str | None] = []
     skipped = 0
-    for frame_id, kind, label, quality, blob in store.labelled(champion.backbone_hash):
+    for frame_id, kind, label, quality, blob in store.labelled(champion.backbone_hash, group):
         feats = unpack_features(blob) if blob else {}
         if features not in feats or any(h not in feats for h in heads):
             skipped += 1  # rejected before the backbone (quality gate): nothing to learn the heads from

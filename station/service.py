@@ -1,11 +1,13 @@
 """The station as one object: store, TUF repository, base features, MQTT consumer, and the operations
-the CLI and the web UI share (init, label, retrain and publish)."""
+the CLI and the web UI share (init, label, retrain, approve and publish), one gate per group (line or
+camera group). Groups never share data: a group's labels retrain only its gate."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,44 +15,60 @@ from bouncer.runtime import schemas
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import (
-    BASELINE_HEAD,
-    FeatureSet,
-    extract,
-    head_input,
-    load_split,
-    parse_head,
-)
+from bouncer.runtime.gates.fit import BASELINE_HEAD, FeatureSet, extract, head_input, load_split, parse_head
 from bouncer.station.config import StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Store
 from bouncer.station.tufrepo import TufRepo
 
 log = logging.getLogger("bouncer.station")
+APPROVAL_RULE = "rule: guarantee holds and not worse than the champion on held-out labels"
+
+
+class GroupError(BouncerError):
+    """A group this station does not manage."""
 
 
 class Station:
     def __init__(self, cfg: StationConfig) -> None:
         self.cfg = cfg
         self.root = Path(cfg.station.data_dir)
-        self.group = cfg.station.group
+        self.groups = list(cfg.station.groups)
         self.store = Store(self.root)
         self.repo = TufRepo(self.root)
-        self.base = BaseData(self.root / "base")
-        self.gates_dir = self.root / "gates"
         self.consumer = None
         self._retrain_lock = threading.Lock()
-        self.last_retrain: dict[str, Any] | None = None
+        self.last_retrain: dict[str, dict[str, Any]] = {}
+        self._last_retrain_ts: dict[str, float] = {}
+        self._stop = threading.Event()
+
+    def check_group(self, group: str | None) -> str:
+        group = group or self.groups[0]
+        if group not in self.groups:
+            raise GroupError(f"group {group!r} is not managed by this station (groups: {', '.join(self.groups)})")
+        return group
+
+    def base(self, group: str) -> BaseData:
+        return BaseData(self.root / "base" / group)
+
+    def gates_dir(self, group: str) -> Path:
+        return self.root / "gates" / group
 
     # ---- set-up ---------------------------------------------------------------------------------
 
-    def init(self, bundle_path: Path, backend: Backend, train_dir: Path, calib_dir: Path) -> dict[str, Any]:
-        """Keys and TUF repository, base features of the gate's training and calibration folders (with the
-        backbone, once), and the gate as the first published champion."""
+    def init(
+        self, bundle_path: Path, backend: Backend, train_dir: Path, calib_dir: Path, group: str | None = None
+    ) -> dict[str, Any]:
+        """Keys and TUF repository (once), base features of the group's training and calibration folders
+        (with the backbone, once), and the gate as the group's first published champion."""
+        group = self.check_group(group)
+        if self.store.champion(group) is not None:
+            raise BouncerError(f"group {group!r} already has a gate; retrain it instead")
         bundle = GateBundle.load(bundle_path)
         if bundle.backbone_hash != backend.card.model_hash:
             raise BouncerError(f"{bundle_path}: fitted on another backbone than {backend.path.name}")
-        self.repo.init()
+        if not self.repo.exists:
+            self.repo.init()
         specs = [*bundle.fusion.names, BASELINE_HEAD]
         sources = {backend.card.features} | {parse_head(s)[1] for s in specs}
         sets = []
@@ -59,70 +77,122 @@ class Station:
             ex = extract(backend, bundle.preprocessing, paths, labels, sources)
             vectors = {s: head_input(s, ex.outputs[parse_head(s)[1]]) for s in specs}
             sets.append(FeatureSet(ex.labels, ex.outputs[backend.card.features], vectors, ex.stats))
-        self.base.save(sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes})
-        self.store.audit(bundle.version, "fitted", "bouncer fit", _fit_summary(bundle, train_dir=str(train_dir)))
-        self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {})
-        self.publish(bundle, bundle_path, role_metrics={"origin": f"bouncer fit ({train_dir})"})
-        return {"train": len(sets[0]), "calib": len(sets[1]), "root": str(self.repo.root_json)}
+        self.base(group).save(sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes})
+        summary = _fit_summary(bundle, group=group, train_dir=str(train_dir))
+        self.store.audit(bundle.version, "fitted", "bouncer fit", summary)
+        self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {"group": group})
+        self.publish(bundle, group, bundle_path, role_metrics={"origin": f"bouncer fit ({train_dir})"})
+        return {"group": group, "train": len(sets[0]), "calib": len(sets[1]), "root": str(self.repo.root_json)}
 
     # ---- gates ----------------------------------------------------------------------------------
 
-    def champion(self) -> GateBundle:
-        g = self.store.champion()
+    def champion(self, group: str | None = None) -> GateBundle:
+        group = self.check_group(group)
+        g = self.store.champion(group)
         if g is None:
-            raise BouncerError(f"{self.root}: no published gate (run `bouncer station init`)")
+            raise BouncerError(f"group {group!r} has no published gate (run `bouncer station init --group {group}`)")
         return GateBundle.load(Path(g["path"]))
 
-    def publish(self, bundle: GateBundle, path: Path | None = None, role_metrics: dict | None = None) -> int:
-        serial = self.store.next_serial()
-        self.gates_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.gates_dir / f"{bundle.version}.bouncer"
-        if path is not None:
+    def publish(
+        self, bundle: GateBundle, group: str, path: Path | None = None, role_metrics: dict | None = None,
+        serial: int | None = None,
+    ) -> int:  # fmt: skip
+        serial = serial or self.store.next_serial()
+        gates_dir = self.gates_dir(group)
+        gates_dir.mkdir(parents=True, exist_ok=True)
+        dest = gates_dir / f"{bundle.version}.bouncer"
+        if path is not None and Path(path).resolve() != dest.resolve():
             shutil.copyfile(path, dest)
-        else:
+        elif path is None:
             bundle.save(dest)
         custom = {"version": bundle.version, "serial": serial, "backbone_hash": bundle.backbone_hash,
-                  "classes": bundle.classes}  # fmt: skip
-        targets_version = self.repo.publish(dest, self.group, custom)
-        self.store.audit(bundle.version, "published", "station", {"serial": serial, "group": self.group,
+                  "classes": bundle.classes, "group": group}  # fmt: skip
+        targets_version = self.repo.publish(dest, group, custom)
+        self.store.audit(bundle.version, "published", "station", {"serial": serial, "group": group,
                                                                   "tuf_targets_version": targets_version})  # fmt: skip
-        old = self.store.champion()
-        self.write_card(bundle, self._load_version(old["path"]) if old else None)
+        old = self.store.champion(group)
         if old:
             self.store.set_gate_role(old["version"], "retired")
-        self.store.add_gate(bundle.version, serial, "champion", dest, {**bundle.fit_metrics, **(role_metrics or {})})
-        if self.consumer is not None:
-            self.consumer.announce(
-                self.group, schemas.GateAnnouncement(self.group, bundle.version, serial, bundle.backbone_hash)
-            )
-        log.info("published gate %s (serial %d) for group %s", bundle.version, serial, self.group)
+        self.store.add_gate(bundle.version, group, serial, "champion", dest,
+                            {**bundle.fit_metrics, **(role_metrics or {})})  # fmt: skip
+        self.write_card(bundle, group, self._load_version(old["path"]) if old else None)
+        self._announce(group, bundle, serial)
+        log.info("published gate %s (serial %d) for group %s", bundle.version, serial, group)
         return serial
 
-    def retrain(self, log_fn=None) -> RetrainResult:
+    def _announce(self, group: str, bundle: GateBundle, serial: int) -> None:
+        if self.consumer is not None:
+            ann = schemas.GateAnnouncement(group, bundle.version, serial, bundle.backbone_hash)
+            self.consumer.announce(group, ann)
+
+    def retrain(self, group: str | None = None, log_fn=None) -> RetrainResult:
+        group = self.check_group(group)
         with self._retrain_lock:
-            champion = self.champion()
+            self._last_retrain_ts[group] = time.time()
+            champion = self.champion(group)
             serial = self.store.next_serial()
-            result = retrain(self.store, self.base, champion, serial, log=log_fn or (lambda m: log.info(m)))
-            if result.challenger is not None:
-                self.store.audit(result.challenger.version, "fitted", "station retrain",
-                                 _fit_summary(result.challenger, **result.metrics))  # fmt: skip
-                if result.publish:
-                    self.store.audit(result.challenger.version, "approved", "rule: guarantee holds and not worse "
-                                     "than the champion on held-out labels", {"reason": result.reason})  # fmt: skip
+            say = log_fn or (lambda m: log.info(m))
+            result = retrain(self.store, self.base(group), champion, serial, group, log=say)
+            ch = result.challenger
+            if ch is not None:
+                path = self.gates_dir(group) / f"{ch.version}.bouncer"
+                ch.save(path)
+                self.store.audit(
+                    ch.version, "fitted", "station retrain", _fit_summary(ch, group=group, **result.metrics)
+                )
+                if not result.publish:
+                    self.store.audit(ch.version, "rejected", "station retrain", {"reason": result.reason})
+                    self.store.add_gate(ch.version, group, serial, "rejected", path,
+                                        {**ch.fit_metrics, "rejected_because": result.reason})  # fmt: skip
+                elif self.cfg.retrain.approval == "manual":
+                    self.store.audit(ch.version, "awaiting_approval", "station retrain", {"reason": result.reason})
+                    self.store.add_gate(ch.version, group, serial, "pending", path, ch.fit_metrics)
                 else:
-                    self.store.audit(
-                        result.challenger.version, "rejected", "station retrain", {"reason": result.reason}
-                    )
-            if result.challenger is not None and not result.publish:
-                path = self.gates_dir / f"{result.challenger.version}.bouncer"
-                result.challenger.save(path)
-                self.store.add_gate(result.challenger.version, serial, "rejected", path,
-                                    {**result.challenger.fit_metrics, "rejected_because": result.reason})  # fmt: skip
-                self.write_card(result.challenger, champion)
-            if result.publish and result.challenger is not None:
-                self.publish(result.challenger)
-            self.last_retrain = {"published": result.publish, "reason": result.reason, **result.metrics}
+                    self.store.audit(ch.version, "approved", APPROVAL_RULE, {"reason": result.reason})
+                    self.publish(ch, group, path, serial=serial)
+                if not result.publish or self.cfg.retrain.approval == "manual":
+                    self.write_card(ch, group, champion)
+            pending = result.publish and self.cfg.retrain.approval == "manual"
+            self.last_retrain[group] = {
+                "published": result.publish and not pending, "pending_approval": pending, "reason": result.reason,
+                **result.metrics,
+            }  # fmt: skip
             return result
+
+    def approve(self, version: str, user: str) -> dict[str, Any]:
+        """An operator approves a pending challenger (manual approval): only one that passed its checks."""
+        g = self.store.gate(version)
+        if g is None:
+            raise KeyError(version)
+        if g["role"] != "pending":
+            why = g["metrics"].get("rejected_because", "")
+            raise BouncerError(
+                f"gate {version} is {g['role']}: only a pending gate that passed its checks can be approved"
+                + (f" (it failed: {why})" if why else "")
+            )
+        bundle = GateBundle.load(Path(g["path"]))
+        self.store.audit(version, "approved", f"operator:{user}", {"group": g["group"]})
+        serial = self.publish(bundle, g["group"], Path(g["path"]), serial=int(g["serial"]))
+        return {"version": version, "group": g["group"], "serial": serial}
+
+    def due_for_retraining(self, group: str, now: float) -> bool:
+        r = self.cfg.retrain
+        last = self._last_retrain_ts.setdefault(group, now)
+        if r.every_s and now - last >= r.every_s:
+            return True
+        return bool(r.min_new_labels) and self.store.labels_since(group, last) >= r.min_new_labels
+
+    def retrain_loop(self, every_s: float = 5.0) -> None:
+        """Retrain each group on its schedule or once enough new labels arrived (the serve command runs this)."""
+        while not self._stop.wait(every_s):
+            for group in self.groups:
+                if self.store.champion(group) is None or not self.due_for_retraining(group, time.time()):
+                    continue
+                try:
+                    result = self.retrain(group)
+                    log.info("scheduled retraining of %s: %s", group, result.reason)
+                except BouncerError as exc:
+                    log.warning("scheduled retraining of %s failed: %s", group, exc)
 
     def _load_version(self, path: str) -> GateBundle | None:
         try:
@@ -130,14 +200,15 @@ class Station:
         except BouncerError:
             return None
 
-    def card_path(self, version: str) -> Path:
-        return self.gates_dir / f"{version}.md"
+    def card_path(self, version: str) -> Path | None:
+        g = self.store.gate(version)
+        return None if g is None else self.gates_dir(g["group"]) / f"{version}.md"
 
-    def write_card(self, bundle: GateBundle, previous: GateBundle | None) -> Path:
+    def write_card(self, bundle: GateBundle, group: str, previous: GateBundle | None) -> Path:
         from bouncer.station.gatecard import gate_card
 
-        self.gates_dir.mkdir(parents=True, exist_ok=True)
-        path = self.card_path(bundle.version)
+        path = self.gates_dir(group) / f"{bundle.version}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(gate_card(bundle, previous, self.store.audit_log(bundle.version)))
         return path
 
@@ -147,7 +218,7 @@ class Station:
         frame = self.store.frame(frame_id)
         if frame is None:
             raise KeyError(frame_id)
-        classes = self.champion().classes
+        classes = self.champion(frame.group).classes
         kind, name = schemas.parse_label(value, classes, frame.predicted)
         self.store.set_label(frame_id, kind, name, user)
         return {"id": frame_id, "kind": kind, "label": name}
@@ -161,14 +232,13 @@ class Station:
 
         self.consumer = Consumer(self.cfg.mqtt, self.store, self.cfg.station.share_group, self.cfg.station.worker)
         self.consumer.start()
-        g = self.store.champion()
-        if g is not None:  # re-announce the current gate (retained) in case the broker lost it
-            self.consumer.announce(
-                self.group,
-                schemas.GateAnnouncement(self.group, g["version"], int(g["serial"]), self.champion().backbone_hash),
-            )
+        for group in self.groups:  # re-announce each current gate (retained) in case the broker lost it
+            g = self.store.champion(group)
+            if g is not None:
+                self._announce(group, GateBundle.load(Path(g["path"])), int(g["serial"]))
 
     def stop(self) -> None:
+        self._stop.set()
         if self.consumer is not None:
             self.consumer.stop()
         self.store.close()

@@ -27,6 +27,7 @@ from bouncer.runtime.errors import BouncerError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
     id TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
     device TEXT NOT NULL,
     ts DOUBLE PRECISION NOT NULL,
     received DOUBLE PRECISION NOT NULL,
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS frames (
     labelled_by TEXT,
     labelled_at DOUBLE PRECISION
 );
-CREATE INDEX IF NOT EXISTS frames_queue ON frames (label_kind, received);
+CREATE INDEX IF NOT EXISTS frames_queue ON frames (grp, label_kind, received);
 CREATE TABLE IF NOT EXISTS quarantine (
     id TEXT PRIMARY KEY,
     received DOUBLE PRECISION NOT NULL,
@@ -84,6 +85,7 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS gates (
     version TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
     serial BIGINT NOT NULL,
     created DOUBLE PRECISION NOT NULL,
     role TEXT NOT NULL,
@@ -96,6 +98,7 @@ CREATE TABLE IF NOT EXISTS gates (
 @dataclass
 class Frame:
     id: str
+    group: str
     device: str
     ts: float
     received: float
@@ -122,14 +125,14 @@ class Frame:
 
 
 FRAME_COLUMNS = (
-    "id, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
+    "id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
     "gate_version, label_kind, label, heatmap_path, audit"
 )
 
 
 def _frame(row: tuple) -> Frame:
     values = list(row)
-    for i in (9, 10, 11):
+    for i in (10, 11, 12):
         values[i] = json.loads(values[i])
     return Frame(*values)
 
@@ -211,11 +214,11 @@ class Store:
             heat = self.images / msg.id[:2] / f"{msg.id}.heat.png"
             self._write_file(heat, msg.heatmap)
         cur = self._exec(
-            "INSERT INTO frames (id, device, ts, received, source, decision, predicted, confidence, ood_score, "
+            "INSERT INTO frames (id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, "
             "reasons, details, quality, gate_version, backbone_hash, jpeg_path, heatmap_path, audit, features) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (
-                msg.id, msg.device, msg.ts, time.time(), msg.source, msg.decision, msg.label, msg.confidence,
+                msg.id, msg.group, msg.device, msg.ts, time.time(), msg.source, msg.decision, msg.label, msg.confidence,
                 msg.ood_score, json.dumps(msg.reasons), json.dumps(msg.details), json.dumps(msg.quality),
                 msg.gate_version, msg.backbone_hash, str(jpeg.relative_to(self.root)),
                 str(heat.relative_to(self.root)) if heat else None, int(msg.audit),
@@ -277,15 +280,19 @@ class Store:
 
     # ---- review ---------------------------------------------------------------------------------
 
-    def queue(self, limit: int = 50) -> list[Frame]:
+    def queue(self, limit: int = 50, group: str | None = None) -> list[Frame]:
+        where, args = ("AND grp = ?", (group,)) if group else ("", ())
         rows = self._all(
-            f"SELECT {FRAME_COLUMNS} FROM frames WHERE label_kind IS NULL ORDER BY received, id LIMIT ?", (limit,)
+            f"SELECT {FRAME_COLUMNS} FROM frames WHERE label_kind IS NULL {where} ORDER BY received, id LIMIT ?",
+            (*args, limit),
         )
         return [_frame(r) for r in rows]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, group: str | None = None) -> dict[str, int]:
+        where, args = ("WHERE grp = ?", (group,)) if group else ("", ())
         (total, unlabelled), = self._all(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN label_kind IS NULL THEN 1 ELSE 0 END), 0) FROM frames"
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN label_kind IS NULL THEN 1 ELSE 0 END), 0) FROM frames " + where,
+            args,
         )  # fmt: skip
         (quarantined,) = self._all("SELECT COUNT(*) FROM quarantine")[0]
         (events,) = self._all("SELECT COUNT(*) FROM events")[0]
@@ -309,12 +316,14 @@ class Store:
             (kind, label, user, time.time(), frame_id),
         )
 
-    def labelled(self, backbone_hash: str) -> list[tuple[str, str, str | None, dict[str, float], bytes | None]]:
-        """(id, kind, label, quality, features) of labelled frames made with this backbone."""
+    def labelled(
+        self, backbone_hash: str, group: str
+    ) -> list[tuple[str, str, str | None, dict[str, float], bytes | None]]:
+        """(id, kind, label, quality, features) of a group's labelled frames made with this backbone."""
         rows = self._all(
             "SELECT id, label_kind, label, quality, features FROM frames "
-            "WHERE label_kind IS NOT NULL AND backbone_hash = ? ORDER BY id",
-            (backbone_hash,),
+            "WHERE label_kind IS NOT NULL AND backbone_hash = ? AND grp = ? ORDER BY id",
+            (backbone_hash, group),
         )
         return [(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
 
@@ -329,6 +338,7 @@ class Store:
             out.append(
                 {
                     "device": device, "state": state, "since": ts, "status": json.loads(status),
+                    "group": st.get("group"),
                     "gate_version": st.get("gate_version") or json.loads(status).get("gate_version"),
                     "outbox_depth": st.get("outbox_depth"), "frames": st.get("frames"), "drift": st.get("drift"),
                 }
@@ -347,23 +357,33 @@ class Store:
         )
         return [dict(zip(("id", "received", "topic", "reason", "size"), r, strict=True)) for r in rows]
 
-    def add_gate(self, version: str, serial: int, role: str, path: Path, metrics: dict[str, Any]) -> None:
+    def labels_since(self, group: str, ts: float) -> int:
+        (n,) = self._all("SELECT COUNT(*) FROM frames WHERE grp = ? AND labelled_at > ?", (group, ts))[0]
+        return int(n)
+
+    def add_gate(self, version: str, group: str, serial: int, role: str, path: Path, metrics: dict[str, Any]) -> None:
         self._exec(
-            "INSERT INTO gates (version, serial, created, role, path, metrics) VALUES (?, ?, ?, ?, ?, ?) "
+            "INSERT INTO gates (version, grp, serial, created, role, path, metrics) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (version) DO UPDATE SET role = excluded.role, metrics = excluded.metrics",
-            (version, serial, time.time(), role, str(path), json.dumps(metrics)),
+            (version, group, serial, time.time(), role, str(path), json.dumps(metrics)),
         )
 
     def set_gate_role(self, version: str, role: str) -> None:
         self._exec("UPDATE gates SET role = ? WHERE version = ?", (role, version))
 
-    def gates(self) -> list[dict[str, Any]]:
-        rows = self._all("SELECT version, serial, created, role, path, metrics FROM gates ORDER BY serial DESC")
-        keys = ("version", "serial", "created", "role", "path", "metrics")
-        return [{**dict(zip(keys, r, strict=True)), "metrics": json.loads(r[5])} for r in rows]
+    def gates(self, group: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("WHERE grp = ?", (group,)) if group else ("", ())
+        rows = self._all(
+            f"SELECT version, grp, serial, created, role, path, metrics FROM gates {where} ORDER BY serial DESC", args
+        )
+        keys = ("version", "group", "serial", "created", "role", "path", "metrics")
+        return [{**dict(zip(keys, r, strict=True)), "metrics": json.loads(r[6])} for r in rows]
 
-    def champion(self) -> dict[str, Any] | None:
-        rows = [g for g in self.gates() if g["role"] == "champion"]
+    def gate(self, version: str) -> dict[str, Any] | None:
+        return next((g for g in self.gates() if g["version"] == version), None)
+
+    def champion(self, group: str) -> dict[str, Any] | None:
+        rows = [g for g in self.gates(group) if g["role"] == "champion"]
         return rows[0] if rows else None
 
     def next_serial(self) -> int:

@@ -20,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
 from bouncer.station.config import LOOPBACK
-from bouncer.station.service import Station
+from bouncer.station.service import GroupError, Station
 
 HERE = Path(__file__).parent
 PUBLIC = ("/tuf/", "/static/", "/healthz")
@@ -58,13 +58,18 @@ def create_app(station: Station, token: str | None) -> FastAPI:
             response.set_cookie("bouncer_token", given, httponly=True, samesite="strict")
         return response
 
+    @app.exception_handler(GroupError)
+    async def unknown_group(request: Request, exc: GroupError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
     def page(request: Request, name: str, **ctx: Any) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"group": station.group, **ctx})
+        """ctx holds `group` (the group the page shows) and the page's data."""
+        return templates.TemplateResponse(request, name, {"groups": station.groups, **ctx})
 
     # ---- review queue ---------------------------------------------------------------------------
 
-    def classes() -> list[str]:
-        return station.champion().classes
+    def classes(group: str) -> list[str]:
+        return station.champion(group).classes
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -75,17 +80,20 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         return RedirectResponse("/queue")
 
     @app.get("/api/queue")
-    def api_queue(limit: int = 50) -> dict[str, Any]:
+    def api_queue(limit: int = 50, group: str | None = None) -> dict[str, Any]:
+        group = station.check_group(group)
         limit = max(1, min(limit, 500))
         return {
-            "counts": station.store.counts(),
-            "classes": classes(),
-            "frames": [f.to_dict() for f in station.store.queue(limit)],
+            "group": group,
+            "counts": station.store.counts(group),
+            "classes": classes(group),
+            "frames": [f.to_dict() for f in station.store.queue(limit, group)],
         }
 
     @app.get("/queue", response_class=HTMLResponse)
-    def queue(request: Request) -> HTMLResponse:
-        return page(request, "queue.html", classes=classes(), counts=station.store.counts())
+    def queue(request: Request, group: str | None = None) -> HTMLResponse:
+        group = station.check_group(group)
+        return page(request, "queue.html", group=group, classes=classes(group), counts=station.store.counts(group))
 
     @app.get("/api/frames/{frame_id}")
     def api_frame(frame_id: str) -> dict[str, Any]:
@@ -144,30 +152,51 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.get("/fleet", response_class=HTMLResponse)
     def fleet_page(request: Request) -> HTMLResponse:
-        return page(request, "fleet.html", **fleet())
+        return page(request, "fleet.html", group=station.groups[0], **fleet())
 
     # ---- gates ----------------------------------------------------------------------------------
 
-    def gates() -> dict[str, Any]:
-        return {"gates": station.store.gates(), "published": station.repo.current(station.group),
-                "last_retrain": station.last_retrain, "audit": station.store.audit_log()[-50:]}  # fmt: skip
+    def gates(group: str) -> dict[str, Any]:
+        versions = {g["version"] for g in station.store.gates(group)}
+        return {
+            "group": group,
+            "gates": station.store.gates(group),
+            "published": station.repo.current(group),
+            "last_retrain": station.last_retrain.get(group),
+            "audit": [a for a in station.store.audit_log() if a["gate_version"] in versions][-50:],
+        }
 
     @app.get("/api/gates")
-    def api_gates() -> dict[str, Any]:
-        return gates()
+    def api_gates(group: str | None = None) -> dict[str, Any]:
+        return gates(station.check_group(group))
 
     @app.get("/gates", response_class=HTMLResponse)
-    def gates_page(request: Request) -> HTMLResponse:
-        return page(request, "gates.html", **gates())
+    def gates_page(request: Request, group: str | None = None) -> HTMLResponse:
+        group = station.check_group(group)
+        return page(request, "gates.html", **gates(group))
 
     @app.get("/api/gates/{version}/card.md")
     def api_gate_card(version: str) -> Response:
-        if not any(g["version"] == version for g in station.store.gates()):
-            raise HTTPException(404, f"no gate {version}")
         path = station.card_path(version)
+        if path is None:
+            raise HTTPException(404, f"no gate {version}")
         if not path.is_file():
             raise HTTPException(404, f"no card for gate {version}")
         return Response(path.read_text(), media_type="text/markdown; charset=utf-8")
+
+    @app.post("/api/gates/{version}/approve")
+    async def api_approve(version: str, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        user = str((body or {}).get("user") or "operator")[:64] if isinstance(body, dict) else "operator"
+        try:
+            return station.approve(version, user)
+        except KeyError:
+            raise HTTPException(404, f"no gate {version}") from None
+        except BouncerError as exc:
+            raise HTTPException(409, str(exc)) from None
 
     @app.get("/api/audit")
     def api_audit(format: str = "json", gate: str | None = None) -> Response:
@@ -190,13 +219,19 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         return JSONResponse(rows)
 
     @app.post("/api/retrain")
-    def api_retrain() -> dict[str, Any]:
+    def api_retrain(group: str | None = None) -> dict[str, Any]:
+        group = station.check_group(group)
         try:
-            result = station.retrain()
+            result = station.retrain(group)
+        except GroupError:
+            raise
         except BouncerError as exc:
             raise HTTPException(409, str(exc)) from None
+        pending = result.publish and station.cfg.retrain.approval == "manual"
         return {
-            "published": result.publish,
+            "group": group,
+            "pending_approval": pending,
+            "published": result.publish and not pending,
             "reason": result.reason,
             "version": result.challenger.version if result.challenger else None,
             "metrics": result.metrics,

@@ -8,7 +8,7 @@ function why(details) {
 }
 
 async function loadNext() {
-  const r = await fetch("/api/queue?limit=1");
+  const r = await fetch(`/api/queue?limit=1&group=${encodeURIComponent(GROUP)}`);
   const body = await r.json();
   document.getElementById("remaining").textContent = body.counts.unlabelled;
   current = body.frames[0] || null;
