@@ -67,6 +67,9 @@ class Station:
         bundle = GateBundle.load(bundle_path)
         if bundle.backbone_hash != backend.card.model_hash:
             raise BouncerError(f"{bundle_path}: fitted on another backbone than {backend.path.name}")
+        source: Path | None = bundle_path
+        if self.store.gate(bundle.version) is not None:  # versions name one gate across all groups
+            bundle.version, source = f"{group}-{bundle.version}", None
         if not self.repo.exists:
             self.repo.init()
         specs = [*bundle.fusion.names, BASELINE_HEAD]
@@ -81,7 +84,7 @@ class Station:
         summary = _fit_summary(bundle, group=group, train_dir=str(train_dir))
         self.store.audit(bundle.version, "fitted", "bouncer fit", summary)
         self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {"group": group})
-        self.publish(bundle, group, bundle_path, role_metrics={"origin": f"bouncer fit ({train_dir})"})
+        self.publish(bundle, group, source, role_metrics={"origin": f"bouncer fit ({train_dir})"})
         return {"group": group, "train": len(sets[0]), "calib": len(sets[1]), "root": str(self.repo.root_json)}
 
     # ---- gates ----------------------------------------------------------------------------------
