@@ -29,12 +29,15 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 
 
 class Consumer:
-    def __init__(self, cfg: MqttSection, store: Store, share_group: str, worker: str = "") -> None:
+    def __init__(
+        self, cfg: MqttSection, store: Store, share_group: str, worker: str = "", groups: list[str] | None = None
+    ) -> None:
         url = urlparse(cfg.broker)
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.broker!r}")
         self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
         self.cfg, self.store, self.share = cfg, store, share_group
+        self.groups = set(groups) if groups else None  # None: accept frames of any group
         self.connected = threading.Event()
         self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0}
         self.v5 = cfg.protocol == "v5"
@@ -84,6 +87,13 @@ class Consumer:
             self.counts["unstored"] += 1
             log.error("could not store a message from %s: %s", msg.topic, exc)
             return
+        except Exception as exc:  # a bug must not kill paho's network thread: keep the message aside
+            log.exception("unexpected error on a message from %s", msg.topic)
+            try:
+                self.store.quarantine(msg.topic, msg.payload, f"internal error: {type(exc).__name__}: {exc}")
+            except Exception:
+                return  # not stored anywhere: leave it unacknowledged
+            self.counts["quarantined"] += 1
         if msg.qos:
             client.ack(msg.mid, msg.qos)
 
@@ -95,6 +105,9 @@ class Consumer:
                 msg = schemas.FrameMessage.decode(payload)
                 if msg.device != device:
                     raise schemas.SchemaError(f"frame message: device {msg.device!r} on the topic of {device!r}")
+                if self.groups is not None and msg.group not in self.groups:
+                    known = ", ".join(sorted(self.groups))
+                    raise schemas.SchemaError(f"frame message: group {msg.group!r} is not managed here ({known})")
                 new = self.store.add_frame(msg)
                 self.counts["frames" if new else "duplicates"] += 1
                 return "frame" if new else "duplicate"

@@ -233,7 +233,9 @@ class Station:
             return
         from bouncer.station.consumer import Consumer
 
-        self.consumer = Consumer(self.cfg.mqtt, self.store, self.cfg.station.share_group, self.cfg.station.worker)
+        self.consumer = Consumer(
+            self.cfg.mqtt, self.store, self.cfg.station.share_group, self.cfg.station.worker, self.groups
+        )
         self.consumer.start()
         for group in self.groups:  # re-announce each current gate (retained) in case the broker lost it
             g = self.store.champion(group)

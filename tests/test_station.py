@@ -4,6 +4,7 @@ type to a device accepting it, shared subscriptions, quarantine, labels and the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -159,7 +160,7 @@ def frame_message(device: str, i: int, decision: str = "review") -> schemas.Fram
 def consumer(broker, root: Path, worker: str) -> Consumer:
     from bouncer.runtime.config import MqttSection
 
-    c = Consumer(MqttSection(broker=broker.url), Store(root), "workers", worker)
+    c = Consumer(MqttSection(broker=broker.url), Store(root), "workers", worker, groups=["default"])
     c.start()
     assert c.connected.wait(10)
     time.sleep(0.3)  # subscriptions granted
@@ -178,6 +179,7 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
             (schemas.topic("cam-3", "frames"), good.encode()),  # a device speaking for another
             (schemas.topic("cam-2", "events"), b'{"v": 2, "event": "drift"}'),
             (schemas.topic("cam-2", "status"), b'{"v": 1, "device": "cam-2", "state": "dancing", "ts": 1}'),
+            (schemas.topic("cam-2", "frames"), dataclasses.replace(frame_message("cam-2", 9), group="line-9").encode()),
         ]
         publish_all(broker.port, [(schemas.topic("cam-2", "frames"), good.encode())] * 3 + bad)
         publish_all(broker.port, [(schemas.topic("cam-2", "frames"), frame_message("cam-2", 2).encode())])
