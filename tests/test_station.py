@@ -196,6 +196,7 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
             "on the topic of",
             "schema version",
             "dancing",
+            "group 'line-9' is not managed here",
         ):
             assert needle in reasons, needle
         stored = c.store.frame(good.id)
