@@ -179,8 +179,11 @@ class Station:
         return {"version": version, "group": g["group"], "serial": serial}
 
     def due_for_retraining(self, group: str, now: float) -> bool:
+        """Since the group's newest gate (fitted, pending or refused): the schedule has run out, or enough
+        labels arrived. Read from the store, so a restart of the station keeps the count."""
         r = self.cfg.retrain
-        last = self._last_retrain_ts.setdefault(group, now)
+        gates = self.store.gates(group)
+        last = max([g["created"] for g in gates] + [self._last_retrain_ts.get(group, 0.0)])
         if r.every_s and now - last >= r.every_s:
             return True
         return bool(r.min_new_labels) and self.store.labels_since(group, last) >= r.min_new_labels

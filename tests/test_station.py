@@ -265,3 +265,41 @@ def test_a_station_off_loopback_needs_a_token(station_dir, tmp_path):
         assert status == 200 and root["signed"]["_type"] == "root"
     finally:
         station.stop()
+
+
+def test_enough_new_labels_start_retraining_and_an_operator_approves_the_challenger(
+    broker, station_dir, sim_gate, built_models, tmp_path
+):
+    from helpers import device_messages
+
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    cfg.write_text(cfg.read_text() + '[retrain]\nmin_new_labels = 20\napproval = "manual"\n')
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=36, seed=61)
+        msgs = device_messages(sim_gate, built_models["onnx_int8"], bolts, "cam-7")
+        assert len(msgs) >= 34
+        publish_all(broker.port, [(schemas.topic("cam-7", "frames"), m.encode()) for m in msgs])
+        queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
+                           == len(msgs) and q)  # fmt: skip
+        for f in queue["frames"][:19]:
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
+        time.sleep(7)  # the scheduler looks every 5 s: 19 new labels are not enough
+        assert [g["role"] for g in http_json(f"{station.url}/api/gates")[1]["gates"]] == ["champion"]
+        for f in queue["frames"][19:]:
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
+        pending = wait_until(lambda: [g for g in http_json(f"{station.url}/api/gates")[1]["gates"]
+                                      if g["role"] == "pending"], timeout=60)[0]  # fmt: skip
+        assert http_json(f"{station.url}/api/gates")[1]["published"]["version"] != pending["version"]
+        status, body = http_json(f"{station.url}/api/gates/{pending['version']}/approve", {"user": "alice"})
+        assert status == 200 and body["version"] == pending["version"]
+        gates = http_json(f"{station.url}/api/gates")[1]
+        assert gates["published"]["version"] == pending["version"] and "bolt" in gates["published"]["classes"]
+        trail = [(a["event"], a["actor"]) for a in http_json(f"{station.url}/api/audit?gate={pending['version']}")[1]]
+        assert [e for e, _ in trail] == ["fitted", "awaiting_approval", "approved", "published"]
+        assert ("approved", "operator:alice") in trail
+        status, body = http_json(f"{station.url}/api/gates/{pending['version']}/approve", {"user": "alice"})
+        assert status == 409 and "is champion" in body["detail"]
+        assert http_json(f"{station.url}/api/gates/nope/approve", {})[0] == 404
+    finally:
+        station.stop()
