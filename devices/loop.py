@@ -220,6 +220,7 @@ class Device:
                 "drift": self.drift.state,
                 "gate_version": self.guard.bundle.version,
                 "gate_serial": self.serial,
+                "backbone_hash": self.guard.bundle.backbone_hash,
                 "group": self.cfg.device.group,
                 "profile": self.profile.name,
             }
