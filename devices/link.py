@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 
 from bouncer.runtime import schemas
 from bouncer.runtime.config import MqttSection
-from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.mqtt_client import new_client
 from bouncer.runtime.outbox import Outbox
 
 log = logging.getLogger("bouncer.link")
@@ -36,10 +33,6 @@ class MqttLink:
         on_command: Callable[[bytes], None] | None = None,
         subscriptions: dict[str, Callable[[bytes], None]] | None = None,
     ) -> None:
-        url = urlparse(cfg.broker)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.broker!r}")
-        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
         self.device, self.outbox, self.cfg = device, outbox, cfg
         self.on_command = on_command
         self.handlers: dict[str, Callable[[bytes], None]] = dict(subscriptions or {})
@@ -54,25 +47,10 @@ class MqttLink:
         self._volatile: queue.Queue[tuple[str, bytes, bool]] = queue.Queue(maxsize=1000)
         self.published = 0
         self.acked = 0
-        protocol = mqtt.MQTTv5 if cfg.protocol == "v5" else mqtt.MQTTv311
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bouncer-{device}", protocol=protocol)
+        self.client, self.host, self.port = new_client(cfg, f"bouncer-{device}")
         self.client.max_inflight_messages_set(cfg.max_inflight)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.2, 5)
         self.client.will_set(self.status_topic, schemas.status(device, "offline"), qos=1, retain=True)
-        if cfg.username:
-            self.client.username_pw_set(cfg.username, os.environ.get(cfg.password_env))
-        if url.scheme == "mqtts":
-            try:
-                self.client.tls_set(
-                    ca_certs=cfg.ca or None,
-                    certfile=cfg.cert or None,
-                    keyfile=cfg.key or None,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise BouncerError(f"mqtt TLS setup: {exc}") from None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish

@@ -51,6 +51,13 @@ class MqttSection:
     keepalive: int = 30
     max_inflight: int = 100
 
+    def validate(self) -> None:
+        """Shared by the device's and the station's configs."""
+        if self.protocol not in ("v5", "v311"):
+            raise BouncerError(f"mqtt.protocol: 'v5' or 'v311', got {self.protocol!r}")
+        if self.broker and not self.broker.startswith(("mqtt://", "mqtts://")):
+            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.broker!r}")
+
 
 @dataclass
 class OutboxSection:
@@ -113,10 +120,7 @@ class Config:
             raise BouncerError("ota.root: required with ota.url (the root.json written by `bouncer station init`)")
         if not self.gate.bundle:
             raise BouncerError("gate.bundle: required (a bundle made by `bouncer fit`)")
-        if self.mqtt.protocol not in ("v5", "v311"):
-            raise BouncerError(f"mqtt.protocol: 'v5' or 'v311', got {self.mqtt.protocol!r}")
-        if self.mqtt.broker and not self.mqtt.broker.startswith(("mqtt://", "mqtts://")):
-            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.mqtt.broker!r}")
+        self.mqtt.validate()
         checks = [
             ("outbox.max_mb", self.outbox.max_mb > 0),
             ("outbox.jpeg_quality", 1 <= self.outbox.jpeg_quality <= 100),

@@ -52,8 +52,7 @@ class StationConfig:
             raise BouncerError(f"retrain.approval: 'auto' or 'manual', got {self.retrain.approval!r}")
         if self.retrain.every_s < 0 or self.retrain.min_new_labels < 0:
             raise BouncerError("retrain.every_s, retrain.min_new_labels: must not be negative")
-        if self.mqtt.broker and not self.mqtt.broker.startswith(("mqtt://", "mqtts://")):
-            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.mqtt.broker!r}")
+        self.mqtt.validate()
         if not 0 <= self.http.port <= 65535:
             raise BouncerError("http.port: value out of range")
         return self

@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import ssl
 import threading
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -21,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 from bouncer.runtime import schemas
 from bouncer.runtime.config import MqttSection
-from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.mqtt_client import new_client
 from bouncer.station.store import Store
 
 log = logging.getLogger("bouncer.station.mqtt")
@@ -32,34 +30,18 @@ class Consumer:
     def __init__(
         self, cfg: MqttSection, store: Store, share_group: str, worker: str = "", groups: list[str] | None = None
     ) -> None:
-        url = urlparse(cfg.broker)
-        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-            raise BouncerError(f"mqtt.broker: expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {cfg.broker!r}")
-        self.host, self.port = url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
         self.cfg, self.store, self.share = cfg, store, share_group
         self.groups = set(groups) if groups else None  # None: accept frames of any group
         self.connected = threading.Event()
         self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0}
         self.v5 = cfg.protocol == "v5"
         worker = worker or f"{socket.gethostname()}-{os.getpid()}"
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"bouncer-station-{share_group}-{worker}",
-            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+        self.client, self.host, self.port = new_client(
+            cfg,
+            f"bouncer-station-{share_group}-{worker}",
             clean_session=None if self.v5 else False,
             manual_ack=True,
         )
-        self.client.reconnect_delay_set(0.2, 5)
-        if cfg.username:
-            self.client.username_pw_set(cfg.username, os.environ.get(cfg.password_env))
-        if url.scheme == "mqtts":
-            try:
-                self.client.tls_set(
-                    ca_certs=cfg.ca or None, certfile=cfg.cert or None, keyfile=cfg.key or None,
-                    cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )  # fmt: skip
-            except (OSError, ssl.SSLError) as exc:
-                raise BouncerError(f"mqtt TLS setup: {exc}") from None
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
