@@ -31,7 +31,10 @@ def cmd_station_init(args: argparse.Namespace) -> int:
     from bouncer.cli.main import default_model
     from bouncer.runtime import backends
 
+    from bouncer.runtime.gates.bundle import GateBundle
+
     station = _station(args.config, args.data_dir)
+    GateBundle.load(args.gate)  # a broken bundle is reported before any model is loaded or built
     backend = backends.load(args.model or default_model(), threads=args.threads)
     out = station.init(args.gate, backend, args.train, args.calib, args.group)
     print(

@@ -86,3 +86,23 @@ def test_bad_options():
     assert_clean_error(run_cli("quantize"), "model")
     assert_clean_error(run_cli("bench", "backbone", "--rounds", "0"), "at least 1")
     assert_clean_error(run_cli("sim", "dataset", "--out", "/tmp/x", "--parts", "unicorn"), "unicorn")
+
+
+def test_station_commands_name_what_is_wrong(tmp_path, sim_folder, bouncer_home):
+    cfg = tmp_path / "station.toml"
+    assert_clean_error(run_cli("station", str(tmp_path / "none.toml")), "none.toml", "not found")
+    cfg.write_text('[station]\ngroups = "line-a"\n')
+    assert_clean_error(run_cli("station", "retrain", str(cfg)), "station.groups: expected a list of str")
+    cfg.write_text('[station]\ngroups = ["line a"]\n')
+    assert_clean_error(run_cli("station", "retrain", str(cfg)), "station.groups", "line a")
+    cfg.write_text(f'[station]\ndata_dir = "{tmp_path / "st"}"\ngroups = ["line-a"]\n[retrain]\napproval = "maybe"\n')
+    assert_clean_error(run_cli("station", "retrain", str(cfg)), "retrain.approval")
+    cfg.write_text(f'[station]\ndata_dir = "{tmp_path / "st"}"\ngroups = ["line-a"]\n')
+    assert_clean_error(run_cli("station", "retrain", str(cfg)), "group 'line-a' has no published gate")
+    assert_clean_error(run_cli("station", "retrain", str(cfg), "--group", "line-b"), "'line-b' is not managed")
+    gate = tmp_path / "junk.gate"
+    gate.write_bytes(b"not a zip")
+    res = run_cli("station", "init", str(cfg), "--gate", str(gate), "--train", str(sim_folder), "--calib",
+                  str(sim_folder))  # fmt: skip
+    assert_clean_error(res, "junk.gate", "corrupt gate bundle")
+    assert_clean_error(run_cli("demo", "--devices", "5"), "--devices: 1 to 3")
