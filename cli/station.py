@@ -30,7 +30,6 @@ def _station(config: Path | None, data_dir: Path | None = None, port: int | None
 def cmd_station_init(args: argparse.Namespace) -> int:
     from bouncer.cli.main import default_model
     from bouncer.runtime import backends
-
     from bouncer.runtime.gates.bundle import GateBundle
 
     station = _station(args.config, args.data_dir)
