@@ -16,7 +16,7 @@ class StationSection:
     data_dir: str = "bouncer-station"
     groups: list[str] = field(default_factory=lambda: ["default"])  # lines / camera groups, one gate each
     share_group: str = "bouncer-station"  # $share/<share_group>/...: workers split the load; "" = no sharing
-    worker: str = ""  # MQTT client id suffix; empty: host name and process id
+    worker: str = ""  # MQTT client id suffix, stable across restarts; empty: the host name (one worker per host)
 
 
 @dataclass

@@ -9,7 +9,6 @@ reason and acknowledged.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 
@@ -35,7 +34,9 @@ class Consumer:
         self.connected = threading.Event()
         self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0}
         self.v5 = cfg.protocol == "v5"
-        worker = worker or f"{socket.gethostname()}-{os.getpid()}"
+        # stable across restarts: a restarted worker resumes its persistent session and receives what the
+        # broker queued for it meanwhile (a new id per start would strand that share in the old session)
+        worker = worker or socket.gethostname()
         self.client, self.host, self.port = new_client(
             cfg,
             f"bouncer-station-{share_group}-{worker}",
