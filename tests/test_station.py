@@ -303,3 +303,26 @@ def test_enough_new_labels_start_retraining_and_an_operator_approves_the_challen
         assert http_json(f"{station.url}/api/gates/nope/approve", {})[0] == 404
     finally:
         station.stop()
+
+
+def test_a_restarted_station_worker_gets_what_was_queued_while_it_was_down(broker, tmp_path):
+    from bouncer.runtime.config import MqttSection
+
+    def worker() -> Consumer:
+        c = Consumer(MqttSection(broker=broker.url), Store(tmp_path / "st"), "workers", "w1")
+        c.start()
+        assert c.connected.wait(10)
+        time.sleep(0.3)
+        return c
+
+    c = worker()
+    c.stop()  # a clean stop keeps the persistent session (MQTT v5 session expiry)
+    c.store.close()
+    publish_all(
+        broker.port, [(schemas.topic("cam-8", "frames"), frame_message("cam-8", i).encode()) for i in range(12)]
+    )
+    c = worker()
+    try:
+        wait_until(lambda: c.store.counts()["frames"] == 12, 30)
+    finally:
+        c.stop()
