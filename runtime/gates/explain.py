@@ -14,7 +14,8 @@ import numpy as np
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.heads import KnnHead
 
-SHARPNESS = 4.0  # how strongly a position must approach the channel maximum to count
+# JET colours for 0..255, computed once (cv2.applyColorMap rebuilds its table on every call)
+_JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, :]
 
 
 def explaining_head(bundle: GateBundle) -> KnnHead | None:
@@ -34,7 +35,11 @@ def heatmap(bundle: GateBundle, outputs: dict[str, np.ndarray]) -> np.ndarray | 
     bank = head.bank.astype(np.float32)
     nearest = bank[int(np.argmax(bank @ vn))]
     excess = np.maximum(vn - nearest, 0.0)
-    share = np.clip(fmap / np.maximum(v, 1e-6)[:, None, None], 0.0, 1.0) ** SHARPNESS
+    # how close each position comes to its channel's maximum, to the 4th power: only the cells near the
+    # maximum carry the channel's excess
+    share = np.clip(fmap / np.maximum(v, 1e-6)[:, None, None], 0.0, 1.0)
+    share *= share
+    share *= share
     heat = np.tensordot(excess, share, axes=1)
     top = float(heat.max())
     return (heat / top).astype(np.float32) if top > 0 else np.zeros((h, w), np.float32)
@@ -47,7 +52,7 @@ def _alpha(heat: np.ndarray) -> np.ndarray:
 
 def heatmap_png(heat: np.ndarray) -> bytes:
     """A small colour PNG with alpha (JET colour map): what travels with a flagged frame."""
-    bgr = cv2.applyColorMap(np.clip(heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    bgr = _JET[np.clip(heat * 255, 0, 255).astype(np.uint8)]
     bgra = np.dstack([bgr, (_alpha(heat) * 255).astype(np.uint8)])
     ok, buf = cv2.imencode(".png", bgra)
     return buf.tobytes() if ok else b""
@@ -57,6 +62,6 @@ def overlay(frame: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """The frame with its heatmap blended on top (for offline review: `bouncer score --explain`)."""
     h, w = frame.shape[:2]
     big = np.clip(cv2.resize(heat, (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
-    colour = cv2.applyColorMap((big * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    colour = _JET[(big * 255).astype(np.uint8)].astype(np.float32)
     a = _alpha(big)[:, :, None]
     return (frame.astype(np.float32) * (1 - a) + colour * a).astype(np.uint8)
