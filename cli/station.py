@@ -67,7 +67,10 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
 
     from bouncer.station.web import create_app, resolve_token
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format='{"ts": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "msg": "%(message)s"}',
+    )
     station = _station(args.config, args.data_dir, args.port, args.broker)
     token = resolve_token(station)
     app = create_app(station, token)

@@ -8,6 +8,7 @@ and no token is configured. /tuf is public: TUF metadata and targets are signed,
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from bouncer.station.config import LOOPBACK
 from bouncer.station.service import GroupError, Station
 
 HERE = Path(__file__).parent
+log = logging.getLogger("bouncer.station.web")
 PUBLIC = ("/tuf/", "/static/", "/healthz")
 
 
@@ -60,6 +62,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.exception_handler(GroupError)
     async def unknown_group(request: Request, exc: GroupError) -> JSONResponse:
+        log.warning("%s %s refused: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     def page(request: Request, name: str, **ctx: Any) -> HTMLResponse:
@@ -127,8 +130,10 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         try:
             done = station.label(frame_id, body.get("label"), str(body.get("user") or "operator")[:64])
         except KeyError:
+            log.warning("label for unknown frame %s refused", frame_id)
             raise HTTPException(404, f"no frame {frame_id}") from None
         except schemas.SchemaError as exc:
+            log.warning("label for frame %s refused: %s", frame_id, exc)
             raise HTTPException(422, str(exc)) from None
         return {**done, "counts": station.store.counts()}
 
@@ -194,8 +199,10 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         try:
             return station.approve(version, user)
         except KeyError:
+            log.warning("approval of unknown gate %s refused", version)
             raise HTTPException(404, f"no gate {version}") from None
         except BouncerError as exc:
+            log.warning("approval by %s refused: %s", user, exc)
             raise HTTPException(409, str(exc)) from None
 
     @app.get("/api/audit")

@@ -244,6 +244,8 @@ def test_labels_api_rejects_bad_input_clearly(broker, station_dir, tmp_path):
         assert status == 200 and not body["published"] and "no labelled frames with features" in body["reason"]
     finally:
         station.stop()
+    logged = (tmp_path / "serve.log").read_text()
+    assert "label for unknown frame nope refused" in logged and "is not a known class" in logged
 
 
 def test_a_station_off_loopback_needs_a_token(station_dir, tmp_path):
