@@ -184,9 +184,10 @@ class Station:
         r = self.cfg.retrain
         gates = self.store.gates(group)
         last = max([g["created"] for g in gates] + [self._last_retrain_ts.get(group, 0.0)])
-        if r.every_s and now - last >= r.every_s:
+        new = self.store.labels_since(group, last)
+        if r.every_s and now - last >= r.every_s and new:  # nothing new since the last gate: nothing to learn
             return True
-        return bool(r.min_new_labels) and self.store.labels_since(group, last) >= r.min_new_labels
+        return bool(r.min_new_labels) and new >= r.min_new_labels
 
     def retrain_loop(self, every_s: float = 5.0) -> None:
         """Retrain each group on its schedule or once enough new labels arrived (the serve command runs this)."""

@@ -328,3 +328,31 @@ def test_a_restarted_station_worker_gets_what_was_queued_while_it_was_down(broke
         wait_until(lambda: c.store.counts()["frames"] == 12, 30)
     finally:
         c.stop()
+
+
+def test_scheduled_retraining_runs_when_due_and_only_with_new_labels(
+    broker, station_dir, sim_gate, built_models, tmp_path
+):
+    from helpers import device_messages
+
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    cfg.write_text(cfg.read_text() + "[retrain]\nevery_s = 2.0\n")
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        first = http_json(f"{station.url}/api/gates")[1]["published"]["version"]
+        time.sleep(7)  # due by the clock, but no labels yet: nothing is fitted
+        assert len(http_json(f"{station.url}/api/gates")[1]["gates"]) == 1
+        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=36, seed=62)
+        msgs = device_messages(sim_gate, built_models["onnx_int8"], bolts, "cam-9")
+        publish_all(broker.port, [(schemas.topic("cam-9", "frames"), m.encode()) for m in msgs])
+        queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
+                           == len(msgs) and q)  # fmt: skip
+        for f in queue["frames"]:
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
+        published = wait_until(lambda: (g := http_json(f"{station.url}/api/gates")[1]["published"])["version"]
+                               != first and g, timeout=60)  # fmt: skip
+        assert "bolt" in published["classes"]
+        time.sleep(7)  # no new labels since: the schedule does not fit again
+        assert len(http_json(f"{station.url}/api/gates")[1]["gates"]) == 2
+    finally:
+        station.stop()
