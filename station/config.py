@@ -28,7 +28,7 @@ class HttpSection:
 
 @dataclass
 class RetrainSection:
-    every_s: float = 0.0  # retrain each group on this schedule (0: off)
+    every_s: float = 0.0  # retrain each group on this schedule if labels arrived since its last gate (0: off)
     min_new_labels: int = 0  # ... or as soon as a group has this many new labels (0: off)
     approval: str = "auto"  # auto: publish a challenger that passes its checks; manual: wait for an operator
 
