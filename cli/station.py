@@ -78,6 +78,7 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=station.cfg.http.host, port=station.cfg.http.port, log_level="warning")
     )
+    threading.Thread(target=station.maintain_loop, name="tuf-refresh", daemon=True).start()
     if station.cfg.retrain.every_s or station.cfg.retrain.min_new_labels:
         threading.Thread(target=station.retrain_loop, name="retrain", daemon=True).start()
     groups = ", ".join(station.groups)

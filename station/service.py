@@ -38,6 +38,7 @@ class Station:
         self.repo = TufRepo(self.root)
         self.consumer = None
         self._retrain_lock = threading.Lock()
+        self._repo_lock = threading.Lock()  # one writer of the TUF metadata at a time
         self.last_retrain: dict[str, dict[str, Any]] = {}
         self._last_retrain_ts: dict[str, float] = {}
         self._stop = threading.Event()
@@ -110,7 +111,8 @@ class Station:
             bundle.save(dest)
         custom = {"version": bundle.version, "serial": serial, "backbone_hash": bundle.backbone_hash,
                   "classes": bundle.classes, "group": group}  # fmt: skip
-        targets_version = self.repo.publish(dest, group, custom)
+        with self._repo_lock:
+            targets_version = self.repo.publish(dest, group, custom)
         self.store.audit(bundle.version, "published", "station", {"serial": serial, "group": group,
                                                                   "tuf_targets_version": targets_version})  # fmt: skip
         old = self.store.champion(group)
@@ -200,6 +202,16 @@ class Station:
                     log.info("scheduled retraining of %s: %s", group, result.reason)
                 except BouncerError as exc:
                     log.warning("scheduled retraining of %s failed: %s", group, exc)
+
+    def maintain_loop(self, every_s: float = 3600.0) -> None:
+        """Keep the TUF metadata from expiring on a station that publishes nothing for a while."""
+        while True:
+            with self._repo_lock:
+                roles = self.repo.refresh()
+            if roles:
+                log.info("re-signed TUF metadata: %s", ", ".join(roles))
+            if self._stop.wait(every_s):
+                return
 
     def _load_version(self, path: str) -> GateBundle | None:
         try:

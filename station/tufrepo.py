@@ -162,6 +162,32 @@ class TufRepo:
         timestamp.signed.expires = now + timedelta(days=EXPIRY_DAYS["timestamp"])
         self._sign_and_write(timestamp, "timestamp")
 
+    def refresh(self, min_days: float = 3.0) -> list[str]:
+        """Re-sign what expires within `min_days` (timestamp every few days, snapshot and targets less often):
+        without it a quiet station's metadata would expire and every device would refuse it. Returns the
+        roles re-signed. (Root expires after a year; rotating it is an operator's job.)"""
+        if not self.exists:
+            return []
+        now = _now()
+        soon = now + timedelta(days=min_days)
+        targets = self._load("targets")
+        if targets.signed.expires <= soon:
+            targets.signed.version += 1
+            targets.signed.expires = now + timedelta(days=EXPIRY_DAYS["targets"])
+            self._sign_and_write(targets, "targets")
+            self.snapshot_and_timestamp(targets.signed.version)
+            return ["targets", "snapshot", "timestamp"]
+        if self._load("snapshot").signed.expires <= soon:
+            self.snapshot_and_timestamp(targets.signed.version)
+            return ["snapshot", "timestamp"]
+        timestamp = self._load("timestamp")
+        if timestamp.signed.expires <= soon:
+            timestamp.signed.version += 1
+            timestamp.signed.expires = now + timedelta(days=EXPIRY_DAYS["timestamp"])
+            self._sign_and_write(timestamp, "timestamp")
+            return ["timestamp"]
+        return []
+
     def current(self, group: str) -> dict[str, Any] | None:
         """The custom fields of the group's published gate, or None."""
         if not self.exists:

@@ -252,3 +252,20 @@ def test_a_power_cut_mid_update_boots_the_old_gate(repo, sim_gate, tmp_path, lin
     (slots.root / "active").resolve().write_bytes(b"not a zip")
     bundle, serial = slots.boot(sim_gate)
     assert (bundle.version, serial) == ("v2", 1)
+
+
+def test_quiet_stations_keep_their_metadata_fresh(repo, guard, sim_gate, tmp_path):
+    from tuf.api.metadata import Metadata
+
+    b = variant(sim_gate, tmp_path / "v2.gate", "v2")
+    publish(repo, b, tmp_path / "v2.gate", 1)
+    assert repo.refresh(min_days=3) == []  # nothing expires within three days of a publish
+    before = Metadata.from_file(str(repo.metadata_dir / "timestamp.json")).signed
+    assert repo.refresh(min_days=8) == ["timestamp"]  # the timestamp (7 days) is re-signed first
+    after = Metadata.from_file(str(repo.metadata_dir / "timestamp.json")).signed
+    assert after.version == before.version + 1 and after.expires >= before.expires
+    assert repo.refresh(min_days=31) == ["snapshot", "timestamp"]
+    assert repo.refresh(min_days=91) == ["targets", "snapshot", "timestamp"]
+    h = Harness(repo, tmp_path / "dev", guard)
+    cand = h.updater.check()  # a device verifies the whole re-signed chain and still finds the gate
+    assert cand is not None and cand.version == "v2" and not h.events
