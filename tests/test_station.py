@@ -272,18 +272,10 @@ def test_a_station_off_loopback_needs_a_token(station_dir, tmp_path):
 def test_enough_new_labels_start_retraining_and_an_operator_approves_the_challenger(
     broker, station_dir, sim_gate, built_models, tmp_path
 ):
-    from helpers import device_messages
-
-    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
-    cfg.write_text(cfg.read_text() + '[retrain]\nmin_new_labels = 20\napproval = "manual"\n')
-    station = StationProcess(cfg, free_port()).start()
+    station = retraining_station(station_dir, broker, tmp_path, 'min_new_labels = 20\napproval = "manual"')
     try:
-        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=36, seed=61)
-        msgs = device_messages(sim_gate, built_models["onnx_int8"], bolts, "cam-7")
+        msgs, queue = bolts_in_queue(station, broker, sim_gate, built_models["onnx_int8"], tmp_path, seed=61)
         assert len(msgs) >= 34
-        publish_all(broker.port, [(schemas.topic("cam-7", "frames"), m.encode()) for m in msgs])
-        queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
-                           == len(msgs) and q)  # fmt: skip
         for f in queue["frames"][:19]:
             assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
         time.sleep(7)  # the scheduler looks every 5 s: 19 new labels are not enough
@@ -333,20 +325,12 @@ def test_a_restarted_station_worker_gets_what_was_queued_while_it_was_down(broke
 def test_scheduled_retraining_runs_when_due_and_only_with_new_labels(
     broker, station_dir, sim_gate, built_models, tmp_path
 ):
-    from helpers import device_messages
-
-    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
-    cfg.write_text(cfg.read_text() + "[retrain]\nevery_s = 2.0\n")
-    station = StationProcess(cfg, free_port()).start()
+    station = retraining_station(station_dir, broker, tmp_path, "every_s = 2.0")
     try:
         first = http_json(f"{station.url}/api/gates")[1]["published"]["version"]
         time.sleep(7)  # due by the clock, but no labels yet: nothing is fitted
         assert len(http_json(f"{station.url}/api/gates")[1]["gates"]) == 1
-        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=36, seed=62)
-        msgs = device_messages(sim_gate, built_models["onnx_int8"], bolts, "cam-9")
-        publish_all(broker.port, [(schemas.topic("cam-9", "frames"), m.encode()) for m in msgs])
-        queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
-                           == len(msgs) and q)  # fmt: skip
+        _, queue = bolts_in_queue(station, broker, sim_gate, built_models["onnx_int8"], tmp_path, seed=62)
         for f in queue["frames"]:
             assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
         published = wait_until(lambda: (g := http_json(f"{station.url}/api/gates")[1]["published"])["version"]
@@ -356,3 +340,21 @@ def test_scheduled_retraining_runs_when_due_and_only_with_new_labels(
         assert len(http_json(f"{station.url}/api/gates")[1]["gates"]) == 2
     finally:
         station.stop()
+
+
+def retraining_station(station_dir: Path, broker, tmp_path: Path, retrain: str) -> StationProcess:
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    cfg.write_text(cfg.read_text() + f"[retrain]\n{retrain}\n")
+    return StationProcess(cfg, free_port()).start()
+
+
+def bolts_in_queue(station: StationProcess, broker, sim_gate: Path, model: Path, tmp_path: Path, seed: int):
+    """What a device would send for 36 frames of a part its gate never saw, delivered and queued."""
+    from helpers import device_messages
+
+    bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=36, seed=seed)
+    msgs = device_messages(sim_gate, model, bolts, "cam-7")
+    publish_all(broker.port, [(schemas.topic("cam-7", "frames"), m.encode()) for m in msgs])
+    queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
+                       == len(msgs) and q)  # fmt: skip
+    return msgs, queue
