@@ -113,7 +113,7 @@ class Device:
         # label lookups cost microseconds per frame: resolve the per-stage timers once
         self._guard_timer = self.metrics.stage.labels("guard")
         self._outbox_timer = self.metrics.stage.labels("outbox")
-        self.metrics.gate.labels(bundle.version, bundle.backbone_hash[:12]).set(1)
+        self._show_gate(bundle)
         ref = bundle.fit_metrics.get("drift_reference", {})
         d = cfg.drift
         self.drift = DriftMonitor(ref, warmup=d.warmup, k=d.k, h=d.h, rate_h=d.rate_h)
@@ -156,6 +156,11 @@ class Device:
         if self.ota and ann.serial != self.serial:
             self.ota.poke()
 
+    def _show_gate(self, bundle: GateBundle) -> None:
+        """The gate-info metric names the serving gate only."""
+        self.metrics.gate.clear()
+        self.metrics.gate.labels(bundle.version, bundle.backbone_hash[:12]).set(1)
+
     def _offer(self, candidate) -> None:
         self._candidate = candidate  # one reference, picked up between two frames
 
@@ -168,8 +173,7 @@ class Device:
             self.trial = Trial(cand, self.guard, self.serial)
             old = self.guard.bundle.version
             self.guard, self.serial = cand.guard, cand.serial
-            self.metrics.gate.clear()
-            self.metrics.gate.labels(cand.guard.bundle.version, cand.guard.bundle.backbone_hash[:12]).set(1)
+            self._show_gate(cand.guard.bundle)
             self.emit_event("gate_swap", version=cand.version, serial=cand.serial, previous=old)
         if self.trial is None or self.ota is None:
             return
@@ -179,8 +183,7 @@ class Device:
         trial, self.trial = self.trial, None
         if verdict != "commit":
             self.guard, self.serial = trial.old, trial.old_serial
-            self.metrics.gate.clear()
-            self.metrics.gate.labels(trial.old.bundle.version, trial.old.bundle.backbone_hash[:12]).set(1)
+            self._show_gate(trial.old.bundle)
         self.ota.finish(trial, verdict)
 
     # ---- messages ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ VERSION = 1
 PREFIX = f"bouncer/v{VERSION}"
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+GROUP = DEVICE_ID  # group names follow the device-id rules (both are topic segments)
 
 
 class SchemaError(ValueError):
@@ -179,7 +180,7 @@ class FrameMessage:
 
 
 def _group(group: str, what: str) -> str:
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", group):
+    if not GROUP.match(group):
         raise SchemaError(f"{what}: group {group!r} is not 1-64 characters of A-Z a-z 0-9 _ . -")
     return group
 
@@ -254,8 +255,6 @@ def parse_stats(payload: bytes) -> dict[str, Any]:
 
 
 # ---- gate announcements (station -> devices, retained) -------------------------------------------
-
-GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def gate_topic(group: str) -> str:

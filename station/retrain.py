@@ -123,12 +123,7 @@ def retrain(
     except BouncerError as exc:
         return RetrainResult(False, f"fit failed: {exc}", None, metrics)
     if parts["heldout"]:
-        held = FeatureSet(
-            np.array([r[0] for r in parts["heldout"]]),
-            np.stack([r[1][features] for r in parts["heldout"]]).astype(np.float32),
-            {h: np.stack([r[1][h] for r in parts["heldout"]]).astype(np.float32) for h in heads},
-            [r[2] for r in parts["heldout"]],
-        )
+        held = _featureset(parts["heldout"], features)
         champ, chall = score_against(champion, held, truth), score_against(challenger, held, truth)
     else:
         champ = chall = {"frames": 0}

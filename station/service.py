@@ -15,7 +15,7 @@ from bouncer.runtime import schemas
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import BASELINE_HEAD, FeatureSet, extract, head_input, load_split, parse_head
+from bouncer.runtime.gates.fit import BASELINE_HEAD, extract, load_split, parse_head, to_features
 from bouncer.station.config import StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Store
@@ -79,8 +79,7 @@ class Station:
         for folder in (train_dir, calib_dir):
             _, paths, labels = load_split(folder, bundle.classes)
             ex = extract(backend, bundle.preprocessing, paths, labels, sources)
-            vectors = {s: head_input(s, ex.outputs[parse_head(s)[1]]) for s in specs}
-            sets.append(FeatureSet(ex.labels, ex.outputs[backend.card.features], vectors, ex.stats))
+            sets.append(to_features(ex, backend.card.features, specs))
         self.base(group).save(sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes})
         summary = _fit_summary(bundle, group=group, train_dir=str(train_dir))
         self.store.audit(bundle.version, "fitted", "bouncer fit", summary)

@@ -335,11 +335,12 @@ class Store:
             "SELECT device, state, ts, status, stats FROM devices ORDER BY device"
         ):
             st = json.loads(stats) if stats else {}
+            status_obj = json.loads(status)
             out.append(
                 {
-                    "device": device, "state": state, "since": ts, "status": json.loads(status),
+                    "device": device, "state": state, "since": ts, "status": status_obj,
                     "group": st.get("group"),
-                    "gate_version": st.get("gate_version") or json.loads(status).get("gate_version"),
+                    "gate_version": st.get("gate_version") or status_obj.get("gate_version"),
                     "outbox_depth": st.get("outbox_depth"), "frames": st.get("frames"), "drift": st.get("drift"),
                 }
             )  # fmt: skip

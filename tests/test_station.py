@@ -300,22 +300,13 @@ def test_enough_new_labels_start_retraining_and_an_operator_approves_the_challen
 
 
 def test_a_restarted_station_worker_gets_what_was_queued_while_it_was_down(broker, tmp_path):
-    from bouncer.runtime.config import MqttSection
-
-    def worker() -> Consumer:
-        c = Consumer(MqttSection(broker=broker.url), Store(tmp_path / "st"), "workers", "w1")
-        c.start()
-        assert c.connected.wait(10)
-        time.sleep(0.3)
-        return c
-
-    c = worker()
+    c = consumer(broker, tmp_path / "st", "w1")
     c.stop()  # a clean stop keeps the persistent session (MQTT v5 session expiry)
     c.store.close()
     publish_all(
         broker.port, [(schemas.topic("cam-8", "frames"), frame_message("cam-8", i).encode()) for i in range(12)]
     )
-    c = worker()
+    c = consumer(broker, tmp_path / "st", "w1")  # the same worker id: it resumes its session
     try:
         wait_until(lambda: c.store.counts()["frames"] == 12, 30)
     finally:
