@@ -15,6 +15,14 @@ from bouncer.runtime.drift import DriftMonitor
 from bouncer.runtime.errors import BouncerError
 
 REFERENCE = {"brightness": 8.0, "sharpness": 0.3, "ood_score": 0.5}
+PARSERS = (
+    schemas.FrameMessage.decode,
+    schemas.Command.decode,
+    schemas.parse_status,
+    schemas.parse_event,
+    schemas.parse_stats,
+    schemas.GateAnnouncement.decode,
+)
 
 
 def steady(rng: np.random.Generator, brightness: float = 60.0) -> tuple[dict, float, str]:
@@ -80,7 +88,7 @@ def test_config_errors_name_the_key(tmp_path):
 @settings(max_examples=300, deadline=None)
 @given(payload=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
 def test_parsers_raise_only_schema_errors(payload):
-    for parse in (schemas.FrameMessage.decode, schemas.Command.decode):
+    for parse in PARSERS:
         with contextlib.suppress(schemas.SchemaError):
             parse(payload)
 
@@ -102,6 +110,15 @@ def test_parsers_raise_only_schema_errors(payload):
                 "features",
                 "quality",
                 "details",
+                "group",
+                "heatmap",
+                "audit",
+                "state",
+                "event",
+                "version",
+                "serial",
+                "backbone_hash",
+                "frames",
             ]
         ),
         st.one_of(
@@ -119,9 +136,20 @@ def test_parsers_on_json_objects(obj):
     import json
 
     payload = json.dumps({**obj, "v": 1}).encode()
-    for parse in (schemas.FrameMessage.decode, schemas.Command.decode):
+    for parse in PARSERS:
         with contextlib.suppress(schemas.SchemaError):
             parse(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.none(), st.integers(), st.text(max_size=80)), topic=st.text(max_size=80))
+def test_labels_and_topics_raise_only_schema_errors(value, topic):
+    with contextlib.suppress(schemas.SchemaError):
+        kind, name = schemas.parse_label(value, ["gear", "washer"], "gear")
+        assert kind in ("class", "new", "garbage") and (kind == "garbage") == (name is None)
+    with contextlib.suppress(schemas.SchemaError):
+        device, kind = schemas.parse_topic(topic)
+        assert kind in schemas.KINDS and schemas.DEVICE_ID.match(device)
 
 
 def test_frame_message_round_trip():

@@ -238,6 +238,11 @@ def test_labels_api_rejects_bad_input_clearly(broker, station_dir, tmp_path):
         assert http_json(url, {"label": 3})[0] == 422
         assert http_json(url, b"{not json")[0] == 400
         assert http_json(f"{station.url}/api/frames/nope/label", {"label": "gear"})[0] == 404
+        assert http_json(f"{station.url}/api/frames/nope/heatmap.png")[0] == 404
+        assert http_json(f"{station.url}/api/gates/nope/card.md")[0] == 404
+        assert http_json(f"{station.url}/api/queue?group=nope")[0] == 404
+        assert http_json(f"{station.url}/api/queue?limit=many")[0] == 422
+        assert http_json(f"{station.url}/api/audit?format=xml")[0] == 422
         status, body = http_json(url, {"label": "correct"})
         assert status == 200 and body["label"] == "gear" and body["counts"]["unlabelled"] == 0
         status, body = http_json(f"{station.url}/api/retrain", {})
