@@ -20,7 +20,16 @@ from bouncer.runtime.preprocess import preprocess
 from bouncer.runtime.sources import simulator
 from bouncer.runtime.timing import interleaved_latency_ms
 
-KERNEL_NAMES = ("normalize_chw", "quality_stats", "linear_probs", "mahalanobis", "knn_score", "spatial_max", "fuse")
+KERNEL_NAMES = (
+    "halve",
+    "resize_normalize",
+    "quality_stats",
+    "linear_probs",
+    "mahalanobis",
+    "knn_score",
+    "spatial_max",
+    "fuse",
+)
 
 
 def _median_us(fns: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
@@ -36,7 +45,8 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
         x = rng.normal(size=(n, d)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    img = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    frame = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    half = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     chw = np.empty((3, 224, 224), np.float32)  # the guard writes into a preallocated input buffer
     grey, prev = (rng.integers(0, 256, (120, 160), dtype=np.uint8) for _ in range(2))
     feats, tap = unit(1, 1280), unit(1, 192)
@@ -53,7 +63,11 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
     fmap = rng.random((1, 112, 14, 14), dtype=np.float32)
     scores = rng.normal(size=(1, 2)).astype(np.float32)
     return {
-        "normalize_chw (224x224 BGR -> CHW)": ("normalize_chw", (img, (127.0,) * 3, (128.0,) * 3, True, chw)),
+        "halve (640x480 BGR -> 320x240)": ("halve", (frame,)),
+        "resize_normalize (320x240 BGR -> 224x224 CHW)": (
+            "resize_normalize",
+            (half, (127.0,) * 3, (128.0,) * 3, True, chw),
+        ),
         "quality_stats (160x120 grey + previous)": ("quality_stats", (grey, prev, 4, 8, 247)),
         f"linear_probs (1280-d, {classes} classes)": ("linear_probs", (feats, w, b, 1.3)),
         f"mahalanobis features (1280-d, rank 256, {classes} means)": ("mahalanobis", (feats, *gauss(1280, 256))),

@@ -250,38 +250,129 @@ inline void vecmat(const float *x, const T *m, py::ssize_t d, py::ssize_t r, flo
     vecmat_portable(x, m, d, r, y);
 }
 
-// One pass over interleaved pixels writing three planes.
-BOUNCER_CLONES void normalize_pass(const uint8_t *src, py::ssize_t n, int c0, int c2, float m0, float m1, float m2,
-                                   float s0, float s1, float s2, float *o) {
-    float *o0 = o, *o1 = o + n, *o2 = o + 2 * n;
-#pragma omp simd
-    for (py::ssize_t i = 0; i < n; ++i) {
-        const uint8_t *px = src + 3 * i;
-        o0[i] = (static_cast<float>(px[c0]) - m0) * s0;
-        o1[i] = (static_cast<float>(px[1]) - m1) * s1;
-        o2[i] = (static_cast<float>(px[c2]) - m2) * s2;
-    }
-}
+// ---- bilinear resize + normalise (reference.resize_normalize) ------------------------------------
+//
+// Pixel centres aligned as OpenCV's INTER_LINEAR. Per output row: the two source rows blended into one
+// float row (vectorised), then per output pixel one 4-float load of each neighbour (B, G, R and the next
+// B), one lerp over all three channels at once and the normalisation, stored to the three planes.
 
-// Sums of one row segment in 32-bit (a segment of 255-valued pixels cannot overflow them).
-struct SegStats {
-    uint32_t sum, sq, dark, bright;
+struct Taps {
+    std::vector<int32_t> i0;  // left (top) neighbour; the right (bottom) one is i0 + 1
+    std::vector<float> w;     // the weight of i0 + 1
 };
 
-BOUNCER_CLONES SegStats segment_stats(const uint8_t *seg, py::ssize_t n, uint32_t dark, uint32_t bright) {
-    uint32_t s = 0, q = 0, nd = 0, nb = 0;
-#pragma omp simd reduction(+ : s, q, nd, nb)
-    for (py::ssize_t x = 0; x < n; ++x) {
-        const uint32_t v = seg[x];
-        s += v;
-        q += v * v;
-        nd += v <= dark;
-        nb += v >= bright;
+// The source row buffer holds one extra pixel (a copy of the last), so i0 + 1 is always readable.
+Taps make_taps(py::ssize_t src, py::ssize_t n) {
+    Taps t{std::vector<int32_t>(n), std::vector<float>(n)};
+    const double scale = static_cast<double>(src) / static_cast<double>(n);
+    for (py::ssize_t o = 0; o < n; ++o) {
+        const double s = std::max(0.0, (static_cast<double>(o) + 0.5) * scale - 0.5);
+        const py::ssize_t i = static_cast<py::ssize_t>(s);  // floor: s >= 0
+        const bool inside = i < src - 1;
+        t.i0[o] = static_cast<int32_t>(inside ? i : src - 1);
+        t.w[o] = inside ? static_cast<float>(s - static_cast<double>(i)) : 0.f;
     }
-    return {s, q, nd, nb};
+    return t;
 }
 
-BOUNCER_CLONES uint32_t row_absdiff(const uint8_t *a, const uint8_t *b, py::ssize_t n) {
+BOUNCER_CLONES void lerp_rows(const uint8_t *a, const uint8_t *b, float w, py::ssize_t n, float *out) {
+#pragma omp simd
+    for (py::ssize_t j = 0; j < n; ++j) {
+        const float fa = a[j];
+        out[j] = fa + w * (static_cast<float>(b[j]) - fa);
+    }
+}
+
+typedef float v4f __attribute__((vector_size(16)));
+
+inline v4f load4(const float *p) {
+    v4f v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline v4f lerp_pixel(const float *row, const Taps &tx, py::ssize_t x, v4f mean, v4f inv_std) {
+    const float *p = row + 3 * tx.i0[x];
+    const v4f a = load4(p), b = load4(p + 3);
+    return (a + tx.w[x] * (b - a) - mean) * inv_std;
+}
+
+// One output row: row holds (width + 1) pixels plus one float of slack, lanes 0..2 are B, G, R. Stores
+// bound this loop (three planes), so on x86-64 four pixels are transposed into three 4-float stores.
+inline void lerp_pixels(const float *row, const Taps &tx, py::ssize_t n, v4f mean, v4f inv_std, bool swap_rb,
+                        float *p0, float *p1, float *p2) {
+    float *lane0 = swap_rb ? p2 : p0, *lane2 = swap_rb ? p0 : p2;  // plane of input B, of input R
+    py::ssize_t x = 0;
+#ifdef BOUNCER_X86
+    for (; x + 4 <= n; x += 4) {
+        __m128 v0 = lerp_pixel(row, tx, x, mean, inv_std), v1 = lerp_pixel(row, tx, x + 1, mean, inv_std);
+        __m128 v2 = lerp_pixel(row, tx, x + 2, mean, inv_std), v3 = lerp_pixel(row, tx, x + 3, mean, inv_std);
+        _MM_TRANSPOSE4_PS(v0, v1, v2, v3);  // v0: four B values, v1: G, v2: R
+        _mm_storeu_ps(lane0 + x, v0);
+        _mm_storeu_ps(p1 + x, v1);
+        _mm_storeu_ps(lane2 + x, v2);
+    }
+#endif
+    for (; x < n; ++x) {
+        const v4f v = lerp_pixel(row, tx, x, mean, inv_std);
+        lane0[x] = v[0];
+        p1[x] = v[1];
+        lane2[x] = v[2];
+    }
+}
+
+// ---- 2x2 box halving (reference.halve) ------------------------------------------------------------
+//
+// Interleaved BGR defeats the auto-vectoriser's pairing of neighbours (they sit 3 bytes apart), so the
+// row is done in two steps: the rounded mean of the 2x2 box starting at *every* byte (plain, vectorised),
+// then a compaction keeping the 3 bytes of every 6 that start a pixel pair (SSSE3 byte shuffles on x86-64,
+// 8 pixels per step; a copy loop elsewhere).
+
+BOUNCER_CLONES void box_means(const uint8_t *r0, const uint8_t *r1, py::ssize_t n, uint8_t *t) {
+#pragma omp simd
+    for (py::ssize_t j = 0; j < n; ++j)
+        t[j] = static_cast<uint8_t>(uint16_t(uint16_t(r0[j]) + r1[j] + r0[j + 3] + r1[j + 3] + 2) >> 2);
+}
+
+void keep_pixel_pairs_portable(const uint8_t *t, py::ssize_t from, py::ssize_t ow, uint8_t *out) {
+    for (py::ssize_t x = from; x < ow; ++x) std::memcpy(out + 3 * x, t + 6 * x, 3);
+}
+
+#ifdef BOUNCER_X86
+// t must hold 6 * ow + 16 readable bytes.
+__attribute__((target("ssse3"))) void keep_pixel_pairs_ssse3(const uint8_t *t, py::ssize_t ow, uint8_t *out) {
+    // 48 bytes of t (three vectors) hold 8 pixel pairs; these masks gather their first pixels into 24 bytes
+    const __m128i m0 = _mm_setr_epi8(0, 1, 2, 6, 7, 8, 12, 13, 14, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i m1 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 4, 8, 9, 10, 14);
+    const __m128i m1h = _mm_setr_epi8(15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i m2 = _mm_setr_epi8(-1, 0, 4, 5, 6, 10, 11, 12, -1, -1, -1, -1, -1, -1, -1, -1);
+    py::ssize_t x = 0;
+    for (; x + 8 <= ow; x += 8) {
+        const uint8_t *c = t + 6 * x;
+        const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(c));
+        const __m128i c1 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(c + 16));
+        const __m128i c2 = _mm_loadu_si128(reinterpret_cast<const __m128i *>(c + 32));
+        const __m128i lo = _mm_or_si128(_mm_shuffle_epi8(c0, m0), _mm_shuffle_epi8(c1, m1));
+        const __m128i hi = _mm_or_si128(_mm_shuffle_epi8(c1, m1h), _mm_shuffle_epi8(c2, m2));
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(out + 3 * x), lo);
+        _mm_storel_epi64(reinterpret_cast<__m128i *>(out + 3 * x + 16), hi);
+    }
+    keep_pixel_pairs_portable(t, x, ow, out);
+}
+
+const bool kHasSsse3 = __builtin_cpu_supports("ssse3");
+#endif
+
+inline void keep_pixel_pairs(const uint8_t *t, py::ssize_t ow, uint8_t *out) {
+#ifdef BOUNCER_X86
+    if (kHasSsse3) return keep_pixel_pairs_ssse3(t, ow, out);
+#endif
+    keep_pixel_pairs_portable(t, 0, ow, out);
+}
+
+#define BOUNCER_INLINE inline __attribute__((always_inline))
+
+BOUNCER_INLINE uint32_t row_absdiff(const uint8_t *a, const uint8_t *b, py::ssize_t n) {
     uint32_t acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (py::ssize_t x = 0; x < n; ++x) acc += static_cast<uint32_t>(a[x] > b[x] ? a[x] - b[x] : b[x] - a[x]);
@@ -289,7 +380,7 @@ BOUNCER_CLONES uint32_t row_absdiff(const uint8_t *a, const uint8_t *b, py::ssiz
 }
 
 // 4-neighbour Laplacian of one interior row: sum and sum of squares (|l| <= 1020, so int32 per row).
-BOUNCER_CLONES void row_laplacian(const uint8_t *up, const uint8_t *row, const uint8_t *down, py::ssize_t w,
+BOUNCER_INLINE void row_laplacian(const uint8_t *up, const uint8_t *row, const uint8_t *down, py::ssize_t w,
                                   int64_t *sum, int64_t *sq) {
     int32_t ls = 0;
     uint32_t lq = 0;
@@ -301,6 +392,54 @@ BOUNCER_CLONES void row_laplacian(const uint8_t *up, const uint8_t *row, const u
     }
     *sum += ls;
     *sq += lq;
+}
+
+struct FrameSums {
+    uint64_t sum = 0, sq = 0, dark = 0, bright = 0, adiff = 0;
+    int64_t lsum = 0, lsq = 0;
+};
+
+// Per-column running sums over each band of tile rows (a vectorised pass over whole rows, no reduction
+// per row), reduced to tiles once per band: short per-tile reductions on every row cost more than the
+// arithmetic. Column sums of squares fit 32 bits for bands of up to 66,000 rows.
+BOUNCER_CLONES FrameSums frame_sums(const uint8_t *g, const uint8_t *p, py::ssize_t h, py::ssize_t w, int tiles,
+                                    uint32_t dark, uint32_t bright, uint64_t *tsum, uint64_t *tsq) {
+    FrameSums f;
+    const py::ssize_t th = h / tiles, tw = w / tiles;
+    std::vector<uint32_t> cols(4 * w);
+    uint32_t *cs = cols.data(), *cq = cs + w, *cd = cq + w, *cb = cd + w;
+    for (py::ssize_t ty = 0; ty < tiles; ++ty) {
+        std::fill(cols.begin(), cols.end(), 0u);
+        for (py::ssize_t y = ty * th; y < (ty + 1) * th; ++y) {
+            const uint8_t *row = g + y * w;
+#pragma omp simd
+            for (py::ssize_t x = 0; x < w; ++x) {
+                const uint32_t v = row[x];
+                cs[x] += v;
+                cq[x] += v * v;
+                cd[x] += v <= dark;
+                cb[x] += v >= bright;
+            }
+            if (p) f.adiff += row_absdiff(row, p + y * w, w);
+            if (y >= 1 && y + 1 < h) row_laplacian(row - w, row, row + w, w, &f.lsum, &f.lsq);
+        }
+        for (py::ssize_t tx = 0; tx < tiles; ++tx) {
+            uint64_t s = 0, q = 0;
+            for (py::ssize_t x = tx * tw; x < (tx + 1) * tw; ++x) {
+                s += cs[x];
+                q += cq[x];
+            }
+            tsum[ty * tiles + tx] = s;
+            tsq[ty * tiles + tx] = q;
+            f.sum += s;
+            f.sq += q;
+        }
+        for (py::ssize_t x = 0; x < w; ++x) {
+            f.dark += cd[x];
+            f.bright += cb[x];
+        }
+    }
+    return f;
 }
 
 // Maximum of a channel; NaN if any element is NaN (as numpy's max).
@@ -317,35 +456,63 @@ BOUNCER_CLONES float channel_max(const float *p, py::ssize_t n) {
 
 // ---- kernels -----------------------------------------------------------------------------------
 
-py::array_t<float> normalize_chw(const py::array &img, std::vector<float> mean, std::vector<float> stdv,
-                                 bool swap_rb, std::optional<py::array> out) {
+py::array resize_normalize(const py::array &img, std::vector<float> mean, std::vector<float> stdv, bool swap_rb,
+                           py::array out, std::optional<std::vector<py::ssize_t>> rect) {
     need_dtype<uint8_t>(img, "img", "uint8");
-    if (img.ndim() != 3 || img.shape(2) != 3)
+    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < 1 || img.shape(1) < 1)
         throw py::value_error("img: expected H x W x 3, got shape " + shape_str(img));
     need_contiguous(img, "img");
     if (mean.size() != 3 || stdv.size() != 3) throw py::value_error("mean and std: three values each");
-    const py::ssize_t h = img.shape(0), w = img.shape(1);
-    py::array_t<float> dst;
-    if (out) {
-        if (!out->dtype().is(py::dtype::of<float>()) || out->ndim() != 3 || out->shape(0) != 3 ||
-            out->shape(1) != h || out->shape(2) != w || !(out->flags() & py::array::c_style))
-            throw py::value_error("out: expected a C-contiguous float32 array of shape (3, " + std::to_string(h) +
-                                  ", " + std::to_string(w) + ")");
-        if (!out->writeable()) throw py::value_error("out: array is read-only");
-        dst = py::reinterpret_borrow<py::array_t<float>>(*out);
-    } else {
-        dst = py::array_t<float>({py::ssize_t(3), h, w});
-    }
+    if (!out.dtype().is(py::dtype::of<float>()) || out.ndim() != 3 || out.shape(0) != 3 ||
+        !(out.flags() & py::array::c_style))
+        throw py::value_error("out: expected a C-contiguous float32 array of shape (3, H, W)");
+    if (!out.writeable()) throw py::value_error("out: array is read-only");
+    const py::ssize_t oh = out.shape(1), ow = out.shape(2);
+    const std::vector<py::ssize_t> r = rect ? *rect : std::vector<py::ssize_t>{0, 0, oh, ow};
+    if (r.size() != 4 || r[0] < 0 || r[1] < 0 || r[2] < 1 || r[3] < 1 || r[0] + r[2] > oh || r[1] + r[3] > ow)
+        throw py::value_error("rect: expected (top, left, height, width) inside the output " + shape_str(out));
     const uint8_t *src = static_cast<const uint8_t *>(img.data());
-    float *o = dst.mutable_data();
-    const float s0 = 1.0f / stdv[0], s1 = 1.0f / stdv[1], s2 = 1.0f / stdv[2];
-    const float m0 = mean[0], m1 = mean[1], m2 = mean[2];
-    const int c0 = swap_rb ? 2 : 0, c2 = swap_rb ? 0 : 2;  // output channel 0 reads input channel c0
+    float *o = static_cast<float *>(out.mutable_data());
+    const py::ssize_t h = img.shape(0), w = img.shape(1), stride = w * 3, plane = oh * ow;
+    // lanes are the input's B, G, R; mean and std are given in the model's channel order
+    const int c0 = swap_rb ? 2 : 0, c2 = swap_rb ? 0 : 2;
+    const v4f m = {mean[c0], mean[1], mean[c2], 0.f};
+    const v4f is = {1.0f / stdv[c0], 1.0f / stdv[1], 1.0f / stdv[c2], 0.f};
     {
         py::gil_scoped_release release;
-        normalize_pass(src, h * w, c0, c2, m0, m1, m2, s0, s1, s2, o);
+        const Taps ty = make_taps(h, r[2]), tx = make_taps(w, r[3]);
+        std::vector<float> row(stride + 4);
+        for (py::ssize_t y = 0; y < r[2]; ++y) {
+            const uint8_t *a = src + ty.i0[y] * stride;
+            lerp_rows(a, ty.w[y] != 0.f ? a + stride : a, ty.w[y], stride, row.data());
+            std::copy(row.data() + stride - 3, row.data() + stride, row.data() + stride);  // the extra pixel
+            float *p0 = o + (r[0] + y) * ow + r[1];
+            lerp_pixels(row.data(), tx, r[3], m, is, swap_rb, p0, p0 + plane, p0 + 2 * plane);
+        }
     }
-    return dst;
+    return out;
+}
+
+py::array_t<uint8_t> halve(const py::array &img) {
+    need_dtype<uint8_t>(img, "img", "uint8");
+    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < 2 || img.shape(1) < 2)
+        throw py::value_error("img: expected H x W x 3 with H, W >= 2, got shape " + shape_str(img));
+    need_contiguous(img, "img");
+    const py::ssize_t oh = img.shape(0) / 2, ow = img.shape(1) / 2, stride = img.shape(1) * 3;
+    py::array_t<uint8_t> result({oh, ow, py::ssize_t(3)});
+    const uint8_t *src = static_cast<const uint8_t *>(img.data());
+    uint8_t *o = result.mutable_data();
+    {
+        py::gil_scoped_release release;
+        const py::ssize_t n = 6 * ow - 3;  // box starts up to the last pair's third byte
+        std::vector<uint8_t> t(6 * ow + 16, 0);
+        for (py::ssize_t y = 0; y < oh; ++y) {
+            const uint8_t *r0 = src + 2 * y * stride;
+            box_means(r0, r0 + stride, n, t.data());
+            keep_pixel_pairs(t.data(), ow, o + y * ow * 3);
+        }
+    }
+    return result;
 }
 
 py::array_t<double> quality_stats(const py::array &grey, std::optional<py::array> prev, int tiles, int dark,
@@ -374,24 +541,10 @@ py::array_t<double> quality_stats(const py::array &grey, std::optional<py::array
         const int nt = tiles * tiles;
         const py::ssize_t th = h / tiles, tw = w / tiles;
         std::vector<uint64_t> tsum(nt, 0), tsq(nt, 0);
-        uint64_t sum = 0, sq = 0, ndark = 0, nbright = 0, adiff = 0;
-        int64_t lsum = 0, lsq = 0;
-        for (py::ssize_t y = 0; y < h; ++y) {
-            const uint8_t *row = g + y * w;
-            const int trow = static_cast<int>(y / th) * tiles;
-            for (py::ssize_t tx = 0; tx < tiles; ++tx) {
-                const SegStats st = segment_stats(row + tx * tw, tw, static_cast<uint32_t>(dark),
-                                                  static_cast<uint32_t>(bright));
-                tsum[trow + tx] += st.sum;
-                tsq[trow + tx] += st.sq;
-                sum += st.sum;
-                sq += st.sq;
-                ndark += st.dark;
-                nbright += st.bright;
-            }
-            if (p) adiff += row_absdiff(row, p + y * w, w);
-            if (y >= 1 && y + 1 < h) row_laplacian(row - w, row, row + w, w, &lsum, &lsq);
-        }
+        FrameSums f = frame_sums(g, p, h, w, tiles, static_cast<uint32_t>(dark), static_cast<uint32_t>(bright),
+                                 tsum.data(), tsq.data());
+        const uint64_t sum = f.sum, sq = f.sq, ndark = f.dark, nbright = f.bright, adiff = f.adiff;
+        const int64_t lsum = f.lsum, lsq = f.lsq;
         const double n = static_cast<double>(h * w);
         const double mean = sum / n;
         r[0] = mean;
@@ -613,8 +766,9 @@ py::array_t<float> fuse(const py::array &scores, const py::array &median, const 
 
 PYBIND11_MODULE(_hotpath, m) {
     m.doc() = "C++ hot path of the Bouncer guard; see bouncer/runtime/kernels/reference.py for the specification.";
-    m.def("normalize_chw", &normalize_chw, py::arg("img"), py::arg("mean"), py::arg("std"), py::arg("swap_rb"),
-          py::arg("out") = py::none());
+    m.def("resize_normalize", &resize_normalize, py::arg("img"), py::arg("mean"), py::arg("std"), py::arg("swap_rb"),
+          py::arg("out"), py::arg("rect") = py::none());
+    m.def("halve", &halve, py::arg("img"));
     m.def("quality_stats", &quality_stats, py::arg("grey"), py::arg("prev"), py::arg("tiles"), py::arg("dark"),
           py::arg("bright"));
     m.def("linear_probs", &linear_probs, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("temperature"));

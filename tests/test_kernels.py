@@ -4,6 +4,7 @@ non-contiguous arrays."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -56,25 +57,64 @@ def with_bad_values(x: np.ndarray, data) -> np.ndarray:
 
 
 @SETTINGS
-@given(data=st.data(), h=st.integers(1, 40), w=st.integers(1, 40), swap=st.booleans())
-def test_normalize_chw(data, h, w, swap):
-    img = data.draw(arrays(np.uint8, (h, w, 3)))
+@given(
+    data=st.data(),
+    src=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    dst=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    swap=st.booleans(),
+)
+def test_resize_normalize(data, src, dst, swap):
+    img = data.draw(arrays(np.uint8, (*src, 3)))
     mean = tuple(data.draw(st.floats(0, 255)) for _ in range(3))
     std = tuple(data.draw(st.floats(1, 200)) for _ in range(3))
-    a, b = ref.normalize_chw(img, mean, std, swap), cpp.normalize_chw(img, mean, std, swap)
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-5)
-    out = np.empty((3, h, w), np.float32)
-    assert cpp.normalize_chw(img, mean, std, swap, out) is out
-    np.testing.assert_allclose(out, a, rtol=1e-6, atol=1e-5)
+    a = ref.resize_normalize(img, mean, std, swap, np.zeros((3, *dst), np.float32))
+    out = np.zeros((3, *dst), np.float32)
+    assert cpp.resize_normalize(img, mean, std, swap, out) is out
+    np.testing.assert_allclose(out, a, rtol=1e-5, atol=1e-4)
+    # letterboxing: only the rectangle is written
+    top, left = data.draw(st.integers(0, dst[0] - 1)), data.draw(st.integers(0, dst[1] - 1))
+    rect = (top, left, dst[0] - top, dst[1] - left)
+    a = ref.resize_normalize(img, mean, std, swap, np.full((3, *dst), 7, np.float32), rect)
+    b = cpp.resize_normalize(img, mean, std, swap, np.full((3, *dst), 7, np.float32), rect)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+    assert (b[:, :top] == 7).all() and (b[:, :, :left] == 7).all()
 
 
-def test_normalize_chw_errors():
-    img = np.zeros((8, 8, 3), np.uint8)
-    assert same_error("normalize_chw", img.astype(np.float32), (0, 0, 0), (1, 1, 1), True) is TypeError
-    assert same_error("normalize_chw", img[:, :, :2], (0, 0, 0), (1, 1, 1), True) is ValueError
-    assert same_error("normalize_chw", img, (0, 0, 0), (1, 1, 1), True, np.empty((3, 8, 9), np.float32)) is ValueError
+def test_resize_normalize_at_equal_size_is_a_plain_normalisation():
+    img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), np.uint8)
+    out = cpp.resize_normalize(img, (1.0, 2.0, 3.0), (2.0, 4.0, 8.0), True, np.empty((3, 24, 32), np.float32))
+    rgb = img[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
+    np.testing.assert_allclose(out, (rgb - np.array([1, 2, 3], np.float32)[:, None, None]) / [[[2]], [[4]], [[8]]])
+
+
+def test_resize_normalize_errors():
+    img, out = np.zeros((8, 8, 3), np.uint8), np.zeros((3, 4, 4), np.float32)
+    assert same_error("resize_normalize", img.astype(np.float32), (0, 0, 0), (1, 1, 1), True, out) is TypeError
+    assert same_error("resize_normalize", img[:, :, :2], (0, 0, 0), (1, 1, 1), True, out) is ValueError
+    assert same_error("resize_normalize", img, (0, 0, 0), (1, 1, 1), True, out.astype(np.float64)) is ValueError
+    assert same_error("resize_normalize", img, (0, 0), (1, 1, 1), True, out) is ValueError
+    assert same_error("resize_normalize", img, (0, 0, 0), (1, 1, 1), True, out, (2, 2, 3, 3)) is ValueError
+    assert same_error("resize_normalize", img, (0, 0, 0), (1, 1, 1), True, out, (0, 0, 0, 4)) is ValueError
+    out.flags.writeable = False
+    assert same_error("resize_normalize", img, (0, 0, 0), (1, 1, 1), True, out) is ValueError
     with pytest.raises(ValueError, match="C-contiguous"):
-        cpp.normalize_chw(np.zeros((8, 16, 3), np.uint8)[:, ::2], (0, 0, 0), (1, 1, 1), True)
+        cpp.resize_normalize(np.zeros((8, 16, 3), np.uint8)[:, ::2], (0, 0, 0), (1, 1, 1), True, out)
+
+
+@SETTINGS
+@given(data=st.data(), h=st.integers(2, 60), w=st.integers(2, 60))
+def test_halve_is_exact(data, h, w):
+    img = data.draw(arrays(np.uint8, (h, w, 3)))
+    np.testing.assert_array_equal(cpp.halve(img), ref.halve(img))
+    if h % 2 == 0 and w % 2 == 0:  # the box mean OpenCV's INTER_AREA computes at half size
+        np.testing.assert_array_equal(ref.halve(img), cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA))
+
+
+def test_halve_errors():
+    assert same_error("halve", np.zeros((8, 8, 3), np.float32)) is TypeError
+    assert same_error("halve", np.zeros((1, 8, 3), np.uint8)) is ValueError
+    assert same_error("halve", np.zeros((8, 8), np.uint8)) is ValueError
+    assert same_error("halve", np.zeros((8, 16, 3), np.uint8)[:, ::2]) is ValueError
 
 
 @SETTINGS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.preprocess import Preprocessing, preprocess, resize_frame
+from bouncer.runtime.preprocess import Preprocessing, preprocess
 
 frames = st.tuples(st.integers(8, 300), st.integers(8, 300)).flatmap(lambda hw: arrays(np.uint8, (hw[0], hw[1], 3)))
 
@@ -32,13 +33,23 @@ def test_constant_frame_maps_to_the_normalised_value_and_rgb_order():
 
 def test_letterbox_keeps_aspect_and_pads_with_the_mean():
     frame = np.full((100, 400, 3), 255, np.uint8)  # 4:1 -> a 224x56 band in the middle
-    pp = Preprocessing(resize="letterbox", mean=(100.0, 110.0, 120.0))
-    out = resize_frame(frame, pp)
-    assert out.shape == (224, 224, 3)
-    assert (out[112, :, :] == 255).all()  # the band
-    assert tuple(out[0, 0]) == (120, 110, 100)  # pad = mean colour, BGR
-    x = preprocess(frame, pp)
-    np.testing.assert_allclose(x[0, :, 0, 0], 0.0, atol=0.01)
+    pp = Preprocessing(resize="letterbox", mean=(100.0, 110.0, 120.0), std=(1.0, 1.0, 1.0))
+    x = preprocess(frame, pp)[0]
+    band = (x != 0).any(axis=(0, 2))
+    assert band.sum() == 56 and band[84:140].all()  # the band, centred
+    np.testing.assert_allclose(x[:, 112, :], (255 - np.array([100, 110, 120]))[:, None] * np.ones((1, 224)))
+    assert (x[:, :84] == 0).all() and (x[:, 140:] == 0).all()  # pad = mean colour, normalised to 0
+
+
+def test_stretch_matches_opencv_within_a_grey_level():
+    """The box halving is OpenCV's INTER_AREA exactly; the bilinear step is INTER_LINEAR without its
+    fixed-point rounding, so the two paths differ by less than one grey level."""
+    frame = cv2.resize(np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8), (640, 480))
+    pp = Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="bgr")
+    half = cv2.resize(frame, (320, 240), interpolation=cv2.INTER_AREA)
+    expected = cv2.resize(half, (224, 224), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+    diff = np.abs(preprocess(frame, pp)[0] - expected)
+    assert diff.max() < 1.0 and diff.mean() < 0.5
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ path, or its numpy reference).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,11 @@ class GaussianHead:
         """Squared Mahalanobis distance of each row of x (M x d, normalised in the kernel) to each mean: M x C."""
         return kernels.mahalanobis(_f32(x), self.means, self.basis, self.inv_evals, self.inv_rest, self.means_proj)
 
+    def scorer(self) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """`score` on a backbone's outputs, with its lookups bound once (the guard calls it every frame)."""
+        source, score = self.source, self.score
+        return lambda outputs: score(outputs[source])
+
     def score(self, out: np.ndarray) -> np.ndarray:
         """One score per frame: nearest-mean distance; for maps, the most unusual patch."""
         if self.spatial:
@@ -168,6 +174,15 @@ class KnnHead:
 
     def score(self, out: np.ndarray) -> np.ndarray:
         return self.score_vectors(self.vectors(out))
+
+    def scorer(self) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """`score` on a backbone's outputs with its lookups bound once: after the backbone call every
+        attribute and object the interpreter touches is a cache miss (measured: 121 -> 65 us per frame for
+        the default heads)."""
+        source, bank, k, knn, smax = self.source, self.bank, self.k, kernels.knn_score, kernels.spatial_max
+        if self.reduce == "max":
+            return lambda outputs: knn(smax(_f32(outputs[source])), bank, k)
+        return lambda outputs: knn(_f32(outputs[source].reshape(len(outputs[source]), -1)), bank, k)
 
     def score_vectors(self, vectors: np.ndarray) -> np.ndarray:
         return kernels.knn_score(_f32(vectors), self.bank, self.k)

@@ -28,7 +28,8 @@ def _load() -> tuple[ModuleType, str]:
 
 _impl, ACTIVE = _load()
 
-normalize_chw = _impl.normalize_chw
+resize_normalize = _impl.resize_normalize
+halve = _impl.halve
 quality_stats = _impl.quality_stats
 linear_probs = _impl.linear_probs
 mahalanobis = _impl.mahalanobis

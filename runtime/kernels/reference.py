@@ -39,30 +39,72 @@ def _l2n(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (x * (1.0 / norm).astype(np.float32)).astype(np.float32), finite
 
 
-def normalize_chw(
+def _taps(n: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output coordinate: the left (top) source neighbour and the weight of the next one, pixel centres
+    aligned as OpenCV's INTER_LINEAR; past the last pixel the edge pixel repeats."""
+    s = np.maximum((np.arange(n_out) + 0.5) * (n / n_out) - 0.5, 0.0)
+    i = s.astype(np.int64)
+    inside = i < n - 1
+    return np.where(inside, i, n - 1), np.where(inside, s - i, 0.0).astype(np.float32)
+
+
+def resize_normalize(
     img: np.ndarray,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     swap_rb: bool,
-    out: np.ndarray | None = None,
+    out: np.ndarray,
+    rect: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
-    """Resized BGR uint8 H x W x 3 -> float32 3 x H x W, (value - mean) / std, channels reversed if swap_rb."""
+    """BGR uint8 H x W x 3 -> model input in one pass: bilinear to `rect` = (top, left, height, width) of `out`
+    (float32 3 x H x W; default: all of it), then (value - mean) / std per output channel, channels reversed
+    if swap_rb (mean and std are in the output's order). The rest of `out` is left as it is (letterboxing
+    fills it first). With an equal size it is a plain normalisation."""
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
         raise TypeError(f"img: expected uint8, got {getattr(img, 'dtype', type(img).__name__)}")
-    if img.ndim != 3 or img.shape[2] != 3:
+    if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
         raise ValueError(f"img: expected H x W x 3, got shape {img.shape}")
     _contiguous(img, "img")
-    h, w = img.shape[:2]
-    if out is None:
-        out = np.empty((3, h, w), np.float32)
-    elif out.dtype != np.float32 or out.shape != (3, h, w) or not out.flags.c_contiguous:
-        raise ValueError(f"out: expected a C-contiguous float32 array of shape (3, {h}, {w})")
-    src = img[:, :, ::-1] if swap_rb else img
-    m = np.asarray(mean, np.float32)
-    s = np.asarray(std, np.float32)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std: three values each")
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.float32
+        or out.ndim != 3
+        or out.shape[0] != 3
+        or not out.flags.c_contiguous
+    ):
+        raise ValueError("out: expected a C-contiguous float32 array of shape (3, H, W)")
+    if not out.flags.writeable:
+        raise ValueError("out: array is read-only")
+    top, left, h, w = (0, 0, out.shape[1], out.shape[2]) if rect is None else rect
+    if min(top, left) < 0 or min(h, w) < 1 or top + h > out.shape[1] or left + w > out.shape[2]:
+        raise ValueError(f"rect: expected (top, left, height, width) inside the output {out.shape}")
+    y0, wy = _taps(img.shape[0], h)
+    x0, wx = _taps(img.shape[1], w)
+    src = img.astype(np.float32)
+    a, b = src[y0], src[np.minimum(y0 + 1, img.shape[0] - 1)]
+    rows = a + wy[:, None, None] * (b - a)
+    a, b = rows[:, x0], rows[:, np.minimum(x0 + 1, img.shape[1] - 1)]
+    px = a + wx[None, :, None] * (b - a)
+    if swap_rb:
+        px = px[:, :, ::-1]
     for c in range(3):
-        out[c] = (src[:, :, c].astype(np.float32) - m[c]) * np.float32(1.0 / s[c])
+        out[c, top : top + h, left : left + w] = (px[:, :, c] - np.float32(mean[c])) * np.float32(1.0 / std[c])
     return out
+
+
+def halve(img: np.ndarray) -> np.ndarray:
+    """BGR uint8 H x W x 3 -> H//2 x W//2 x 3: the rounded mean of each 2x2 box (an odd last row or column
+    is dropped). For even sizes this is exactly OpenCV's INTER_AREA at half size."""
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise TypeError(f"img: expected uint8, got {getattr(img, 'dtype', type(img).__name__)}")
+    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 2 or img.shape[1] < 2:
+        raise ValueError(f"img: expected H x W x 3 with H, W >= 2, got shape {img.shape}")
+    _contiguous(img, "img")
+    h, w = img.shape[0] // 2, img.shape[1] // 2
+    a = img[: 2 * h, : 2 * w].astype(np.uint16)
+    return ((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) >> 2).astype(np.uint8)
 
 
 STAT_FIELDS = ("mean", "std", "dark_frac", "bright_frac", "sharpness", "tile_std_min", "frame_diff")
