@@ -116,6 +116,8 @@ class _RateCusum:
     p0: float = 0.0
     p1: float = 0.0
     s: float = 0.0
+    llr_hit: float = 0.0  # log-likelihood ratios of a hit and a miss, fixed once p0 and p1 are
+    llr_miss: float = 0.0
 
     def update(self, hit: bool) -> str | None:
         if self.n < self.warmup:
@@ -124,9 +126,10 @@ class _RateCusum:
             if self.n == self.warmup:
                 self.p0 = min(max(clopper_pearson_upper(self.hits, self.n, 0.05), 0.5 / self.warmup), 0.9)
                 self.p1 = min(max(2 * self.p0, self.p0 + 0.05), 0.99)
+                self.llr_hit = math.log(self.p1 / self.p0)
+                self.llr_miss = math.log((1 - self.p1) / (1 - self.p0))
             return None
-        llr = math.log(self.p1 / self.p0) if hit else math.log((1 - self.p1) / (1 - self.p0))
-        self.s = max(0.0, self.s + llr)
+        self.s = max(0.0, self.s + (self.llr_hit if hit else self.llr_miss))
         if self.s > self.h:
             self.n, self.hits, self.s = 0, 0, 0.0
             return "up"
@@ -144,6 +147,7 @@ class DriftMonitor:
         for name in CLASS_CENTRED:
             self.signals[name] = _ClassCentred(self.signals[name])
         self.rates = {name: _RateCusum(warmup=max(warmup, 1000), h=rate_h) for name in RATES}
+        self._rate_decisions = [(name, name.split("_")[0], test) for name, test in self.rates.items()]
         self.state: dict[str, str] = {}
 
     def update(
@@ -180,8 +184,8 @@ class DriftMonitor:
                         "value": round(values[name], 4),
                     }
                 )
-        for name, test in self.rates.items():
-            if test.update(decision == name.split("_")[0]):
+        for name, counted, test in self._rate_decisions:
+            if test.update(decision == counted):
                 self.state[name] = "up"
                 events.append({"event": "drift", "signal": name, "direction": "up", "baseline_rate": test.p0})
         return events

@@ -121,7 +121,7 @@ class FrameMessage:
     audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
 
     def encode(self) -> bytes:
-        return encode(
+        head = encode(
             {
                 "id": self.id,
                 "device": self.device,
@@ -136,13 +136,15 @@ class FrameMessage:
                 "quality": self.quality,
                 "gate_version": self.gate_version,
                 "backbone_hash": self.backbone_hash,
-                "jpeg": base64.b64encode(self.jpeg).decode(),
                 "features": features_to_wire(self.features),
                 "group": self.group,
                 "heatmap": None if self.heatmap is None else base64.b64encode(self.heatmap).decode(),
                 "audit": self.audit,
             }
         )
+        # The JPEG's base64 is appended as it is: its alphabet needs no JSON escaping, and the encoder's
+        # scan of ~30 KB was a third of the message's cost on the camera loop.
+        return head[:-1] + b',"jpeg":"' + base64.b64encode(self.jpeg) + b'"}'
 
     @classmethod
     def decode(cls, payload: bytes) -> FrameMessage:

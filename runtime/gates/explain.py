@@ -32,16 +32,17 @@ def heatmap(bundle: GateBundle, outputs: dict[str, np.ndarray]) -> np.ndarray | 
     v = fmap.reshape(c, -1).max(axis=1)
     norm = float(np.linalg.norm(v)) or 1.0
     vn = v / norm
-    bank = head.bank.astype(np.float32)
+    bank = head.bank_f32
     nearest = bank[int(np.argmax(bank @ vn))]
     excess = np.maximum(vn - nearest, 0.0)
+    hot = np.flatnonzero(excess)  # usually a few channels: the rest add nothing
     # how close each position comes to its channel's maximum, to the 4th power: only the cells near the
     # maximum carry the channel's excess
-    share = np.clip(fmap / np.maximum(v, 1e-6)[:, None, None], 0.0, 1.0)
+    share = np.clip(fmap[hot] / np.maximum(v[hot], 1e-6)[:, None, None], 0.0, 1.0)
     share *= share
     share *= share
-    heat = np.tensordot(excess, share, axes=1)
-    top = float(heat.max())
+    heat = np.tensordot(excess[hot], share, axes=1)
+    top = float(heat.max()) if heat.size else 0.0
     return (heat / top).astype(np.float32) if top > 0 else np.zeros((h, w), np.float32)
 
 

@@ -12,6 +12,7 @@ path, or its numpy reference).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -158,6 +159,11 @@ class KnnHead:
 
     def __post_init__(self) -> None:
         self.bank = np.ascontiguousarray(self.bank)
+
+    @functools.cached_property
+    def bank_f32(self) -> np.ndarray:
+        """The bank as float32, converted once (the explanation of every flagged frame reads it)."""
+        return self.bank.astype(np.float32)
 
     def vectors(self, out: np.ndarray) -> np.ndarray:
         return kernels.spatial_max(_f32(out)) if self.reduce == "max" else _f32(out.reshape(len(out), -1))
