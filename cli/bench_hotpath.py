@@ -22,6 +22,7 @@ from bouncer.runtime.timing import interleaved_latency_ms
 
 KERNEL_NAMES = (
     "halve",
+    "halve_with_grey",
     "resize_normalize",
     "quality_stats",
     "linear_probs",
@@ -64,6 +65,7 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
     scores = rng.normal(size=(1, 2)).astype(np.float32)
     return {
         "halve (640x480 BGR -> 320x240)": ("halve", (frame,)),
+        "halve_with_grey (640x480 BGR -> 320x240 + 160x120 grey)": ("halve_with_grey", (frame,)),
         "resize_normalize (320x240 BGR -> 224x224 CHW)": (
             "resize_normalize",
             (half, (127.0,) * 3, (128.0,) * 3, True, chw),

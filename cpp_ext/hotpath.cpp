@@ -493,26 +493,65 @@ py::array resize_normalize(const py::array &img, std::vector<float> mean, std::v
     return out;
 }
 
-py::array_t<uint8_t> halve(const py::array &img) {
+void need_halvable(const py::array &img, py::ssize_t least) {
     need_dtype<uint8_t>(img, "img", "uint8");
-    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < 2 || img.shape(1) < 2)
-        throw py::value_error("img: expected H x W x 3 with H, W >= 2, got shape " + shape_str(img));
+    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < least || img.shape(1) < least)
+        throw py::value_error("img: expected H x W x 3 with H, W >= " + std::to_string(least) + ", got shape " +
+                              shape_str(img));
     need_contiguous(img, "img");
+}
+
+// Output row y of a halving (rows `stride` bytes apart); t: scratch of 6 * ow + 16 bytes.
+void halve_row(const uint8_t *src, py::ssize_t stride, py::ssize_t y, py::ssize_t ow, uint8_t *t, uint8_t *out) {
+    const uint8_t *r0 = src + 2 * y * stride;
+    box_means(r0, r0 + stride, 6 * ow - 3, t);  // box starts up to the last pair's third byte
+    keep_pixel_pairs(t, ow, out);
+}
+
+// OpenCV's 8-bit BGR2GRAY exactly: BT.601 weights in 15-bit fixed point, rounded.
+BOUNCER_CLONES void luma_row(const uint8_t *bgr, py::ssize_t n, uint8_t *out) {
+#pragma omp simd
+    for (py::ssize_t x = 0; x < n; ++x)
+        out[x] = static_cast<uint8_t>((uint32_t(bgr[3 * x]) * 3735u + uint32_t(bgr[3 * x + 1]) * 19235u +
+                                       uint32_t(bgr[3 * x + 2]) * 9798u + 16384u) >>
+                                      15);
+}
+
+py::array_t<uint8_t> halve(const py::array &img) {
+    need_halvable(img, 2);
     const py::ssize_t oh = img.shape(0) / 2, ow = img.shape(1) / 2, stride = img.shape(1) * 3;
     py::array_t<uint8_t> result({oh, ow, py::ssize_t(3)});
     const uint8_t *src = static_cast<const uint8_t *>(img.data());
     uint8_t *o = result.mutable_data();
     {
         py::gil_scoped_release release;
-        const py::ssize_t n = 6 * ow - 3;  // box starts up to the last pair's third byte
         std::vector<uint8_t> t(6 * ow + 16, 0);
-        for (py::ssize_t y = 0; y < oh; ++y) {
-            const uint8_t *r0 = src + 2 * y * stride;
-            box_means(r0, r0 + stride, n, t.data());
-            keep_pixel_pairs(t.data(), ow, o + y * ow * 3);
-        }
+        for (py::ssize_t y = 0; y < oh; ++y) halve_row(src, stride, y, ow, t.data(), o + y * ow * 3);
     }
     return result;
+}
+
+// The halving and, from each pair of its rows while they are in L1, the grey image of it halved again:
+// the model's input and the quality statistics' input in one pass over the frame.
+py::tuple halve_with_grey(const py::array &img) {
+    need_halvable(img, 4);
+    const py::ssize_t oh = img.shape(0) / 2, ow = img.shape(1) / 2, stride = img.shape(1) * 3;
+    const py::ssize_t gh = oh / 2, gw = ow / 2;
+    py::array_t<uint8_t> half({oh, ow, py::ssize_t(3)}), grey({gh, gw});
+    const uint8_t *src = static_cast<const uint8_t *>(img.data());
+    uint8_t *o = half.mutable_data(), *g = grey.mutable_data();
+    {
+        py::gil_scoped_release release;
+        std::vector<uint8_t> t(6 * ow + 16, 0), quarter(3 * gw + 16, 0);
+        for (py::ssize_t y = 0; y < oh; ++y) {
+            halve_row(src, stride, y, ow, t.data(), o + y * ow * 3);
+            if (y % 2 == 1 && y / 2 < gh) {
+                halve_row(o, ow * 3, y / 2, gw, t.data(), quarter.data());
+                luma_row(quarter.data(), gw, g + (y / 2) * gw);
+            }
+        }
+    }
+    return py::make_tuple(half, grey);
 }
 
 py::array_t<double> quality_stats(const py::array &grey, std::optional<py::array> prev, int tiles, int dark,
@@ -769,6 +808,7 @@ PYBIND11_MODULE(_hotpath, m) {
     m.def("resize_normalize", &resize_normalize, py::arg("img"), py::arg("mean"), py::arg("std"), py::arg("swap_rb"),
           py::arg("out"), py::arg("rect") = py::none());
     m.def("halve", &halve, py::arg("img"));
+    m.def("halve_with_grey", &halve_with_grey, py::arg("img"));
     m.def("quality_stats", &quality_stats, py::arg("grey"), py::arg("prev"), py::arg("tiles"), py::arg("dark"),
           py::arg("bright"));
     m.def("linear_probs", &linear_probs, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("temperature"));

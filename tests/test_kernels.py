@@ -110,11 +110,23 @@ def test_halve_is_exact(data, h, w):
         np.testing.assert_array_equal(ref.halve(img), cv2.resize(img, (w // 2, h // 2), interpolation=cv2.INTER_AREA))
 
 
+@SETTINGS
+@given(data=st.data(), h=st.integers(4, 60), w=st.integers(4, 60))
+def test_halve_with_grey_is_exact(data, h, w):
+    img = data.draw(arrays(np.uint8, (h, w, 3)))
+    (half, grey), (h2, g2) = cpp.halve_with_grey(img), ref.halve_with_grey(img)
+    np.testing.assert_array_equal(half, h2)
+    np.testing.assert_array_equal(grey, g2)
+    np.testing.assert_array_equal(ref.luma(half), cv2.cvtColor(half, cv2.COLOR_BGR2GRAY))  # OpenCV's, exactly
+
+
 def test_halve_errors():
     assert same_error("halve", np.zeros((8, 8, 3), np.float32)) is TypeError
     assert same_error("halve", np.zeros((1, 8, 3), np.uint8)) is ValueError
     assert same_error("halve", np.zeros((8, 8), np.uint8)) is ValueError
     assert same_error("halve", np.zeros((8, 16, 3), np.uint8)[:, ::2]) is ValueError
+    assert same_error("halve_with_grey", np.zeros((3, 8, 3), np.uint8)) is ValueError
+    assert same_error("halve_with_grey", np.zeros((8, 8, 3), np.int16)) is TypeError
 
 
 @SETTINGS

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bouncer.runtime.gates.quality import QualityGate, quality_stats
+from bouncer.runtime.gates.quality import GREY_H, GREY_W, QualityGate, base_and_grey, grey_small, quality_stats
+from bouncer.runtime.preprocess import halve_while
 from bouncer.runtime.sources import corruptions, simulator
 
 
@@ -76,3 +79,20 @@ def test_round_trip(gate_and_frames):
     assert QualityGate.from_dict(gate.to_dict()) == gate
     with pytest.raises(ValueError, match="lack"):
         QualityGate.from_dict({"bounds": {"mean": [0, 1]}})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.sampled_from([(480, 640), (960, 1280), (481, 641), (1080, 1920), (720, 1280), (240, 320), (100, 120)]),
+    target=st.sampled_from([(224, 224), (160, 120), (320, 240), (256, 192)]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_base_and_grey_equal_the_separate_steps(size, target, seed):
+    """One pass (kernels.halve_with_grey) where the geometry allows it, the separate steps elsewhere: the same
+    pixels either way."""
+    frame = np.random.default_rng(seed).integers(0, 256, (*size, 3), np.uint8)
+    w, h = max(target[0], GREY_W), max(target[1], GREY_H)
+    base, grey = base_and_grey(frame, w, h)
+    expected = halve_while(frame, w, h)
+    np.testing.assert_array_equal(base, expected)
+    np.testing.assert_array_equal(grey, grey_small(expected))

@@ -12,8 +12,8 @@ import numpy as np
 
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.gates.bundle import BundleError, GateBundle
-from bouncer.runtime.gates.quality import GREY_H, GREY_W, quality_stats
-from bouncer.runtime.preprocess import halve_while, preprocess
+from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
+from bouncer.runtime.preprocess import preprocess
 
 ACCEPT, REVIEW, REJECT = "accept", "review", "reject"
 
@@ -102,8 +102,8 @@ class Guard:
         """One frame of a stream -> its decision, the backbone outputs (None if the quality gate rejected
         it before the backbone), and its grey downscale (the `prev` of the next frame)."""
         pp = self.bundle.preprocessing
-        base = halve_while(frame, max(pp.width, GREY_W), max(pp.height, GREY_H))
-        stats, grey = quality_stats(base, prev)
+        base, grey = base_and_grey(frame, max(pp.width, GREY_W), max(pp.height, GREY_H))
+        stats = grey_stats(grey, prev)
         issues = self.bundle.quality.check(stats)
         if issues:
             return self.decide(issues, None, None, stats), None, grey

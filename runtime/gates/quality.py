@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from bouncer.runtime import kernels
-from bouncer.runtime.preprocess import shrink
+from bouncer.runtime.preprocess import halve_while, shrink
 
 GREY_W, GREY_H = 160, 120
 TILES = 4  # 4x4 grid for occlusion / low texture
@@ -26,16 +26,36 @@ def grey_small(bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(shrink(bgr, GREY_W, GREY_H), cv2.COLOR_BGR2GRAY)
 
 
+def base_and_grey(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """`halve_while(frame, width, height)` and the `grey_small` of that: what the model input and the quality
+    statistics start from. When the grey image is that base halved once (a 4:3 frame of 640 x 480, or a
+    power-of-two multiple of it, and a model input of at most 320 x 240), the last halving and the grey
+    image come from one pass over the frame (kernels.halve_with_grey; identical results)."""
+    img = frame
+    while img.shape[1] >= 4 * width and img.shape[0] >= 4 * height:  # all but the last halving
+        img = kernels.halve(np.ascontiguousarray(img))
+    fused = img.shape[1] >= 2 * width and img.shape[0] >= 2 * height
+    if fused and (img.shape[0] // 4, img.shape[1] // 4) == (GREY_H, GREY_W):
+        return kernels.halve_with_grey(np.ascontiguousarray(img))
+    base = halve_while(img, width, height)
+    return base, grey_small(base)
+
+
 def quality_stats(bgr: np.ndarray, prev: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
     """Statistics of one frame, and its grey downscale (to pass as `prev` with the next frame)."""
     g = grey_small(bgr)
+    return grey_stats(g, prev), g
+
+
+def grey_stats(g: np.ndarray, prev: np.ndarray | None = None) -> dict[str, float]:
+    """Statistics of a `grey_small` image (and the previous frame's, for the frozen-camera check)."""
     if prev is not None and prev.shape != g.shape:
         prev = None
     values = kernels.quality_stats(g, prev, TILES, CLIP_DARK, CLIP_BRIGHT)
     stats = {k: float(v) for k, v in zip(kernels.STAT_FIELDS, values, strict=True)}
     if prev is None:
         del stats["frame_diff"]
-    return stats, g
+    return stats
 
 
 def _fence(values: np.ndarray, log: bool) -> tuple[float, float]:

@@ -30,6 +30,7 @@ _impl, ACTIVE = _load()
 
 resize_normalize = _impl.resize_normalize
 halve = _impl.halve
+halve_with_grey = _impl.halve_with_grey
 quality_stats = _impl.quality_stats
 linear_probs = _impl.linear_probs
 mahalanobis = _impl.mahalanobis

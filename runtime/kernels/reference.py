@@ -107,6 +107,21 @@ def halve(img: np.ndarray) -> np.ndarray:
     return ((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) >> 2).astype(np.uint8)
 
 
+def luma(bgr: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit BGR2GRAY, exactly: BT.601 weights in 15-bit fixed point, rounded."""
+    px = bgr.astype(np.uint32)
+    return ((px[:, :, 0] * 3735 + px[:, :, 1] * 19235 + px[:, :, 2] * 9798 + 16384) >> 15).astype(np.uint8)
+
+
+def halve_with_grey(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`halve`, and the grey image of the result halved again: a frame's model input and its quality
+    statistics' input from one pass over the frame (H, W >= 4)."""
+    if isinstance(img, np.ndarray) and img.ndim == 3 and min(img.shape[:2]) < 4:
+        raise ValueError(f"img: expected H x W x 3 with H, W >= 4, got shape {img.shape}")
+    half = halve(img)
+    return half, luma(halve(half))
+
+
 STAT_FIELDS = ("mean", "std", "dark_frac", "bright_frac", "sharpness", "tile_std_min", "frame_diff")
 
 
