@@ -253,7 +253,8 @@ def test_shape_and_dtype_errors_match():
     assert same_error("fuse", np.zeros((2, 3), np.float32), np.zeros(2), np.ones(3)) is ValueError
 
 
-def test_kernels_release_the_gil():
+@pytest.mark.parametrize("kernel", ["knn_score", "halve", "halve_with_grey", "resize_normalize"])
+def test_kernels_release_the_gil(kernel):
     """While a long kernel runs in one thread, Python keeps running in another; a kernel holding the GIL
     would stall it for the kernel's whole duration (zero ticks). Other load on the machine slows the ticking
     thread too, so the bar is a tenth of the rate beside a sleeping thread, best of three tries: far from
@@ -278,12 +279,23 @@ def test_kernels_release_the_gil():
         return ticks / duration, duration
 
     rng = np.random.default_rng(0)
-    bank = rng.normal(size=(50000, 192)).astype(np.float32)
-    x = rng.normal(size=(60, 192)).astype(np.float32)
+    frame = rng.integers(0, 256, (4096, 4096, 3), np.uint8)
+    out = np.empty((3, 2048, 2048), np.float32)
+    calls = {
+        "knn_score": (
+            rng.normal(size=(60, 192)).astype(np.float32),
+            rng.normal(size=(50000, 192)).astype(np.float32),
+            1,
+        ),
+        "halve": (frame,),
+        "halve_with_grey": (frame,),
+        "resize_normalize": (frame, (0.0,) * 3, (1.0,) * 3, True, out),
+    }
+    repeats = 1 if kernel == "knn_score" else 5  # long enough to tell
     tries = []
     for _ in range(3):
         idle, _ = ticks_per_second(lambda: time.sleep(0.08))
-        busy, duration = ticks_per_second(lambda: cpp.knn_score(x, bank, 1))
+        busy, duration = ticks_per_second(lambda: [getattr(cpp, kernel)(*calls[kernel]) for _ in range(repeats)])
         assert duration > 0.02, duration  # the kernel ran long enough to tell
         tries.append((busy / idle, busy, idle))
         if busy > 0.1 * idle:
