@@ -21,6 +21,9 @@ if os.environ.get("BOUNCER_ASAN"):
         "-DBOUNCER_NO_CLONES",
     ]
 
+if os.environ.get("BOUNCER_PORTABLE"):  # only the portable code paths (scripts/asan_kernels tests them too)
+    flags.append("-DBOUNCER_PORTABLE")
+
 ext = Pybind11Extension(
     "bouncer._hotpath",
     ["cpp_ext/hotpath.cpp"],
