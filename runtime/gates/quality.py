@@ -52,7 +52,7 @@ def grey_stats(g: np.ndarray, prev: np.ndarray | None = None) -> dict[str, float
     if prev is not None and prev.shape != g.shape:
         prev = None
     values = kernels.quality_stats(g, prev, TILES, CLIP_DARK, CLIP_BRIGHT)
-    stats = {k: float(v) for k, v in zip(kernels.STAT_FIELDS, values, strict=True)}
+    stats = dict(zip(kernels.STAT_FIELDS, values.tolist(), strict=True))
     if prev is None:
         del stats["frame_diff"]
     return stats
