@@ -8,8 +8,11 @@
 // Portability: plain C++17. Loops are written for the compiler's auto-vectoriser (`omp simd`
 // reductions, no -ffast-math so NaN/inf keep their meaning); on x86-64 the dot products are also
 // compiled for AVX2 and picked at run time (target_clones; a Haswell clone was slower: it gathers strided
-// loads); the default clone runs on any x86-64. fp16 and int8 dot products use guarded intrinsics.
-// aarch64 gets NEON from the baseline.
+// loads); the default clone runs on any x86-64. fp16 and int8 dot products and the halving's byte
+// compaction use intrinsics behind CPU checks, the bilinear kernel's 4x4 transpose uses baseline SSE; each
+// has a portable path (what aarch64 runs, with NEON from the baseline; BOUNCER_PORTABLE builds only those,
+// and scripts/asan_kernels tests both). The bilinear kernel's pixel arithmetic uses GCC/Clang vector
+// extensions, which map to SSE and NEON alike.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
