@@ -460,12 +460,18 @@ BOUNCER_CLONES float channel_max(const float *p, py::ssize_t n) {
 
 // ---- kernels -----------------------------------------------------------------------------------
 
+// A BGR uint8 H x W x 3 image, C-contiguous, each side at least `least` pixels.
+void need_bgr(const py::array &img, py::ssize_t least) {
+    need_dtype<uint8_t>(img, "img", "uint8");
+    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < least || img.shape(1) < least)
+        throw py::value_error("img: expected H x W x 3 with H, W >= " + std::to_string(least) + ", got shape " +
+                              shape_str(img));
+    need_contiguous(img, "img");
+}
+
 py::array resize_normalize(const py::array &img, std::vector<float> mean, std::vector<float> stdv, bool swap_rb,
                            py::array out, std::optional<std::vector<py::ssize_t>> rect) {
-    need_dtype<uint8_t>(img, "img", "uint8");
-    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < 1 || img.shape(1) < 1)
-        throw py::value_error("img: expected H x W x 3, got shape " + shape_str(img));
-    need_contiguous(img, "img");
+    need_bgr(img, 1);
     if (mean.size() != 3 || stdv.size() != 3) throw py::value_error("mean and std: three values each");
     if (!out.dtype().is(py::dtype::of<float>()) || out.ndim() != 3 || out.shape(0) != 3 ||
         !(out.flags() & py::array::c_style))
@@ -497,14 +503,6 @@ py::array resize_normalize(const py::array &img, std::vector<float> mean, std::v
     return out;
 }
 
-void need_halvable(const py::array &img, py::ssize_t least) {
-    need_dtype<uint8_t>(img, "img", "uint8");
-    if (img.ndim() != 3 || img.shape(2) != 3 || img.shape(0) < least || img.shape(1) < least)
-        throw py::value_error("img: expected H x W x 3 with H, W >= " + std::to_string(least) + ", got shape " +
-                              shape_str(img));
-    need_contiguous(img, "img");
-}
-
 // Output row y of a halving (rows `stride` bytes apart); t: scratch of 6 * ow + 16 bytes.
 void halve_row(const uint8_t *src, py::ssize_t stride, py::ssize_t y, py::ssize_t ow, uint8_t *t, uint8_t *out) {
     const uint8_t *r0 = src + 2 * y * stride;
@@ -522,7 +520,7 @@ BOUNCER_CLONES void luma_row(const uint8_t *bgr, py::ssize_t n, uint8_t *out) {
 }
 
 py::array_t<uint8_t> halve(const py::array &img) {
-    need_halvable(img, 2);
+    need_bgr(img, 2);
     const py::ssize_t oh = img.shape(0) / 2, ow = img.shape(1) / 2, stride = img.shape(1) * 3;
     py::array_t<uint8_t> result({oh, ow, py::ssize_t(3)});
     const uint8_t *src = static_cast<const uint8_t *>(img.data());
@@ -538,7 +536,7 @@ py::array_t<uint8_t> halve(const py::array &img) {
 // The halving and, from each pair of its rows while they are in L1, the grey image of it halved again:
 // the model's input and the quality statistics' input in one pass over the frame.
 py::tuple halve_with_grey(const py::array &img) {
-    need_halvable(img, 4);
+    need_bgr(img, 4);
     const py::ssize_t oh = img.shape(0) / 2, ow = img.shape(1) / 2, stride = img.shape(1) * 3;
     const py::ssize_t gh = oh / 2, gw = ow / 2;
     py::array_t<uint8_t> half({oh, ow, py::ssize_t(3)}), grey({gh, gw});

@@ -39,6 +39,15 @@ def _l2n(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (x * (1.0 / norm).astype(np.float32)).astype(np.float32), finite
 
 
+def _bgr(img: np.ndarray, least: int) -> np.ndarray:
+    """A BGR uint8 H x W x 3 image, C-contiguous, each side at least `least` pixels."""
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise TypeError(f"img: expected uint8, got {getattr(img, 'dtype', type(img).__name__)}")
+    if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < least:
+        raise ValueError(f"img: expected H x W x 3 with H, W >= {least}, got shape {img.shape}")
+    return _contiguous(img, "img")
+
+
 def _taps(n: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """Per output coordinate: the left (top) source neighbour and the weight of the next one, pixel centres
     aligned as OpenCV's INTER_LINEAR; past the last pixel the edge pixel repeats."""
@@ -60,11 +69,7 @@ def resize_normalize(
     (float32 3 x H x W; default: all of it), then (value - mean) / std per output channel, channels reversed
     if swap_rb (mean and std are in the output's order). The rest of `out` is left as it is (letterboxing
     fills it first). With an equal size it is a plain normalisation."""
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
-        raise TypeError(f"img: expected uint8, got {getattr(img, 'dtype', type(img).__name__)}")
-    if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
-        raise ValueError(f"img: expected H x W x 3, got shape {img.shape}")
-    _contiguous(img, "img")
+    _bgr(img, 1)
     if len(mean) != 3 or len(std) != 3:
         raise ValueError("mean and std: three values each")
     if (
@@ -97,11 +102,7 @@ def resize_normalize(
 def halve(img: np.ndarray) -> np.ndarray:
     """BGR uint8 H x W x 3 -> H//2 x W//2 x 3: the rounded mean of each 2x2 box (an odd last row or column
     is dropped). For even sizes this is exactly OpenCV's INTER_AREA at half size."""
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
-        raise TypeError(f"img: expected uint8, got {getattr(img, 'dtype', type(img).__name__)}")
-    if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] < 2 or img.shape[1] < 2:
-        raise ValueError(f"img: expected H x W x 3 with H, W >= 2, got shape {img.shape}")
-    _contiguous(img, "img")
+    _bgr(img, 2)
     h, w = img.shape[0] // 2, img.shape[1] // 2
     a = img[: 2 * h, : 2 * w].astype(np.uint16)
     return ((a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) >> 2).astype(np.uint8)
@@ -116,9 +117,7 @@ def luma(bgr: np.ndarray) -> np.ndarray:
 def halve_with_grey(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`halve`, and the grey image of the result halved again: a frame's model input and its quality
     statistics' input from one pass over the frame (H, W >= 4)."""
-    if isinstance(img, np.ndarray) and img.ndim == 3 and min(img.shape[:2]) < 4:
-        raise ValueError(f"img: expected H x W x 3 with H, W >= 4, got shape {img.shape}")
-    half = halve(img)
+    half = halve(_bgr(img, 4))
     return half, luma(halve(half))
 
 
