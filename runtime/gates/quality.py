@@ -31,9 +31,7 @@ def base_and_grey(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarra
     statistics start from. When the grey image is that base halved once (a 4:3 frame of 640 x 480, or a
     power-of-two multiple of it, and a model input of at most 320 x 240), the last halving and the grey
     image come from one pass over the frame (kernels.halve_with_grey; identical results)."""
-    img = frame
-    while img.shape[1] >= 4 * width and img.shape[0] >= 4 * height:  # all but the last halving
-        img = kernels.halve(np.ascontiguousarray(img))
+    img = halve_while(frame, 2 * width, 2 * height)  # all but the last halving
     fused = img.shape[1] >= 2 * width and img.shape[0] >= 2 * height
     if fused and (img.shape[0] // 4, img.shape[1] // 4) == (GREY_H, GREY_W):
         return kernels.halve_with_grey(np.ascontiguousarray(img))
