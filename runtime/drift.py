@@ -146,8 +146,8 @@ class DriftMonitor:
         }
         for name in CLASS_CENTRED:
             self.signals[name] = _ClassCentred(self.signals[name])
-        self.rates = {name: _RateCusum(warmup=max(warmup, 1000), h=rate_h) for name in RATES}
-        self._rate_decisions = [(name, name.split("_")[0], test) for name, test in self.rates.items()]
+        # (signal, the decision it counts, its test)
+        self.rates = [(name, name.split("_")[0], _RateCusum(warmup=max(warmup, 1000), h=rate_h)) for name in RATES]
         self.state: dict[str, str] = {}
 
     def update(
@@ -184,7 +184,7 @@ class DriftMonitor:
                         "value": round(values[name], 4),
                     }
                 )
-        for name, counted, test in self._rate_decisions:
+        for name, counted, test in self.rates:
             if test.update(decision == counted):
                 self.state[name] = "up"
                 events.append({"event": "drift", "signal": name, "direction": "up", "baseline_rate": test.p0})
