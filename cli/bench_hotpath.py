@@ -15,6 +15,7 @@ import numpy as np
 from bouncer.runtime import backends, kernels
 from bouncer.runtime.gates.fit import fit_gate
 from bouncer.runtime.gates.guard import Guard
+from bouncer.runtime.gates.heads import Fusion
 from bouncer.runtime.kernels import reference
 from bouncer.runtime.preprocess import preprocess
 from bouncer.runtime.sources import simulator
@@ -62,7 +63,9 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
     bank32 = unit(bank_rows, 192)
     bank8, scale8 = reference.quantize_bank(bank32)
     fmap = rng.random((1, 112, 14, 14), dtype=np.float32)
-    scores = rng.normal(size=(1, 2)).astype(np.float32)
+    scores = rng.normal(size=(1, 3)).astype(np.float32)
+    # three heads' conformal -log p curves of 48 knots each (what `bouncer fit` stores)
+    fusion = Fusion.fit(["a", "b", "c"], rng.gamma(2.0, 1.0, (300, 3)), "max")
     return {
         "halve (640x480 BGR -> 320x240)": ("halve", (frame,)),
         "halve_with_grey (640x480 BGR -> 320x240 + 160x120 grey)": ("halve_with_grey", (frame,)),
@@ -77,7 +80,10 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
         f"knn_score fp16 bank ({bank_rows} x 192)": ("knn_score", (tap, bank32.astype(np.float16), 1)),
         f"knn_score int8 bank ({bank_rows} x 192)": ("knn_score", (tap, bank8, 1, scale8)),
         "spatial_max (112 x 14 x 14)": ("spatial_max", (fmap,)),
-        "fuse (2 heads)": ("fuse", (scores, np.zeros(2), np.ones(2))),
+        f"fuse (3 heads, {fusion.knots_x.shape[1]} knots, max of -log p)": (
+            "fuse",
+            (scores, fusion.knots_x, fusion.knots_y, fusion.slope_lo, fusion.slope_hi, 1),
+        ),
     }
 
 

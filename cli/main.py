@@ -139,16 +139,35 @@ def cmd_bench_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shared_dataset(given: Path | None, name: str, flag: str) -> Path | None:
+    """A data set given on the command line, or the one in ../shared beside the checkout, or None (said so)."""
+    if given is not None:
+        return given
+    guess = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / name
+    if guess.is_dir():
+        return guess
+    print(f"{name} data set not found (pass {flag} DIR); left out", file=sys.stderr)
+    return None
+
+
 def cmd_bench_gates(args: argparse.Namespace) -> int:
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")
+    if args.rotation:
+        from bouncer.cli.bench_rotation import bench_rotation, print_rotation
+
+        elpv = _shared_dataset(args.elpv, "elpv", "--elpv")
+        sets = {k: v for k, v in (("magnetic-tile", tile), ("elpv", elpv)) if v is not None}
+        results = bench_rotation(
+            args.model or default_model(), sets, args.work, say, args.target_accuracy, args.max_splits, args.seed
+        )
+        if args.work:
+            (args.work / "rotation.json").write_text(json.dumps(results, indent=1))
+        print_rotation(results)
+        return 0
     from bouncer.cli.bench_gates import bench_gates, print_table
 
-    tile = args.magnetic_tile
-    if tile is None:
-        guess = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "magnetic-tile"
-        tile = guess if guess.is_dir() else None
-        if tile is None:
-            print("magnetic-tile data set not found (pass --magnetic-tile DIR); simulator only", file=sys.stderr)
-    results = bench_gates(args.model or default_model(), tile, args.work, lambda m: print(m, file=sys.stderr))
+    results = bench_gates(args.model or default_model(), tile, args.work, say)
     print_table(results)
     return 0
 
@@ -293,7 +312,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     backend = backends.load(args.model or default_model(), args.threads)
     heads = tuple(h for h in args.heads.split(",") if h) if args.heads else None
-    kwargs = {"heads": heads} if heads else {}
+    if args.fusion and not heads:
+        raise BouncerError("--fusion goes with --heads (without them, fit chooses the fusion with the heads)")
     bundle = fit_gate(
         backend,
         args.train,
@@ -303,7 +323,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         ood_quantile=args.ood_quantile,
         resize=args.resize,
         version=args.gate_version,
-        **kwargs,
+        heads=heads,
+        fusion=args.fusion,
+        seed=args.seed,
     )
     path = bundle.save(args.out)
     a, m = bundle.acceptance, bundle.fit_metrics
@@ -312,7 +334,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"train accuracy {m['train_accuracy']:.4f}, calibration accuracy {m['calibration_accuracy']:.4f}, "
         f"temperature {m['temperature']:.3f}, ECE {m['ece_before_scaling']:.4f} -> {m['ece_after_scaling']:.4f}"
     )
-    print(f"OOD threshold {bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile})")
+    print(
+        f"OOD heads {', '.join(bundle.fusion.names)} (fusion {bundle.fusion.method}; "
+        f"{'chosen on held-out classes' if heads is None else 'named with --heads'}), "
+        f"threshold {bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile})"
+    )
     if a.threshold is None:
         print(f"acceptance: none (no threshold reaches accuracy {a.target_accuracy} at delta {a.delta})")
     else:
@@ -522,6 +548,15 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
     bg.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bg.add_argument("--work", type=Path, help="keep splits, bundles and reports here (default: a temp folder)")
+    bg.add_argument(
+        "--rotation", action="store_true", help="every known/unknown split of every data set, fixed head mixes vs auto"
+    )
+    bg.add_argument("--elpv", type=_existing_dir, help="the elpv solar-cell data set (ImageFolder), for --rotation")
+    bg.add_argument("--target-accuracy", type=float, default=0.99, help="--rotation: the gates' target accuracy")
+    bg.add_argument(
+        "--max-splits", type=_positive_int, default=10, help="--rotation: known/unknown splits per data set"
+    )
+    bg.add_argument("--seed", type=int, default=0, help="--rotation: seed of the splits")
 
     bh = add("hotpath", cmd_bench_hotpath, "every kernel numpy vs C++, and the guard overhead per frame", bsub)
     bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
@@ -584,7 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--target-accuracy", type=float, default=0.99, help="accuracy guaranteed on accepted frames")
     f.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability 1 - delta")
     f.add_argument("--ood-quantile", type=float, default=0.99, help="calibration quantile of the OOD threshold")
-    f.add_argument("--heads", help="OOD heads, comma-separated maha:OUT, patch:MAP, knn:OUT")
+    f.add_argument(
+        "--heads",
+        help="OOD heads, comma-separated maha:OUT, patch:MAP, knn:OUT, knn:MAP@max (default: chosen from the "
+        "line's own classes, each held out in turn)",
+    )
+    f.add_argument("--fusion", choices=["max", "sum", "mean"], help="with --heads: how head scores combine (max)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects used in head selection")
     f.add_argument("--resize", choices=["stretch", "letterbox"], help="override the model's resize mode")
     f.add_argument("--gate-version", help="version string (default: UTC timestamp)")
     f.add_argument("--threads", type=_positive_int, default=2)

@@ -779,25 +779,67 @@ py::array_t<float> spatial_max(const py::array &fmap) {
     return out;
 }
 
-py::array_t<float> fuse(const py::array &scores, const py::array &median, const py::array &scale) {
+py::array_t<float> fuse(const py::array &scores, const py::array &knots_x, const py::array &knots_y,
+                        const py::array &slope_lo, const py::array &slope_hi, int combine) {
     need_rows(scores, "scores");
     const py::ssize_t m = scores.shape(0), h = scores.shape(1);
-    for (const auto *a : {&median, &scale}) {
+    const std::string hs = std::to_string(h);
+    if (!knots_x.dtype().is(py::dtype::of<double>()) || knots_x.ndim() != 2 || knots_x.shape(0) != h ||
+        knots_x.shape(1) < 2)
+        throw py::value_error("knots_x: expected float64 shape (" + hs + ", K >= 2)");
+    const py::ssize_t k = knots_x.shape(1);
+    if (!knots_y.dtype().is(py::dtype::of<double>()) || knots_y.ndim() != 2 || knots_y.shape(0) != h ||
+        knots_y.shape(1) != k)
+        throw py::value_error("knots_y: expected float64 shape " + shape_str(knots_x));
+    for (const auto *a : {&slope_lo, &slope_hi}) {
         if (!a->dtype().is(py::dtype::of<double>()) || a->ndim() != 1 || a->shape(0) != h)
-            throw py::value_error("median/scale: expected shape (" + std::to_string(h) + ",)");
-        need_contiguous(*a, "median/scale");
+            throw py::value_error("slope_lo/slope_hi: expected float64 shape (" + hs + ",)");
     }
+    need_contiguous(knots_x, "knots_x");
+    need_contiguous(knots_y, "knots_y");
+    need_contiguous(slope_lo, "slope_lo");
+    need_contiguous(slope_hi, "slope_hi");
+    if (combine < 0 || combine > 2)
+        throw py::value_error("combine: expected 0 (mean), 1 (max) or 2 (sum), got " + std::to_string(combine));
     py::array_t<float> out(m);
     const float *s = static_cast<const float *>(scores.data());
-    const double *md = static_cast<const double *>(median.data());
-    const double *sc = static_cast<const double *>(scale.data());
+    const double *kx = static_cast<const double *>(knots_x.data());
+    const double *ky = static_cast<const double *>(knots_y.data());
+    const double *lo = static_cast<const double *>(slope_lo.data());
+    const double *hi = static_cast<const double *>(slope_hi.data());
     float *o = out.mutable_data();
     {
         py::gil_scoped_release release;
         for (py::ssize_t i = 0; i < m; ++i) {
-            double acc = 0.0;
-            for (py::ssize_t j = 0; j < h; ++j) acc += (s[i * h + j] - md[j]) / sc[j];
-            o[i] = static_cast<float>(acc / h);
+            double acc = combine == 1 ? -std::numeric_limits<double>::infinity() : 0.0;
+            bool nan = false;
+            for (py::ssize_t j = 0; j < h; ++j) {
+                const double v = s[i * h + j];
+                const double *x = kx + j * k, *y = ky + j * k;
+                double u;
+                if (std::isnan(v)) {
+                    nan = true;
+                    continue;
+                } else if (v < x[0]) {
+                    u = y[0] + lo[j] * (v - x[0]);
+                } else if (v > x[k - 1]) {
+                    u = y[k - 1] + hi[j] * (v - x[k - 1]);
+                } else {
+                    // the last knot <= v (as numpy's interp: at a knot, its own value)
+                    const py::ssize_t r = std::upper_bound(x, x + k, v) - x;  // 1..k
+                    if (r >= k) {
+                        u = y[k - 1];
+                    } else {
+                        const double t = (v - x[r - 1]) / (x[r] - x[r - 1]);
+                        u = y[r - 1] + t * (y[r] - y[r - 1]);
+                    }
+                }
+                acc = combine == 1 ? std::max(acc, u) : acc + u;
+            }
+            if (nan || h == 0)
+                o[i] = nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+            else
+                o[i] = static_cast<float>(combine == 0 ? acc / h : acc);
         }
     }
     return out;
@@ -818,5 +860,6 @@ PYBIND11_MODULE(_hotpath, m) {
           py::arg("inv_rest"), py::arg("means_proj"));
     m.def("knn_score", &knn_score, py::arg("x"), py::arg("bank"), py::arg("k"), py::arg("bank_scale") = py::none());
     m.def("spatial_max", &spatial_max, py::arg("fmap"));
-    m.def("fuse", &fuse, py::arg("scores"), py::arg("median"), py::arg("scale"));
+    m.def("fuse", &fuse, py::arg("scores"), py::arg("knots_x"), py::arg("knots_y"), py::arg("slope_lo"),
+          py::arg("slope_hi"), py::arg("combine"));
 }

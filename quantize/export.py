@@ -11,9 +11,20 @@ from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.modelcard import CARD_KEY, ModelCard
 from bouncer.runtime.preprocess import Preprocessing
 
-# Block indices of EfficientNet-Lite0 whose outputs end a stage: stride 8 (40 ch, 28x28),
-# stride 16 (112 ch, 14x14) and stride 32 (192 ch, 7x7). Mid-level maps are what PaDiM/PatchCore use.
-TAP_BLOCKS = {"pool_s8": 4, "pool_s16": 10, "pool_s32": 14}
+# Block indices of EfficientNet-Lite0 that end each of its seven stages, pooled into one vector each, so
+# head selection (gates/select.py) always has a low, a mid and a high-level tap to choose from. Names say
+# the stride; where two stages share a stride, `a` is the earlier and `b` the later one:
+# stride 2 (16 ch), 4 (24), 8 (40), 16 (80, then 112), 32 (192, then 320).
+# Mid-level maps are what PaDiM/PatchCore use.
+TAP_BLOCKS = {
+    "pool_s2": 0,
+    "pool_s4": 2,
+    "pool_s8": 4,
+    "pool_s16a": 7,
+    "pool_s16": 10,
+    "pool_s32": 14,
+    "pool_s32b": 15,
+}
 MAP_BLOCKS = {"map_s8": 4, "map_s16": 10}
 OUTPUTS = ["logits", "features", *TAP_BLOCKS, *MAP_BLOCKS]
 LITE_PREPROCESSING = Preprocessing(height=224, width=224, color="rgb", mean=(127.0,) * 3, std=(128.0,) * 3)

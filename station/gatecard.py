@@ -21,6 +21,26 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * float(x):.1f}%"
 
 
+def _selection(bundle: GateBundle) -> list[str]:
+    """How the heads were chosen: the rule, the winner and the runners-up with their held-out figures."""
+    sel = bundle.selection
+    out = [f"Heads {', '.join(f'`{n}`' for n in bundle.fusion.names)}, fusion `{bundle.fusion.method}`, threshold "
+           f"{bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile}).", ""]  # fmt: skip
+    if not sel.get("candidates"):
+        return [*out, f"Chosen: {sel.get('rule', 'not recorded')}."]
+    out += [f"Chosen on held-out known classes: {sel['rule']}.", ""]
+    folds = [f["name"] for f in sel["folds"]]
+    out += ["| heads | fusion | objective | mean catch | worst catch | mean AUROC | " + " | ".join(folds) + " |"]
+    out += ["|" + " --- |" * (6 + len(folds))]
+    for c in sel["candidates"][:5]:
+        by = c["catch_by_fold"]
+        out.append(
+            f"| {', '.join(c['heads'])} | {c['fusion']} | {c['objective']:.3f} | {_pct(c['mean_catch'])} "
+            f"| {_pct(c['worst_catch'])} | {c['mean_auroc']:.3f} | " + " | ".join(_pct(by.get(f)) for f in folds) + " |"
+        )
+    return out + [f"- {n}" for n in sel.get("notes") or []]
+
+
 def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[str, Any]]) -> str:
     m, a = bundle.fit_metrics, bundle.acceptance
     prev = previous.fit_metrics if previous else {}
@@ -67,6 +87,7 @@ def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[
             f"coverage {_pct(ch['coverage'])} vs {_pct(cp['coverage'])}, correct accepts "
             f"{ch['accepted_correct']} vs {cp['accepted_correct']}.",
         ]
+    lines += ["", "## OOD heads", "", *_selection(bundle)]
     guarantee = (
         f"accepted frames are at least {_pct(a.target_accuracy)} correct with probability {_pct(1 - a.delta)} "
         f"(Learn-then-Test, Clopper-Pearson; error bound {a.error_bound:.4f} from {a.n_errors} errors in "

@@ -15,7 +15,7 @@ import numpy as np
 
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import BASELINE_HEAD, FeatureSet, fit_from_features
+from bouncer.runtime.gates.fit import FeatureSet, fit_from_features, input_key
 from bouncer.runtime.gates.replay import score_against
 from bouncer.station.store import Store, unpack_features
 
@@ -36,14 +36,22 @@ class BaseData:
         except (OSError, ValueError) as exc:
             raise BouncerError(f"{self.root}: no base features (run `bouncer station init`): {exc}") from None
 
-    def save(self, train: FeatureSet, calib: FeatureSet, meta: dict[str, Any]) -> None:
+    def save(
+        self, train: FeatureSet, calib: FeatureSet, meta: dict[str, Any], pseudo: FeatureSet | None = None
+    ) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         train.save(self.root / "train.npz")
         calib.save(self.root / "calib.npz")
+        if pseudo is not None:  # synthetic defects: the held-out fold of head selection on a one-class line
+            pseudo.save(self.root / "pseudo.npz")
         (self.root / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def load(self) -> tuple[FeatureSet, FeatureSet]:
         return FeatureSet.load(self.root / "train.npz"), FeatureSet.load(self.root / "calib.npz")
+
+    def pseudo(self) -> FeatureSet | None:
+        path = self.root / "pseudo.npz"
+        return FeatureSet.load(path) if path.exists() else None
 
 
 @dataclass
@@ -64,9 +72,8 @@ def split_of(frame_id: str) -> str:
 def _featureset(rows: list[tuple[int, dict[str, np.ndarray], dict[str, float]]], features: str) -> FeatureSet:
     labels = np.array([r[0] for r in rows], np.int64)
     feats = np.stack([r[1][features] for r in rows]).astype(np.float32)
-    keys = set.intersection(*(set(r[1]) for r in rows)) - {features}
+    keys = set.intersection(*(set(r[1]) for r in rows))
     vectors = {k: np.stack([r[1][k] for r in rows]).astype(np.float32) for k in keys}
-    vectors[BASELINE_HEAD] = feats
     return FeatureSet(labels, feats, vectors, [r[2] for r in rows])
 
 
@@ -75,14 +82,14 @@ def retrain(
 ) -> RetrainResult:
     meta = base.meta
     features = meta["features"]
-    heads = list(champion.fusion.names)
+    needed = {features, *(input_key(h) for h in champion.fusion.names)}
     classes = list(champion.classes)
     parts: dict[str, list] = {"train": [], "calib": [], "heldout": []}
     truth: list[str | None] = []
     skipped = 0
     for frame_id, kind, label, quality, blob in store.labelled(champion.backbone_hash, group):
         feats = unpack_features(blob) if blob else {}
-        if features not in feats or any(h not in feats for h in heads):
+        if not needed <= set(feats):
             skipped += 1  # rejected before the backbone (quality gate): nothing to learn the heads from
             continue
         split = split_of(frame_id)
@@ -118,7 +125,8 @@ def retrain(
     try:
         challenger = fit_from_features(
             train, calib, classes, champion.backbone_hash, champion.backbone_name, champion.preprocessing,
-            a.target_accuracy, a.delta, champion.ood_quantile, heads, version, log, where="calibration features",
+            a.target_accuracy, a.delta, champion.ood_quantile, None, version, log, where="calibration features",
+            pseudo=base.pseudo(),
         )  # fmt: skip
     except BouncerError as exc:
         return RetrainResult(False, f"fit failed: {exc}", None, metrics)

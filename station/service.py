@@ -15,7 +15,7 @@ from bouncer.runtime import schemas
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import BASELINE_HEAD, extract, load_split, parse_head, to_features
+from bouncer.runtime.gates.fit import extract, gate_inputs, load_split, synthetic_defects, to_features
 from bouncer.station.config import StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Store
@@ -73,14 +73,19 @@ class Station:
             bundle.version, source = f"{group}-{bundle.version}", None
         if not self.repo.exists:
             self.repo.init()
-        specs = [*bundle.fusion.names, BASELINE_HEAD]
-        sources = {backend.card.features} | {parse_head(s)[1] for s in specs}
-        sets = []
+        # every input head selection may choose from, so that retraining can choose again
+        keys = gate_inputs(backend.card, None)
+        sources = {k.partition("@")[0] for k in keys}
+        sets, calib_paths = [], []
         for folder in (train_dir, calib_dir):
             _, paths, labels = load_split(folder, bundle.classes)
             ex = extract(backend, bundle.preprocessing, paths, labels, sources)
-            sets.append(to_features(ex, backend.card.features, specs))
-        self.base(group).save(sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes})
+            sets.append(to_features(ex, backend.card.features, keys))
+            calib_paths = ex.paths
+        pseudo = synthetic_defects(backend, bundle.preprocessing, calib_paths, sources, backend.card.features, keys, 0)
+        self.base(group).save(
+            sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes}, pseudo=pseudo
+        )
         summary = _fit_summary(bundle, group=group, train_dir=str(train_dir))
         self.store.audit(bundle.version, "fitted", "bouncer fit", summary)
         self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {"group": group})

@@ -229,12 +229,30 @@ def test_spatial_max(data, shape):
 
 
 @SETTINGS
-@given(data=st.data(), m=st.integers(1, 8), h=st.integers(1, 6))
-def test_fuse(data, m, h):
+@given(data=st.data(), m=st.integers(1, 8), h=st.integers(1, 6), k=st.integers(2, 12), combine=st.integers(0, 2))
+def test_fuse(data, m, h, k, combine):
     s = data.draw(arrays(np.float32, (m, h), elements=floats))
-    med = data.draw(arrays(np.float64, (h,), elements=st.floats(-10, 10)))
-    sc = data.draw(arrays(np.float64, (h,), elements=st.floats(0.01, 10)))
-    np.testing.assert_allclose(cpp.fuse(s, med, sc), ref.fuse(s, med, sc), rtol=1e-6, atol=1e-4)
+    steps = data.draw(arrays(np.float64, (h, k), elements=st.floats(0.01, 5)))
+    kx = np.ascontiguousarray(np.cumsum(steps, axis=1) + data.draw(st.floats(-10, 10)))
+    ky = data.draw(arrays(np.float64, (h, k), elements=st.floats(-10, 10)))
+    lo = data.draw(arrays(np.float64, (h,), elements=st.floats(0, 5)))
+    hi = data.draw(arrays(np.float64, (h,), elements=st.floats(0, 5)))
+    got, want = cpp.fuse(s, kx, ky, lo, hi, combine), ref.fuse(s, kx, ky, lo, hi, combine)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_fuse_curve_values():
+    """The curve passes through its knots, interpolates between them, extends with its slopes, and combines."""
+    kx = np.array([[0.0, 1.0, 3.0], [10.0, 20.0, 30.0]])
+    ky = np.array([[0.0, 2.0, 3.0], [0.0, 1.0, 5.0]])
+    lo, hi = np.array([0.5, 0.0]), np.array([1.0, 0.1])
+    s = np.array([[1.0, 25.0], [2.0, 5.0], [-2.0, 40.0], [np.nan, 10.0]], np.float32)
+    # head 0: 2, 2.5, -1, nan; head 1: 3, 0, 6, 0
+    for impl in (ref, cpp):
+        np.testing.assert_allclose(impl.fuse(s, kx, ky, lo, hi, 1)[:3], [3.0, 2.5, 6.0], rtol=1e-6)
+        np.testing.assert_allclose(impl.fuse(s, kx, ky, lo, hi, 2)[:3], [5.0, 2.5, 5.0], rtol=1e-6)
+        np.testing.assert_allclose(impl.fuse(s, kx, ky, lo, hi, 0)[:3], [2.5, 1.25, 2.5], rtol=1e-6)
+        assert np.isnan(impl.fuse(s, kx, ky, lo, hi, 0)[3])
 
 
 def test_shape_and_dtype_errors_match():
@@ -250,7 +268,11 @@ def test_shape_and_dtype_errors_match():
     assert same_error("mahalanobis", np.zeros((1, 4), np.float32), means, np.zeros((5, 3), np.float32), ie, 1.0, mp)
     assert same_error("spatial_max", np.zeros((1, 2, 3), np.float32)) is ValueError
     assert same_error("spatial_max", np.zeros((1, 2, 3, 3), np.float64)) is TypeError
-    assert same_error("fuse", np.zeros((2, 3), np.float32), np.zeros(2), np.ones(3)) is ValueError
+    kx, ky, sl = np.array([[0.0, 1.0]] * 3), np.zeros((3, 2)), np.ones(3)
+    assert same_error("fuse", np.zeros((2, 3), np.float32), kx[:2], ky[:2], sl[:2], sl[:2], 1) is ValueError
+    assert same_error("fuse", np.zeros((2, 3), np.float32), kx, ky[:, :1], sl, sl, 1) is ValueError
+    assert same_error("fuse", np.zeros((2, 3), np.float32), kx, ky, sl, sl, 3) is ValueError
+    assert same_error("fuse", np.zeros((2, 3), np.float64), kx, ky, sl, sl, 1) is TypeError
 
 
 @pytest.mark.parametrize("kernel", ["knn_score", "halve", "halve_with_grey", "resize_normalize"])

@@ -13,13 +13,18 @@ from bouncer.runtime import backends
 from bouncer.runtime.benchmarks import held_out_frames
 from bouncer.runtime.preprocess import preprocess
 
-FEATURE_OUTPUTS = ("features", "pool_s8", "pool_s16", "pool_s32", "map_s8", "map_s16")
+TAPS = ("pool_s2", "pool_s4", "pool_s8", "pool_s16a", "pool_s16", "pool_s32", "pool_s32b")
+FEATURE_OUTPUTS = ("features", *TAPS, "map_s8", "map_s16")
 SHAPES = {
     "logits": (1, 1000),
     "features": (1, 1280),
+    "pool_s2": (1, 16),
+    "pool_s4": (1, 24),
     "pool_s8": (1, 40),
+    "pool_s16a": (1, 80),
     "pool_s16": (1, 112),
     "pool_s32": (1, 192),
+    "pool_s32b": (1, 320),
     "map_s8": (1, 40, 28, 28),
     "map_s16": (1, 112, 14, 14),
 }
@@ -44,7 +49,7 @@ def test_named_outputs_and_card(built_models, held_out, kind):
     assert {k: v.shape for k, v in out.items()} == SHAPES
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
     card = m.card
-    assert card.taps == ("pool_s8", "pool_s16", "pool_s32") and card.maps == ("map_s8", "map_s16")
+    assert card.taps == TAPS and card.maps == ("map_s8", "map_s16")
     assert card.preprocessing.height == 224 and card.preprocessing.mean == (127.0,) * 3
     assert len(card.model_hash) == 64
 

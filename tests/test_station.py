@@ -133,6 +133,8 @@ def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tm
         assert f"# Gate {result['version']}" in card and "bolt" in card
         assert f"previous version: {champ['version']}" in card
         assert "## Guarantee" in card and "Held-out operator labels" in card
+        # the retrained gate chose its heads again, from the labelled frames' vectors, and says how
+        assert "## OOD heads" in card and "Chosen on held-out known classes" in card and "held out: bolt" in card
         db = sqlite3.connect(station_dir / "station.sqlite")
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             db.execute("UPDATE audit SET actor = 'someone else'")
@@ -153,7 +155,7 @@ def frame_message(device: str, i: int, decision: str = "review") -> schemas.Fram
         id=f"{device}-{i:05d}", device=device, ts=time.time(), source=f"/frames/{i}.png", decision=decision,
         label="gear", confidence=0.7, ood_score=3.2, reasons=["ood"], details=[], quality={"mean": 100.0},
         gate_version="g1", backbone_hash="b" * 64, jpeg=cv2.imencode(".jpg", img)[1].tobytes(),
-        features={"features": rng.normal(size=1280).astype(np.float32), "knn:pool_s32": rng.normal(size=320)},
+        features={"features": rng.normal(size=1280).astype(np.float32), "pool_s32": rng.normal(size=192)},
     )  # fmt: skip
 
 

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, LinearHead
+from bouncer.runtime.gates.heads import FUSION_METHODS, Fusion, GaussianHead, KnnHead, LinearHead
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.preprocess import Preprocessing
 
 FORMAT = "bouncer-gate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 
 
@@ -63,6 +63,10 @@ class GateBundle:
     # can compare the gate against it on the same frames.
     baseline: GaussianHead | None = None
     baseline_threshold: float | None = None
+    # how the OOD heads were chosen: candidates, their held-out-class figures, the choice (gates/select.py)
+    selection: dict[str, Any] = field(default_factory=dict)
+    # kNN on a map's channel maxima, only for the heatmaps of flagged frames (whatever heads decide)
+    explainer: KnnHead | None = None
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -72,8 +76,11 @@ class GateBundle:
             arrays |= _head_arrays(h, f"ood{i}")
         if self.baseline is not None:
             arrays |= _head_arrays(self.baseline, "baseline")
-        arrays["fusion.median"] = self.fusion.median
-        arrays["fusion.scale"] = self.fusion.scale
+        if self.explainer is not None:
+            arrays |= _head_arrays(self.explainer, "explain")
+        f = self.fusion
+        arrays |= {"fusion.knots_x": f.knots_x, "fusion.knots_y": f.knots_y}
+        arrays |= {"fusion.slope_lo": f.slope_lo, "fusion.slope_hi": f.slope_hi}
         return arrays
 
     def _meta(self) -> dict[str, Any]:
@@ -89,13 +96,19 @@ class GateBundle:
             "task": {"temperature": self.task.temperature},
             "ood": {
                 "heads": [_head_meta(h) for h in self.ood_heads],
-                "fusion": {"names": self.fusion.names, "method": "mean of (score - median) / (q90 - q50)"},
+                "fusion": {
+                    "names": self.fusion.names,
+                    "method": self.fusion.method,
+                    "rule": FUSION_METHODS[self.fusion.method],
+                },
                 "threshold": self.ood_threshold,
                 "quantile": self.ood_quantile,
+                "selection": self.selection,
             },
             "baseline": None
             if self.baseline is None
             else {"head": _head_meta(self.baseline), "threshold": self.baseline_threshold},
+            "explain": None if self.explainer is None else _head_meta(self.explainer),
             "acceptance": self.acceptance.__dict__,
             "fit_metrics": self.fit_metrics,
         }
@@ -160,12 +173,13 @@ class GateBundle:
         heads = [_head_from(h, arrays, f"ood{i}") for i, h in enumerate(meta["ood"]["heads"])]
         base = meta.get("baseline")
         baseline = _head_from(base["head"], arrays, "baseline") if base else None
+        fm = meta["ood"]["fusion"]
         fusion = Fusion(
-            names=[str(n) for n in meta["ood"]["fusion"]["names"]],
-            median=arrays["fusion.median"].astype(np.float64),
-            scale=arrays["fusion.scale"].astype(np.float64),
+            [str(n) for n in fm["names"]],
+            str(fm["method"]),
+            *(arrays[f"fusion.{k}"].astype(np.float64) for k in ("knots_x", "knots_y", "slope_lo", "slope_hi")),
         )
-        if not (len(fusion.names) == len(heads) == len(fusion.median) == len(fusion.scale)):
+        if len(fusion.names) != len(heads):
             raise ValueError("fusion does not match the OOD heads")
         acc = meta["acceptance"]
         return cls(
@@ -194,7 +208,16 @@ class GateBundle:
             fit_metrics=dict(meta.get("fit_metrics", {})),
             baseline=baseline if isinstance(baseline, GaussianHead) else None,
             baseline_threshold=float(base["threshold"]) if base else None,
+            selection=dict(meta["ood"].get("selection") or {}),
+            explainer=_explainer(meta.get("explain"), arrays),
         )
+
+
+def _explainer(meta: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> KnnHead | None:
+    head = None if meta is None else _head_from(meta, arrays, "explain")
+    if head is not None and not (isinstance(head, KnnHead) and head.reduce == "max"):
+        raise ValueError("explain head: expected kNN on a map's channel maxima")
+    return head
 
 
 def _head_arrays(h: GaussianHead | KnnHead, prefix: str) -> dict[str, np.ndarray]:

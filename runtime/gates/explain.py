@@ -19,6 +19,9 @@ _JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_J
 
 
 def explaining_head(bundle: GateBundle) -> KnnHead | None:
+    """The bundle's own explainer (fit gives every gate on a model with maps one), else a decision head on maxima."""
+    if bundle.explainer is not None:
+        return bundle.explainer
     return next((h for h in bundle.ood_heads if isinstance(h, KnnHead) and h.reduce == "max"), None)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,18 +15,31 @@ from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError, ImageError
 from bouncer.runtime.gates.bundle import Acceptance, GateBundle
 from bouncer.runtime.gates.calibration import expected_calibration_error, fit_temperature
-from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, LinearHead, l2n, softmax
+from bouncer.runtime.gates.heads import (
+    Fusion,
+    GaussianHead,
+    KnnHead,
+    LinearHead,
+    candidate_inputs,
+    head_input,
+    input_key,
+    l2n,
+    parse_head,
+    softmax,
+)
 from bouncer.runtime.gates.quality import QualityGate, quality_stats
 from bouncer.runtime.gates.risk import frames_needed, select_threshold
+from bouncer.runtime.gates.select import candidate_specs, conformal_quantile, make_folds, select_heads
 from bouncer.runtime.images import image_folder, read_bgr
+from bouncer.runtime.modelcard import ModelCard
 from bouncer.runtime.preprocess import Preprocessing, preprocess
+from bouncer.runtime.sources.defects import synthesize
 
-# OOD heads, chosen by measurement (docs/bundle.md): nearest-neighbour cosine distance on the stride-32 tap
-# and on the spatial maximum of the stride-16 map. On unseen magnetic-tile defect types they beat
-# Mahalanobis on any tap and patch-level Gaussians; every other head stays available through --heads.
-DEFAULT_HEADS = ("knn:pool_s32", "knn:map_s16@max")
+# The OOD heads and their fusion are chosen per line from its own known classes (gates/select.py);
+# `--heads` names them instead.
 BASELINE_HEAD = "maha:features"  # last-layer-only Mahalanobis, kept for `bouncer eval` to compare against
 BATCH = 16
+SYNTHETIC_MAX = 200  # synthetic defects made from calibration frames for head selection
 
 
 @dataclass
@@ -48,8 +60,10 @@ def extract(
     labels: Sequence[int],
     sources: set[str],
     warn: Callable[[str], None] | None = None,
+    alter: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Extracted:
-    """Run the backbone over images in batches, keeping only the outputs the heads need."""
+    """Run the backbone over images in batches, keeping only the outputs the heads need. `alter` changes each
+    image first (synthetic defects)."""
     kept, kept_labels, stats, skipped = [], [], [], []
     chunks: dict[str, list[np.ndarray]] = {s: [] for s in sources}
     pending: list[np.ndarray] = []
@@ -69,6 +83,8 @@ def extract(
             if warn:
                 warn(f"skipped {exc}")
             continue
+        if alter is not None:
+            img = alter(img)
         stats.append(quality_stats(img)[0])
         pending.append(preprocess(img, pp))
         kept.append(Path(path))
@@ -106,15 +122,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-2,
     weight = (w / sd[:, None]).T
     bias = b - mu @ (w / sd[:, None])
     return LinearHead(weight=weight.astype(np.float32), bias=bias.astype(np.float32))
-
-
-def parse_head(spec: str) -> tuple[str, str, str | None]:
-    """`maha:OUT`, `patch:MAP` or `knn:OUT[@max]` -> (kind, source, reduce)."""
-    kind, _, rest = spec.partition(":")
-    source, _, reduce = rest.partition("@")
-    if kind not in ("maha", "patch", "knn") or not source or reduce not in ("", "max") or (reduce and kind != "knn"):
-        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT or knn:MAP@max")
-    return kind, source, reduce or None
 
 
 @dataclass
@@ -170,20 +177,8 @@ class FeatureSet:
             return cls(z["labels"].astype(np.int64), z["features"].astype(np.float32), vectors, stats)
 
 
-def head_input(spec: str, out: np.ndarray) -> np.ndarray:
-    """The per-frame vector a head is fitted from: kNN@max reduces the map, everything else is the output."""
-    kind, _, reduce = parse_head(spec)
-    if kind == "knn" and reduce:
-        if out.ndim != 4:
-            raise BouncerError(f"OOD head {spec!r}: its output is not a feature map")
-        return KnnHead(source="", bank=np.zeros((1, 1), np.float16), reduce=reduce).vectors(out)
-    return np.asarray(out, np.float32)
-
-
-def to_features(ex: Extracted, features: str, specs: Sequence[str]) -> FeatureSet:
-    return FeatureSet(
-        ex.labels, ex.outputs[features], {s: head_input(s, ex.outputs[parse_head(s)[1]]) for s in specs}, ex.stats
-    )
+def to_features(ex: Extracted, features: str, keys: Sequence[str]) -> FeatureSet:
+    return FeatureSet(ex.labels, ex.outputs[features], {k: head_input(k, ex.outputs) for k in keys}, ex.stats)
 
 
 def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> GaussianHead | KnnHead:
@@ -201,13 +196,6 @@ def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> GaussianHead | Knn
 def head_scores(head: GaussianHead | KnnHead, x: np.ndarray) -> np.ndarray:
     """Scores from head inputs (a kNN head's vectors are already reduced)."""
     return head.score_vectors(x) if isinstance(head, KnnHead) else head.score(x)
-
-
-def conformal_quantile(scores: np.ndarray, q: float) -> float:
-    """The ceil((n+1) q)-th smallest score: a clean frame exceeds it with probability at most 1 - q."""
-    s = np.sort(scores)
-    k = min(len(s), math.ceil((len(s) + 1) * q))
-    return float(s[k - 1])
 
 
 def load_split(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
@@ -232,45 +220,53 @@ def fit_gate(
     target_accuracy: float = 0.99,
     delta: float = 0.1,
     ood_quantile: float = 0.99,
-    heads: Sequence[str] = DEFAULT_HEADS,
+    heads: Sequence[str] | None = None,
     resize: str | None = None,
     version: str | None = None,
     log: Callable[[str], None] | None = None,
+    fusion: str | None = None,
+    seed: int = 0,
 ) -> GateBundle:
-    """Fit every part of a gate bundle. Calibration data only ever sets thresholds and the temperature."""
+    """Fit every part of a gate bundle. Calibration data only ever sets thresholds and the temperature.
+    `heads=None` chooses the OOD heads from the line's own known classes (gates/select.py)."""
     say = log or (lambda m: print(m, file=sys.stderr))
     if not 0.5 <= target_accuracy < 1:
         raise BouncerError(f"--target-accuracy must be in [0.5, 1), got {target_accuracy}")
     if not 0 < delta < 1:
         raise BouncerError(f"--delta must be in (0, 1), got {delta}")
-    pp = backend.card.preprocessing
+    card = backend.card
+    pp = card.preprocessing
     if resize:
         pp = Preprocessing.from_dict({**pp.to_dict(), "resize": resize})
     classes, train_paths, train_labels = load_split(train_dir)
     if len(classes) == 1:
         say(f"one class ({classes[0]}): a one-class gate, where only the input gate and OOD heads decide")
     _, calib_paths, calib_labels = load_split(calib_dir, classes)
-    sources = {backend.card.features} | {parse_head(h)[1] for h in (*heads, BASELINE_HEAD)}
-    missing = sorted(s for s in sources if s not in backend.card.output_names())
+    keys = gate_inputs(card, heads)
+    sources = {k.partition("@")[0] for k in keys}
+    missing = sorted(s for s in sources if s not in card.output_names())
     if missing:
         raise BouncerError(f"{backend.path}: OOD heads need output(s) {', '.join(missing)} the model does not have")
 
     say(f"extracting features of {len(train_paths)} training and {len(calib_paths)} calibration images")
     train_ex = extract(backend, pp, train_paths, train_labels, sources, lambda m: say(f"train: {m}"))
     calib_ex = extract(backend, pp, calib_paths, calib_labels, sources, lambda m: say(f"calib: {m}"))
-    specs = [*heads, BASELINE_HEAD]
-    train = to_features(train_ex, backend.card.features, specs)
-    calib = to_features(calib_ex, backend.card.features, specs)
+    train = to_features(train_ex, card.features, keys)
+    calib = to_features(calib_ex, card.features, keys)
     counts = np.bincount(train.labels, minlength=len(classes))
     if (counts < 2).any():
         thin = [c for c, n in zip(classes, counts, strict=True) if n < 2]
         raise BouncerError(f"{train_dir}: need at least 2 readable training images per class, short: {', '.join(thin)}")
+    pseudo = None
+    if heads is None:
+        pseudo = synthetic_defects(backend, pp, calib_ex.paths, sources, card.features, keys, seed)
+        say(f"made {len(pseudo)} synthetic defects from calibration images for head selection")
     bundle = fit_from_features(
         train,
         calib,
         classes,
-        backend.card.model_hash,
-        backend.card.name,
+        card.model_hash,
+        card.name,
         pp,
         target_accuracy,
         delta,
@@ -279,9 +275,36 @@ def fit_gate(
         version,
         say,
         where=str(calib_dir),
+        fusion=fusion,
+        pseudo=pseudo,
     )
     bundle.fit_metrics["skipped_unreadable"] = len(train_ex.skipped) + len(calib_ex.skipped)
     return bundle
+
+
+def gate_inputs(card: ModelCard, heads: Sequence[str] | None) -> list[str]:
+    """Input keys a fit needs: every candidate's when the heads are chosen, else the named heads' (and the
+    task features, which the baseline head reads)."""
+    keys = candidate_inputs(card) if heads is None else [input_key(h) for h in heads]
+    explain = [f"{m}@max" for m in card.maps]  # the heatmap's input (fit picks one)
+    return list(dict.fromkeys([card.features, *keys, *explain]))
+
+
+def synthetic_defects(
+    backend: Backend,
+    pp: Preprocessing,
+    paths: Sequence[Path],
+    sources: set[str],
+    features: str,
+    keys: Sequence[str],
+    seed: int,
+) -> FeatureSet:
+    """Backbone vectors of synthetic local defects on (up to SYNTHETIC_MAX of) the line's calibration images."""
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.permutation(len(paths))[:SYNTHETIC_MAX].tolist())
+    chosen = [paths[i] for i in pick]
+    ex = extract(backend, pp, chosen, [-1] * len(chosen), sources, alter=lambda img: synthesize(img, rng))
+    return to_features(ex, features, keys)
 
 
 def fit_from_features(
@@ -294,25 +317,38 @@ def fit_from_features(
     target_accuracy: float = 0.99,
     delta: float = 0.1,
     ood_quantile: float = 0.99,
-    heads: Sequence[str] = DEFAULT_HEADS,
+    heads: Sequence[str] | None = None,
     version: str | None = None,
     log: Callable[[str], None] | None = None,
     where: str = "calibration set",
+    *,
+    fusion: str | None = None,
+    pseudo: FeatureSet | None = None,
 ) -> GateBundle:
     """The fit proper, from feature sets: `bouncer fit` after the backbone, and the station's retraining."""
     say = log or (lambda m: print(m, file=sys.stderr))
     calib_dir = where
     quality = QualityGate.fit(train.stats)
     task = fit_logistic(train.features, train.labels, len(classes))
-    ood_heads = [fit_head(h, train.vectors[h], train.labels) for h in heads]
-    baseline = fit_head(BASELINE_HEAD, train.vectors[BASELINE_HEAD], train.labels)
+    q_ok = np.array([not quality.check(s) for s in calib.stats], bool)
+    if heads is None:
+        heads, method, selection = choose_heads(
+            train, calib.take(np.flatnonzero(q_ok)), classes, pseudo, ood_quantile, say
+        )
+    else:
+        method = fusion or "max"
+        selection = {"rule": "named with --heads", "chosen": {"heads": list(heads), "fusion": method}}
+    ood_heads = [fit_head(h, train.vectors[input_key(h)], train.labels) for h in heads]
+    # the explainer: kNN on the channel maxima of the map with the most channels
+    maxima = sorted((v.shape[1], k) for k, v in train.vectors.items() if k.endswith("@max"))
+    explainer = fit_head(f"knn:{maxima[-1][1]}", train.vectors[maxima[-1][1]], train.labels) if maxima else None
+    baseline = fit_head(BASELINE_HEAD, train.vectors[input_key(BASELINE_HEAD)], train.labels)
     names = list(heads)
 
     # Everything below is calibration: thresholds and temperature, never the training set.
-    q_ok = np.array([not quality.check(s) for s in calib.stats], bool)
-    raw = np.stack([head_scores(h, calib.vectors[n]) for h, n in zip(ood_heads, heads, strict=True)], axis=1)
-    fusion = Fusion.fit(names, raw[q_ok] if q_ok.sum() >= 10 else raw)
-    fused = fusion.fuse(raw)
+    raw = np.stack([head_scores(h, calib.vectors[input_key(n)]) for h, n in zip(ood_heads, heads, strict=True)], 1)
+    fusion_ = Fusion.fit(names, raw[q_ok] if q_ok.sum() >= 10 else raw, method)
+    fused = fusion_.fuse(raw)
     ood_threshold = conformal_quantile(fused[q_ok], ood_quantile) if q_ok.any() else float("inf")
     logits = task.logits(calib.features)
     task.temperature = fit_temperature(logits, calib.labels)
@@ -364,7 +400,7 @@ def fit_from_features(
         "sharpness": round(float(np.std(np.log([max(st["sharpness"], 1e-6) for st in calib.stats]))), 4),
         "ood_score": round(float(np.std(fused[q_ok])) if q_ok.any() else 1.0, 4),
     }
-    base_scores = baseline.score(calib.vectors[BASELINE_HEAD])
+    base_scores = baseline.score(calib.vectors[input_key(BASELINE_HEAD)])
     baseline_threshold = conformal_quantile(base_scores[q_ok] if q_ok.any() else base_scores, ood_quantile)
     now = datetime.now(UTC)
     return GateBundle(
@@ -377,11 +413,41 @@ def fit_from_features(
         quality=quality,
         task=task,
         ood_heads=ood_heads,
-        fusion=fusion,
+        fusion=fusion_,
         ood_threshold=ood_threshold,
         ood_quantile=ood_quantile,
         acceptance=acceptance,
         fit_metrics=fit_metrics,
         baseline=baseline,
         baseline_threshold=baseline_threshold,
+        selection=selection,
+        explainer=explainer,
     )
+
+
+def choose_heads(
+    train: FeatureSet,
+    calib_ok: FeatureSet,
+    classes: Sequence[str],
+    pseudo: FeatureSet | None,
+    quantile: float,
+    say: Callable[[str], None],
+) -> tuple[tuple[str, ...], str, dict[str, Any]]:
+    """Heads and fusion chosen on held-out known classes (and synthetic defects), from the inputs every set has."""
+    keys = (
+        set(train.vectors) & set(calib_ok.vectors) & (set(pseudo.vectors) if pseudo is not None else set(train.vectors))
+    )
+    folds, notes = make_folds(
+        train.labels,
+        train.vectors,
+        calib_ok.labels,
+        calib_ok.vectors,
+        classes,
+        None if pseudo is None else pseudo.vectors,
+        say,
+    )
+    heads, method, record = select_heads(
+        folds, candidate_specs(sorted(keys)), quantile, fit_head, head_scores, input_key, say
+    )
+    record["notes"] = notes
+    return heads, method, record

@@ -7,7 +7,7 @@ path, or its numpy reference).
   (exact for Ledoit-Wolf shrinkage beyond the sample rank, and small: d x r instead of d x d).
   On spatial maps it scores every patch and keeps the maximum, as PaDiM and PatchCore do.
 - KnnHead: cosine distance to the k-th nearest training feature in an fp16 bank.
-- Fusion: each head's score standardised by its calibration median and upper spread, then averaged.
+- Fusion: each head's score mapped to a common scale (its conformal -log p, or standardised), combined.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bouncer.runtime import kernels
+from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.modelcard import ModelCard
 
 EPS = 1e-6
 
@@ -43,6 +45,38 @@ def patches(fmap: np.ndarray) -> np.ndarray:
     """N x C x H x W map -> N x (H*W) x C patch vectors."""
     n, c, h, w = fmap.shape
     return np.ascontiguousarray(fmap.reshape(n, c, h * w).transpose(0, 2, 1))
+
+
+def parse_head(spec: str) -> tuple[str, str, str | None]:
+    """`maha:OUT`, `patch:MAP` or `knn:OUT[@max]` -> (kind, source, reduce)."""
+    kind, _, rest = spec.partition(":")
+    source, _, reduce = rest.partition("@")
+    if kind not in ("maha", "patch", "knn") or not source or reduce not in ("", "max") or (reduce and kind != "knn"):
+        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT or knn:MAP@max")
+    return kind, source, reduce or None
+
+
+def input_key(spec: str) -> str:
+    """The per-frame vector a head reads: its source output, or `MAP@max` for a kNN head on a map's channel
+    maxima. Heads of different kinds on the same input share it (feature sets, the wire)."""
+    _, source, reduce = parse_head(spec)
+    return f"{source}@{reduce}" if reduce else source
+
+
+def head_input(key: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The vector behind an input key, from a backbone's outputs (float32, one row per frame)."""
+    source, _, reduce = key.partition("@")
+    out = outputs[source]
+    if reduce:
+        if out.ndim != 4:
+            raise BouncerError(f"OOD input {key!r}: {source} is not a feature map")
+        return kernels.spatial_max(np.ascontiguousarray(out, np.float32))
+    return np.asarray(out, np.float32)
+
+
+def candidate_inputs(card: ModelCard) -> list[str]:
+    """Every input head selection may choose from: the task features, each pooled tap, each map's maxima."""
+    return [card.features, *card.taps, *(f"{m}@max" for m in card.maps)]
 
 
 @dataclass
@@ -192,22 +226,82 @@ class KnnHead:
         return kernels.knn_score(_f32(vectors), self.bank, self.k)
 
 
+FUSION_METHODS = {
+    "max": "max over heads of -log p (p: the head's conformal p-value on calibration frames; min-p)",
+    "sum": "sum over heads of -log p (Fisher's combination)",
+    "mean": "mean over heads of (score - median) / (q90 - q50)",
+}
+MAX_KNOTS = 64
+
+
+def _pvalue_curve(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Knots of -log p(s) for one head, p(s) = (1 + #{calibration scores >= s}) / (n + 1), denser in the upper
+    tail; beyond the largest score it goes on as an exponential tail (slope 1 / mean excess over q90)."""
+    s = np.sort(np.asarray(scores, np.float64))
+    n = len(s)
+    xs, first = np.unique(s, return_index=True)
+    u = -np.log((n - first + 1) / (n + 1))  # at each distinct score: -log p
+    if len(xs) > MAX_KNOTS:  # keep the lowest knot and the upper tail densely
+        keep = np.unique(np.round(len(xs) - np.geomspace(1, len(xs), MAX_KNOTS)).astype(int))
+        xs, u = xs[keep], u[keep]
+    if len(xs) < 2:
+        xs, u = np.array([xs[0], xs[0] + EPS]), np.array([u[0], u[0]])
+    q90 = np.quantile(s, 0.9)
+    tail = s[s > q90] - q90
+    excess = float(tail.mean()) if len(tail) else 0.0
+    return xs, u, 0.0, 1.0 / max(excess, EPS * max(float(np.abs(s).max()), 1.0))
+
+
 @dataclass
 class Fusion:
-    """Standardise each head by its calibration median and upper spread (q90 - q50), then average."""
+    """Per-head curves from calibration scores to a common scale, combined over heads (FUSION_METHODS).
+
+    Averaging standardised scores (`mean`) lets a weak head hide a strong one's alarm; `max` of -log p flags
+    a frame that any head finds rare, `sum` (Fisher) one that several find unusual. The choice is measured
+    per line (gates/select.py)."""
 
     names: list[str]
-    median: np.ndarray
-    scale: np.ndarray
+    method: str
+    knots_x: np.ndarray  # H x K, strictly increasing per row
+    knots_y: np.ndarray  # H x K
+    slope_lo: np.ndarray  # H
+    slope_hi: np.ndarray  # H
+
+    def __post_init__(self) -> None:
+        if self.method not in FUSION_METHODS:
+            raise ValueError(f"fusion method {self.method!r}: expected one of {', '.join(FUSION_METHODS)}")
+        self.knots_x, self.knots_y = (np.ascontiguousarray(a, np.float64) for a in (self.knots_x, self.knots_y))
+        self.slope_lo, self.slope_hi = (np.ascontiguousarray(a, np.float64) for a in (self.slope_lo, self.slope_hi))
+        h = len(self.names)
+        if self.knots_x.ndim != 2 or self.knots_x.shape[0] != h or self.knots_x.shape[1] < 2:
+            raise ValueError(f"fusion knots: expected {h} rows of at least 2, got shape {self.knots_x.shape}")
+        if self.knots_y.shape != self.knots_x.shape or self.slope_lo.shape != (h,) or self.slope_hi.shape != (h,):
+            raise ValueError("fusion: knots and slopes do not match the heads")
+        if not (np.diff(self.knots_x, axis=1) > 0).all():
+            raise ValueError("fusion knots must increase strictly")
+        self._combine = kernels.FUSE_METHODS.index(self.method)
 
     @classmethod
-    def fit(cls, names: list[str], scores: np.ndarray) -> Fusion:
-        q50, q90 = np.quantile(scores, [0.5, 0.9], axis=0)
-        return cls(names=list(names), median=q50.astype(np.float64), scale=np.maximum(q90 - q50, EPS))
-
-    def standardise(self, scores: np.ndarray) -> np.ndarray:
-        return (scores - self.median) / self.scale
+    def fit(cls, names: list[str], scores: np.ndarray, method: str = "max") -> Fusion:
+        """scores: N x H raw head scores of clean calibration frames."""
+        if method == "mean":
+            q50, q90 = np.quantile(scores, [0.5, 0.9], axis=0)
+            scale = np.maximum(q90 - q50, EPS)
+            return cls(list(names), method, np.stack([q50, q50 + scale], 1), np.tile([0.0, 1.0], (len(names), 1)),
+                       1 / scale, 1 / scale)  # fmt: skip
+        curves = [_pvalue_curve(scores[:, j]) for j in range(scores.shape[1])]
+        k = min(len(c[0]) for c in curves)
+        # one knot count for all heads (a rectangular array for the kernel): thin the longer curves
+        picks = [np.unique(np.round(np.linspace(0, len(c[0]) - 1, k)).astype(int)) for c in curves]
+        return cls(
+            list(names),
+            method,
+            np.stack([c[0][p] for c, p in zip(curves, picks, strict=True)]),
+            np.stack([c[1][p] for c, p in zip(curves, picks, strict=True)]),
+            np.array([c[2] for c in curves]),
+            np.array([c[3] for c in curves]),
+        )
 
     def fuse(self, scores: np.ndarray) -> np.ndarray:
         """scores: N x H raw head scores -> N fused scores (higher = more unfamiliar)."""
-        return kernels.fuse(_f32(scores), self.median, self.scale)
+        return kernels.fuse(_f32(scores), self.knots_x, self.knots_y, self.slope_lo, self.slope_hi, self._combine)

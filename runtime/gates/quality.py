@@ -56,13 +56,22 @@ def grey_stats(g: np.ndarray, prev: np.ndarray | None = None) -> dict[str, float
     return stats
 
 
+LOG_FLOOR = 1e-6  # scale-like statistics below this are "exactly flat" (binarised or saturated tiles)
+
+
 def _fence(values: np.ndarray, log: bool) -> tuple[float, float]:
-    """Tukey fences around the 0.5%..99.5% quantiles: a frame outside is unlike any training frame."""
-    v = np.log(np.maximum(values, 1e-6)) if log else values
+    """Tukey fences around the 0.5%..99.5% quantiles: a frame outside is unlike any training frame.
+
+    In log scale an exactly flat statistic (a binarised tile's std is 0) sits at the floor; if the line's
+    own frames reach the floor, flat is normal there and the lower bound is 0, which every frame passes.
+    """
+    v = np.log(np.maximum(values, LOG_FLOOR)) if log else values
     q_lo, q25, q75, q_hi = np.quantile(v, [0.005, 0.25, 0.75, 0.995])
     spread = 1.5 * max(q75 - q25, 1e-6)
     lo, hi = q_lo - spread, q_hi + spread
-    return (float(np.exp(lo)), float(np.exp(hi))) if log else (float(lo), float(hi))
+    if not log:
+        return float(lo), float(hi)
+    return (0.0 if q_lo <= np.log(LOG_FLOOR) else float(np.exp(lo))), float(np.exp(hi))
 
 
 @dataclass

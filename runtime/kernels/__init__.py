@@ -38,4 +38,5 @@ knn_score = _impl.knn_score
 spatial_max = _impl.spatial_max
 fuse = _impl.fuse
 quantize_bank = reference.quantize_bank
+FUSE_METHODS = reference.FUSE_METHODS
 STAT_FIELDS = reference.STAT_FIELDS

@@ -252,10 +252,44 @@ def spatial_max(fmap: np.ndarray) -> np.ndarray:
     return fmap.reshape(fmap.shape[0], fmap.shape[1], -1).max(axis=2)
 
 
-def fuse(scores: np.ndarray, median: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Mean over heads of (score - median) / scale: M x H -> M."""
+FUSE_METHODS = ("mean", "max", "sum")  # the combine codes 0, 1, 2 of `fuse`
+
+
+def fuse(
+    scores: np.ndarray,
+    knots_x: np.ndarray,
+    knots_y: np.ndarray,
+    slope_lo: np.ndarray,
+    slope_hi: np.ndarray,
+    combine: int,
+) -> np.ndarray:
+    """Each head's raw score mapped through its own piecewise-linear curve, then combined over heads.
+
+    Head h's curve runs through the knots (knots_x[h, k], knots_y[h, k]) (x strictly increasing) and goes on
+    in straight lines of slope slope_lo[h] below the first and slope_hi[h] above the last knot. `combine`
+    picks the mean (0), the maximum (1) or the sum (2) of the mapped scores: M x H -> M.
+    """
     scores = _rows(scores, "scores")
     h = scores.shape[1]
-    if any(a.dtype != np.float64 or a.shape != (h,) or not a.flags.c_contiguous for a in (median, scale)):
-        raise ValueError(f"median/scale: expected shape ({h},)")
-    return ((scores.astype(np.float64) - median) / scale).mean(axis=1).astype(np.float32)
+    if knots_x.dtype != np.float64 or knots_x.ndim != 2 or knots_x.shape[0] != h or knots_x.shape[1] < 2:
+        raise ValueError(f"knots_x: expected float64 shape ({h}, K >= 2)")
+    if knots_y.dtype != np.float64 or knots_y.shape != knots_x.shape:
+        raise ValueError(f"knots_y: expected float64 shape {knots_x.shape}")
+    if any(a.dtype != np.float64 or a.shape != (h,) for a in (slope_lo, slope_hi)):
+        raise ValueError(f"slope_lo/slope_hi: expected float64 shape ({h},)")
+    for a, name in ((knots_x, "knots_x"), (knots_y, "knots_y"), (slope_lo, "slope_lo"), (slope_hi, "slope_hi")):
+        _contiguous(a, name)
+    if combine not in (0, 1, 2):
+        raise ValueError(f"combine: expected 0 (mean), 1 (max) or 2 (sum), got {combine}")
+    s = scores.astype(np.float64)
+    mapped = np.empty_like(s)
+    for j in range(h):
+        x, y = knots_x[j], knots_y[j]
+        v = np.interp(s[:, j], x, y)
+        v = np.where(s[:, j] < x[0], y[0] + slope_lo[j] * (s[:, j] - x[0]), v)
+        v = np.where(s[:, j] > x[-1], y[-1] + slope_hi[j] * (s[:, j] - x[-1]), v)
+        mapped[:, j] = np.where(np.isnan(s[:, j]), np.nan, v)
+    if h == 0:
+        return np.zeros(len(s), np.float32)
+    out = (mapped.mean(axis=1), mapped.max(axis=1), mapped.sum(axis=1))[combine]
+    return out.astype(np.float32)

@@ -1,0 +1,323 @@
+"""`bouncer bench gates --rotation`: a protocol that cannot tune on the answer.
+
+On every data set (the simulator and each real one given), every split of its classes into known and
+unknown (or a seeded sample of them): a gate is fitted on the known classes alone, then judged on a mix of
+clean test frames, the unknown classes, corruptions, garbage and foreign frames. Each head configuration is
+fitted from the same cached backbone vectors, so the comparison is like for like. Reports mean and worst
+case per configuration: accepted error, clean coverage, unknown frames accepted, unknown AUROC, and how
+often the accepted error exceeds the bound the gate states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bouncer.runtime import backends
+from bouncer.runtime.gates.fit import FeatureSet, extract, fit_from_features, gate_inputs, to_features
+from bouncer.runtime.gates.replay import replay
+from bouncer.runtime.gates.select import auroc
+from bouncer.runtime.images import image_folder
+from bouncer.runtime.sources import simulator
+from bouncer.runtime.sources.corruptions import CORRUPTIONS, GARBAGE
+from bouncer.runtime.sources.defects import synthesize
+
+FRACTIONS = (0.3, 0.45, 0.25)  # train, calibration, test of each known class: 230+ calibration frames on a small line
+BLOCK = 16  # consecutive image numbers that share a split (neighbouring solar cells come from one module)
+PER_CORRUPTION = 30
+PER_GARBAGE = 15
+SYNTHETIC_MAX = 200
+BAD = ("unknown", "foreign", "garbage")
+# the configurations compared: the new default (chosen per line) and fixed mixes as they ran before
+CONFIGS: dict[str, tuple[tuple[str, ...] | None, str | None]] = {
+    "auto (default)": (None, None),
+    "knn:pool_s32+knn:map_s16@max, mean (old default)": (("knn:pool_s32", "knn:map_s16@max"), "mean"),
+    "maha:pool_s8+s16+s32, mean": (("maha:pool_s8", "maha:pool_s16", "maha:pool_s32"), "mean"),
+    "maha:pool_s8+s16+s32, max": (("maha:pool_s8", "maha:pool_s16", "maha:pool_s32"), "max"),
+}
+TILE_DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
+ELPV_SCENARIOS = {
+    "mono known, poly unknown": (("mono_ok", "mono_defective"), ("poly_ok", "poly_defective")),
+    "poly known, mono unknown": (("poly_ok", "poly_defective"), ("mono_ok", "mono_defective")),
+    "mono_ok only, defective unknown": (("mono_ok",), ("mono_defective", "poly_ok", "poly_defective")),
+    "poly_ok only, defective unknown": (("poly_ok",), ("poly_defective", "mono_ok", "mono_defective")),
+}
+
+
+@dataclass
+class Cache:
+    """Backbone vectors of every frame of one data set, with what each frame is."""
+
+    fs: FeatureSet
+    kind: np.ndarray  # clean, synthetic, corrupt, garbage, foreign
+    cls: np.ndarray  # class of the (source) image; "" for garbage and foreign
+    name: np.ndarray  # source image id: the split is decided on it
+    block: np.ndarray  # split block of the source image
+
+    def save(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.fs.save(root / "vectors.npz")
+        meta = {k: getattr(self, k).tolist() for k in ("kind", "cls", "name", "block")}
+        (root / "frames.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, root: Path) -> Cache:
+        meta = json.loads((root / "frames.json").read_text())
+        return cls(
+            FeatureSet.load(root / "vectors.npz"), *(np.array(meta[k]) for k in ("kind", "cls", "name", "block"))
+        )
+
+
+def _block(path: Path) -> int:
+    """Images numbered close together share a block (and so a split); unnumbered ones hash alone."""
+    digits = re.findall(r"\d+", path.stem)
+    if digits:
+        return int(digits[-1]) // BLOCK
+    return int(hashlib.sha256(path.stem.encode()).hexdigest()[:8], 16)
+
+
+def build_cache(backend: backends.Backend, root: Path, foreign: Path | None, log: Callable[[str], None]) -> Cache:
+    card, pp = backend.card, backend.card.preprocessing
+    keys = gate_inputs(card, None)
+    sources = {k.partition("@")[0] for k in keys}
+    folders = image_folder(root)
+    paths = [p for c in sorted(folders) for p in sorted(folders[c])]
+    classes = [c for c in sorted(folders) for _ in folders[c]]
+    parts: list[tuple[FeatureSet, str, list[str], list[Path]]] = []
+
+    def run(kind: str, ps: Sequence[Path], cs: Sequence[str], alter=None) -> None:
+        ex = extract(backend, pp, ps, [-1] * len(ps), sources, alter=alter)
+        kept = {str(p) for p in ex.paths}
+        cs = [c for p, c in zip(ps, cs, strict=True) if str(p) in kept]
+        parts.append((to_features(ex, card.features, keys), kind, cs, ex.paths))
+
+    log(f"{root.name}: backbone vectors of {len(paths)} images, their synthetic defects and corruptions")
+    run("clean", paths, classes)
+    rng = np.random.default_rng(0)
+    run("synthetic", paths, classes, alter=lambda img: synthesize(img, rng))
+    for name, fn in {**CORRUPTIONS, **GARBAGE}.items():
+        n = PER_GARBAGE if name in GARBAGE else PER_CORRUPTION
+        pick = sorted(rng.permutation(len(paths))[:n].tolist())
+        garbage = name in GARBAGE  # garbage is of no class: it must never be accepted
+        cs = ["" if garbage else classes[i] for i in pick]
+        run("garbage" if garbage else "corrupt", [paths[i] for i in pick], cs, alter=lambda img, fn=fn: fn(img, rng))
+    if foreign is not None:
+        fp = [p for ps in image_folder(foreign).values() for p in sorted(ps)]
+        run("foreign", fp, [""] * len(fp))
+    fs = FeatureSet.concat([p[0] for p in parts])
+    kind = np.array([k for p in parts for k in [p[1]] * len(p[0])])
+    cls = np.array([c for p in parts for c in p[2]])
+    name = np.array([str(x) for p in parts for x in p[3]])
+    block = np.array([_block(Path(x)) for p in parts for x in p[3]])
+    return Cache(fs, kind, cls, name, block)
+
+
+def _split_of(block: np.ndarray, seed: int) -> np.ndarray:
+    """0 train, 1 calibration, 2 test, by a seeded hash of the block."""
+    u = np.array([int(hashlib.sha256(f"{seed}:{b}".encode()).hexdigest()[:8], 16) / 2**32 for b in block])
+    return np.searchsorted(np.cumsum(FRACTIONS)[:-1], u, side="right")
+
+
+def run_split(
+    cache: Cache,
+    known: Sequence[str],
+    unknown: Sequence[str],
+    card_hash: str,
+    card_name: str,
+    pp,
+    target_accuracy: float,
+    seed: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    split = _split_of(cache.block, seed)
+    is_known = np.isin(cache.cls, known)
+    is_unknown = np.isin(cache.cls, unknown)
+    label = np.array([list(known).index(c) if c in known else -1 for c in cache.cls])
+    fs = FeatureSet(label, cache.fs.features, cache.fs.vectors, cache.fs.stats)
+    clean = cache.kind == "clean"
+    train = fs.take(np.flatnonzero(clean & is_known & (split == 0)))
+    calib = fs.take(np.flatnonzero(clean & is_known & (split == 1)))
+    synth = np.flatnonzero((cache.kind == "synthetic") & is_known & (split == 1))[:SYNTHETIC_MAX]
+    pseudo = fs.take(synth)
+    # the test mix, and what each frame of it is
+    test_kind = np.full(len(cache.kind), "", dtype=object)
+    test_kind[clean & is_known & (split == 2)] = "clean"
+    test_kind[(cache.kind == "corrupt") & is_known & (split == 2)] = "corrupt"
+    test_kind[(cache.kind == "clean") & is_unknown] = "unknown"
+    test_kind[(cache.kind == "corrupt") & is_unknown] = "unknown"
+    test_kind[cache.kind == "garbage"] = "garbage"
+    test_kind[cache.kind == "foreign"] = "foreign"
+    idx = np.flatnonzero(test_kind != "")
+    test, tk, truth = fs.take(idx), test_kind[idx].astype(str), label[idx]
+    out: dict[str, Any] = {}
+    for config, (heads, fusion) in CONFIGS.items():
+        bundle = fit_from_features(
+            train, calib, list(known), card_hash, card_name, pp, target_accuracy, 0.1, 0.99, heads, "bench",
+            lambda m: None, fusion=fusion, pseudo=pseudo,
+        )  # fmt: skip
+        r = replay(bundle, test)
+        pred = np.array([-1 if p is None else list(known).index(p) for p in r.predicted])
+        wrong = np.isin(tk, BAD) | (pred != truth)
+        acc = r.accepted
+        n_acc = int(acc.sum())
+        is_clean = tk == "clean"
+        clean_wrong = int((acc & is_clean & wrong).sum())
+        clean_acc = int((acc & is_clean).sum())
+        bound = bundle.acceptance.error_bound
+        out[config] = {
+            "heads": list(bundle.fusion.names),
+            "fusion": bundle.fusion.method,
+            "accepted": n_acc,
+            "accepted_error": float((acc & wrong).sum() / n_acc) if n_acc else 0.0,
+            "clean_coverage": float(clean_acc / max(is_clean.sum(), 1)),
+            "unknown_accepted": int((acc & (tk == "unknown")).sum()),
+            "unknown": int((tk == "unknown").sum()),
+            "unknown_flagged_ood": float((r.ood[tk == "unknown"] > bundle.ood_threshold).mean()),
+            "unknown_auroc": auroc(r.ood[tk == "unknown"], r.ood[is_clean]),
+            "garbage_accepted": int((acc & (tk == "garbage")).sum()),
+            "foreign_accepted": int((acc & (tk == "foreign")).sum()),
+            "clean_accepted_error": clean_wrong / clean_acc if clean_acc else 0.0,
+            "error_bound": bound,
+            "exceeds_bound": bool(clean_acc and bound is not None and clean_wrong / clean_acc > bound),
+            "exceeds_target": bool(n_acc and (acc & wrong).sum() / n_acc > 1 - target_accuracy),
+        }
+    log(
+        f"  known {'+'.join(known)} | unknown {'+'.join(unknown)}: "
+        + "; ".join(
+            f"{c.split(' ')[0]} err {v['accepted_error']:.4f} cov {v['clean_coverage']:.3f} "
+            f"auroc {v['unknown_auroc']:.3f}"
+            for c, v in out.items()
+        )
+    )
+    return out
+
+
+def scenarios(name: str, classes: Sequence[str], max_splits: int, seed: int) -> list[tuple[tuple[str, ...], ...]]:
+    """(known, unknown) splits of one data set."""
+    if name == "elpv":
+        return [v for v in ELPV_SCENARIOS.values() if set(v[0]) | set(v[1]) <= set(classes)]
+    if name == "magnetic-tile":
+        pairs = [
+            tuple(sorted(set(TILE_DEFECTS) - {a, b})) for i, a in enumerate(TILE_DEFECTS) for b in TILE_DEFECTS[i + 1 :]
+        ]
+        rows = [(("free", *k), tuple(sorted(set(TILE_DEFECTS) - set(k)))) for k in pairs]
+        rng = np.random.default_rng(seed)
+        rows = [rows[i] for i in sorted(rng.permutation(len(rows))[:max_splits].tolist())]
+        return [*rows, (("free",), TILE_DEFECTS)]
+    # the simulator: each part held out in turn
+    return [(tuple(c for c in classes if c != u), (u,)) for u in classes]
+
+
+def bench_rotation(
+    model: Path,
+    datasets: dict[str, Path],
+    work: Path | None,
+    log: Callable[[str], None],
+    target_accuracy: float = 0.99,
+    max_splits: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    backend = backends.load(model, 2)
+    base = work or Path(tempfile.mkdtemp(prefix="bouncer-bench-rotation-"))
+    sim = base / "simulator-images"
+    if not (sim / "known").exists():
+        simulator.write_dataset(sim / "known", (*simulator.KNOWN_CLASSES, *simulator.UNKNOWN_PARTS), 120, seed=201)
+        simulator.write_dataset(sim / "foreign", simulator.FOREIGN, per_class=60, seed=202)
+        simulator.write_dataset(sim / "other-line", simulator.KNOWN_CLASSES, per_class=15, seed=203)
+    all_sets = {"simulator": sim / "known", **datasets}
+    results: dict[str, Any] = {"target_accuracy": target_accuracy, "configs": list(CONFIGS), "datasets": {}}
+    card = backend.card
+    for name, root in all_sets.items():
+        cache_dir = base / "cache" / f"{name}-{card.model_hash[:12]}"
+        if (cache_dir / "frames.json").exists():
+            cache = Cache.load(cache_dir)
+        else:
+            foreign = sim / "foreign" if name == "simulator" else _foreign_for_real(sim)
+            cache = build_cache(backend, root, foreign, log)
+            cache.save(cache_dir)
+        classes = sorted(set(cache.cls[cache.kind == "clean"].tolist()))
+        log(f"{name}: {len(cache.kind)} frames cached")
+        rows = []
+        for known, unknown in scenarios(name, classes, max_splits, seed):
+            r = run_split(
+                cache, known, unknown, card.model_hash, card.name, card.preprocessing, target_accuracy, seed, log
+            )
+            rows.append({"known": list(known), "unknown": list(unknown), "results": r})
+        results["datasets"][name] = rows
+    results["summary"] = summarise(results)
+    return results
+
+
+def _foreign_for_real(sim: Path) -> Path:
+    """For a real line, foreign frames are the simulator's giraffe and parts of another line, in one folder."""
+    out = sim / "foreign-for-real"
+    if not out.exists():
+        for src in (sim / "foreign", sim / "other-line"):
+            for cls, ps in image_folder(src).items():
+                (out / cls).mkdir(parents=True, exist_ok=True)
+                for p in ps:
+                    (out / cls / p.name).symlink_to(p)
+    return out
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Per configuration and data set (and over all): mean and worst case of each figure."""
+    out: dict[str, Any] = {}
+    for config in results["configs"]:
+        per: dict[str, Any] = {}
+        everything: list[dict[str, Any]] = []
+        for name, rows in results["datasets"].items():
+            rs = [row["results"][config] for row in rows]
+            everything += rs
+            per[name] = _agg(rs)
+        per["all"] = _agg(everything)
+        out[config] = per
+    return out
+
+
+def _agg(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    err = [r["accepted_error"] for r in rs]
+    cov = [r["clean_coverage"] for r in rs]
+    auc = [r["unknown_auroc"] for r in rs]
+    unk = [r["unknown_accepted"] / max(r["unknown"], 1) for r in rs]
+    return {
+        "splits": len(rs),
+        "accepted_error_mean": float(np.mean(err)),
+        "accepted_error_worst": float(np.max(err)),
+        "clean_coverage_mean": float(np.mean(cov)),
+        "clean_coverage_worst": float(np.min(cov)),
+        "unknown_accepted_mean": float(np.mean(unk)),
+        "unknown_accepted_worst": float(np.max(unk)),
+        "unknown_auroc_mean": float(np.mean(auc)),
+        "unknown_auroc_worst": float(np.min(auc)),
+        "garbage_accepted": int(sum(r["garbage_accepted"] for r in rs)),
+        "exceeds_bound": int(sum(r["exceeds_bound"] for r in rs)),
+    }
+
+
+def print_rotation(results: dict[str, Any]) -> None:
+    """Markdown, as the README shows it; the last line is one JSON object."""
+    print(
+        "| data set | heads | splits | accepted error mean / worst | clean coverage mean / worst "
+        "| unknown accepted mean / worst | unknown AUROC mean / worst | garbage accepted | above stated bound |"
+    )
+    print("|" + " --- |" * 9)
+    for config, per in results["summary"].items():
+        for name, a in per.items():
+            print(
+                f"| {name} | {config} | {a['splits']} "
+                f"| {a['accepted_error_mean']:.4f} / {a['accepted_error_worst']:.4f} "
+                f"| {a['clean_coverage_mean']:.3f} / {a['clean_coverage_worst']:.3f} "
+                f"| {a['unknown_accepted_mean']:.3f} / {a['unknown_accepted_worst']:.3f} "
+                f"| {a['unknown_auroc_mean']:.3f} / {a['unknown_auroc_worst']:.3f} | {a['garbage_accepted']} "
+                f"| {a['exceeds_bound']} of {a['splits']} |"
+            )
+    print(json.dumps({"rotation": results["summary"]}))

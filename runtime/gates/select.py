@@ -1,0 +1,219 @@
+"""Choosing the OOD heads and their fusion from the line's own known classes, never from an unknown.
+
+Each known class is held out in turn as a pseudo-unknown: every candidate head is fitted on the other
+classes' training frames, its threshold set on their calibration frames at the gate's own operating
+quantile, and it is scored by the share of the held-out class it flags there (the catch rate at the flag
+rate the gate will run at). Synthetic defects made from the line's own calibration frames
+(`sources/defects.py`) are one more fold, and the only one on a line with a single class. The mix with the
+best mean plus worst-fold catch rate wins; within `TIE` of it, fewer heads, then the higher mean AUROC.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.heads import Fusion
+
+MIN_FOLD_CALIB = 20  # clean calibration frames of the other classes a fold's threshold needs
+MIN_HELD_OUT = 5  # frames of the held-out class (or synthetic defects) a fold needs
+MAX_MIX = 3  # heads in one mix
+TOP_SINGLES = 6  # the best single heads that are combined into pairs and triples
+TIE = 0.005  # objective differences below this are ties
+# Elements one frame's heads stream (kNN: bank rows x dim; Mahalanobis: dim x rank): about 100 us in the C++
+# kernels (bench hotpath: a 10,000 x 192 fp16 bank in 100 us), so any mix keeps the guard within budget.
+HEAD_BUDGET = 2_000_000
+MAHA_RANK = 256
+RULE = (
+    "hold each known class out in turn (plus one fold of synthetic defects made from the line's own "
+    "calibration frames); fit candidates on the rest, threshold at the gate's OOD quantile on the rest's "
+    "calibration frames; objective = (mean + worst) fold catch rate / 2; ties within 0.005 go to fewer heads, "
+    "then mean AUROC"
+)
+
+
+@dataclass
+class Fold:
+    """One held-out split: heads fit on `train`, threshold on `calib`, catch rate on `unknown`."""
+
+    name: str
+    train_labels: np.ndarray
+    train: dict[str, np.ndarray]
+    calib: dict[str, np.ndarray]
+    unknown: dict[str, np.ndarray]
+
+
+@dataclass
+class Scored:
+    mix: tuple[str, ...]
+    method: str
+    tpr: list[float]
+    auroc: list[float]
+    cost: int
+
+    @property
+    def objective(self) -> float:
+        return (float(np.mean(self.tpr)) + min(self.tpr)) / 2
+
+    def to_dict(self, folds: Sequence[Fold]) -> dict[str, Any]:
+        return {
+            "heads": list(self.mix),
+            "fusion": self.method,
+            "objective": round(self.objective, 4),
+            "mean_catch": round(float(np.mean(self.tpr)), 4),
+            "worst_catch": round(min(self.tpr), 4),
+            "mean_auroc": round(float(np.mean(self.auroc)), 4),
+            "catch_by_fold": {f.name: round(t, 4) for f, t in zip(folds, self.tpr, strict=True)},
+            "cost": self.cost,
+        }
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(positive score > negative score), ties counted half (Mann-Whitney), vectorised."""
+    neg = np.sort(np.asarray(neg, np.float64))
+    pos = np.asarray(pos, np.float64)
+    below = np.searchsorted(neg, pos, "left")
+    ties = np.searchsorted(neg, pos, "right") - below
+    return float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))
+
+
+def conformal_quantile(scores: np.ndarray, q: float) -> float:
+    """The ceil((n+1) q)-th smallest score: a clean frame exceeds it with probability at most 1 - q."""
+    s = np.sort(scores)
+    k = min(len(s), math.ceil((len(s) + 1) * q))
+    return float(s[k - 1])
+
+
+def _rows(d: dict[str, np.ndarray]) -> int:
+    return len(next(iter(d.values()))) if d else 0
+
+
+def candidate_specs(keys: Sequence[str]) -> list[str]:
+    """Heads on each input: Mahalanobis and kNN on pooled vectors, kNN on a map's channel maxima."""
+    out = []
+    for k in keys:
+        out += [f"knn:{k}"] if "@" in k else [f"maha:{k}", f"knn:{k}"]
+    return out
+
+
+def head_cost(spec: str, n_train: int, dim: int) -> int:
+    return n_train * dim if spec.startswith("knn:") else dim * min(MAHA_RANK, dim)
+
+
+def make_folds(
+    train_labels: np.ndarray,
+    train: dict[str, np.ndarray],
+    calib_labels: np.ndarray,
+    calib: dict[str, np.ndarray],
+    classes: Sequence[str],
+    pseudo: dict[str, np.ndarray] | None,
+    say: Callable[[str], None],
+) -> tuple[list[Fold], list[str]]:
+    """Held-out-class folds (and the synthetic-defect fold); the notes say which classes could not be a fold."""
+    folds, notes = [], []
+
+    def sub(d: dict[str, np.ndarray], m: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[m] for k, v in d.items()}
+
+    if len(classes) >= 2:
+        for c, name in enumerate(classes):
+            rest_t, rest_c = train_labels != c, calib_labels != c
+            held = int((~rest_t).sum() + (~rest_c).sum())
+            if rest_c.sum() < MIN_FOLD_CALIB or held < MIN_HELD_OUT:
+                notes.append(
+                    f"class {name} not held out: {held} frames of it (need {MIN_HELD_OUT}), "
+                    f"{int(rest_c.sum())} calibration frames of the others (need {MIN_FOLD_CALIB})"
+                )
+                continue
+            unknown = {k: np.concatenate([train[k][~rest_t], calib[k][~rest_c]]) for k in train}
+            folds.append(
+                Fold(f"held out: {name}", train_labels[rest_t], sub(train, rest_t), sub(calib, rest_c), unknown)
+            )
+    if pseudo is not None:
+        n = _rows(pseudo)
+        if n >= MIN_HELD_OUT and len(calib_labels) >= MIN_FOLD_CALIB:
+            folds.append(Fold("synthetic defects", train_labels, train, calib, pseudo))
+        else:
+            notes.append(f"synthetic-defect fold left out: {n} defects (need {MIN_HELD_OUT})")
+    for note in notes:
+        say(f"head selection: {note}")
+    if not folds:
+        raise BouncerError(
+            "head selection needs at least one held-out fold: two known classes with "
+            f"{MIN_HELD_OUT}+ frames each and {MIN_FOLD_CALIB}+ calibration frames of the others, or a one-class "
+            f"line with {MIN_FOLD_CALIB}+ readable calibration images to make synthetic defects from; "
+            "or name the heads with --heads"
+        )
+    return folds, notes
+
+
+def select_heads(
+    folds: Sequence[Fold],
+    candidates: Sequence[str],
+    quantile: float,
+    fit_head: Callable[[str, np.ndarray, np.ndarray], Any],
+    head_scores: Callable[[Any, np.ndarray], np.ndarray],
+    input_key: Callable[[str], str],
+    say: Callable[[str], None],
+) -> tuple[tuple[str, ...], str, dict[str, Any]]:
+    """(heads, fusion method, the record for the bundle and gate card)."""
+    # raw scores of each candidate on each fold's calibration and held-out frames
+    calib_s: dict[str, list[np.ndarray]] = {}
+    unk_s: dict[str, list[np.ndarray]] = {}
+    cost: dict[str, int] = {}
+    for spec in candidates:
+        key = input_key(spec)
+        x0 = folds[0].train[key]
+        cost[spec] = head_cost(spec, len(x0), int(np.prod(x0.shape[1:])))
+        if cost[spec] > HEAD_BUDGET:
+            continue
+        calib_s[spec], unk_s[spec] = [], []
+        for f in folds:
+            head = fit_head(spec, f.train[key], f.train_labels)
+            calib_s[spec].append(head_scores(head, f.calib[key]))
+            unk_s[spec].append(head_scores(head, f.unknown[key]))
+
+    def score(mix: tuple[str, ...], method: str) -> Scored:
+        tprs, aucs = [], []
+        for i in range(len(folds)):
+            c = np.stack([calib_s[s][i] for s in mix], 1)
+            u = np.stack([unk_s[s][i] for s in mix], 1)
+            fusion = Fusion.fit(list(mix), c, method)
+            fc, fu = fusion.fuse(c), fusion.fuse(u)
+            tprs.append(float((fu > conformal_quantile(fc, quantile)).mean()))
+            aucs.append(auroc(fu, fc))
+        return Scored(mix, method, tprs, aucs, sum(cost[s] for s in mix))
+
+    singles = sorted((score((s,), "max") for s in calib_s), key=lambda r: (-r.objective, r.mix))
+    if not singles:
+        raise BouncerError(f"head selection: every candidate head exceeds the per-frame budget ({HEAD_BUDGET})")
+    top = [r.mix[0] for r in singles[:TOP_SINGLES]]
+    results = list(singles)
+    for size in range(2, MAX_MIX + 1):
+        for mix in itertools.combinations(top, size):
+            if sum(cost[s] for s in mix) <= HEAD_BUDGET:
+                results += [score(mix, m) for m in ("max", "sum", "mean")]
+    best = max(r.objective for r in results)
+    contenders = [r for r in results if r.objective >= best - TIE]
+    chosen = min(contenders, key=lambda r: (len(r.mix), -float(np.mean(r.auroc)), r.method, r.mix))
+    ranked = sorted(results, key=lambda r: (-r.objective, len(r.mix), r.mix, r.method))
+    record = {
+        "rule": RULE,
+        "quantile": quantile,
+        "folds": [{"name": f.name, "calibration": _rows(f.calib), "held_out": _rows(f.unknown)} for f in folds],
+        "candidates": [r.to_dict(folds) for r in ranked[:12]],
+        "chosen": chosen.to_dict(folds),
+        "over_budget": sorted(s for s in candidates if s not in calib_s),
+    }
+    c = record["chosen"]
+    say(
+        f"heads chosen: {', '.join(chosen.mix)} (fusion {chosen.method}): catches {c['mean_catch']:.1%} of held-out "
+        f"frames on average, {c['worst_catch']:.1%} in the worst of {len(folds)} folds (AUROC {c['mean_auroc']:.3f})"
+    )
+    return chosen.mix, chosen.method, record
