@@ -314,6 +314,10 @@ class Device:
                 self.trial.frames += 1
                 self.trial.flagged += flagged
                 self.trial.seconds += spent
+                # the old gate on the same frame (no backbone run: a frame the new gate rejected before it
+                # counts as flagged by both)
+                old = self.trial.old.decide_outputs(decision.quality, outputs) if outputs is not None else decision
+                self.trial.old_flagged += old.decision != ACCEPT
             elif item.frame is not None:
                 self.ota.canary.offer(item.frame, decision.decision)
         self.summary.frames += 1

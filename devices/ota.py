@@ -159,6 +159,7 @@ class Trial:
     old_serial: int
     frames: int = 0
     flagged: int = 0
+    old_flagged: int = 0  # what the old gate flags of the same frames
     seconds: float = 0.0
 
 
@@ -268,8 +269,8 @@ class OtaUpdater:
             self._report("gate_update_rejected", "target metadata lacks serial, version or backbone_hash")
             return None
         guard, active_serial = self.current()
-        if serial == active_serial or serial in self.slots.state["refused"]:
-            return None
+        if serial == active_serial or serial in self.slots.state["refused"] or version == guard.bundle.version:
+            return None  # already running it (a device booted from the gate the station published first)
         if serial < active_serial:
             self._report(
                 "gate_update_rejected", f"older gate {version} (serial {serial} < active {active_serial})",
@@ -285,11 +286,14 @@ class OtaUpdater:
             return None
         try:
             path = Path(updater.download_target(info, str(self.download_dir / f"{serial}-{version}.bouncer")))
+        except (tuf_errors.DownloadLengthMismatchError, tuf_errors.RepositoryError) as exc:
+            # a bundle longer (or shorter, or other) than its signed metadata says: tampered, never installed
+            self._report(
+                "gate_update_rejected", f"bundle refused: {type(exc).__name__}: {exc}", serial=serial, version=version
+            )
+            return None
         except tuf_errors.DownloadError as exc:
             log.info("gate download failed: %s", exc)
-            return None
-        except tuf_errors.RepositoryError as exc:
-            self._report("gate_update_rejected", f"bundle refused: {type(exc).__name__}: {exc}", serial=serial)
             return None
         try:
             bundle = GateBundle.load(path)
@@ -347,7 +351,10 @@ class OtaUpdater:
             return None
         if trial.frames:
             rate = trial.flagged / trial.frames
-            allow = flag_allowance(trial.candidate.allowance_rate, trial.frames)
+            # a gate retrained for what this camera sees now is judged against what the old gate did with the
+            # same frames, not only against the calibration set's rate
+            base = max(trial.candidate.allowance_rate, trial.old_flagged / trial.frames)
+            allow = flag_allowance(base, trial.frames)
             if rate > allow:
                 return f"trial: flagged {rate:.0%} of {trial.frames} live frames (allowed {allow:.0%})"
             per_frame = trial.seconds / trial.frames

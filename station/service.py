@@ -39,8 +39,6 @@ class Station:
         self.consumer = None
         self._retrain_lock = threading.Lock()
         self._repo_lock = threading.Lock()  # one writer of the TUF metadata at a time
-        self.last_retrain: dict[str, dict[str, Any]] = {}
-        self._last_retrain_ts: dict[str, float] = {}
         self._stop = threading.Event()
 
     def check_group(self, group: str | None) -> str:
@@ -137,8 +135,13 @@ class Station:
     def retrain(self, group: str | None = None, log_fn=None) -> RetrainResult:
         group = self.check_group(group)
         with self._retrain_lock:
-            self._last_retrain_ts[group] = time.time()
             champion = self.champion(group)
+            current = self.store.champion(group)
+            since = self.store.labels_since(group, float(current["created"])) if current else 1
+            if not since:  # the same labels would fit the same gate again under a new serial
+                result = RetrainResult(False, f"no new labels since gate {champion.version}: nothing published", None)
+                self.store.add_retrain(group, {"published": False, "pending_approval": False, "reason": result.reason})
+                return result
             serial = self.store.next_serial()
             say = log_fn or (lambda m: log.info(m))
             result = retrain(self.store, self.base(group), champion, serial, group, log=say)
@@ -162,10 +165,10 @@ class Station:
                 if not result.publish or self.cfg.retrain.approval == "manual":
                     self.write_card(ch, group, champion)
             pending = result.publish and self.cfg.retrain.approval == "manual"
-            self.last_retrain[group] = {
+            self.store.add_retrain(group, {
                 "published": result.publish and not pending, "pending_approval": pending, "reason": result.reason,
                 **result.metrics,
-            }  # fmt: skip
+            })  # fmt: skip
             return result
 
     def approve(self, version: str, user: str) -> dict[str, Any]:
@@ -189,7 +192,8 @@ class Station:
         labels arrived. Read from the store, so a restart of the station keeps the count."""
         r = self.cfg.retrain
         gates = self.store.gates(group)
-        last = max([g["created"] for g in gates] + [self._last_retrain_ts.get(group, 0.0)])
+        tried = self.store.last_retrain(group)
+        last = max([g["created"] for g in gates] + [tried["ts"] if tried else 0.0])
         new = self.store.labels_since(group, last)
         if r.every_s and now - last >= r.every_s and new:  # nothing new since the last gate: nothing to learn
             return True

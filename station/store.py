@@ -83,6 +83,11 @@ CREATE TABLE IF NOT EXISTS audit (
     details TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE TABLE IF NOT EXISTS retrains (
+    grp TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    result TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS gates (
     version TEXT PRIMARY KEY,
     grp TEXT NOT NULL,
@@ -154,7 +159,11 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_replace BEFORE INSERT ON audit
+WHEN EXISTS (SELECT 1 FROM audit WHERE id = NEW.id)
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+# (INSERT OR REPLACE deletes the old row without firing a delete trigger: the insert trigger refuses it first)
 AUDIT_FIELDS = ("id", "ts", "gate_version", "event", "actor", "device", "details")
 DEVICE_GATE_EVENTS = {"gate_commit": "applied", "gate_rollback": "rolled_back", "gate_update_rejected": "refused"}
 
@@ -361,6 +370,14 @@ class Store:
     def labels_since(self, group: str, ts: float) -> int:
         (n,) = self._all("SELECT COUNT(*) FROM frames WHERE grp = ? AND labelled_at > ?", (group, ts))[0]
         return int(n)
+
+    def add_retrain(self, group: str, result: dict[str, Any]) -> None:
+        """Each retraining's outcome, whoever started it (HTTP, the CLI, the schedule)."""
+        self._exec("INSERT INTO retrains (grp, ts, result) VALUES (?, ?, ?)", (group, time.time(), json.dumps(result)))
+
+    def last_retrain(self, group: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT ts, result FROM retrains WHERE grp = ? ORDER BY ts DESC LIMIT 1", (group,))
+        return {"ts": rows[0][0], **json.loads(rows[0][1])} if rows else None
 
     def add_gate(self, version: str, group: str, serial: int, role: str, path: Path, metrics: dict[str, Any]) -> None:
         self._exec(

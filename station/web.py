@@ -167,7 +167,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
             "group": group,
             "gates": station.store.gates(group),
             "published": station.repo.current(group),
-            "last_retrain": station.last_retrain.get(group),
+            "last_retrain": station.store.last_retrain(group),
             "audit": [a for a in station.store.audit_log() if a["gate_version"] in versions][-50:],
         }
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bouncer.devices.loop import Device
-from bouncer.devices.ota import Canary, GateSlots, OtaUpdater
+from bouncer.devices.ota import Canary, Candidate, GateSlots, OtaUpdater, Trial
 from bouncer.runtime import backends
 from bouncer.runtime.config import OtaSection, load_config
 from bouncer.runtime.gates.bundle import GateBundle
@@ -82,16 +82,31 @@ def test_a_verified_gate_is_warmed_and_offered(repo, guard, sim_gate, tmp_path):
     assert cand.guard.bundle.version == "v2" and h.offers == [cand] and not h.events
 
 
-def test_a_tampered_bundle_is_refused(repo, guard, sim_gate, tmp_path):
+def _altered(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[len(out) // 2] ^= 0xFF
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "tamper,error",
+    [
+        (_altered, "LengthOrHashMismatch"),  # same length, bytes changed
+        (lambda d: d[: len(d) // 2], "LengthOrHashMismatch"),  # truncated
+        (lambda d: d + b"\0" * 4096, "DownloadLengthMismatchError"),  # 4 KB appended
+    ],
+    ids=["altered", "truncated", "appended"],
+)
+def test_a_tampered_bundle_is_refused_with_its_version(repo, guard, sim_gate, tmp_path, tamper, error):
     b = variant(sim_gate, tmp_path / "v2.gate", "v2")
     publish(repo, b, tmp_path / "v2.gate", 1)
     (served,) = (repo.targets_dir / "gates").glob("*.default.bouncer")
-    data = bytearray(served.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    served.write_bytes(bytes(data))
+    served.write_bytes(tamper(served.read_bytes()))
     h = Harness(repo, tmp_path / "dev", guard)
     assert h.updater.check() is None and not h.offers
-    assert "LengthOrHashMismatch" in h.reasons("gate_update_rejected")
+    assert error in h.reasons("gate_update_rejected")
+    (event,) = [e for e in h.events if e["event"] == "gate_update_rejected"]
+    assert event["version"] == "v2" and event["serial"] == 1  # the station files the refusal under this gate
 
 
 def test_metadata_signed_by_the_wrong_key_is_refused(repo, guard, sim_gate, tmp_path):
@@ -269,3 +284,21 @@ def test_quiet_stations_keep_their_metadata_fresh(repo, guard, sim_gate, tmp_pat
     h = Harness(repo, tmp_path / "dev", guard)
     cand = h.updater.check()  # a device verifies the whole re-signed chain and still finds the gate
     assert cand is not None and cand.version == "v2" and not h.events
+
+
+def test_the_trial_compares_with_the_old_gate_on_the_same_frames(repo, guard, tmp_path):
+    """A camera that now sees mostly a new part type: the old gate flagged all of its trial frames, so a gate
+    retrained for that type, which still flags 80% of them, is better and commits; the same 80% where the old
+    gate flagged none of them rolls back."""
+    h = Harness(repo, tmp_path / "dev", guard, trial_frames=10)
+    cand = Candidate(guard, 1, "v2", tmp_path / "v2.gate", allowance_rate=0.05, latency_limit_s=10.0)
+    assert h.updater.judge(Trial(cand, guard, 0, frames=10, flagged=8, old_flagged=10, seconds=0.1)) == "commit"
+    verdict = h.updater.judge(Trial(cand, guard, 0, frames=10, flagged=8, old_flagged=0, seconds=0.1))
+    assert verdict.startswith("trial: flagged 80% of 10 live frames")
+
+
+def test_the_gate_a_device_runs_is_not_installed_again(repo, guard, sim_gate, tmp_path):
+    """The station publishes the very gate the device was configured with (its first champion): no swap."""
+    publish(repo, guard.bundle, sim_gate, 1)
+    h = Harness(repo, tmp_path / "dev", guard)
+    assert h.updater.check() is None and not h.offers and not h.events

@@ -68,6 +68,13 @@ def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tm
         assert chall["accepted_correct"] > champ["accepted_correct"] and chall["accepted_error"] <= 0.01
         gates = http_json(f"{station.url}/api/gates")[1]
         assert gates["published"]["version"] == result["version"] and "bolt" in gates["published"]["classes"]
+        assert gates["last_retrain"]["published"] and gates["last_retrain"]["new_classes"] == ["bolt"]
+        # the same labels again: nothing new to learn, nothing published, and the reason says so
+        status, again = http_json(f"{station.url}/api/retrain", {})
+        assert status == 200 and not again["published"] and "no new labels" in again["reason"], again
+        gates = http_json(f"{station.url}/api/gates")[1]
+        assert gates["published"]["version"] == result["version"] and len(gates["gates"]) == 2
+        assert not gates["last_retrain"]["published"] and "no new labels" in gates["last_retrain"]["reason"]
 
         # the retained announcement a device gets when it connects
         watcher = Collector(broker.port, "ann-watcher")
@@ -140,6 +147,15 @@ def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tm
             db.execute("UPDATE audit SET actor = 'someone else'")
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             db.execute("DELETE FROM audit")
+        published = next(a for a in trail if a["event"] == "published")
+        for verb in ("INSERT OR REPLACE", "REPLACE"):  # REPLACE deletes without firing the delete trigger
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                db.execute(
+                    f"{verb} INTO audit (id, ts, gate_version, event, actor, device, details) "
+                    "VALUES (?, 0, 'x', 'rewritten', 'mallory', NULL, '{}')",
+                    (published["id"],),
+                )
+        assert db.execute("SELECT event FROM audit WHERE id = ?", (published["id"],)).fetchone() == ("published",)
         db.close()
     finally:
         station.stop()

@@ -111,8 +111,16 @@ class Guard:
         t0 = time.perf_counter()
         outputs = self.backend.run(x)
         self.last_backbone_s = time.perf_counter() - t0  # lets benchmarks separate the guard's own time
+        return self.decide_outputs(stats, outputs), outputs, grey
+
+    def decide_outputs(self, stats: dict[str, float], outputs: dict[str, np.ndarray]) -> Decision:
+        """This gate's decision on a frame another gate on the same backbone has run (an OTA trial compares
+        the old gate with the new one on the same frames without a second backbone call)."""
+        issues = self.bundle.quality.check(stats)
+        if issues:
+            return self.decide(issues, None, None, stats)
         probs, fused = self.heads(outputs)
-        return self.decide([], probs[0], float(fused[0]), stats), outputs, grey
+        return self.decide([], probs[0], float(fused[0]), stats)
 
     # ---- frames -------------------------------------------------------------------------------
 
