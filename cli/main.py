@@ -172,6 +172,17 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_labels(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_labels import bench_labels, print_labels
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")
+    sets = {"magnetic-tile": tile} if tile is not None else {}
+    results = bench_labels(args.model or default_model(), sets, args.work, say, args.target_accuracy, args.seed)
+    print_labels(results)
+    return 0
+
+
 def cmd_bench_hotpath(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -557,6 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-splits", type=_positive_int, default=10, help="--rotation: known/unknown splits per data set"
     )
     bg.add_argument("--seed", type=int, default=0, help="--rotation: seed of the splits")
+
+    bl = add("labels", cmd_bench_labels, "labels a new defect type needs: accepted share after each retrain", bsub)
+    bl.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
+    bl.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    bl.add_argument("--work", type=Path, help="backbone vector cache (shared with bench gates --rotation)")
+    bl.add_argument("--target-accuracy", type=float, default=0.99, help="the gates' target accuracy")
+    bl.add_argument("--seed", type=int, default=0)
 
     bh = add("hotpath", cmd_bench_hotpath, "every kernel numpy vs C++, and the guard overhead per frame", bsub)
     bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")

@@ -1,4 +1,5 @@
-"""`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`."""
+"""`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`,
+`bouncer station audit verify CONFIG`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-ACTIONS = ("serve", "init", "retrain")
+ACTIONS = ("serve", "init", "retrain", "audit")
 
 
 def _station(config: Path | None, data_dir: Path | None = None, port: int | None = None, broker: str | None = None):
@@ -98,6 +99,21 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_station_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the audit chain is intact, 1 with what is wrong otherwise."""
+    station = _station(args.config, args.data_dir)
+    try:
+        report = station.store.verify_audit()
+    finally:
+        station.stop()
+    for problem in report["problems"]:
+        print(problem, file=sys.stderr)
+    state = "intact" if report["ok"] else f"BROKEN ({len(report['problems'])} problems)"
+    print(f"audit log {state}: {report['records']} records, head {report['head'][:16] or '-'}")
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
 def add_station(sub, add, existing_dir) -> None:
     st = sub.add_parser("station", help="the review station: store, review UI, retraining, signed gate updates")
     ssub = st.add_subparsers(dest="station_command", required=True, parser_class=type(st))
@@ -123,6 +139,10 @@ def add_station(sub, add, existing_dir) -> None:
     common(r)
     r.add_argument("--broker", help="override mqtt.broker (announces a published gate)")
     r.add_argument("--group", help="the group to retrain (default: the first of station.groups)")
+    au = ssub.add_parser("audit", help="the gate audit log")
+    asub = au.add_subparsers(dest="audit_command", required=True, parser_class=type(st))
+    v = add("verify", cmd_station_audit_verify, "check the audit log's hash chain (exit 1 if broken)", asub)
+    common(v)
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

@@ -198,7 +198,11 @@ class OtaUpdater:
     # ---- thread ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """The first check runs here, before the device's first frame: a gate the station has published since
+        this device last ran decides that frame already (a station that does not answer costs one refused
+        connection); then the thread polls."""
         self.prepare()
+        self._check_safely()
         self._thread.start()
 
     def prepare(self) -> None:
@@ -221,16 +225,22 @@ class OtaUpdater:
         """The station announced a gate: check now instead of at the next poll."""
         self._wake.set()
 
+    def _check_safely(self) -> None:
+        if self._busy.is_set():
+            return
+        try:
+            self.check()
+        except Exception as exc:  # the updater must never take the camera down
+            log.exception("gate update check failed")
+            self._report("gate_update_failed", f"{type(exc).__name__}: {exc}")
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._busy.is_set():
-                try:
-                    self.check()
-                except Exception as exc:  # the updater must never take the camera down
-                    log.exception("gate update check failed")
-                    self._report("gate_update_failed", f"{type(exc).__name__}: {exc}")
-            self._wake.wait(self.cfg.poll_s)
+        while True:
+            self._wake.wait(self.cfg.poll_s)  # a poll period, or an announcement (poke) or stop
             self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._check_safely()
 
     def _report(self, kind: str, reason: str, **fields: Any) -> None:
         key = f"{kind}|{fields.get('serial')}|{reason}"

@@ -9,6 +9,7 @@ PostgreSQL connection can go through the same code later.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -80,7 +81,9 @@ CREATE TABLE IF NOT EXISTS audit (
     event TEXT NOT NULL,
     actor TEXT NOT NULL,
     device TEXT,
-    details TEXT NOT NULL
+    details TEXT NOT NULL,
+    prev_hash TEXT,
+    hash TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 CREATE TABLE IF NOT EXISTS retrains (
@@ -168,6 +171,11 @@ AUDIT_FIELDS = ("id", "ts", "gate_version", "event", "actor", "device", "details
 DEVICE_GATE_EVENTS = {"gate_commit": "applied", "gate_rollback": "rolled_back", "gate_update_rejected": "refused"}
 
 
+def audit_hash(prev: str, rec: tuple) -> str:
+    """sha256 over the previous record's hash and this record's fields, in a fixed JSON form."""
+    return hashlib.sha256(json.dumps([prev, *rec], separators=(",", ":")).encode()).hexdigest()
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -182,6 +190,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(audit)")}
+            for col in ("prev_hash", "hash"):  # a station database from before the hash chain
+                if col not in columns:
+                    self._db.execute(f"ALTER TABLE audit ADD COLUMN {col} TEXT")
             self._db.executescript(APPEND_ONLY)
         except sqlite3.DatabaseError as exc:
             raise BouncerError(f"{path}: unusable station database ({exc})") from None
@@ -262,11 +274,42 @@ class Store:
     # ---- audit log ------------------------------------------------------------------------------
 
     def audit(self, gate_version: str, event: str, actor: str, details: dict[str, Any], device: str | None = None):
-        """Append one gate lifecycle record: fitted, approved, rejected, published, applied, rolled_back."""
-        self._exec(
-            "INSERT INTO audit (id, ts, gate_version, event, actor, device, details) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (schemas.new_id(), time.time(), gate_version, event, actor, device, json.dumps(details, default=str)),
-        )
+        """Append one gate lifecycle record: fitted, approved, rejected, published, applied, rolled_back.
+
+        Each record carries the hash of the one before it (a chain), so a record rewritten or removed behind
+        the database's back, in the file itself, shows in `verify_audit`. BEGIN IMMEDIATE: two processes
+        (the station and a CLI retrain) never chain onto the same record."""
+        rec = (schemas.new_id(), time.time(), gate_version, event, actor, device, json.dumps(details, default=str))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                last = self._db.execute("SELECT hash FROM audit ORDER BY rowid DESC LIMIT 1").fetchone()
+                prev = (last[0] or "") if last else ""
+                self._db.execute(
+                    "INSERT INTO audit (id, ts, gate_version, event, actor, device, details, prev_hash, hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*rec, prev, audit_hash(prev, rec)),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def verify_audit(self) -> dict[str, Any]:
+        """Walk the chain: every record's hash matches its content and the record before it."""
+        rows = self._all(f"SELECT {', '.join(AUDIT_FIELDS)}, prev_hash, hash FROM audit ORDER BY rowid")
+        problems, prev, legacy = [], "", 0
+        for r in rows:
+            rec, stored_prev, stored = tuple(r[:7]), r[7], r[8]
+            if stored is None and not problems and not prev:
+                legacy += 1  # written before the chain existed
+                continue
+            if stored_prev != prev:
+                problems.append(f"record {rec[0]}: the record before it was changed or removed")
+            if audit_hash(stored_prev or "", rec) != stored:
+                problems.append(f"record {rec[0]} ({rec[3]} of gate {rec[2]}): content does not match its hash")
+            prev = stored or ""
+        return {"records": len(rows), "unchained": legacy, "head": prev, "ok": not problems, "problems": problems}
 
     def audit_log(self, gate_version: str | None = None) -> list[dict[str, Any]]:
         where, args = ("WHERE gate_version = ?", (gate_version,)) if gate_version else ("", ())

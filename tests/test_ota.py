@@ -256,6 +256,8 @@ def test_a_power_cut_mid_update_boots_the_old_gate(repo, sim_gate, tmp_path, lin
     # the trial never ends within this run: the process stops as if the power went
     device = run_device(repo, sim_gate, tmp_path, line_frames, tmp_path / "dev", trial_frames=100_000)
     assert device.guard.bundle.version == "v2"  # it was serving the candidate on trial
+    # from the very first frame: the device checks for a new gate before it starts (the station answered)
+    assert device.trial.frames == device.summary.frames == 80
     bundle, serial = GateSlots(tmp_path / "dev" / "gates").boot(sim_gate)
     assert serial == 0 and bundle.version == GateBundle.load(sim_gate).version
 

@@ -372,3 +372,29 @@ def bolts_in_queue(station: StationProcess, broker, sim_gate: Path, model: Path,
     queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
                        == len(msgs) and q)  # fmt: skip
     return msgs, queue
+
+
+def test_the_audit_chain_shows_a_rewrite_behind_the_databases_back(tmp_path):
+    """Triggers stop UPDATE, DELETE and REPLACE; someone with the file can drop them. The hash chain still
+    shows what they changed: `bouncer station audit verify` exits 1 and names the record."""
+    root = tmp_path / "station"
+    store = Store(root)
+    for i, event in enumerate(("fitted", "approved", "published")):
+        store.audit(f"g{i}", event, "station", {"n": i})
+    store.close()
+    cfg = station_config(tmp_path / "station.toml", root)
+    res = run_cli("station", "audit", "verify", str(cfg))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["records"] == 3 and len(report["head"]) == 64
+
+    db = sqlite3.connect(root / "station.sqlite")
+    db.executescript("DROP TRIGGER audit_no_update; UPDATE audit SET actor = 'mallory' WHERE event = 'approved';")
+    db.close()
+    res = run_cli("station", "audit", "verify", str(cfg))
+    assert res.returncode == 1 and "approved of gate g1" in res.stderr and "content does not match" in res.stderr
+    db = sqlite3.connect(root / "station.sqlite")
+    db.executescript("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE event = 'approved';")
+    db.close()
+    res = run_cli("station", "audit", "verify", str(cfg))
+    assert res.returncode == 1 and "the record before it was changed or removed" in res.stderr
