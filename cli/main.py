@@ -544,7 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", type=_existing_dir, required=True, help="folder of calibration images")
     q.add_argument("--out", type=Path, help="int8 model path (default: beside MODEL)")
     q.add_argument("--tflite", action="store_true", help="also make fp32/int8 TFLite models through onnx2tf")
-    q.add_argument("--activations", choices=["u8", "s8"], default="u8", help="activation type (u8: VNNI fast path)")
+    q.add_argument(
+        "--activations",
+        choices=["auto", "u8", "s8"],
+        default="auto",
+        help="activation type (auto: u8 on CPUs with VNNI, its fast and accurate path; s8 elsewhere)",
+    )
     q.add_argument("--threads", type=_positive_int, default=1)
     q.add_argument("--limit", type=_positive_int, default=300, help="at most this many calibration images")
 

@@ -26,7 +26,7 @@ from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates import explain
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.guard import ACCEPT, Decision, Guard, unreadable
-from bouncer.runtime.gates.heads import candidate_inputs, head_input
+from bouncer.runtime.gates.heads import frame_vectors
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.sources.streams import FrameItem, open_source
 
@@ -109,8 +109,6 @@ class Device:
             model = home.cached_model("litert" if profile.runtime == "litert" else "onnxruntime")
         backend = backends.load(model, profile.threads, list(profile.providers) or None)
         self.guard = Guard(bundle, backend)
-        # a flagged frame carries every input head selection can choose from, so retraining can choose again
-        self._send_inputs = candidate_inputs(backend.card)
         self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="bouncer-explain")
         self.metrics = DeviceMetrics()
@@ -285,7 +283,7 @@ class Device:
         task features and each OOD head's input) and the heatmap PNG; encoded without the JPEG."""
         if outputs is not None:
             b = self.guard.bundle
-            msg.features = {k: head_input(k, outputs)[0] for k in self._send_inputs if k.partition("@")[0] in outputs}
+            msg.features = frame_vectors(self.guard.backend.card, outputs)
             if self.cfg.outbox.explain:
                 h = explain.heatmap(b, outputs)
                 msg.heatmap = None if h is None else explain.heatmap_png(h)

@@ -8,7 +8,7 @@ from typing import Any
 
 from bouncer.quantize.calibration import load_calibration
 from bouncer.quantize.export import export_lite0
-from bouncer.quantize.ort_int8 import quantize_onnx
+from bouncer.quantize.ort_int8 import quantize_onnx, resolve_activations
 from bouncer.quantize.report import compare, quantization_report, run_all
 from bouncer.runtime import backends, home
 from bouncer.runtime.backends.base import check_model_file
@@ -27,7 +27,7 @@ def quantize_model(
     calib_dir: Path,
     out: Path | None = None,
     tflite: bool = False,
-    activations: str = "u8",
+    activations: str = "auto",
     threads: int = 1,
     limit: int = 300,
 ) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def quantize_model(
         pairs["litert"] = (fp32_tfl, int8_tfl)
     report = quantization_report(pairs, held_out, threads)
     report["calibration_images"] = len(calib)
-    report["activations"] = activations
+    report["activations"] = resolve_activations(activations)
     report["models"] = {rt: {"fp32": str(a), "int8": str(b)} for rt, (a, b) in pairs.items()}
     if tflite:
         # Same image, same named outputs, two runtimes: how far apart are they?

@@ -21,6 +21,22 @@ def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * float(x):.1f}%"
 
 
+def _per_class(bundle: GateBundle) -> list[str]:
+    """The guarantee is pooled over the calibration frames; a class with few of them rides on the others.
+    Say, per class, how many more labelled calibration frames would let it stand on its own."""
+    a, counts = bundle.acceptance, bundle.fit_metrics.get("calibration_class_counts") or {}
+    if not counts:
+        return []
+    out = [
+        f"Per class (the guarantee above is pooled; on its own a class needs {a.frames_needed} calibration frames "
+        f"with no error for the same statement):",
+        "",
+        "| class | calibration frames | more needed on its own |",
+        "| --- | --- | --- |",
+    ]
+    return out + [f"| {c} | {n} | {max(a.frames_needed - n, 0)} |" for c, n in counts.items()]
+
+
 def _selection(bundle: GateBundle) -> list[str]:
     """How the heads were chosen: the rule, the winner and the runners-up with their held-out figures."""
     sel = bundle.selection
@@ -95,7 +111,7 @@ def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[
         if a.threshold is not None
         else f"none: no confidence threshold reaches {_pct(a.target_accuracy)}; this gate auto-accepts nothing"
     )
-    lines += ["", "## Guarantee", "", guarantee, "", "## Known limits", ""]
+    lines += ["", "## Guarantee", "", guarantee, "", *_per_class(bundle), "", "## Known limits", ""]
     lines += [f"- {x}" for x in LIMITS]
     lines += ["", "## Audit trail", "", "| when (UTC) | event | by | details |", "| --- | --- | --- | --- |"]
     for r in audit:

@@ -234,14 +234,14 @@ def publish_all(port: int, items: list[tuple[str, bytes]]) -> None:
 
 def device_messages(sim_gate: Path, model: Path, folder: Path, device: str, group: str = "default") -> list:
     """What a device sends for each frame of FOLDER its gate flags: real decisions, heatmaps and the
-    features of every head (as devices/loop.py `Device.flag` builds them), without running a device."""
+    vectors of every candidate input (as devices/loop.py builds them), without running a device."""
     import cv2
 
     from bouncer.runtime import backends, schemas
     from bouncer.runtime.gates import explain
     from bouncer.runtime.gates.bundle import GateBundle
     from bouncer.runtime.gates.guard import Guard
-    from bouncer.runtime.gates.heads import KnnHead
+    from bouncer.runtime.gates.heads import frame_vectors
     from bouncer.runtime.images import read_bgr
 
     guard = Guard(GateBundle.load(sim_gate), backends.load(model))
@@ -252,9 +252,7 @@ def device_messages(sim_gate: Path, model: Path, folder: Path, device: str, grou
         d, out, _ = guard.score_frame(frame)
         if d.decision == "accept" or out is None:
             continue
-        features = {guard.backend.card.features: out[guard.backend.card.features][0]}
-        for name, head in zip(b.fusion.names, b.ood_heads, strict=True):
-            features[name] = (head.vectors(out[head.source]) if isinstance(head, KnnHead) else out[head.source])[0]
+        features = frame_vectors(guard.backend.card, out)
         msgs.append(schemas.FrameMessage(
             id=f"{device}-{i:05d}", device=device, ts=time.time(), source=str(path), decision=d.decision,
             label=d.label, confidence=d.confidence, ood_score=d.ood_score, reasons=d.reasons, details=d.details,

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from bouncer.runtime.gates.bundle import Acceptance, BundleError, GateBundle
-from bouncer.runtime.gates.fit import conformal_quantile, fit_logistic
+from bouncer.runtime.gates.fit import fit_logistic
 from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead
 from bouncer.runtime.gates.quality import QualityGate, quality_stats
+from bouncer.runtime.gates.select import conformal_quantile
 from bouncer.runtime.preprocess import Preprocessing
 from bouncer.runtime.sources import simulator
 
@@ -47,6 +48,8 @@ def synthetic_bundle(n_classes: int = 16, per_class: int = 60) -> GateBundle:
         fit_metrics={"train_images": n},
         baseline=baseline,
         baseline_threshold=conformal_quantile(baseline.score(feats), 0.99),
+        selection={"rule": "named with --heads", "chosen": {"heads": ["knn:pool_s32", "knn:map_s16@max"]}},
+        explainer=heads[1],
     )
 
 
@@ -65,6 +68,10 @@ def test_round_trip_and_size(bundle, tmp_path):
     np.testing.assert_allclose(back.task.probs(x), bundle.task.probs(x), rtol=1e-6)
     fmap = np.abs(np.random.default_rng(2).normal(size=(3, 112, 14, 14)))
     np.testing.assert_allclose(back.ood_heads[1].score(fmap), bundle.ood_heads[1].score(fmap), rtol=1e-6)
+    raw = np.random.default_rng(3).gamma(2.0, 1.0, (5, 2)).astype(np.float32)
+    np.testing.assert_array_equal(back.fusion.fuse(raw), bundle.fusion.fuse(raw))
+    assert back.fusion.method == "max" and back.selection == bundle.selection
+    assert back.explainer is not None and back.explainer.source == "map_s16" and back.explainer.reduce == "max"
     names = zipfile.ZipFile(path).namelist()
     assert sorted(names) == ["arrays.npz", "gate.json"]
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left nothing behind
@@ -98,7 +105,11 @@ def _rewrite(path: Path, out: Path, meta_fn=None, arrays_fn=None) -> Path:
         (lambda m: m["ood"]["heads"][0].update(k=10**6), None, "k=1000000"),
         (None, lambda a: a.pop("ood1.bank"), "ood1.bank"),
         (None, lambda a: a.update({"baseline.basis": np.zeros((3, 3), np.float32)}), "inconsistent shapes"),
-        (lambda m: m["ood"]["fusion"]["names"].pop(), None, "fusion does not match"),
+        (lambda m: m["ood"]["fusion"]["names"].pop(), None, "fusion knots: expected 1 rows"),
+        (lambda m: m["ood"]["fusion"].update(method="magic"), None, "fusion method 'magic'"),
+        (None, lambda a: a.update({"fusion.knots_x": a["fusion.knots_x"][:, ::-1].copy()}), "increase strictly"),
+        (None, lambda a: a.pop("fusion.slope_hi"), "fusion.slope_hi"),
+        (lambda m: m["explain"].update(reduce=None), None, "explain head"),
     ],
 )
 def test_invalid_bundles(bundle, tmp_path, meta_fn, arrays_fn, msg):

@@ -106,3 +106,21 @@ def test_station_commands_name_what_is_wrong(tmp_path, sim_folder, bouncer_home)
                   str(sim_folder))  # fmt: skip
     assert_clean_error(res, "junk.gate", "corrupt gate bundle")
     assert_clean_error(run_cli("demo", "--devices", "5"), "--devices: 1 to 3")
+
+
+def test_fit_says_what_head_selection_needs(tmp_path, built_models):
+    """A one-class line with too few calibration images to make synthetic defects from, and a line whose
+    classes are too small to hold out: a clear line naming what is needed, never a silent fallback."""
+    from bouncer.runtime.sources import simulator
+
+    simulator.write_dataset(tmp_path / "one" / "train", ("gear",), per_class=20, seed=1)
+    simulator.write_dataset(tmp_path / "one" / "calib", ("gear",), per_class=10, seed=2)
+    res = run_cli("fit", "--train", str(tmp_path / "one" / "train"), "--calib", str(tmp_path / "one" / "calib"),
+                  "--out", str(tmp_path / "one.gate"))  # fmt: skip
+    assert_clean_error(res, "head selection needs at least one held-out fold", "--heads")
+    simulator.write_dataset(tmp_path / "two" / "train", ("gear", "washer"), per_class=2, seed=3)
+    simulator.write_dataset(tmp_path / "two" / "calib", ("gear", "washer"), per_class=8, seed=4)
+    res = run_cli("fit", "--train", str(tmp_path / "two" / "train"), "--calib", str(tmp_path / "two" / "calib"),
+                  "--out", str(tmp_path / "two.gate"))  # fmt: skip
+    assert_clean_error(res, "head selection needs at least one held-out fold")
+    assert "class gear not held out" in res.stderr

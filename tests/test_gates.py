@@ -46,6 +46,39 @@ def test_bundle_contents(gate, built_models):
     assert gate.stat().st_size < 10_000_000
 
 
+def test_the_heads_are_chosen_from_the_lines_own_classes_and_deterministically(gate, line, tmp_path):
+    """The fit log says what was chosen and why; the bundle records every fold and the runners-up; the
+    same data and seed give the same choice and the same weights."""
+    b = GateBundle.load(gate)
+    sel = b.selection
+    assert sel["chosen"]["heads"] == b.fusion.names and sel["chosen"]["fusion"] == b.fusion.method
+    folds = [f["name"] for f in sel["folds"]]
+    assert folds == [f"held out: {c}" for c in b.classes] + ["synthetic defects"]
+    assert sel["chosen"]["mean_catch"] >= 0.9 and len(sel["candidates"]) >= 10
+    assert b.explainer is not None and b.explainer.source == "map_s16"  # heatmaps whatever heads decide
+    again = tmp_path / "again.gate"
+    res = run_cli("fit", "--train", str(line / "train"), "--calib", str(line / "calib"), "--out", str(again))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "heads chosen:" in res.stderr and "chosen on held-out classes" in res.stdout
+    b2 = GateBundle.load(again)
+    assert b2.selection == sel and b2.fusion.names == b.fusion.names
+    np.testing.assert_array_equal(b2.fusion.knots_x, b.fusion.knots_x)
+    assert b2.ood_threshold == b.ood_threshold and b2.acceptance == b.acceptance
+
+
+def test_named_heads_override_the_choice(line, tmp_path, built_models):
+    out = tmp_path / "named.gate"
+    res = run_cli("fit", "--train", str(line / "train"), "--calib", str(line / "calib"), "--out", str(out),
+                  "--heads", "knn:pool_s32,knn:map_s16@max", "--fusion", "mean")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = GateBundle.load(out)
+    assert b.fusion.names == ["knn:pool_s32", "knn:map_s16@max"] and b.fusion.method == "mean"
+    assert "named with --heads" in res.stdout
+    res = run_cli("fit", "--train", str(line / "train"), "--calib", str(line / "calib"), "--out", str(out),
+                  "--fusion", "sum")  # fmt: skip
+    assert res.returncode == 2 and "--fusion goes with --heads" in res.stderr
+
+
 def test_eval_meets_the_quality_bar(gate, line, tmp_path):
     out = tmp_path / "eval"
     res = run_cli(

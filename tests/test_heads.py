@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bouncer.runtime.gates.calibration import expected_calibration_error, fit_temperature
-from bouncer.runtime.gates.fit import conformal_quantile, fit_logistic
+from bouncer.runtime.gates.fit import fit_logistic
 from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, l2n, ledoit_wolf
+from bouncer.runtime.gates.select import conformal_quantile
 from bouncer.runtime.kernels import spatial_max
 
 
@@ -81,11 +82,28 @@ def test_patch_head_flags_a_local_anomaly():
     assert s[1] > 5 * s[0]
 
 
-def test_fusion_standardises_then_averages():
+def test_mean_fusion_standardises_then_averages():
     cal = np.column_stack([np.arange(101.0), np.arange(101.0) * 10])
-    f = Fusion.fit(["a", "b"], cal)
-    np.testing.assert_allclose(f.standardise(np.array([[50.0, 500.0]])), [[0.0, 0.0]], atol=1e-9)
-    np.testing.assert_allclose(f.fuse(np.array([[90.0, 900.0]])), [1.0], atol=1e-9)
+    f = Fusion.fit(["a", "b"], cal, "mean")
+    np.testing.assert_allclose(f.fuse(np.array([[50.0, 500.0]])), [0.0], atol=1e-6)  # the medians
+    np.testing.assert_allclose(f.fuse(np.array([[90.0, 900.0]])), [1.0], atol=1e-6)  # the q90s
+    np.testing.assert_allclose(f.fuse(np.array([[90.0, 500.0]])), [0.5], atol=1e-6)
+
+
+def test_pvalue_fusion_lets_one_strong_alarm_through():
+    """min-p (`max`): a frame far beyond one head's calibration scores is flagged however ordinary it looks to
+    the other; the mean of standardised scores dilutes that alarm by the number of heads."""
+    rng = np.random.default_rng(0)
+    cal = rng.gamma(2.0, 1.0, (300, 3))
+    low = np.quantile(cal, 0.05, axis=0)
+    odd = np.array([[low[0], 1.4 * cal[:, 1].max(), low[2]]])  # one head far out, two quite ordinary
+    for method, flagged in (("max", True), ("sum", True), ("mean", False)):
+        f = Fusion.fit(["a", "b", "c"], cal, method)
+        threshold = conformal_quantile(f.fuse(cal), 0.99)
+        assert bool(f.fuse(odd)[0] > threshold) is flagged, method
+    # -log p at a calibration score is -log((1 + #scores >= it) / (n + 1)): the largest score gets log(301 / 2)
+    f = Fusion.fit(["a"], cal[:, :1], "max")
+    np.testing.assert_allclose(f.fuse(np.array([[cal[:, 0].max()]], np.float32)), [np.log(301 / 2)], rtol=1e-5)
 
 
 def test_logistic_head_and_temperature():

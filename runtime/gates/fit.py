@@ -383,6 +383,9 @@ def fit_from_features(
         "train_images": len(train),
         "calibration_images": len(calib),
         "class_counts": dict(zip(classes, map(int, np.bincount(train.labels, minlength=len(classes))), strict=True)),
+        "calibration_class_counts": dict(
+            zip(classes, map(int, np.bincount(calib.labels[calib.labels >= 0], minlength=len(classes))), strict=True)
+        ),
         "train_accuracy": round(train_acc, 4),
         "calibration_accuracy": round(float(correct.mean()), 4),
         "temperature": round(task.temperature, 4),

@@ -79,6 +79,12 @@ def candidate_inputs(card: ModelCard) -> list[str]:
     return [card.features, *card.taps, *(f"{m}@max" for m in card.maps)]
 
 
+def frame_vectors(card: ModelCard, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every candidate input of the first frame of `outputs`: what a flagged frame carries to the station, so
+    that retraining can choose its heads again without the backbone."""
+    return {k: head_input(k, outputs)[0] for k in candidate_inputs(card) if k.partition("@")[0] in outputs}
+
+
 @dataclass
 class LinearHead:
     weight: np.ndarray  # C x d, applied to l2-normalised features

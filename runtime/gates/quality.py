@@ -91,8 +91,10 @@ class QualityGate:
             "tile_std_min": list(_fence(table["tile_std_min"], log=True)),
         }
         for k in ("dark_frac", "bright_frac"):
-            # a fraction of clipped pixels: only an upper bound, at least 5% of the frame
-            bounds[k] = [0.0, max(_fence(table[k], log=False)[1], 0.05)]
+            # a fraction of clipped pixels: only an upper bound, at least 5% of the frame and twice the 99.5%
+            # quantile (most frames clip nothing, so the quartiles are 0 and the fence alone has no margin)
+            hi = max(_fence(table[k], log=False)[1], 0.05, 2 * float(np.quantile(table[k], 0.995)))
+            bounds[k] = [0.0, hi]
         return cls(bounds=bounds)
 
     def check(self, stats: dict[str, float]) -> list[dict[str, object]]:
