@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.errors import ImageError
+from bouncer.runtime.gates import select
 from bouncer.runtime.gates.calibration import expected_calibration_error, reliability
 from bouncer.runtime.gates.fit import load_split
 from bouncer.runtime.gates.guard import ACCEPT, Guard
@@ -27,22 +28,8 @@ COVERAGES = (0.5, 0.7, 0.9)
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney)."""
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    allv = np.concatenate([neg, pos])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(sorted_v):  # average ranks over ties
-        j = i
-        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    """P(score of a positive > score of a negative), ties counted half; None without both kinds."""
+    return select.auroc(pos, neg) if len(pos) and len(neg) else None
 
 
 class Mix:

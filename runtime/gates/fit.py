@@ -17,14 +17,13 @@ from bouncer.runtime.gates.bundle import Acceptance, GateBundle
 from bouncer.runtime.gates.calibration import expected_calibration_error, fit_temperature
 from bouncer.runtime.gates.heads import (
     Fusion,
-    GaussianHead,
-    KnnHead,
     LinearHead,
     candidate_inputs,
+    fit_head,
     head_input,
+    head_scores,
     input_key,
     l2n,
-    parse_head,
     softmax,
 )
 from bouncer.runtime.gates.quality import QualityGate, quality_stats
@@ -179,23 +178,6 @@ class FeatureSet:
 
 def to_features(ex: Extracted, features: str, keys: Sequence[str]) -> FeatureSet:
     return FeatureSet(ex.labels, ex.outputs[features], {k: head_input(k, ex.outputs) for k in keys}, ex.stats)
-
-
-def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> GaussianHead | KnnHead:
-    kind, source, reduce = parse_head(spec)
-    if kind == "knn":
-        return KnnHead.from_vectors(source, x.reshape(len(x), -1), reduce=reduce)
-    if kind == "patch":
-        if x.ndim != 4:
-            raise BouncerError(f"OOD head {spec!r}: {source} is not a feature map")
-        n, c, h, w = x.shape
-        return GaussianHead.fit(source, x.reshape(n, c, h * w).transpose(0, 2, 1), None, spatial=True)
-    return GaussianHead.fit(source, x.reshape(len(x), -1), labels, spatial=False)
-
-
-def head_scores(head: GaussianHead | KnnHead, x: np.ndarray) -> np.ndarray:
-    """Scores from head inputs (a kNN head's vectors are already reduced)."""
-    return head.score_vectors(x) if isinstance(head, KnnHead) else head.score(x)
 
 
 def load_split(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
@@ -449,8 +431,6 @@ def choose_heads(
         None if pseudo is None else pseudo.vectors,
         say,
     )
-    heads, method, record = select_heads(
-        folds, candidate_specs(sorted(keys)), quantile, fit_head, head_scores, input_key, say
-    )
+    heads, method, record = select_heads(folds, candidate_specs(sorted(keys)), quantile, say)
     record["notes"] = notes
     return heads, method, record

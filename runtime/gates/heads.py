@@ -311,3 +311,20 @@ class Fusion:
     def fuse(self, scores: np.ndarray) -> np.ndarray:
         """scores: N x H raw head scores -> N fused scores (higher = more unfamiliar)."""
         return kernels.fuse(_f32(scores), self.knots_x, self.knots_y, self.slope_lo, self.slope_hi, self._combine)
+
+
+def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> GaussianHead | KnnHead:
+    kind, source, reduce = parse_head(spec)
+    if kind == "knn":
+        return KnnHead.from_vectors(source, x.reshape(len(x), -1), reduce=reduce)
+    if kind == "patch":
+        if x.ndim != 4:
+            raise BouncerError(f"OOD head {spec!r}: {source} is not a feature map")
+        n, c, h, w = x.shape
+        return GaussianHead.fit(source, x.reshape(n, c, h * w).transpose(0, 2, 1), None, spatial=True)
+    return GaussianHead.fit(source, x.reshape(len(x), -1), labels, spatial=False)
+
+
+def head_scores(head: GaussianHead | KnnHead, x: np.ndarray) -> np.ndarray:
+    """Scores from head inputs (a kNN head's vectors are already reduced)."""
+    return head.score_vectors(x) if isinstance(head, KnnHead) else head.score(x)

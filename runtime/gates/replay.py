@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import FeatureSet, head_scores, input_key
+from bouncer.runtime.gates.fit import FeatureSet
+from bouncer.runtime.gates.heads import head_scores, input_key
 
 
 @dataclass

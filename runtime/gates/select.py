@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.heads import Fusion
+from bouncer.runtime.gates.heads import Fusion, fit_head, head_scores, input_key
 
 MIN_FOLD_CALIB = 20  # clean calibration frames of the other classes a fold's threshold needs
 MIN_HELD_OUT = 5  # frames of the held-out class (or synthetic defects) a fold needs
@@ -157,9 +157,6 @@ def select_heads(
     folds: Sequence[Fold],
     candidates: Sequence[str],
     quantile: float,
-    fit_head: Callable[[str, np.ndarray, np.ndarray], Any],
-    head_scores: Callable[[Any, np.ndarray], np.ndarray],
-    input_key: Callable[[str], str],
     say: Callable[[str], None],
 ) -> tuple[tuple[str, ...], str, dict[str, Any]]:
     """(heads, fusion method, the record for the bundle and gate card)."""
