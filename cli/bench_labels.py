@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bouncer.cli.bench_rotation import Cache, _split_of, cached
+from bouncer.cli.bench_rotation import Cache, cached, known_sets
 from bouncer.runtime import backends
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.fit import FeatureSet, fit_from_features
@@ -36,16 +36,11 @@ SCENARIOS = {
 def label_curve(
     cache: Cache, known: Sequence[str], new: str, card, target_accuracy: float, seed: int, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    split = _split_of(cache.block, seed)
-    clean = cache.kind == "clean"
     classes = [*known, new]
-    label = np.array([classes.index(c) if c in classes else -1 for c in cache.cls])
-    fs = FeatureSet(label, cache.fs.features, cache.fs.vectors, cache.fs.stats)
-    is_known = np.isin(cache.cls, known)
-    train = fs.take(np.flatnonzero(clean & is_known & (split == 0)))
-    calib = fs.take(np.flatnonzero(clean & is_known & (split == 1)))
-    test_known = np.flatnonzero(clean & is_known & (split == 2))
-    pseudo = fs.take(np.flatnonzero((cache.kind == "synthetic") & is_known & (split == 1))[:200])
+    k = known_sets(cache, known, classes, seed)
+    fs, train, calib, pseudo = k.fs, k.train, k.calib, k.pseudo
+    clean = cache.kind == "clean"
+    test_known = np.flatnonzero(clean & np.isin(cache.cls, known) & (k.split == 2))
     news = np.flatnonzero(clean & (cache.cls == new))
     news = news[np.random.default_rng(seed).permutation(len(news))]
     # the last quarter of the new type is never labelled: the frames each gate is judged on

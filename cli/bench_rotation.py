@@ -23,7 +23,14 @@ import numpy as np
 
 from bouncer.runtime import backends
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.fit import FeatureSet, extract, fit_from_features, gate_inputs, to_features
+from bouncer.runtime.gates.fit import (
+    SYNTHETIC_MAX,
+    FeatureSet,
+    extract,
+    fit_from_features,
+    gate_inputs,
+    to_features,
+)
 from bouncer.runtime.gates.replay import replay
 from bouncer.runtime.gates.select import auroc
 from bouncer.runtime.images import image_folder
@@ -37,7 +44,6 @@ FRACTIONS = (0.25, 0.5, 0.25)
 BLOCK = 16  # consecutive image numbers that share a split (neighbouring solar cells come from one module)
 PER_CORRUPTION = 30
 PER_GARBAGE = 15
-SYNTHETIC_MAX = 200
 BAD = ("unknown", "foreign", "garbage")
 # the configurations compared: the new default (chosen per line) and fixed mixes as they ran before
 CONFIGS: dict[str, tuple[tuple[str, ...] | None, str | None]] = {
@@ -129,6 +135,27 @@ def _split_of(block: np.ndarray, seed: int) -> np.ndarray:
     return np.searchsorted(np.cumsum(FRACTIONS)[:-1], u, side="right")
 
 
+@dataclass
+class KnownSets:
+    """A seeded split of a cached data set's known classes, labelled by `classes` (others: -1)."""
+
+    fs: FeatureSet
+    train: FeatureSet
+    calib: FeatureSet
+    pseudo: FeatureSet  # synthetic defects made from the calibration images
+    split: np.ndarray  # per cached frame: 0 train, 1 calibration, 2 test
+
+
+def known_sets(cache: Cache, known: Sequence[str], classes: Sequence[str], seed: int) -> KnownSets:
+    split = _split_of(cache.block, seed)
+    label = np.array([list(classes).index(c) if c in classes else -1 for c in cache.cls])
+    fs = FeatureSet(label, cache.fs.features, cache.fs.vectors, cache.fs.stats)
+    ok = (cache.kind == "clean") & np.isin(cache.cls, known)
+    synth = np.flatnonzero((cache.kind == "synthetic") & np.isin(cache.cls, known) & (split == 1))[:SYNTHETIC_MAX]
+    return KnownSets(fs, fs.take(np.flatnonzero(ok & (split == 0))), fs.take(np.flatnonzero(ok & (split == 1))),
+                     fs.take(synth), split)  # fmt: skip
+
+
 def run_split(
     cache: Cache,
     known: Sequence[str],
@@ -140,16 +167,9 @@ def run_split(
     seed: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    split = _split_of(cache.block, seed)
-    is_known = np.isin(cache.cls, known)
-    is_unknown = np.isin(cache.cls, unknown)
-    label = np.array([list(known).index(c) if c in known else -1 for c in cache.cls])
-    fs = FeatureSet(label, cache.fs.features, cache.fs.vectors, cache.fs.stats)
-    clean = cache.kind == "clean"
-    train = fs.take(np.flatnonzero(clean & is_known & (split == 0)))
-    calib = fs.take(np.flatnonzero(clean & is_known & (split == 1)))
-    synth = np.flatnonzero((cache.kind == "synthetic") & is_known & (split == 1))[:SYNTHETIC_MAX]
-    pseudo = fs.take(synth)
+    k = known_sets(cache, known, known, seed)
+    fs, train, calib, pseudo, split, label = k.fs, k.train, k.calib, k.pseudo, k.split, k.fs.labels
+    is_known, is_unknown, clean = np.isin(cache.cls, known), np.isin(cache.cls, unknown), cache.kind == "clean"
     # the test mix, and what each frame of it is
     test_kind = np.full(len(cache.kind), "", dtype=object)
     test_kind[clean & is_known & (split == 2)] = "clean"
