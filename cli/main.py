@@ -155,6 +155,9 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")
     if args.rotation:
         from bouncer.cli.bench_rotation import bench_rotation, print_rotation
+        from bouncer.runtime.gates.fit import check_targets
+
+        check_targets(args.target_accuracy, 0.1)
 
         elpv = _shared_dataset(args.elpv, "elpv", "--elpv")
         sets = {k: v for k, v in (("magnetic-tile", tile), ("elpv", elpv)) if v is not None}
@@ -174,6 +177,9 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
 
 def cmd_bench_labels(args: argparse.Namespace) -> int:
     from bouncer.cli.bench_labels import bench_labels, print_labels
+    from bouncer.runtime.gates.fit import check_targets
+
+    check_targets(args.target_accuracy, 0.1)
 
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")

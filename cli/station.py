@@ -14,18 +14,29 @@ from pathlib import Path
 ACTIONS = ("serve", "init", "retrain", "audit")
 
 
-def _station(config: Path | None, data_dir: Path | None = None, port: int | None = None, broker: str | None = None):
+def _station(
+    config: Path | None,
+    data_dir: Path | None = None,
+    port: int | None = None,
+    broker: str | None = None,
+    existing: bool = False,
+):
+    """The station of a config; `existing`: refuse one that was never set up instead of creating it."""
+    from bouncer.runtime.errors import BouncerError
+
     try:
         from bouncer.station.config import StationConfig
         from bouncer.station.service import Station
     except ImportError as exc:
-        from bouncer.runtime.errors import BouncerError
-
         raise BouncerError(f"the station needs the [station] extra: pip install 'bouncer[station]' ({exc})") from None
     from bouncer.runtime.config import load_config
 
     overrides = {"station.data_dir": str(data_dir) if data_dir else None, "http.port": port, "mqtt.broker": broker}
-    return Station(load_config(config, overrides, root=StationConfig))
+    cfg = load_config(config, overrides, root=StationConfig)
+    db = Path(cfg.station.data_dir) / "station.sqlite"
+    if existing and not db.is_file():
+        raise BouncerError(f"{db}: no station database here (run `bouncer station init` first)")
+    return Station(cfg)
 
 
 def cmd_station_init(args: argparse.Namespace) -> int:
@@ -101,7 +112,7 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
 
 def cmd_station_audit_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the audit chain is intact, 1 with what is wrong otherwise."""
-    station = _station(args.config, args.data_dir)
+    station = _station(args.config, args.data_dir, existing=True)
     try:
         report = station.store.verify_audit()
     finally:

@@ -279,8 +279,8 @@ class Device:
             )
 
     def _explain(self, msg: schemas.FrameMessage, outputs: dict[str, np.ndarray] | None) -> bytes:
-        """`msg` with what a flagged frame carries besides its JPEG: the vectors the station retrains from (the
-        task features and each OOD head's input) and the heatmap PNG; encoded without the JPEG."""
+        """`msg` with what a flagged frame carries besides its JPEG: the vectors the station retrains from (every
+        input head selection can choose from) and the heatmap PNG; encoded without the JPEG."""
         if outputs is not None:
             b = self.guard.bundle
             msg.features = frame_vectors(self.guard.backend.card, outputs)

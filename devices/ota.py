@@ -189,6 +189,7 @@ class OtaUpdater:
         self.tuf_dir = self.slots.root / "tuf"
         self.download_dir = self.slots.root / "downloads"
         self._wake = threading.Event()
+        self._first_check = threading.Event()
         self._stop = threading.Event()
         self._busy = threading.Event()  # a candidate is out for its swap and trial
         self._reported: set[str] = set()
@@ -198,12 +199,12 @@ class OtaUpdater:
     # ---- thread ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The first check runs here, before the device's first frame: a gate the station has published since
-        this device last ran decides that frame already (a station that does not answer costs one refused
-        connection); then the thread polls."""
+        """The first check runs at once, and the device's first frame waits for it (at most ota.first_check_s): a
+        gate the station published since this device last ran decides that frame already, while a station
+        that does not answer delays the camera by seconds, not by a network timeout; then the thread polls."""
         self.prepare()
-        self._check_safely()
         self._thread.start()
+        self._first_check.wait(self.cfg.first_check_s)
 
     def prepare(self) -> None:
         """Provision the TUF client's trust (the root.json from `bouncer station init`) on first start."""
@@ -235,6 +236,8 @@ class OtaUpdater:
             self._report("gate_update_failed", f"{type(exc).__name__}: {exc}")
 
     def _run(self) -> None:
+        self._check_safely()
+        self._first_check.set()
         while True:
             self._wake.wait(self.cfg.poll_s)  # a poll period, or an announcement (poke) or stop
             self._wake.clear()

@@ -84,6 +84,7 @@ class OtaSection:
     canary_size: int = 32  # accepted frames kept on the device to try a new gate on before the swap
     canary_every: int = 25  # keep every n-th accepted frame
     trial_frames: int = 100  # live frames after the swap before the new gate is committed
+    first_check_s: float = 5.0  # at start, the first frame waits this long at most for the first update check
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Config:
             ("ota.canary_size", self.ota.canary_size >= 0),
             ("ota.canary_every", self.ota.canary_every >= 1),
             ("ota.trial_frames", self.ota.trial_frames >= 0),
+            ("ota.first_check_s", self.ota.first_check_s >= 0),
         ]
         for key, ok in checks:
             if not ok:

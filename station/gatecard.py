@@ -81,6 +81,8 @@ def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[
     if retrain:
         lines.append(f"| operator labels used | {retrain.get('labelled_used', '-')} | |")
         lines.append(f"| new classes | {', '.join(retrain.get('new_classes') or []) or 'none'} | |")
+        for cls, n in (retrain.get("labels_needed") or {}).items():
+            lines.append(f"| more labels of `{cls}` for its own guarantee | {n} | |")
     lines += [
         "",
         "## Metrics",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -136,6 +137,15 @@ def retrain(
     else:
         champ = chall = {"frames": 0}
     metrics |= {"champion": {"version": champion.version, **champ}, "challenger": {"version": version, **chall}}
+    # the guarantee is pooled over all classes; a new class with few labelled calibration frames rides on the
+    # others: say how many more labels would let each stand on its own (1 in 5 labels is held out, 1 in 3 of
+    # the rest calibrates: 3.75 labels per calibration frame)
+    counts = challenger.fit_metrics.get("calibration_class_counts") or {}
+    need = challenger.acceptance.frames_needed
+    metrics["labels_needed"] = {
+        c: math.ceil(max(need - counts.get(c, 0), 0) * HELDOUT_EVERY / (HELDOUT_EVERY - 1) * CALIB_EVERY)
+        for c in new_classes
+    }
     challenger.fit_metrics["retrain"] = metrics
     if challenger.acceptance.threshold is None:
         return RetrainResult(False, "the challenger's acceptance guarantee does not hold", challenger, metrics)

@@ -124,3 +124,15 @@ def test_fit_says_what_head_selection_needs(tmp_path, built_models):
                   "--out", str(tmp_path / "two.gate"))  # fmt: skip
     assert_clean_error(res, "head selection needs at least one held-out fold")
     assert "class gear not held out" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("bench", "labels", "--target-accuracy", "2"), "--target-accuracy must be in [0.5, 1)"),
+        (("bench", "gates", "--rotation", "--target-accuracy", "0.1"), "--target-accuracy must be in [0.5, 1)"),
+        (("bench", "gates", "--rotation", "--elpv", "/nonexistent/elpv"), "/nonexistent/elpv"),
+    ],
+)
+def test_benchmarks_refuse_bad_settings_before_any_work(args, needle):
+    assert_clean_error(run_cli(*args), needle)

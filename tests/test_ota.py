@@ -254,7 +254,8 @@ def test_a_power_cut_mid_update_boots_the_old_gate(repo, sim_gate, tmp_path, lin
     b = variant(sim_gate, tmp_path / "v2.gate", "v2")
     publish(repo, b, tmp_path / "v2.gate", 1)
     # the trial never ends within this run: the process stops as if the power went
-    device = run_device(repo, sim_gate, tmp_path, line_frames, tmp_path / "dev", trial_frames=100_000)
+    device = run_device(repo, sim_gate, tmp_path, line_frames, tmp_path / "dev", trial_frames=100_000,
+                        first_check_s=120.0)  # fmt: skip
     assert device.guard.bundle.version == "v2"  # it was serving the candidate on trial
     # from the very first frame: the device checks for a new gate before it starts (the station answered)
     assert device.trial.frames == device.summary.frames == 80

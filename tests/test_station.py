@@ -64,6 +64,7 @@ def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tm
         assert status == 200, result
         assert result["published"], result["reason"]
         assert result["metrics"]["new_classes"] == ["bolt"]
+        assert result["metrics"]["labels_needed"]["bolt"] > 0  # pooled guarantee now; how far to its own
         chall, champ = result["metrics"]["challenger"], result["metrics"]["champion"]
         assert chall["accepted_correct"] > champ["accepted_correct"] and chall["accepted_error"] <= 0.01
         gates = http_json(f"{station.url}/api/gates")[1]
@@ -398,3 +399,6 @@ def test_the_audit_chain_shows_a_rewrite_behind_the_databases_back(tmp_path):
     db.close()
     res = run_cli("station", "audit", "verify", str(cfg))
     assert res.returncode == 1 and "the record before it was changed or removed" in res.stderr
+    # a station that was never set up is an error, not an empty chain that verifies
+    res = run_cli("station", "audit", "verify", "--data-dir", str(tmp_path / "nowhere"))
+    assert res.returncode == 2 and "no station database" in res.stderr and not (tmp_path / "nowhere").exists()

@@ -195,6 +195,13 @@ def load_split(root: Path, classes: list[str] | None = None) -> tuple[list[str],
     return classes, paths, labels
 
 
+def check_targets(target_accuracy: float, delta: float) -> None:
+    if not 0.5 <= target_accuracy < 1:
+        raise BouncerError(f"--target-accuracy must be in [0.5, 1), got {target_accuracy}")
+    if not 0 < delta < 1:
+        raise BouncerError(f"--delta must be in (0, 1), got {delta}")
+
+
 def fit_gate(
     backend: Backend,
     train_dir: Path,
@@ -212,10 +219,7 @@ def fit_gate(
     """Fit every part of a gate bundle. Calibration data only ever sets thresholds and the temperature.
     `heads=None` chooses the OOD heads from the line's own known classes (gates/select.py)."""
     say = log or (lambda m: print(m, file=sys.stderr))
-    if not 0.5 <= target_accuracy < 1:
-        raise BouncerError(f"--target-accuracy must be in [0.5, 1), got {target_accuracy}")
-    if not 0 < delta < 1:
-        raise BouncerError(f"--delta must be in (0, 1), got {delta}")
+    check_targets(target_accuracy, delta)
     card = backend.card
     pp = card.preprocessing
     if resize:
@@ -308,6 +312,7 @@ def fit_from_features(
     pseudo: FeatureSet | None = None,
 ) -> GateBundle:
     """The fit proper, from feature sets: `bouncer fit` after the backbone, and the station's retraining."""
+    check_targets(target_accuracy, delta)
     say = log or (lambda m: print(m, file=sys.stderr))
     calib_dir = where
     quality = QualityGate.fit(train.stats)
