@@ -13,11 +13,13 @@ from bouncer.runtime import backends
 from bouncer.runtime.benchmarks import held_out_frames
 from bouncer.runtime.preprocess import preprocess
 
-TAPS = ("pool_s8", "pool_s16a", "pool_s16", "pool_s32", "pool_s32b")
+TAPS = ("pool_s2", "pool_s4", "pool_s8", "pool_s16a", "pool_s16", "pool_s32", "pool_s32b")
 FEATURE_OUTPUTS = ("features", *TAPS, "map_s8", "map_s16")
 SHAPES = {
     "logits": (1, 1000),
     "features": (1, 1280),
+    "pool_s2": (1, 16),
+    "pool_s4": (1, 24),
     "pool_s8": (1, 40),
     "pool_s16a": (1, 80),
     "pool_s16": (1, 112),
