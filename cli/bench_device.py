@@ -20,8 +20,8 @@ from bouncer.runtime.config import load_config
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.preprocess import preprocess
-from bouncer.runtime.sources import simulator
 from bouncer.runtime.sources.streams import FrameItem
+from bouncer.sim import simulator
 
 
 def _seconds(fn, frames: list[np.ndarray]) -> float:
@@ -56,7 +56,7 @@ def bench_loop(model: Path, work: Path, n_frames: int = 60, rounds: int = 15, bl
     frames = [camera_frame("bolt" if i % 10 == 9 else simulator.KNOWN_CLASSES[i % 4], rng) for i in range(n_frames)]
     pp = device.guard.bundle.preprocessing
     buf = np.empty((1, 3, pp.height, pp.width), np.float32)
-    state = {"prev": None, "n": 0}
+    state: dict[str, Any] = {"prev": None, "n": 0}
 
     def bare(frame: np.ndarray) -> None:
         device.guard.backend.run(preprocess(frame, pp, out=buf))
@@ -72,7 +72,8 @@ def bench_loop(model: Path, work: Path, n_frames: int = 60, rounds: int = 15, bl
     # Interleaved in blocks of `block` frames (two unfamiliar parts each), bare and guarded on the same
     # frames, which goes first alternating, many times over: this machine's speed drifts by 30% within
     # seconds, and a pair of adjacent blocks sees the same drift. The ratio is the median of the pairs'.
-    bare_s, guarded_s = [], []
+    bare_s: list[float] = []
+    guarded_s: list[float] = []
     for r in range(rounds):
         for i in range(0, n_frames, block):
             part = frames[i : i + block]

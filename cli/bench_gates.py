@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bouncer.fitting.datasets import split_dataset
+from bouncer.fitting.evaluate import evaluate
+from bouncer.fitting.fit import fit_gate
 from bouncer.runtime import backends
-from bouncer.runtime.datasets import split_dataset
-from bouncer.runtime.gates.evaluate import evaluate
-from bouncer.runtime.gates.fit import fit_gate
 from bouncer.runtime.gates.guard import Guard
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 TILE_DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
 
@@ -28,17 +28,23 @@ def _run(backend: backends.Backend, root: Path, foreign: list[Path], name: str, 
     return report
 
 
-def bench_gates(model: Path, magnetic_tile: Path | None, work: Path | None, log) -> dict[str, Any]:
-    backend = backends.load(model, 2)
-    base = work or Path(tempfile.mkdtemp(prefix="bouncer-bench-gates-"))
-    results: dict[str, Any] = {}
-    sim = base / "simulator"
+def simulated_splits(sim: Path) -> Path:
+    """The simulated line's benchmark folders (train, calib, test, unknown, foreign), written once per work dir."""
     if not (sim / "train").exists():
         simulator.write_dataset(sim / "train", per_class=40, seed=101)
         simulator.write_dataset(sim / "calib", per_class=80, seed=102)
         simulator.write_dataset(sim / "test", per_class=50, seed=103)
         simulator.write_dataset(sim / "unknown", simulator.UNKNOWN_PARTS, per_class=60, seed=104)
         simulator.write_dataset(sim / "foreign", simulator.FOREIGN, per_class=60, seed=105)
+    return sim
+
+
+def bench_gates(model: Path, magnetic_tile: Path | None, work: Path | None, log) -> dict[str, Any]:
+    backend = backends.load(model, 2)
+    base = work or Path(tempfile.mkdtemp(prefix="bouncer-bench-gates-"))
+    results: dict[str, Any] = {}
+    sim = base / "simulator"
+    simulated_splits(sim)
     results["simulator"] = _run(backend, sim, [sim / "foreign"], "simulator", log)
     if magnetic_tile is not None:
         scenarios = {

@@ -6,20 +6,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from bouncer.fitting.fit import fit_gate
 from bouncer.runtime import backends, kernels
-from bouncer.runtime.gates.fit import fit_gate
+from bouncer.runtime.gates.decision import Verdict
 from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.gates.heads import Fusion
 from bouncer.runtime.kernels import reference
 from bouncer.runtime.preprocess import preprocess
-from bouncer.runtime.sources import simulator
 from bouncer.runtime.timing import interleaved_latency_ms
+from bouncer.sim import simulator
 
 KERNEL_NAMES = (
     "halve",
@@ -91,7 +93,7 @@ def bench_kernels(cpp, rounds: int, per_round: int) -> dict[str, dict[str, float
     out = {}
     for name, (fn, args) in kernel_cases().items():
         t = _median_us(
-            {"numpy": lambda f=fn, a=args: getattr(reference, f)(*a), "cpp": lambda f=fn, a=args: getattr(cpp, f)(*a)},
+            {"numpy": partial(getattr(reference, fn), *args), "cpp": partial(getattr(cpp, fn), *args)},
             rounds,
             per_round,
         )
@@ -136,7 +138,7 @@ def bench_guard(model: Path, work: Path, rounds: int, per_round: int) -> dict[st
     backend = backends.load(model, 1)
     guard = Guard(small_gate(backend, work), backend)
     frame = camera_frame("gear", np.random.default_rng(5))
-    assert guard.score_frames([frame])[0].decision == "accept", "the benchmark frame must take the full path"
+    assert guard.score_frames([frame])[0].decision == Verdict.ACCEPT, "the benchmark frame must take the full path"
     x = preprocess(frame, guard.bundle.preprocessing)
     # the previous frame of the stream: a different part on the belt (the same frame would be "frozen")
     prev = cv2.resize(
@@ -190,7 +192,7 @@ def bench_hotpath(model: Path, work: Path, rounds: int = 5, per_round: int = 40)
     from bouncer import _hotpath as cpp  # type: ignore[attr-defined]
 
     t0 = time.perf_counter()
-    result = {"kernels": bench_kernels(cpp, rounds, per_round)}
+    result: dict[str, Any] = {"kernels": bench_kernels(cpp, rounds, per_round)}
     result |= bench_guard(model, work, rounds, per_round)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result

@@ -13,23 +13,27 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bouncer.cli.bench_rotation import Cache, cached, known_sets
+from bouncer.fitting.fit import FeatureSet, FitSettings, fit_from_features
+from bouncer.fitting.replay import replay
+from bouncer.fitting.support import settle_new_classes
 from bouncer.runtime import backends
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.fit import FeatureSet, fit_from_features
-from bouncer.runtime.gates.replay import replay
-from bouncer.station.retrain import split_of
+from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.station.retrain import LABELS_PER_CALIBRATION_FRAME, split_of
 
 BATCHES = (10, 20, 40, 80, 160)
 SCENARIOS = {
     "simulator": (("bracket", "gear", "plate", "washer"), "bolt"),
     # `free` and `uneven` look alike to the classifier: without `uneven` a 99% guarantee is reachable
     "magnetic-tile": (("free", "blowhole", "crack", "fray"), "break"),
+    "elpv": (("mono_ok", "mono_defective", "poly_ok"), "poly_defective"),
 }
 
 
@@ -45,10 +49,21 @@ def label_curve(
     news = news[np.random.default_rng(seed).permutation(len(news))]
     # the last quarter of the new type is never labelled: the frames each gate is judged on
     judge, pool = news[: len(news) // 4], news[len(news) // 4 :]
+
+    def fit(tr: FeatureSet, ca: FeatureSet, names: list[str]) -> tuple[GateBundle, FeatureSet]:
+        """A gate on the frames of `names` only (relabelled), as `station retrain` fits one."""
+        sets = [f.restrict(classes, names) for f in (tr, ca)]
+        gate = fit_from_features(
+            sets[0], sets[1], names, FitSettings(target_accuracy), backbone_hash=card.model_hash,
+            backbone_name=card.name, preprocessing=card.preprocessing, version="bench", log=lambda m: None,
+            pseudo=pseudo,
+        )  # fmt: skip
+        return gate, sets[1]
+
     rows = []
     for n in [b for b in BATCHES if b <= len(pool)] or [len(pool)]:
         labelled = pool[:n]
-        parts = {"train": [], "calib": [], "heldout": []}
+        parts: dict[str, list[int]] = {"train": [], "calib": [], "heldout": []}
         for i in labelled:
             parts[split_of(str(cache.name[i]))].append(i)
         tr = FeatureSet.concat([train, fs.take(parts["train"])]) if parts["train"] else train
@@ -59,13 +74,13 @@ def label_curve(
             rows.append({**row, "refused": "fewer than 2 training frames of the new type"})
             continue
         try:
-            bundle = fit_from_features(
-                tr, ca, classes, card.model_hash, card.name, card.preprocessing, target_accuracy, 0.1, 0.99,
-                None, "bench", lambda m: None, pseudo=pseudo,
-            )  # fmt: skip
+            bundle, support = settle_new_classes(partial(fit, tr, ca), classes, [new])
         except BouncerError as exc:
             rows.append({**row, "refused": str(exc)})
             continue
+        if new in support and not support[new].kept:  # as `station retrain`: the class waits out of the gate
+            sup = support[new]
+            row["pending"] = f"{sup.why()}: about {sup.labels_needed(LABELS_PER_CALIBRATION_FRAME)} more labels"
         rn = replay(bundle, fs.take(judge))
         rk = replay(bundle, fs.take(test_known))
         pred_new = np.array([p == new for p in rn.predicted])
@@ -80,11 +95,13 @@ def label_curve(
             "known_coverage": float(rk.accepted.mean()),
             "known_accepted_error": float((rk.accepted & ~right_k).sum() / n_acc_k) if n_acc_k else 0.0,
             "heads": bundle.fusion.names,
+            "gate_accepts_nothing": bundle.acceptance.threshold is None,
         }
         rows.append(row)
         log(
             f"  {n} labels ({row['split']}): new type accepted {row['new_accepted_as_new']:.0%}, wrong accepts "
             f"{row['new_accepted_wrong']}, known coverage {row['known_coverage']:.3f}"
+            + (f" (new type left out: {row['pending']})" if "pending" in row else "")
         )
     return rows
 
@@ -107,19 +124,26 @@ def bench_labels(
     return out
 
 
+def _in_gate(row: dict[str, Any]) -> str:
+    if "pending" in row:
+        return "no: " + row["pending"]
+    return "yes, but no threshold meets the target" if row["gate_accepts_nothing"] else "yes"
+
+
 def print_labels(results: dict[str, Any]) -> None:
     print("| data set (new type) | labels | train / calib / held-out | new type accepted as it | wrong accepts "
-          "| new type flagged | known coverage | known accepted error |")  # fmt: skip
-    print("|" + " --- |" * 8)
+          "| new type flagged | known coverage | known accepted error | new type in the gate |")  # fmt: skip
+    print("|" + " --- |" * 9)
     for name, c in results["curves"].items():
         for r in c["rows"]:
             sp = r["split"]
             head = f"| {name} ({c['new']}) | {r['labels']} | {sp['train']} / {sp['calib']} / {sp['heldout']} "
             if "refused" in r:
-                print(head + f"| refused: {r['refused'][:80]} | | | | |")
+                print(head + f"| refused: {r['refused'][:80]} | | | | | |")
                 continue
             print(
                 head + f"| {r['new_accepted_as_new']:.3f} | {r['new_accepted_wrong']} | {r['new_flagged']:.3f} "
-                f"| {r['known_coverage']:.3f} | {r['known_accepted_error']:.4f} |"
+                f"| {r['known_coverage']:.3f} | {r['known_accepted_error']:.4f} "
+                f"| {_in_gate(r)} |"
             )
     print(json.dumps({"labels": results["curves"]}))

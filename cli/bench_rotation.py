@@ -21,22 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from bouncer.runtime import backends
-from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.fit import (
+from bouncer.fitting.corruptions import CORRUPTIONS, GARBAGE
+from bouncer.fitting.defects import synthesize
+from bouncer.fitting.fit import (
     SYNTHETIC_MAX,
     FeatureSet,
+    FitSettings,
     extract,
     fit_from_features,
     gate_inputs,
     to_features,
 )
-from bouncer.runtime.gates.replay import replay
-from bouncer.runtime.gates.select import auroc
+from bouncer.fitting.replay import replay
+from bouncer.fitting.select import auroc
+from bouncer.runtime import backends
+from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.images import image_folder
-from bouncer.runtime.sources import simulator
-from bouncer.runtime.sources.corruptions import CORRUPTIONS, GARBAGE
-from bouncer.runtime.sources.defects import synthesize
+from bouncer.sim import simulator
 
 # train, calibration, test of each known class: half calibrates, so a small line (588 good solar cells) still
 # has the 230 calibration frames a 99% guarantee at delta 0.1 needs
@@ -106,7 +107,7 @@ def build_cache(backend: backends.Backend, root: Path, foreign: Path | None, log
         ex = extract(backend, pp, ps, [-1] * len(ps), sources, alter=alter)
         kept = {str(p) for p in ex.paths}
         cs = [c for p, c in zip(ps, cs, strict=True) if str(p) in kept]
-        parts.append((to_features(ex, card.features, keys), kind, cs, ex.paths))
+        parts.append((to_features(ex, card.task_input, keys), kind, cs, ex.paths))
 
     log(f"{root.name}: backbone vectors of {len(paths)} images, their synthetic defects and corruptions")
     run("clean", paths, classes)
@@ -124,9 +125,9 @@ def build_cache(backend: backends.Backend, root: Path, foreign: Path | None, log
     fs = FeatureSet.concat([p[0] for p in parts])
     kind = np.array([k for p in parts for k in [p[1]] * len(p[0])])
     cls = np.array([c for p in parts for c in p[2]])
-    name = np.array([str(x) for p in parts for x in p[3]])
+    names = np.array([str(x) for p in parts for x in p[3]])
     block = np.array([_block(Path(x)) for p in parts for x in p[3]])
-    return Cache(fs, kind, cls, name, block)
+    return Cache(fs, kind, cls, names, block)
 
 
 def _split_of(block: np.ndarray, seed: int) -> np.ndarray:
@@ -183,9 +184,10 @@ def run_split(
     out: dict[str, Any] = {}
     for config, (heads, fusion) in CONFIGS.items():
         try:
+            settings = FitSettings(target_accuracy, heads=None if heads is None else tuple(heads), fusion=fusion)
             bundle = fit_from_features(
-                train, calib, list(known), card_hash, card_name, pp, target_accuracy, 0.1, 0.99, heads, "bench",
-                lambda m: None, fusion=fusion, pseudo=pseudo,
+                train, calib, list(known), settings, backbone_hash=card_hash, backbone_name=card_name,
+                preprocessing=pp, version="bench", log=lambda m: None, pseudo=pseudo,
             )  # fmt: skip
         except BouncerError as exc:  # fit refuses (too little calibration data): that is a result too
             out[config] = {"refused": str(exc)}

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bouncer.runtime.errors import BouncerError
-
-ACCEPT = "accept"
+from bouncer.runtime.gates.decision import VERDICTS, Verdict
 
 
 def free_port() -> int:
@@ -85,7 +84,7 @@ class Tally:
     total: int
     plan: list
     frames: int = 0
-    decisions: dict[str, int] = field(default_factory=lambda: {"accept": 0, "review": 0, "reject": 0})
+    decisions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     caught: dict[str, int] = field(default_factory=dict)  # incident -> frames from its start to the first catch
     silent: dict[str, int] = field(default_factory=dict)  # incident frames accepted
     false_flags: int = 0  # normal frames sent to review / reject
@@ -97,7 +96,7 @@ class Tally:
         self.frames += 1
         self.decisions[decision.decision] += 1
         truth = item.truth
-        flagged = decision.decision != ACCEPT
+        flagged = decision.decision != Verdict.ACCEPT
         if truth in (None, "light_bulb"):
             self.false_flags += flagged
             return
@@ -136,11 +135,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ) from None
 
     from bouncer.cli.main import default_model
-    from bouncer.devices.loop import Device
+    from bouncer.devices.loop import Device, RunSummary
+    from bouncer.fitting.fit import fit_gate
     from bouncer.runtime import backends, home
     from bouncer.runtime.config import Config, DeviceSection, DriftSection, GateSection, MqttSection, SourceSection
-    from bouncer.runtime.gates.fit import fit_gate
-    from bouncer.runtime.sources import incidents, simulator
+    from bouncer.sim import incidents, simulator
     from bouncer.station.config import HttpSection, StationConfig, StationSection
     from bouncer.station.service import Station
     from bouncer.station.web import create_app
@@ -195,7 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # 3. the simulated cameras, all at once
     plan = incidents.schedule(args.warmup, frames)
-    tallies, devices, threads, results = [], [], [], {}
+    tallies, devices, threads = [], [], []
+    results: dict[str, RunSummary | Exception] = {}
     for k in range(args.devices):
         dev_id = f"demo-cam-{k + 1}"
         cfg = Config(
@@ -248,8 +248,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"station: {counts['frames']} flagged frames stored of {flagged} sent, {counts['events']} events; "
         f"{sum(t.frames for t in tallies) / max(elapsed, 1e-9):.0f} frames/s over all cameras"
     )
-    for k, v in errors.items():
-        console.print(f"[red]{k} failed: {v}[/]")
+    for cam, why in errors.items():
+        console.print(f"[red]{cam} failed: {why}[/]")
     out = {
         "devices": [t.to_dict() for t in tallies],
         "incidents": [{"kind": p.kind, "start": p.start, "frames": p.length, "caught_by": p.catch} for p in plan],

@@ -13,6 +13,7 @@ from pathlib import Path
 from bouncer import __version__
 from bouncer.runtime import home
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.decision import VERDICTS, Verdict
 
 EXIT_USAGE = 2
 
@@ -85,6 +86,20 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_example(args: argparse.Namespace) -> int:
+    from bouncer.quantize.user_models import make_anomaly, make_classifier
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    make = make_classifier if args.kind == "classifier" else make_anomaly
+    made = make(args.train, args.out, seed=args.seed, log=say)
+    if args.tflite:
+        from bouncer.quantize.user_models import tflite_twin
+
+        made["tflite"] = str(tflite_twin(args.out, args.train, log=say))
+    print(json.dumps(made))
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     folder = home.models_dir()
     files = sorted(p for p in folder.glob("*") if p.suffix in (".onnx", ".tflite")) if folder.exists() else []
@@ -118,7 +133,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_backbone(args: argparse.Namespace) -> int:
-    from bouncer.runtime.benchmarks import bench_backbone
+    from bouncer.cli.bench_backbone import bench_backbone
 
     models = {
         "onnxruntime": {"fp32": default_model("onnxruntime", "fp32"), "int8": default_model("onnxruntime", "int8")},
@@ -155,7 +170,7 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")
     if args.rotation:
         from bouncer.cli.bench_rotation import bench_rotation, print_rotation
-        from bouncer.runtime.gates.fit import check_targets
+        from bouncer.fitting.fit import check_targets
 
         check_targets(args.target_accuracy, 0.1)
 
@@ -175,15 +190,29 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_user(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_user import bench_user, print_user
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    real = not args.simulator_only
+    tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile") if real else None
+    elpv = _shared_dataset(args.elpv, "elpv", "--elpv") if real else None
+    print_user(bench_user(args.model or default_model(), tile, elpv, args.work, args.seeds, say, args.part))
+    return 0
+
+
 def cmd_bench_labels(args: argparse.Namespace) -> int:
     from bouncer.cli.bench_labels import bench_labels, print_labels
-    from bouncer.runtime.gates.fit import check_targets
+    from bouncer.fitting.fit import check_targets
 
     check_targets(args.target_accuracy, 0.1)
 
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")
-    sets = {"magnetic-tile": tile} if tile is not None else {}
+    found = {
+        "magnetic-tile": _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile"),
+        "elpv": _shared_dataset(args.elpv, "elpv", "--elpv"),
+    }
+    sets = {k: v for k, v in found.items() if v is not None}
     results = bench_labels(args.model or default_model(), sets, args.work, say, args.target_accuracy, args.seed)
     print_labels(results)
     return 0
@@ -236,7 +265,7 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
 
 
 def cmd_sim_dataset(args: argparse.Namespace) -> int:
-    from bouncer.runtime.sources import simulator
+    from bouncer.sim import simulator
 
     parts = tuple(p for p in args.parts.split(",") if p) if args.parts else simulator.KNOWN_CLASSES
     unknown = [p for p in parts if p not in simulator.PARTS]
@@ -254,7 +283,7 @@ def cmd_sim_line(args: argparse.Namespace) -> int:
 
     import cv2
 
-    from bouncer.runtime.sources import incidents
+    from bouncer.sim import incidents
 
     frames = args.frames or incidents.frames_needed(args.warmup)
     if frames < 1 or args.warmup < 1:
@@ -292,8 +321,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 y = model.run(preprocess(read_bgr(path), model.card.preprocessing))
                 rec["ms"] = round((time.perf_counter() - t0) * 1e3, 2)
-                rec["feature_norm"] = round(float(np.linalg.norm(y[model.card.features])), 3)
-                if model.card.logits:
+                card = model.card
+                if card.features:
+                    rec["feature_norm"] = round(float(np.linalg.norm(y[card.features])), 3)
+                if card.task == "classifier":
+                    s = y[card.task_input][0]
+                    rec["top1"], rec["top1_score"] = card.classes[int(s.argmax())], round(float(s.max()), 4)
+                elif card.task == "anomaly":
+                    rec["pred_score"] = round(float(np.ravel(y[card.task_input])[0]), 4)
+                elif model.card.logits:
                     z = y[model.card.logits][0].astype(np.float64)
                     p = np.exp(z - z.max())
                     p /= p.sum()
@@ -314,20 +350,37 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_guard(gate: Path, model: Path | None, threads: int):
+def _load_guard(gate: Path, model: Path | None, threads: int, sidecar: Path | None = None):
     from bouncer.runtime import backends
+    from bouncer.runtime.backends.paired import PairedBackend
     from bouncer.runtime.gates.bundle import GateBundle
     from bouncer.runtime.gates.guard import Guard
 
     bundle = GateBundle.load(gate)  # validate the bundle before building any model
-    return Guard(bundle, backends.load(model or default_model(), threads))
+    backend = backends.load(model or default_model(), threads)
+    if bundle.sidecar is not None:
+        backend = PairedBackend(backend, backends.load(sidecar or default_model(), threads))
+    return Guard(bundle, backend)
+
+
+def _fit_backend(model: Path | None, sidecar: str | None, threads: int):
+    """The model to fit a gate on: a user's classifier or anomaly model gets Bouncer's backbone beside it (its
+    mid-level taps tell the unfamiliar apart where a fine-tuned embedding no longer does), unless --sidecar none."""
+    from bouncer.runtime import backends
+    from bouncer.runtime.backends.paired import PairedBackend
+
+    backend = backends.load(model or default_model(), threads)
+    if backend.card.task == "features" or sidecar == "none":
+        if sidecar not in (None, "none"):
+            raise BouncerError("--sidecar goes with a user's classifier or anomaly model (card task), not a backbone")
+        return backend
+    return PairedBackend(backend, backends.load(Path(sidecar) if sidecar else default_model(), threads))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from bouncer.runtime import backends
-    from bouncer.runtime.gates.fit import fit_gate
+    from bouncer.fitting.fit import fit_gate
 
-    backend = backends.load(args.model or default_model(), args.threads)
+    backend = _fit_backend(args.model, args.sidecar, args.threads)
     heads = tuple(h for h in args.heads.split(",") if h) if args.heads else None
     if args.fusion and not heads:
         raise BouncerError("--fusion goes with --heads (without them, fit chooses the fusion with the heads)")
@@ -343,26 +396,35 @@ def cmd_fit(args: argparse.Namespace) -> int:
         heads=heads,
         fusion=args.fusion,
         seed=args.seed,
+        false_alarm=args.false_alarm,
     )
     path = bundle.save(args.out)
     a, m = bundle.acceptance, bundle.fit_metrics
     print(f"gate {bundle.version} -> {path} ({path.stat().st_size / 1e6:.2f} MB), classes: {', '.join(bundle.classes)}")
-    print(
-        f"train accuracy {m['train_accuracy']:.4f}, calibration accuracy {m['calibration_accuracy']:.4f}, "
-        f"temperature {m['temperature']:.3f}, ECE {m['ece_before_scaling']:.4f} -> {m['ece_after_scaling']:.4f}"
-    )
+    if "anomaly" in m:
+        print(
+            f"anomaly score: {m['anomaly']['basis']}; observed on calibration: false alarms "
+            f"{m['anomaly']['observed_false_alarm']}, misses among accepted {m['anomaly']['observed_miss_rate']}"
+        )
+    else:
+        print(
+            f"train accuracy {m['train_accuracy']:.4f}, calibration accuracy {m['calibration_accuracy']:.4f}, "
+            f"temperature {m['temperature']:.3f}, ECE {m['ece_before_scaling']:.4f} -> {m['ece_after_scaling']:.4f}"
+        )
     print(
         f"OOD heads {', '.join(bundle.fusion.names)} (fusion {bundle.fusion.method}; "
-        f"{'chosen on held-out classes' if heads is None else 'named with --heads'}), "
+        f"{'chosen on held-out classes' if heads is None else 'named with --heads'}; reading "
+        f"{' and '.join(bundle.selection.get('reads', ['model']))}), "
         f"threshold {bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile})"
     )
+    bound = "not certified" if a.error_bound is None else f"{a.error_bound:.4f}"
     if a.threshold is None:
         print(f"acceptance: none (no threshold reaches accuracy {a.target_accuracy} at delta {a.delta})")
     else:
         print(
             f"acceptance: {'any confidence' if a.threshold == 0 else f'confidence >= {a.threshold:.6f}'}; "
             f"accuracy >= {a.target_accuracy} with probability >= "
-            f"{1 - a.delta:.2f}: error bound {a.error_bound:.4f} from {a.n_errors} errors in {a.n_accepted} accepted "
+            f"{1 - a.delta:.2f}: error bound {bound} from {a.n_errors} errors in {a.n_accepted} accepted "
             f"of {a.n_calibration} calibration frames (coverage {m['calibration_coverage']:.1%})"
         )
     return 0
@@ -370,10 +432,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from bouncer.runtime.errors import ImageError
-    from bouncer.runtime.gates.guard import unreadable
+    from bouncer.runtime.gates.decision import unreadable
     from bouncer.runtime.images import iter_image_paths, read_bgr
 
-    guard = _load_guard(args.gate, args.model, args.threads)
+    guard = _load_guard(args.gate, args.model, args.threads, args.sidecar)
     counts: dict[str, int] = {}
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     if args.explain:
@@ -385,7 +447,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 try:
                     frame = read_bgr(path)
                     decision, outputs, _ = guard.score_frame(frame)
-                    if args.explain and outputs is not None and decision.decision != "accept":
+                    if args.explain and outputs is not None and decision.decision != Verdict.ACCEPT:
                         overlay_path = _write_overlay(guard, frame, outputs, args.explain, path, n)
                 except ImageError as exc:
                     decision = unreadable(str(exc))
@@ -394,7 +456,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     rec["explain"] = overlay_path
                 out.write(json.dumps(rec) + "\n")
                 counts[decision.decision] = counts.get(decision.decision, 0) + 1
-    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("accept", "review", "reject"))
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in VERDICTS)
     print(f"{sum(counts.values())} images: {summary} -> {args.jsonl}")
     return 0
 
@@ -405,7 +467,7 @@ def _write_overlay(guard, frame, outputs, folder: Path, path: Path, n: int) -> s
 
     from bouncer.runtime.gates import explain
 
-    heat = explain.heatmap(guard.bundle, outputs)
+    heat = explain.heatmap(guard.bundle, outputs, anomaly_map=guard.backend.card.anomaly_map)
     if heat is None:
         return None
     out = folder / f"{n:02d}-{Path(path).stem}.explain.png"
@@ -415,9 +477,9 @@ def _write_overlay(guard, frame, outputs, folder: Path, path: Path, n: int) -> s
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bouncer.runtime.gates.evaluate import evaluate
+    from bouncer.fitting.evaluate import evaluate
 
-    guard = _load_guard(args.gate, args.model, args.threads)
+    guard = _load_guard(args.gate, args.model, args.threads, args.sidecar)
     report = evaluate(
         guard, args.known, args.unknown, args.foreign, corrupt=args.corrupt, out_dir=args.out, seed=args.seed
     )
@@ -461,6 +523,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "source.uri": args.source,
         "gate.bundle": args.gate,
         "gate.model": args.model,
+        "gate.sidecar": args.sidecar,
         "mqtt.broker": args.broker,
         "device.id": args.device_id,
         "device.data_dir": args.data_dir,
@@ -486,13 +549,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
-    from bouncer.runtime.datasets import split_dataset
+    from bouncer.fitting.datasets import split_dataset
 
     def names(v: str | None) -> list[str]:
         return [c for c in (v or "").split(",") if c]
 
     try:
-        fractions = tuple(float(x) for x in args.fractions.split(","))
+        a, b, c = (float(x) for x in args.fractions.split(","))
+        fractions = (a, b, c)
     except ValueError:
         raise BouncerError(f"--fractions: expected three numbers like 0.4,0.35,0.25, got {args.fractions!r}") from None
     counts = split_dataset(
@@ -544,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tflite", action="store_true", help="also make fp32 and int8 TFLite models (onnx2tf)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     add("list", cmd_models_list, "list cached models", msub)
+    ex = add("example", cmd_models_example, "make a model of the kind plants bring, to guard: a classifier trained "
+             "on the known classes, or a PaDiM-style anomaly model on good frames ([build] extra)", msub)  # fmt: skip
+    ex.add_argument("kind", choices=["classifier", "anomaly"])
+    ex.add_argument("--train", type=_existing_dir, required=True, help="classifier: one folder per class; "
+                    "anomaly: good frames")  # fmt: skip
+    ex.add_argument("--out", type=Path, required=True, help=".onnx file (its card is written beside it)")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--tflite", action="store_true", help="also its TFLite twin (fp32 and int8, through onnx2tf)")
 
     q = add("quantize", cmd_quantize, "make a static int8 ONNX model (QDQ, per-channel) and report its cost")
     q.add_argument("model", type=Path, help="fp32 .onnx model with a model card")
@@ -566,6 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--per-round", type=_positive_int, default=20)
     bb.add_argument("--no-litert", action="store_true", help="ONNX Runtime only")
 
+    bu = add("user-model", cmd_bench_user, "the guard around your own classifier and anomaly model vs the built-in "
+             "head: errors, coverage, unknowns, false alarms over seeded splits, cost", bsub)  # fmt: skip
+    bu.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (default: ../shared)")
+    bu.add_argument("--elpv", type=_existing_dir, help="the elpv solar-cell data set (default: ../shared)")
+    bu.add_argument("--model", type=Path, help="the sidecar backbone (default: cached int8 EfficientNet-Lite0)")
+    bu.add_argument("--work", type=Path, help="keep splits, models and features here (default: a temp folder)")
+    bu.add_argument("--seeds", type=_positive_int, default=20, help="anomaly: seeded calibration/test re-splits")
+    bu.add_argument("--simulator-only", action="store_true", help="leave the real data sets out (a quick run)")
+    bu.add_argument("--part", choices=["all", "classifier", "anomaly", "cost"], default="all")
     bg = add("gates", cmd_bench_gates, "fit and evaluate gates on the simulator and the magnetic-tile data", bsub)
     bg.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
     bg.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
@@ -582,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = add("labels", cmd_bench_labels, "labels a new defect type needs: accepted share after each retrain", bsub)
     bl.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
+    bl.add_argument("--elpv", type=_existing_dir, help="the elpv solar-cell data set (ImageFolder)")
     bl.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bl.add_argument("--work", type=Path, help="backbone vector cache (shared with bench gates --rotation)")
     bl.add_argument("--target-accuracy", type=float, default=0.99, help="the gates' target accuracy")
@@ -619,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--source", help="folder, video file, camera index, rtsp:// or http:// URL, or sim:SEED")
     r.add_argument("--gate", type=Path, help="gate bundle")
     r.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    r.add_argument("--sidecar", type=Path, help="the gate's sidecar backbone, if it has one (default: cached)")
     r.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     r.add_argument("--protocol", choices=["v5", "v311"], help="MQTT protocol version (default v5)")
     r.add_argument("--device-id", help="this device's id (topic segment)")
@@ -644,7 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--train", type=_existing_dir, required=True, help="one sub-folder of images per class")
     f.add_argument("--calib", type=_existing_dir, required=True, help="held-out images of the same classes")
     f.add_argument("--out", type=Path, required=True, help="bundle file to write")
-    f.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    f.add_argument("--model", type=Path, help="backbone, or your classifier/anomaly model with its card (default: "
+                   "cached int8 EfficientNet-Lite0)")  # fmt: skip
+    f.add_argument("--sidecar", help="with your own model: Bouncer's backbone beside it for OOD heads (default: "
+                   "the cached int8 EfficientNet-Lite0; 'none': heads on your model's own features only)")  # fmt: skip
+    f.add_argument("--false-alarm", type=float, default=0.01,
+                   help="anomaly models: good frames flagged at most this often (conformal)")  # fmt: skip
     f.add_argument("--target-accuracy", type=float, default=0.99, help="accuracy guaranteed on accepted frames")
     f.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability 1 - delta")
     f.add_argument("--ood-quantile", type=float, default=0.99, help="calibration quantile of the OOD threshold")
@@ -661,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = add("score", cmd_score, "apply a gate: one JSON line per image with decision, label, confidence, reasons")
     sc.add_argument("--gate", type=Path, required=True)
-    sc.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    sc.add_argument("--model", type=Path, help="the gate's model (default: cached int8 EfficientNet-Lite0)")
+    sc.add_argument("--sidecar", type=Path, help="the gate's sidecar backbone, if it has one (default: cached)")
     sc.add_argument("--jsonl", type=Path, required=True, help="output file, one JSON object per image")
     sc.add_argument("paths", nargs="+", help="image files or folders (recursive)")
     sc.add_argument("--explain", type=Path, help="write heatmap overlays of flagged frames into this folder")
@@ -669,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = add("eval", cmd_eval, "measure a gate on clean, unknown, foreign, corrupted and garbage frames")
     ev.add_argument("--gate", type=Path, required=True)
-    ev.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    ev.add_argument("--model", type=Path, help="the gate's model (default: cached int8 EfficientNet-Lite0)")
+    ev.add_argument("--sidecar", type=Path, help="the gate's sidecar backbone, if it has one (default: cached)")
     ev.add_argument("--known", type=_existing_dir, required=True, help="labelled test frames of the gate's classes")
     ev.add_argument("--unknown", type=_existing_dir, action="append", default=[], help="defect types never fitted")
     ev.add_argument("--foreign", type=_existing_dir, action="append", default=[], help="foreign objects / photos")

@@ -45,8 +45,12 @@ def cmd_station_init(args: argparse.Namespace) -> int:
     from bouncer.runtime.gates.bundle import GateBundle
 
     station = _station(args.config, args.data_dir)
-    GateBundle.load(args.gate)  # a broken bundle is reported before any model is loaded or built
+    bundle = GateBundle.load(args.gate)  # a broken bundle is reported before any model is loaded or built
     backend = backends.load(args.model or default_model(), threads=args.threads)
+    if bundle.sidecar is not None:  # a gate around the user's model: its sidecar backbone beside it
+        from bouncer.runtime.backends.paired import PairedBackend
+
+        backend = PairedBackend(backend, backends.load(args.sidecar or default_model(), threads=args.threads))
     out = station.init(args.gate, backend, args.train, args.calib, args.group)
     print(
         f"station ready in {station.root}, group {out['group']}: {out['train']} training and {out['calib']} "
@@ -143,7 +147,8 @@ def add_station(sub, add, existing_dir) -> None:
     i.add_argument("--gate", type=Path, required=True, help="the gate bundle devices start with")
     i.add_argument("--train", type=existing_dir, required=True, help="the gate's training folder")
     i.add_argument("--calib", type=existing_dir, required=True, help="the gate's calibration folder")
-    i.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    i.add_argument("--model", type=Path, help="the gate's model (default: cached int8 EfficientNet-Lite0)")
+    i.add_argument("--sidecar", type=Path, help="the gate's sidecar backbone, if it has one (default: cached)")
     i.add_argument("--threads", type=int, default=2)
     i.add_argument("--group", help="the group this gate is for (default: the first of station.groups)")
     r = add("retrain", cmd_station_retrain, "refit the gate with the labels; publish if not worse", ssub)

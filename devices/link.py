@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import paho.mqtt.client as mqtt
 
@@ -31,7 +31,7 @@ class MqttLink:
         device: str,
         outbox: Outbox,
         on_command: Callable[[bytes], None] | None = None,
-        subscriptions: dict[str, Callable[[bytes], None]] | None = None,
+        subscriptions: Mapping[str, Callable[[bytes], None]] | None = None,
     ) -> None:
         self.device, self.outbox, self.cfg = device, outbox, cfg
         self.on_command = on_command

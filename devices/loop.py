@@ -18,14 +18,18 @@ import cv2
 import numpy as np
 
 from bouncer.devices import profiles
+from bouncer.devices.gate_life import GateLife
 from bouncer.devices.metrics import DeviceMetrics
+from bouncer.devices.ota import GateSlots, OtaUpdater, Trial
 from bouncer.runtime import backends, home, schemas
+from bouncer.runtime.backends.paired import PairedBackend
 from bouncer.runtime.config import Config
 from bouncer.runtime.drift import DriftMonitor
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates import explain
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.guard import ACCEPT, Decision, Guard, unreadable
+from bouncer.runtime.gates.decision import VERDICTS, Decision, Verdict, unreadable
+from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.gates.heads import frame_vectors
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.sources.streams import FrameItem, open_source
@@ -37,7 +41,7 @@ ID_NAMESPACE = uuid.UUID("6f1c2f4e-3b1a-4c55-9d0e-6a8f1f0b7c21")
 @dataclass
 class RunSummary:
     frames: int = 0
-    decisions: dict[str, int] = field(default_factory=lambda: {"accept": 0, "review": 0, "reject": 0})
+    decisions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     accepted: dict[str, int] = field(default_factory=dict)  # accepted frames by class
     skipped_done: int = 0
     events: int = 0
@@ -94,13 +98,10 @@ class Device:
         profile = profiles.detect() if cfg.device.profile == "auto" else profiles.get(cfg.device.profile)
         self.profile = profile
         data = Path(cfg.device.data_dir)
-        self.ota = None
-        self.serial = 0
+        serial = 0
         if cfg.ota.url:
-            from bouncer.devices.ota import GateSlots
-
             # a committed over-the-air gate wins over the configured one (see devices/ota.py)
-            bundle, self.serial = GateSlots(data / "gates").boot(Path(cfg.gate.bundle))
+            bundle, serial = GateSlots(data / "gates").boot(Path(cfg.gate.bundle))
         else:
             bundle = GateBundle.load(Path(cfg.gate.bundle))
         if cfg.gate.model:
@@ -108,7 +109,11 @@ class Device:
         else:  # the profile's runtime picks the cached backbone (LiteRT on a Raspberry Pi)
             model = home.cached_model("litert" if profile.runtime == "litert" else "onnxruntime")
         backend = backends.load(model, profile.threads, list(profile.providers) or None)
-        self.guard = Guard(bundle, backend)
+        if bundle.sidecar is not None:  # a gate around the user's model reads Bouncer's backbone beside it
+            side = Path(cfg.gate.sidecar) if cfg.gate.sidecar else home.cached_model(
+                "litert" if profile.runtime == "litert" else "onnxruntime")  # fmt: skip
+            backend = PairedBackend(backend, backends.load(side, profile.threads, list(profile.providers) or None))
+        guard = Guard(bundle, backend)
         self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="bouncer-explain")
         self.metrics = DeviceMetrics()
@@ -116,28 +121,18 @@ class Device:
         self._guard_timer = self.metrics.stage.labels("guard")
         self._outbox_timer = self.metrics.stage.labels("outbox")
         self._decision_counters: dict[tuple[str, str], Any] = {}
-        self._show_gate(bundle)
+        self.gates = GateLife(guard, serial, self._show_gate, self.emit_event)
         ref = bundle.fit_metrics.get("drift_reference", {})
         d = cfg.drift
         self.drift = DriftMonitor(ref, warmup=d.warmup, k=d.k, h=d.h, rate_h=d.rate_h)
         self.link = None
         self.paused = threading.Event()
-        self._candidate = None  # a new gate waiting for the next frame boundary
-        self.trial = None
-        self.flag_rate = None
+        self.ota: OtaUpdater | None = None
         if cfg.ota.url:
-            from bouncer.devices.ota import FlagRate, OtaUpdater
-
-            self.flag_rate = FlagRate()
-            self.ota = OtaUpdater(
-                cfg.ota,
-                data,
-                lambda: (self.guard, self.serial),
-                self._offer,
-                self.emit_event,
-                self.flag_rate.rate,
-                group=cfg.device.group,
-            )
+            g = self.gates
+            self.ota = OtaUpdater(cfg.ota, data, g.serving, g.offer, self.emit_event, g.flag_rate.rate,
+                                  group=cfg.device.group)  # fmt: skip
+            g.attach(self.ota)
         if cfg.mqtt.broker:
             from bouncer.devices.link import MqttLink
 
@@ -164,30 +159,17 @@ class Device:
         self.metrics.gate.clear()
         self.metrics.gate.labels(bundle.version, bundle.backbone_hash[:12]).set(1)
 
-    def _offer(self, candidate) -> None:
-        self._candidate = candidate  # one reference, picked up between two frames
+    @property
+    def guard(self) -> Guard:
+        return self.gates.guard
 
-    def _swap_gates(self) -> None:
-        """Between frames: put a warmed candidate in, or judge the running trial."""
-        from bouncer.devices.ota import Trial
+    @property
+    def serial(self) -> int:
+        return self.gates.serial
 
-        cand, self._candidate = self._candidate, None
-        if cand is not None:
-            self.trial = Trial(cand, self.guard, self.serial)
-            old = self.guard.bundle.version
-            self.guard, self.serial = cand.guard, cand.serial
-            self._show_gate(cand.guard.bundle)
-            self.emit_event("gate_swap", version=cand.version, serial=cand.serial, previous=old)
-        if self.trial is None or self.ota is None:
-            return
-        verdict = self.ota.judge(self.trial)
-        if verdict is None:
-            return
-        trial, self.trial = self.trial, None
-        if verdict != "commit":
-            self.guard, self.serial = trial.old, trial.old_serial
-            self._show_gate(trial.old.bundle)
-        self.ota.finish(trial, verdict)
+    @property
+    def trial(self) -> Trial | None:
+        return self.gates.trial
 
     # ---- messages ---------------------------------------------------------------------------------
 
@@ -285,7 +267,7 @@ class Device:
             b = self.guard.bundle
             msg.features = frame_vectors(self.guard.backend.card, outputs)
             if self.cfg.outbox.explain:
-                h = explain.heatmap(b, outputs)
+                h = explain.heatmap(b, outputs, msg.features, self.guard.backend.card.anomaly_map)
                 msg.heatmap = None if h is None else explain.heatmap_png(h)
         return msg.encode_head()
 
@@ -305,24 +287,12 @@ class Device:
             decision, outputs, grey = self.guard.score_frame(item.frame, prev)
         spent = time.perf_counter() - t0
         self._guard_timer.observe(spent)
-        if self.ota is not None:
-            flagged = decision.decision != ACCEPT
-            self.flag_rate.add(flagged)
-            if self.trial is not None:
-                self.trial.frames += 1
-                self.trial.flagged += flagged
-                self.trial.seconds += spent
-                # the old gate on the same frame (no backbone run: a frame the new gate rejected before it
-                # counts as flagged by both)
-                old = self.trial.old.decide_outputs(decision.quality, outputs) if outputs is not None else decision
-                self.trial.old_flagged += old.decision != ACCEPT
-            elif item.frame is not None:
-                self.ota.canary.offer(item.frame, decision.decision)
+        self.gates.observe(item.frame, decision, outputs, spent)
         self.summary.frames += 1
         self.summary.decisions[decision.decision] += 1
         if self.observer is not None:
             self.observer.frame(item, decision)
-        if decision.decision == ACCEPT and decision.label is not None:
+        if decision.decision == Verdict.ACCEPT and decision.label is not None:
             self.summary.accepted[decision.label] = self.summary.accepted.get(decision.label, 0) + 1
         m.frames.inc()
         for reason in decision.reasons or ["-"]:
@@ -334,8 +304,10 @@ class Device:
         for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision, decision.label):
             m.drift.labels(ev["signal"]).set(1)
             self.emit_event(ev.pop("event"), **ev)
-        audit = decision.decision == ACCEPT and self._audit_rate > 0 and self._audit_rng.random() < self._audit_rate
-        if decision.decision != ACCEPT or audit:
+        audit = (
+            decision.decision == Verdict.ACCEPT and self._audit_rate > 0 and self._audit_rng.random() < self._audit_rate
+        )
+        if decision.decision != Verdict.ACCEPT or audit:
             t1 = time.perf_counter()
             self.flag(item, decision, outputs, finite, audit)
             self._outbox_timer.observe(time.perf_counter() - t1)
@@ -379,8 +351,7 @@ class Device:
                     self.summary.skipped_done += 1
                     continue
                 t0 = time.monotonic()
-                if self._candidate is not None or self.trial is not None:
-                    self._swap_gates()
+                self.gates.between_frames()
                 prev = self.process(item, prev if self.source.stream else None, finite)
                 if finite:
                     self.outbox.mark_done(self.source.uri, item.key)

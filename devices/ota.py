@@ -30,7 +30,8 @@ import numpy as np
 from bouncer.runtime.config import OtaSection
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.guard import ACCEPT, Guard
+from bouncer.runtime.gates.decision import Verdict
+from bouncer.runtime.gates.guard import Guard
 
 log = logging.getLogger("bouncer.ota")
 TARGET = "gates/{group}.bouncer"  # the station's naming (station/tufrepo.py)
@@ -115,7 +116,7 @@ class Canary:
         self._next = len(list(self.root.glob("*.jpg"))) % max(size, 1)
 
     def offer(self, frame: np.ndarray, decision: str) -> None:
-        if decision != ACCEPT or not self.size:
+        if decision != Verdict.ACCEPT or not self.size:
             return
         self._seen += 1
         if self._seen % self.every:
@@ -150,6 +151,15 @@ class Candidate:
     path: Path
     allowance_rate: float
     latency_limit_s: float
+
+
+@dataclass(frozen=True)
+class TrialVerdict:
+    commit: bool
+    reason: str = ""  # why it was rolled back
+
+
+COMMIT = TrialVerdict(True)
 
 
 @dataclass
@@ -332,7 +342,7 @@ class OtaUpdater:
             t0 = time.perf_counter()
             d, _, _ = new.score_frame(f)
             times_new.append(time.perf_counter() - t0)
-            flagged += d.decision != ACCEPT
+            flagged += d.decision != Verdict.ACCEPT
             t0 = time.perf_counter()
             old.score_frame(f)
             times_old.append(time.perf_counter() - t0)
@@ -358,8 +368,8 @@ class OtaUpdater:
 
     # ---- trial (called by the frame loop) --------------------------------------------------------
 
-    def judge(self, trial: Trial) -> str | None:
-        """None while the trial runs; else "commit" or a rollback reason."""
+    def judge(self, trial: Trial) -> TrialVerdict | None:
+        """None while the trial runs; else commit, or roll back with the reason."""
         if trial.frames < self.cfg.trial_frames:
             return None
         if trial.frames:
@@ -369,20 +379,23 @@ class OtaUpdater:
             base = max(trial.candidate.allowance_rate, trial.old_flagged / trial.frames)
             allow = flag_allowance(base, trial.frames)
             if rate > allow:
-                return f"trial: flagged {rate:.0%} of {trial.frames} live frames (allowed {allow:.0%})"
+                return TrialVerdict(
+                    False, f"trial: flagged {rate:.0%} of {trial.frames} live frames (allowed {allow:.0%})"
+                )
             per_frame = trial.seconds / trial.frames
-            if per_frame > trial.candidate.latency_limit_s:
-                return f"trial: {per_frame * 1e3:.1f} ms per frame (limit {trial.candidate.latency_limit_s * 1e3:.1f})"
-        return "commit"
+            limit = trial.candidate.latency_limit_s
+            if per_frame > limit:
+                return TrialVerdict(False, f"trial: {per_frame * 1e3:.1f} ms per frame (limit {limit * 1e3:.1f})")
+        return COMMIT
 
-    def finish(self, trial: Trial, verdict: str) -> None:
+    def finish(self, trial: Trial, verdict: TrialVerdict) -> None:
         c = trial.candidate
-        if verdict == "commit":
+        if verdict.commit:
             self.slots.commit(c.path, c.serial, c.version)
             self.emit("gate_commit", serial=c.serial, version=c.version, trial_frames=trial.frames)
         else:
             self.slots.refuse(c.serial)
-            self.emit("gate_rollback", stage="trial", reason=verdict, serial=c.serial, version=c.version,
+            self.emit("gate_rollback", stage="trial", reason=verdict.reason, serial=c.serial, version=c.version,
                       restored=trial.old.bundle.version)  # fmt: skip
         c.path.unlink(missing_ok=True)
         self._busy.clear()

@@ -12,7 +12,7 @@ from bouncer.runtime.modelcard import CARD_KEY, ModelCard
 from bouncer.runtime.preprocess import Preprocessing
 
 # Block indices of EfficientNet-Lite0 that end each of its seven stages, pooled into one vector each, so
-# head selection (gates/select.py) always has low, mid and high-level taps to choose from. Names say the
+# head selection (fitting/select.py) always has low, mid and high-level taps to choose from. Names say the
 # stride; where two stages share a stride, `a` is the earlier and `b` the later one: stride 2 (16 ch),
 # 4 (24), 8 (40), 16 (80, then 112), 32 (192, then 320). Measured against the three taps this model had
 # (int8 with s8 activations, AVX2 without VNNI, interleaved A/B): +10% per call on one thread, +23% on two,

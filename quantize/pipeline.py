@@ -13,7 +13,7 @@ from bouncer.quantize.report import compare, quantization_report, run_all
 from bouncer.runtime import backends, home
 from bouncer.runtime.backends.base import check_model_file
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 def sibling(model: Path, tag: str, suffix: str) -> Path:

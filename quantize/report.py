@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def quantization_report(pairs: dict[str, tuple[Path, Path]], held_out: list[np.n
         fp32 = backends.load(fp32_path, threads)
         int8 = backends.load(int8_path, threads)
         x = held_out[0]
-        lat = interleaved_latency_ms({"fp32": lambda m=fp32, x=x: m.run(x), "int8": lambda m=int8, x=x: m.run(x)})
-        entry = {
+        lat = interleaved_latency_ms({"fp32": partial(fp32.run, x), "int8": partial(int8.run, x)})
+        entry: dict[str, Any] = {
             "fp32_mb": round(fp32_path.stat().st_size / 1e6, 2),
             "int8_mb": round(int8_path.stat().st_size / 1e6, 2),
             "fp32_ms": percentiles(lat["fp32"]),

@@ -21,7 +21,7 @@ import numpy as np
 
 from bouncer.runtime.backends.litert import interpreter_class
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.modelcard import ModelCard, write_sidecar
+from bouncer.runtime.modelcard import ModelCard, write_card_file
 
 SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
@@ -57,7 +57,7 @@ def map_outputs(tflite: Path, reference: dict[str, np.ndarray], sample: np.ndarr
         if d["dtype"] != np.float32 and d["quantization"][0]:
             y = (y - d["quantization"][1]) * d["quantization"][0]
         got[d["name"]] = y.transpose(0, 3, 1, 2) if y.ndim == 4 else y
-    mapping = {}
+    mapping: dict[str, str] = {}
     for name, ref in reference.items():
         candidates = [(t, _cos(ref, y)) for t, y in got.items() if y.shape == ref.shape and t not in mapping.values()]
         if not candidates:
@@ -136,6 +136,6 @@ def convert_tflite(
             c = replace(
                 card, name=f"{card.name}-tflite-{kind}", model_hash="", tensors=map_outputs(dst, reference, sample)
             )
-            write_sidecar(dst, c)
+            write_card_file(dst, c)
             cards.append(c)
     return cards

@@ -1,4 +1,4 @@
-"""Device configuration: one TOML file, validated into dataclasses; every error names its key.
+"""Device configuration: one TOML file, converted into dataclasses by msgspec; every error names its key.
 
 Secrets never live in the file: `mqtt.password_env` names the environment variable that holds the
 password. Command-line flags override file values (see `bouncer run --help`).
@@ -7,12 +7,14 @@ password. Command-line flags override file values (see `bouncer run --help`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from bouncer.runtime.errors import BouncerError
 
@@ -37,6 +39,7 @@ class SourceSection:
 class GateSection:
     bundle: str = ""
     model: str = ""  # empty: the cached int8 backbone
+    sidecar: str = ""  # a gate around your own model reads Bouncer's backbone beside it; empty: the cached one
 
 
 @dataclass
@@ -144,41 +147,29 @@ class Config:
         return self
 
 
-def _section(cls: type, data: Any, where: str) -> Any:
+def _check_keys(cls: type, data: Any, where: str) -> None:
+    """Unknown keys are errors (a typo must not silently fall back to a default): msgspec ignores them in
+    dataclasses, so they are looked for here; the types are msgspec's job."""
     if not isinstance(data, dict):
-        raise BouncerError(f"{where}: expected a table")
+        raise BouncerError(f"{where or 'config'}: expected a table")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise BouncerError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
-    values = {}
     for name, value in data.items():
-        want = hints[name]
         key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(want):
-            values[name] = _section(want, value, key)
-            continue
-        if typing.get_origin(want) is list:  # list[str] and the like: a TOML array of one type
-            (item,) = typing.get_args(want)
-            if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
-                raise BouncerError(f"{key}: expected a list of {item.__name__}")
-            values[name] = list(value)
-            continue
-        ok = (
-            isinstance(value, want)
-            if not isinstance(want, types.UnionType)
-            else isinstance(value, typing.get_args(want))
-        )
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if isinstance(value, bool) and want is not bool:
-            ok = False
-        if not ok:
-            raise BouncerError(f"{key}: expected {getattr(want, '__name__', want)}, got {type(value).__name__}")
-        values[name] = value
-    return cls(**values)
+        if name not in hints or name.startswith("_"):
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            raise BouncerError(f"{key}: unknown key (known: {known})")
+        want = hints[name]
+        if isinstance(want, type) and dataclasses.is_dataclass(want):
+            _check_keys(want, value, key)
+
+
+def _convert(root: type, data: dict[str, Any]) -> Any:
+    _check_keys(root, data, "")
+    try:
+        return msgspec.convert(data, type=root)
+    except msgspec.ValidationError as exc:  # "Expected `float`, got `str` - at `$.outbox.max_mb`"
+        found = re.fullmatch(r"(.*) - at `\$\.(.+)`", str(exc))
+        raise BouncerError(f"{found[2]}: {found[1]}" if found else f"config: {exc}") from None
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None, root: type = Config) -> Any:
@@ -198,4 +189,4 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None, root
             continue
         section, key = dotted.split(".")
         data.setdefault(section, {})[key] = value
-    return _section(root, data, "").validate()
+    return _convert(root, data).validate()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bouncer.runtime.gates.decision import Verdict
 from bouncer.runtime.gates.risk import clopper_pearson_upper
 
 CONTINUOUS = ("brightness", "sharpness", "ood_score")
@@ -141,11 +142,12 @@ class DriftMonitor:
         self, reference: dict[str, float], warmup: int = 500, k: float = 0.5, h: float = 20.0, rate_h: float = 14.0
     ) -> None:
         """reference: calibration spreads {"brightness": std, "sharpness": std of log, "ood_score": spread}."""
-        self.signals: dict[str, _Cusum | _ClassCentred] = {
+        cusums = {
             name: _Cusum(floor=0.1 * float(reference.get(name, 0.0)), k=k, h=h, warmup=warmup) for name in CONTINUOUS
         }
-        for name in CLASS_CENTRED:
-            self.signals[name] = _ClassCentred(self.signals[name])
+        self.signals: dict[str, _Cusum | _ClassCentred] = {
+            name: _ClassCentred(c) if name in CLASS_CENTRED else c for name, c in cusums.items()
+        }
         # (signal, the decision it counts, its test)
         self.rates = [(name, name.split("_")[0], _RateCusum(warmup=max(warmup, 1000), h=rate_h)) for name in RATES]
         self.state: dict[str, str] = {}
@@ -161,12 +163,12 @@ class DriftMonitor:
         }
         events = []
         for name, test in self.signals.items():
-            if decision == "reject":
+            if decision == Verdict.REJECT:
                 # a frame the quality gate rejected is a visible, single-frame failure, already reported;
                 # the continuous signals follow the frames the line is really producing
                 break
             if isinstance(test, _ClassCentred):
-                if decision != "accept":
+                if decision != Verdict.ACCEPT:
                     continue  # the predicted class of a flagged frame is not to be trusted
                 baseline = test.baseline(label)
                 direction = test.update(values[name], label)
@@ -184,8 +186,8 @@ class DriftMonitor:
                         "value": round(values[name], 4),
                     }
                 )
-        for name, counted, test in self.rates:
-            if test.update(decision == counted):
+        for name, counted, rate in self.rates:
+            if rate.update(decision == counted):
                 self.state[name] = "up"
-                events.append({"event": "drift", "signal": name, "direction": "up", "baseline_rate": test.p0})
+                events.append({"event": "drift", "signal": name, "direction": "up", "baseline_rate": rate.p0})
         return events

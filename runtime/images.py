@@ -55,7 +55,7 @@ def to_bgr(img: np.ndarray, name: str = "frame") -> np.ndarray:
 
 def walk_images(root: Path) -> list[Path]:
     """Image files under a folder, following symlinked folders (data sets are often linked in)."""
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         found.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_SUFFIXES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -22,12 +23,12 @@ def broker_address(broker: str) -> tuple[str, int, bool]:
     return url.hostname, url.port or (8883 if tls else 1883), tls
 
 
-def new_client(cfg: MqttSection, client_id: str, **kwargs: object) -> tuple[mqtt.Client, str, int]:
+def new_client(cfg: MqttSection, client_id: str, **kwargs: Any) -> tuple[mqtt.Client, str, int]:
     """A paho client for `cfg` (protocol, credentials, TLS), and the host and port to connect it to."""
     host, port, tls = broker_address(cfg.broker)
     protocol = mqtt.MQTTv5 if cfg.protocol == "v5" else mqtt.MQTTv311
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
-    client.reconnect_delay_set(0.2, 5)
+    client.reconnect_delay_set(0.2, 5)  # type: ignore[arg-type]  # paho sleeps on floats; its hint says int
     if cfg.username:
         client.username_pw_set(cfg.username, os.environ.get(cfg.password_env))
     if tls:

@@ -1,8 +1,10 @@
 """The wire: MQTT topics and JSON payloads shared by devices and the station. Defined once, here.
 
 Version 1. Every payload is a JSON object with `"v": 1`; binary parts (JPEG, fp16 features) are base64.
-Parsers validate type by type and raise SchemaError naming the field: a malformed message is an error
-to report, never a crash.
+Each message's fields are a msgspec Struct below (the `*Wire` classes): parsing converts to it and raises
+SchemaError naming the field's path, and docs/schemas/*.json are generated from the same Structs
+(`json_schemas`; tests/test_drift_config_schemas.py checks they are current). A malformed message is an
+error to report, never a crash.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
+
+from bouncer.runtime.gates.decision import Verdict
 
 VERSION = 1
 PREFIX = f"bouncer/v{VERSION}"
@@ -63,17 +68,108 @@ def decode(payload: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def _get(obj: dict, key: str, kind: type | tuple[type, ...], what: str, optional: bool = False) -> Any:
-    if key not in obj or obj[key] is None:
-        if optional:
-            return None
-        raise SchemaError(f"{what}: missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or (
-        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
-    ):
-        raise SchemaError(f"{what}: field {key!r} has the wrong type ({type(value).__name__})")
-    return value
+DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern, description="A-Z a-z 0-9 _ . -, 1-64")]
+Number = Annotated[float, msgspec.Meta(description="a JSON number")]
+
+
+class FeatureWire(msgspec.Struct, forbid_unknown_fields=True):
+    """One named vector: its shape and its float16 bytes (base64)."""
+
+    shape: list[int]
+    fp16: bytes
+
+
+class FrameWire(msgspec.Struct, kw_only=True):
+    """A flagged frame (`bouncer/v1/<device>/frames`): docs/mqtt.md explains each field."""
+
+    v: Literal[1]
+    id: str
+    device: DeviceId
+    ts: Number
+    source: str | None = None
+    decision: Verdict
+    label: str | None = None
+    confidence: Number | None = None
+    ood_score: Number | None = None
+    reasons: list[str]
+    details: list[dict[str, Any]]
+    quality: dict[str, Number]
+    gate_version: str
+    backbone_hash: str
+    jpeg: bytes
+    features: dict[str, FeatureWire]
+    group: str | None = None  # null or missing: "default"
+    heatmap: bytes | None = None
+    audit: bool = False
+
+
+class StatusWire(msgspec.Struct, kw_only=True):
+    """Retained per-device status (`status`); more fields may follow."""
+
+    v: Literal[1]
+    device: DeviceId
+    ts: Number
+    state: Literal["online", "offline"]
+
+
+class EventWire(msgspec.Struct, kw_only=True):
+    """An event (`events`); the fields each kind adds are in docs/mqtt.md."""
+
+    v: Literal[1]
+    id: str
+    device: DeviceId
+    ts: Number
+    event: str
+
+
+class StatsWire(msgspec.Struct, kw_only=True):
+    """Periodic device statistics (`stats`); more fields may follow."""
+
+    v: Literal[1]
+    device: DeviceId
+    frames: int
+
+
+class CommandWire(msgspec.Struct, kw_only=True):
+    """A command to a device (`cmd`)."""
+
+    v: Literal[1]
+    id: str
+    command: Literal["ping", "stats", "pause", "resume"]
+    args: dict[str, Any] | None = None
+
+
+class GateAnnouncementWire(msgspec.Struct, kw_only=True):
+    """The retained announcement of a group's current gate (`bouncer/v1/gates/<group>`)."""
+
+    v: Literal[1]
+    group: str
+    version: str
+    serial: int
+    backbone_hash: str
+    ts: Number | None = None
+
+
+WIRE = {
+    "frame": FrameWire,
+    "status": StatusWire,
+    "event": EventWire,
+    "stats": StatsWire,
+    "command": CommandWire,
+    "gate_announcement": GateAnnouncementWire,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of each message, from the Structs the parsers use (written to docs/schemas/)."""
+    return {name: msgspec.json.schema(t) for name, t in WIRE.items()}
+
+
+def _convert(obj: dict[str, Any], kind: type[Any], what: str) -> Any:
+    try:
+        return msgspec.convert(obj, type=kind)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(f"{what}: {exc}") from None
 
 
 def features_to_wire(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -82,18 +178,6 @@ def features_to_wire(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]
     for name, a in arrays.items():
         h = np.ascontiguousarray(a, np.float16)
         out[name] = {"shape": list(h.shape), "fp16": base64.b64encode(h.tobytes()).decode()}
-    return out
-
-
-def features_from_wire(obj: dict[str, Any], what: str) -> dict[str, np.ndarray]:
-    out = {}
-    for name, f in obj.items():
-        try:
-            shape = tuple(int(s) for s in f["shape"])
-            data = np.frombuffer(base64.b64decode(f["fp16"], validate=True), np.float16)
-            out[name] = data.reshape(shape).astype(np.float32)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SchemaError(f"{what}: feature {name!r} malformed ({exc})") from None
     return out
 
 
@@ -156,36 +240,20 @@ class FrameMessage:
     @classmethod
     def decode(cls, payload: bytes) -> FrameMessage:
         what = "frame message"
-        o = decode(payload, what)
-        decision = _get(o, "decision", str, what)
-        if decision not in ("accept", "review", "reject"):
-            raise SchemaError(f"{what}: decision {decision!r} is not accept, review or reject")
-        try:
-            jpeg = base64.b64decode(_get(o, "jpeg", str, what), validate=True)
-            heat = _get(o, "heatmap", str, what, optional=True)
-            heatmap = None if heat is None else base64.b64decode(heat, validate=True)
-        except ValueError:
-            raise SchemaError(f"{what}: field 'jpeg' or 'heatmap' is not base64") from None
+        w: FrameWire = _convert(decode(payload, what), FrameWire, what)
+        check_device_id(w.device)
+        features = {}
+        for name, f in w.features.items():
+            try:
+                features[name] = np.frombuffer(f.fp16, np.float16).reshape(tuple(f.shape)).astype(np.float32)
+            except ValueError as exc:
+                raise SchemaError(f"{what}: feature {name!r} malformed ({exc})") from None
         return cls(
-            id=_get(o, "id", str, what),
-            device=check_device_id(_get(o, "device", str, what)),
-            ts=float(_get(o, "ts", (int, float), what)),
-            source=_get(o, "source", str, what, optional=True),
-            decision=decision,
-            label=_get(o, "label", str, what, optional=True),
-            confidence=_get(o, "confidence", (int, float), what, optional=True),
-            ood_score=_get(o, "ood_score", (int, float), what, optional=True),
-            reasons=[str(r) for r in _get(o, "reasons", list, what)],
-            details=list(_get(o, "details", list, what)),
-            quality=dict(_get(o, "quality", dict, what)),
-            gate_version=_get(o, "gate_version", str, what),
-            backbone_hash=_get(o, "backbone_hash", str, what),
-            jpeg=jpeg,
-            features=features_from_wire(_get(o, "features", dict, what), what),
-            group=_group(_get(o, "group", str, what, optional=True) or "default", what),
-            heatmap=heatmap,
-            audit=bool(_get(o, "audit", bool, what, optional=True)),
-        )
+            id=w.id, device=w.device, ts=float(w.ts), source=w.source, decision=w.decision, label=w.label,
+            confidence=w.confidence, ood_score=w.ood_score, reasons=w.reasons, details=w.details,
+            quality=w.quality, gate_version=w.gate_version, backbone_hash=w.backbone_hash, jpeg=w.jpeg,
+            features=features, group=_group(w.group or "default", what), heatmap=w.heatmap, audit=w.audit,
+        )  # fmt: skip
 
 
 def _group(group: str, what: str) -> str:
@@ -204,9 +272,6 @@ def status(device: str, state: str, **fields: Any) -> bytes:
     return encode({"device": device, "ts": time.time(), "state": state, **fields})
 
 
-COMMANDS = {"ping", "stats", "pause", "resume"}
-
-
 @dataclass
 class Command:
     id: str
@@ -216,13 +281,8 @@ class Command:
     @classmethod
     def decode(cls, payload: bytes) -> Command:
         what = "command"
-        o = decode(payload, what)
-        name = _get(o, "command", str, what)
-        if name not in COMMANDS:
-            raise SchemaError(f"{what}: unknown command {name!r} (known: {', '.join(sorted(COMMANDS))})")
-        return cls(
-            id=_get(o, "id", str, what), command=name, args=dict(_get(o, "args", dict, what, optional=True) or {})
-        )
+        w: CommandWire = _convert(decode(payload, what), CommandWire, what)
+        return cls(id=w.id, command=w.command, args=dict(w.args or {}))
 
 
 # ---- parsing what arrives (the station side) -----------------------------------------------------
@@ -240,26 +300,19 @@ def parse_topic(name: str) -> tuple[str, str]:
 
 def parse_status(payload: bytes) -> dict[str, Any]:
     o = decode(payload, "status")
-    check_device_id(_get(o, "device", str, "status"))
-    state = _get(o, "state", str, "status")
-    if state not in ("online", "offline"):
-        raise SchemaError(f"status: state {state!r} is not online or offline")
-    _get(o, "ts", (int, float), "status")
+    _convert(o, StatusWire, "status")
     return o
 
 
 def parse_event(payload: bytes) -> dict[str, Any]:
     o = decode(payload, "event")
-    for key, kind in (("id", str), ("device", str), ("event", str), ("ts", (int, float))):
-        _get(o, key, kind, "event")
-    check_device_id(o["device"])
+    _convert(o, EventWire, "event")
     return o
 
 
 def parse_stats(payload: bytes) -> dict[str, Any]:
     o = decode(payload, "stats")
-    check_device_id(_get(o, "device", str, "stats"))
-    _get(o, "frames", int, "stats")
+    _convert(o, StatsWire, "stats")
     return o
 
 
@@ -288,13 +341,8 @@ class GateAnnouncement:
     @classmethod
     def decode(cls, payload: bytes) -> GateAnnouncement:
         what = "gate announcement"
-        o = decode(payload, what)
-        return cls(
-            group=_get(o, "group", str, what),
-            version=_get(o, "version", str, what),
-            serial=_get(o, "serial", int, what),
-            backbone_hash=_get(o, "backbone_hash", str, what),
-        )
+        w: GateAnnouncementWire = _convert(decode(payload, what), GateAnnouncementWire, what)
+        return cls(group=w.group, version=w.version, serial=w.serial, backbone_hash=w.backbone_hash)
 
 
 # ---- operator labels (station HTTP API) ---------------------------------------------------------

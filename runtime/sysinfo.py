@@ -40,7 +40,7 @@ def hotpath_status() -> str:
     from bouncer.runtime import kernels
 
     if kernels.ACTIVE == "c++":
-        return f"c++ ({Path(kernels._impl.__file__).name})"
+        return f"c++ ({Path(str(kernels._impl.__file__)).name})"
     return kernels.ACTIVE
 
 

@@ -83,6 +83,10 @@ def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[
         lines.append(f"| new classes | {', '.join(retrain.get('new_classes') or []) or 'none'} | |")
         for cls, n in (retrain.get("labels_needed") or {}).items():
             lines.append(f"| more labels of `{cls}` for its own guarantee | {n} | |")
+        for cls, pend in (retrain.get("pending_classes") or {}).items():
+            lines.append(
+                f"| `{cls}` left out (still flagged): {pend['why']} | about {pend['labels_needed']} more labels | |"
+            )
     lines += [
         "",
         "## Metrics",

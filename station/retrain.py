@@ -14,14 +14,16 @@ from typing import Any
 
 import numpy as np
 
+from bouncer.fitting.fit import FeatureSet, FitSettings, ModelRole, fit_from_features, input_key
+from bouncer.fitting.replay import score_against
+from bouncer.fitting.support import settle_new_classes
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import FeatureSet, fit_from_features, input_key
-from bouncer.runtime.gates.replay import score_against
 from bouncer.station.store import Store, unpack_features
 
 HELDOUT_EVERY = 5  # one labelled frame in five is held out to judge champion vs challenger
 CALIB_EVERY = 3  # of the rest, one in three calibrates, two train
+LABELS_PER_CALIBRATION_FRAME = HELDOUT_EVERY / (HELDOUT_EVERY - 1) * CALIB_EVERY  # 3.75
 
 
 @dataclass
@@ -105,32 +107,79 @@ def retrain(
         parts[split].append(row)
         if split == "heldout":
             truth.append(str(label))
+    role = ModelRole.of_bundle(champion)
     new_classes = classes[len(champion.classes) :]
+    frozen_out: list[str] = []
+    if new_classes and role.kind != "linear":  # the user's model is frozen: it cannot learn a class
+        left_out = set(new_classes)
+        frozen_out = sorted(left_out) if role.kind == "scores" else []
+        if role.kind == "anomaly":  # any label but the good class is a defect: calibration frames for the misses
+            defects = [(-1, f, q) for name in ("train", "calib") for y, f, q in parts[name] if classes[y] in left_out]
+            parts["calib"] = [p for p in parts["calib"] if classes[p[0]] not in left_out] + defects
+        for name in ("train", "calib"):
+            parts[name] = [p for p in parts[name] if p[0] < 0 or classes[p[0]] not in left_out]
+        truth = [None if t in left_out and role.kind == "scores" else t for t in truth]
+        classes, new_classes = classes[: len(champion.classes)], []
     base_train, base_calib = base.load()
-    train = FeatureSet.concat([base_train, *([_featureset(parts["train"], features)] if parts["train"] else [])])
-    calib = FeatureSet.concat([base_calib, *([_featureset(parts["calib"], features)] if parts["calib"] else [])])
-    counts = np.bincount(train.labels, minlength=len(classes))
-    thin = [c for c, n in zip(classes, counts, strict=True) if n < 2]
     metrics: dict[str, Any] = {
         "labelled_used": sum(len(v) for v in parts.values()),
         "labelled_without_features": skipped,
         "new_classes": new_classes,
         "split": {k: len(v) for k, v in parts.items()},
     }
-    if not metrics["labelled_used"]:
-        return RetrainResult(False, "no labelled frames with features yet", None, metrics)
-    if thin:
-        return RetrainResult(False, f"classes with fewer than 2 training frames: {', '.join(thin)}", None, metrics)
+    if frozen_out:
+        metrics["not_predicted_by_model"] = frozen_out
+    if not metrics["labelled_used"] or (frozen_out and not parts["train"] and not parts["calib"]):
+        why = "no labelled frames with features yet"
+        if frozen_out:
+            why = (f"labels name class(es) {', '.join(frozen_out)} your model does not predict: Bouncer calibrates "
+                   "it but cannot teach it a class (retrain the model, then fit a new gate); their frames stay "
+                   "flagged")  # fmt: skip
+        return RetrainResult(False, why, None, metrics)
     version = f"s{serial}-{datetime.now(UTC).strftime('%Y%m%d%H%M%S')}"
     a = champion.acceptance
+
+    everything = {
+        name: FeatureSet.concat([base_set, *([_featureset(parts[name], features)] if parts[name] else [])])
+        for name, base_set in (("train", base_train), ("calib", base_calib))
+    }
+
+    def fit(keep: list[str]) -> tuple[GateBundle, FeatureSet]:
+        """A challenger on the base features plus the labels of the classes in `keep` (re-indexed)."""
+        if role.kind == "anomaly":  # one good class; defective calibration frames stay labelled -1
+            train, calib = everything["train"], everything["calib"]
+        else:
+            train, calib = (everything[name].restrict(classes, keep) for name in ("train", "calib"))
+        counts = np.bincount(train.labels, minlength=len(keep))
+        thin = [c for c, n in zip(keep, counts, strict=True) if n < 2]
+        if thin:
+            raise BouncerError(f"classes with fewer than 2 training frames: {', '.join(thin)}")
+        try:
+            return fit_from_features(
+                train, calib, keep, FitSettings.of(champion), backbone_hash=champion.backbone_hash,
+                backbone_name=champion.backbone_name, preprocessing=champion.preprocessing, version=version, log=log,
+                where="calibration features", pseudo=base.pseudo(), role=role,
+            ), calib  # fmt: skip
+        except BouncerError as exc:
+            raise BouncerError(f"fit failed: {exc}") from None
+
     try:
-        challenger = fit_from_features(
-            train, calib, classes, champion.backbone_hash, champion.backbone_name, champion.preprocessing,
-            a.target_accuracy, a.delta, champion.ood_quantile, None, version, log, where="calibration features",
-            pseudo=base.pseudo(),
-        )  # fmt: skip
+        challenger, support = settle_new_classes(fit, classes, new_classes)
     except BouncerError as exc:
-        return RetrainResult(False, f"fit failed: {exc}", None, metrics)
+        return RetrainResult(False, str(exc), None, metrics)
+    pending = {c: s.as_dict(LABELS_PER_CALIBRATION_FRAME) for c, s in support.items() if not s.kept}
+    if support:
+        metrics["new_class_support"] = {c: s.as_dict(LABELS_PER_CALIBRATION_FRAME) for c, s in support.items()}
+    if pending:
+        metrics["pending_classes"] = pending
+        say = "; ".join(f"{c}: {p['why']}, about {p['labels_needed']} more labels" for c, p in pending.items())
+        log(f"labels not yet enough to accept {say}: left out of this gate, still flagged for review")
+        new_classes = [c for c in new_classes if c not in pending]
+        metrics["new_classes"] = new_classes
+        if not any(classes[y] not in pending for split in ("train", "calib") for y, _, _ in parts[split]):
+            return RetrainResult(
+                False, f"labels not yet enough for new class(es): {say}; nothing published", None, metrics
+            )
     if parts["heldout"]:
         held = _featureset(parts["heldout"], features)
         champ, chall = score_against(champion, held, truth), score_against(challenger, held, truth)
@@ -138,13 +187,11 @@ def retrain(
         champ = chall = {"frames": 0}
     metrics |= {"champion": {"version": champion.version, **champ}, "challenger": {"version": version, **chall}}
     # the guarantee is pooled over all classes; a new class with few labelled calibration frames rides on the
-    # others: say how many more labels would let each stand on its own (1 in 5 labels is held out, 1 in 3 of
-    # the rest calibrates: 3.75 labels per calibration frame)
+    # others: say how many more labels would let each stand on its own guarantee
     counts = challenger.fit_metrics.get("calibration_class_counts") or {}
     need = challenger.acceptance.frames_needed
     metrics["labels_needed"] = {
-        c: math.ceil(max(need - counts.get(c, 0), 0) * HELDOUT_EVERY / (HELDOUT_EVERY - 1) * CALIB_EVERY)
-        for c in new_classes
+        c: math.ceil(max(need - counts.get(c, 0), 0) * LABELS_PER_CALIBRATION_FRAME) for c in new_classes
     }
     challenger.fit_metrics["retrain"] = metrics
     if challenger.acceptance.threshold is None:

@@ -9,17 +9,20 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bouncer.fitting.fit import extract, gate_inputs, load_split, synthetic_defects, task_splits, to_features
 from bouncer.runtime import schemas
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import extract, gate_inputs, load_split, synthetic_defects, to_features
-from bouncer.station.config import StationConfig
+from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Store
 from bouncer.station.tufrepo import TufRepo
+
+if TYPE_CHECKING:
+    from bouncer.station.consumer import Consumer
 
 log = logging.getLogger("bouncer.station")
 APPROVAL_RULE = "rule: guarantee holds and not worse than the champion on held-out labels"
@@ -36,7 +39,7 @@ class Station:
         self.groups = list(cfg.station.groups)
         self.store = Store(self.root)
         self.repo = TufRepo(self.root)
-        self.consumer = None
+        self.consumer: Consumer | None = None
         self._retrain_lock = threading.Lock()
         self._repo_lock = threading.Lock()  # one writer of the TUF metadata at a time
         self._stop = threading.Event()
@@ -73,17 +76,20 @@ class Station:
             self.repo.init()
         # every input head selection may choose from, so that retraining can choose again
         keys = gate_inputs(backend.card, None)
-        sources = {k.partition("@")[0] for k in keys}
+        sources = {k.partition("@")[0] for k in keys} | {backend.card.task_input}
         sets, calib_paths = [], []
-        for folder in (train_dir, calib_dir):
-            _, paths, labels = load_split(folder, bundle.classes)
+        if backend.card.task == "anomaly":  # good frames to train on; good and defective ones to calibrate
+            _, tp, tl, cp, cl = task_splits(backend.card, train_dir, calib_dir, log.info)
+            splits = [(tp, tl), (cp, cl)]
+        else:
+            splits = [load_split(folder, bundle.classes)[1:] for folder in (train_dir, calib_dir)]
+        for paths, labels in splits:
             ex = extract(backend, bundle.preprocessing, paths, labels, sources)
-            sets.append(to_features(ex, backend.card.features, keys))
+            sets.append(to_features(ex, backend.card.task_input, keys))
             calib_paths = ex.paths
-        pseudo = synthetic_defects(backend, bundle.preprocessing, calib_paths, sources, backend.card.features, keys, 0)
-        self.base(group).save(
-            sets[0], sets[1], {"features": backend.card.features, "classes": bundle.classes}, pseudo=pseudo
-        )
+        task_input = backend.card.task_input
+        pseudo = synthetic_defects(backend, bundle.preprocessing, calib_paths, sources, task_input, keys, 0)
+        self.base(group).save(sets[0], sets[1], {"features": task_input, "classes": bundle.classes}, pseudo=pseudo)
         summary = _fit_summary(bundle, group=group, train_dir=str(train_dir))
         self.store.audit(bundle.version, "fitted", "bouncer fit", summary)
         self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {"group": group})
@@ -137,10 +143,13 @@ class Station:
         with self._retrain_lock:
             champion = self.champion(group)
             current = self.store.champion(group)
-            since = self.store.labels_since(group, float(current["created"])) if current else 1
+            started = time.time()  # labels labelled from now on are new to the next retraining, even mid-fit
+            since = self.store.labels_since(group, labels_until(current)) if current else 1
             if not since:  # the same labels would fit the same gate again under a new serial
                 result = RetrainResult(False, f"no new labels since gate {champion.version}: nothing published", None)
-                self.store.add_retrain(group, {"published": False, "pending_approval": False, "reason": result.reason})
+                self.store.add_retrain(
+                    group, {"published": False, "pending_approval": False, "reason": result.reason}, started
+                )
                 return result
             serial = self.store.next_serial()
             say = log_fn or (lambda m: log.info(m))
@@ -152,23 +161,24 @@ class Station:
                 self.store.audit(
                     ch.version, "fitted", "station retrain", _fit_summary(ch, group=group, **result.metrics)
                 )
+                seen = {"labels_until": started}
                 if not result.publish:
                     self.store.audit(ch.version, "rejected", "station retrain", {"reason": result.reason})
                     self.store.add_gate(ch.version, group, serial, "rejected", path,
-                                        {**ch.fit_metrics, "rejected_because": result.reason})  # fmt: skip
+                                        {**ch.fit_metrics, **seen, "rejected_because": result.reason})  # fmt: skip
                 elif self.cfg.retrain.approval == "manual":
                     self.store.audit(ch.version, "awaiting_approval", "station retrain", {"reason": result.reason})
-                    self.store.add_gate(ch.version, group, serial, "pending", path, ch.fit_metrics)
+                    self.store.add_gate(ch.version, group, serial, "pending", path, {**ch.fit_metrics, **seen})
                 else:
                     self.store.audit(ch.version, "approved", APPROVAL_RULE, {"reason": result.reason})
-                    self.publish(ch, group, path, serial=serial)
+                    self.publish(ch, group, path, role_metrics=seen, serial=serial)
                 if not result.publish or self.cfg.retrain.approval == "manual":
                     self.write_card(ch, group, champion)
             pending = result.publish and self.cfg.retrain.approval == "manual"
             self.store.add_retrain(group, {
                 "published": result.publish and not pending, "pending_approval": pending, "reason": result.reason,
                 **result.metrics,
-            })  # fmt: skip
+            }, started)  # fmt: skip
             return result
 
     def approve(self, version: str, user: str) -> dict[str, Any]:
@@ -184,20 +194,12 @@ class Station:
             )
         bundle = GateBundle.load(Path(g["path"]))
         self.store.audit(version, "approved", f"operator:{user}", {"group": g["group"]})
-        serial = self.publish(bundle, g["group"], Path(g["path"]), serial=int(g["serial"]))
+        seen = {"labels_until": labels_until(g)}
+        serial = self.publish(bundle, g["group"], Path(g["path"]), role_metrics=seen, serial=int(g["serial"]))
         return {"version": version, "group": g["group"], "serial": serial}
 
     def due_for_retraining(self, group: str, now: float) -> bool:
-        """Since the group's newest gate (fitted, pending or refused): the schedule has run out, or enough
-        labels arrived. Read from the store, so a restart of the station keeps the count."""
-        r = self.cfg.retrain
-        gates = self.store.gates(group)
-        tried = self.store.last_retrain(group)
-        last = max([g["created"] for g in gates] + [tried["ts"] if tried else 0.0])
-        new = self.store.labels_since(group, last)
-        if r.every_s and now - last >= r.every_s and new:  # nothing new since the last gate: nothing to learn
-            return True
-        return bool(r.min_new_labels) and new >= r.min_new_labels
+        return retraining_due(self.store, self.cfg.retrain, group, now)
 
     def retrain_loop(self, every_s: float = 5.0) -> None:
         """Retrain each group on its schedule or once enough new labels arrived (the serve command runs this)."""
@@ -279,3 +281,19 @@ def _fit_summary(bundle: GateBundle, **extra: Any) -> dict[str, Any]:
     keep = ("train_images", "calibration_images", "class_counts", "calibration_accuracy", "calibration_coverage",
             "ece_after_scaling")  # fmt: skip
     return {**{k: m.get(k) for k in keep}, "classes": bundle.classes, "guarantee": bundle.acceptance.__dict__, **extra}
+
+
+def labels_until(gate: dict[str, Any]) -> float:
+    """When the labels a gate was fitted on were read: labels that arrive while it fits are new to the next one."""
+    return float(gate["metrics"].get("labels_until", gate["created"]))
+
+
+def retraining_due(store: Store, r: RetrainSection, group: str, now: float) -> bool:
+    """Since the group's newest gate (fitted, pending or refused) or retraining read its labels: the schedule has
+    run out, or enough labels arrived. Read from the store, so a restart of the station keeps the count."""
+    tried = store.last_retrain(group)
+    last = max([labels_until(g) for g in store.gates(group)] + [tried["ts"] if tried else 0.0])
+    new = store.labels_since(group, last)
+    if r.every_s and now - last >= r.every_s and new:  # nothing new since the last gate: nothing to learn
+        return True
+    return bool(r.min_new_labels) and new >= r.min_new_labels

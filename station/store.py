@@ -147,7 +147,7 @@ def _frame(row: tuple) -> Frame:
 
 def pack_features(features: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in features.items()})
+    np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in features.items()})  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
     return buf.getvalue()
 
 
@@ -298,7 +298,8 @@ class Store:
     def verify_audit(self) -> dict[str, Any]:
         """Walk the chain: every record's hash matches its content and the record before it."""
         rows = self._all(f"SELECT {', '.join(AUDIT_FIELDS)}, prev_hash, hash FROM audit ORDER BY rowid")
-        problems, prev, legacy = [], "", 0
+        problems: list[str] = []
+        prev, legacy = "", 0
         for r in rows:
             rec, stored_prev, stored = tuple(r[:7]), r[7], r[8]
             if stored is None and not problems and not prev:
@@ -414,9 +415,10 @@ class Store:
         (n,) = self._all("SELECT COUNT(*) FROM frames WHERE grp = ? AND labelled_at > ?", (group, ts))[0]
         return int(n)
 
-    def add_retrain(self, group: str, result: dict[str, Any]) -> None:
-        """Each retraining's outcome, whoever started it (HTTP, the CLI, the schedule)."""
-        self._exec("INSERT INTO retrains (grp, ts, result) VALUES (?, ?, ?)", (group, time.time(), json.dumps(result)))
+    def add_retrain(self, group: str, result: dict[str, Any], started: float) -> None:
+        """Each retraining's outcome, whoever started it (HTTP, the CLI, the schedule), at the time it read the
+        labels (so labels given while it fitted count as new)."""
+        self._exec("INSERT INTO retrains (grp, ts, result) VALUES (?, ?, ?)", (group, started, json.dumps(result)))
 
     def last_retrain(self, group: str) -> dict[str, Any] | None:
         rows = self._all("SELECT ts, result FROM retrains WHERE grp = ? ORDER BY ts DESC LIMIT 1", (group,))

@@ -40,7 +40,7 @@ def built_models(bouncer_home: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sim_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small simulator data set (ImageFolder layout), 12 frames of each known part."""
-    from bouncer.runtime.sources import simulator
+    from bouncer.sim import simulator
 
     return simulator.write_dataset(tmp_path_factory.mktemp("sim"), per_class=12, seed=7)
 
@@ -48,7 +48,7 @@ def sim_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sim_gate(built_models, tmp_path_factory) -> Path:
     """A gate fitted on the simulated line (4 parts), through the CLI."""
-    from bouncer.runtime.sources import simulator
+    from bouncer.sim import simulator
 
     root = tmp_path_factory.mktemp("sim_gate")
     simulator.write_dataset(root / "train", per_class=30, seed=31)

@@ -210,6 +210,15 @@ def station_config(path: Path, data_dir: Path, broker: str = "", **http: object)
     return path
 
 
+def device_toml(path: Path, **sections: dict[str, object]) -> Path:
+    """A device's TOML configuration, one table per keyword."""
+    text = ""
+    for name, values in sections.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    path.write_text(text)
+    return path
+
+
 def wait_until(fn, timeout: float = 60.0, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -237,14 +246,19 @@ def device_messages(sim_gate: Path, model: Path, folder: Path, device: str, grou
     vectors of every candidate input (as devices/loop.py builds them), without running a device."""
     import cv2
 
-    from bouncer.runtime import backends, schemas
+    from bouncer.runtime import backends, home, schemas
+    from bouncer.runtime.backends.paired import PairedBackend
     from bouncer.runtime.gates import explain
     from bouncer.runtime.gates.bundle import GateBundle
     from bouncer.runtime.gates.guard import Guard
     from bouncer.runtime.gates.heads import frame_vectors
     from bouncer.runtime.images import read_bgr
 
-    guard = Guard(GateBundle.load(sim_gate), backends.load(model))
+    bundle = GateBundle.load(sim_gate)
+    backend = backends.load(model)
+    if bundle.sidecar is not None:  # a gate around a user's model: the cached backbone beside it
+        backend = PairedBackend(backend, backends.load(home.cached_model("onnxruntime")))
+    guard = Guard(bundle, backend)
     b = guard.bundle
     msgs = []
     for i, path in enumerate(sorted(Path(folder).rglob("*.png"))):

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bouncer.fitting.fit import fit_logistic
+from bouncer.fitting.select import conformal_quantile
 from bouncer.runtime.gates.bundle import Acceptance, BundleError, GateBundle
-from bouncer.runtime.gates.fit import fit_logistic
 from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead
 from bouncer.runtime.gates.quality import QualityGate, quality_stats
-from bouncer.runtime.gates.select import conformal_quantile
 from bouncer.runtime.preprocess import Preprocessing
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 def synthetic_bundle(n_classes: int = 16, per_class: int = 60) -> GateBundle:
@@ -28,7 +28,7 @@ def synthetic_bundle(n_classes: int = 16, per_class: int = 60) -> GateBundle:
     pool = rng.normal(size=(n, 192))
     fmap = np.abs(rng.normal(size=(n, 112, 14, 14))).astype(np.float32)
     heads = [KnnHead.fit("pool_s32", pool), KnnHead.fit("map_s16", fmap, reduce="max")]
-    raw = np.column_stack([h.score(x) for h, x in zip(heads, (pool, fmap), strict=True)])
+    raw = np.column_stack([h.score({h.source: x}) for h, x in zip(heads, (pool, fmap), strict=True)])
     baseline = GaussianHead.fit("features", feats, y, spatial=False)
     frames = [simulator.render("gear", rng) for _ in range(20)]
     return GateBundle(
@@ -47,7 +47,7 @@ def synthetic_bundle(n_classes: int = 16, per_class: int = 60) -> GateBundle:
         acceptance=Acceptance(0.97, 0.99, 0.1, 0.009, 400, 300, 0, 230),
         fit_metrics={"train_images": n},
         baseline=baseline,
-        baseline_threshold=conformal_quantile(baseline.score(feats), 0.99),
+        baseline_threshold=conformal_quantile(baseline.score_vectors(feats), 0.99),
         selection={"rule": "named with --heads", "chosen": {"heads": ["knn:pool_s32", "knn:map_s16@max"]}},
         explainer=heads[1],
     )
@@ -67,7 +67,8 @@ def test_round_trip_and_size(bundle, tmp_path):
     x = np.random.default_rng(1).normal(size=(3, 1280))
     np.testing.assert_allclose(back.task.probs(x), bundle.task.probs(x), rtol=1e-6)
     fmap = np.abs(np.random.default_rng(2).normal(size=(3, 112, 14, 14)))
-    np.testing.assert_allclose(back.ood_heads[1].score(fmap), bundle.ood_heads[1].score(fmap), rtol=1e-6)
+    out = {"map_s16": fmap}
+    np.testing.assert_allclose(back.ood_heads[1].score(out), bundle.ood_heads[1].score(out), rtol=1e-6)
     raw = np.random.default_rng(3).gamma(2.0, 1.0, (5, 2)).astype(np.float32)
     np.testing.assert_array_equal(back.fusion.fuse(raw), bundle.fusion.fuse(raw))
     assert back.fusion.method == "max" and back.selection == bundle.selection

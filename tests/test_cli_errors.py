@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_classifier
 
-from bouncer.runtime.modelcard import ModelCard, write_sidecar
+from bouncer.runtime.modelcard import ModelCard, write_card_file
 from bouncer.runtime.preprocess import Preprocessing
 
 
@@ -54,13 +54,13 @@ def test_truncated_model(tmp_path, calib):
 
 def test_model_lacking_output(tmp_path, calib):
     m = tiny_classifier(tmp_path / "short.onnx", outputs=("scores",))
-    write_sidecar(m, ModelCard(name="s", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    write_card_file(m, ModelCard(name="s", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
     assert_clean_error(run_cli("quantize", str(m), "--calib", str(calib)), "short.onnx", "feat")
 
 
 def test_empty_calibration_folder(tmp_path):
     m = tiny_classifier(tmp_path / "m.onnx")
-    write_sidecar(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    write_card_file(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
     (tmp_path / "empty").mkdir()
     assert_clean_error(run_cli("quantize", str(m), "--calib", str(tmp_path / "empty")), "empty", "no image files")
     assert_clean_error(run_cli("quantize", str(m), "--calib", str(tmp_path / "absent")), "absent", "not a folder")
@@ -68,7 +68,7 @@ def test_empty_calibration_folder(tmp_path):
 
 def test_calibration_images_that_are_not_images(tmp_path, calib):
     m = tiny_classifier(tmp_path / "m.onnx")
-    write_sidecar(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    write_card_file(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
     (calib / "fake.jpg").write_text("I am text")
     assert_clean_error(run_cli("quantize", str(m), "--calib", str(calib)), "fake.jpg", "not a decodable image")
 
@@ -76,7 +76,7 @@ def test_calibration_images_that_are_not_images(tmp_path, calib):
 def test_user_model_quantizes(tmp_path, calib):
     """A user's classifier with a card goes through the same pipeline."""
     m = tiny_classifier(tmp_path / "m.onnx")
-    write_sidecar(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    write_card_file(m, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
     res = run_cli("quantize", str(m), "--calib", str(calib))
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "m.int8.onnx").exists() and "cosine feat" in res.stdout
@@ -92,7 +92,7 @@ def test_station_commands_name_what_is_wrong(tmp_path, sim_folder, bouncer_home)
     cfg = tmp_path / "station.toml"
     assert_clean_error(run_cli("station", str(tmp_path / "none.toml")), "none.toml", "not found")
     cfg.write_text('[station]\ngroups = "line-a"\n')
-    assert_clean_error(run_cli("station", "retrain", str(cfg)), "station.groups: expected a list of str")
+    assert_clean_error(run_cli("station", "retrain", str(cfg)), "station.groups: Expected `array`, got `str`")
     cfg.write_text('[station]\ngroups = ["line a"]\n')
     assert_clean_error(run_cli("station", "retrain", str(cfg)), "station.groups", "line a")
     cfg.write_text(f'[station]\ndata_dir = "{tmp_path / "st"}"\ngroups = ["line-a"]\n[retrain]\napproval = "maybe"\n')
@@ -111,7 +111,7 @@ def test_station_commands_name_what_is_wrong(tmp_path, sim_folder, bouncer_home)
 def test_fit_says_what_head_selection_needs(tmp_path, built_models):
     """A one-class line with too few calibration images to make synthetic defects from, and a line whose
     classes are too small to hold out: a clear line naming what is needed, never a silent fallback."""
-    from bouncer.runtime.sources import simulator
+    from bouncer.sim import simulator
 
     simulator.write_dataset(tmp_path / "one" / "train", ("gear",), per_class=20, seed=1)
     simulator.write_dataset(tmp_path / "one" / "calib", ("gear",), per_class=10, seed=2)

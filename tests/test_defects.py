@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bouncer.fitting.defects import DEFECTS, synthesize
 from bouncer.runtime.gates.quality import QualityGate, quality_stats
-from bouncer.runtime.sources import simulator
-from bouncer.runtime.sources.defects import DEFECTS, synthesize
+from bouncer.sim import simulator
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 from helpers import Collector, run_cli
 
 from bouncer.runtime import schemas
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 def frames_folder(root: Path, parts: tuple[str, ...], per_class: int, seed: int) -> Path:
@@ -184,7 +184,7 @@ def test_malformed_commands_are_rejected_with_events(broker, sim_gate, tmp_path,
         rejected = [e for e in events if e["event"] == "command_rejected"]
         assert len(rejected) == len(bad), events
         assert any("not UTF-8" in e["reason"] for e in rejected)
-        assert any("unknown command" in e["reason"] for e in rejected)
+        assert any("Invalid enum value" in e["reason"] and "at `$.command`" in e["reason"] for e in rejected)
         assert any("exceeds" in e["reason"] for e in rejected)
         assert any(e["event"] == "command_done" and e["command_id"] == "c1" for e in events)
         assert dev.poll() is None  # still running
@@ -442,7 +442,7 @@ def test_tls_with_client_certificates(sim_gate, tmp_path, bouncer_home):
             f'ca = "{certs}/ca.crt"\ncert = "{certs}/cam.crt"\nkey = "{certs}/cam.key"\n'
         )
         time.sleep(0.5)
-        res = run_cli("run", str(cfg), "--once", "--drain-timeout", "30")
+        res = run_cli("run", str(cfg), "--once", "--drain-timeout", "90")  # under CI load the TLS handshake is slow
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout.strip().splitlines()[-1])["undelivered"] == 0
         deadline = time.monotonic() + 10

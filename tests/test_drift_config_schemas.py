@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -62,7 +63,9 @@ def test_review_rate_drift_is_caught():
 def test_config_errors_name_the_key(tmp_path):
     base = '[device]\nid = "cam-1"\n[source]\nuri = "sim:1"\n[gate]\nbundle = "g.gate"\n'
     cases = {
-        base + "[outbox]\nmax_mb = 'lots'\n": "outbox.max_mb: expected float",
+        base + "[outbox]\nmax_mb = 'lots'\n": "outbox.max_mb: Expected `float`, got `str`",
+        base + "[outbox]\njpeg_quality = true\n": "outbox.jpeg_quality: Expected `int`, got `bool`",
+        base + "[drift]\nwarmup = [1]\n": "drift.warmup: Expected `int`, got `array`",
         base + "[outbox]\njpeg_quality = 101\n": "outbox.jpeg_quality",
         base + "[mqtt]\nbroker = 'tcp://x'\n": "mqtt.broker",
         base + "[mqtt]\nprotocol = 'v4'\n": "mqtt.protocol",
@@ -200,3 +203,25 @@ def test_a_light_bulb_on_a_line_of_different_products_is_caught_per_class():
         q, ood, _, label = frame(30.0)
         assert not [e for e in monitor.update(q, ood, "review", label) if e["signal"] == "brightness"]
     assert monitor.signals["brightness"].medians == before
+
+
+def test_the_documented_json_schemas_are_the_parsers_own():
+    """docs/schemas/*.json are generated from the Structs the parsers convert to (scripts/gen_schemas): a field
+    added to a message and not to its documented schema fails here."""
+    from helpers import REPO
+
+    docs = REPO / "docs" / "schemas"
+    generated = schemas.json_schemas()
+    assert sorted(p.stem for p in docs.glob("*.json")) == sorted(generated), "run scripts/gen_schemas"
+    for name, schema in generated.items():
+        assert json.loads((docs / f"{name}.json").read_text()) == schema, f"docs/schemas/{name}.json is stale"
+    frame = generated["frame"]["$defs"]["FrameWire"]
+    assert {"id", "device", "decision", "jpeg", "features"} <= set(frame["required"])
+    assert frame["properties"]["decision"] == {"$ref": "#/$defs/Verdict"}
+
+
+def test_wire_errors_name_the_path():
+    with pytest.raises(schemas.SchemaError, match=r"stats: Expected `int`, got `bool` - at `\$.frames`"):
+        schemas.parse_stats(b'{"v":1,"device":"cam-1","frames":true}')
+    with pytest.raises(schemas.SchemaError, match=r"command: Invalid enum value 'nuke' - at `\$.command`"):
+        schemas.Command.decode(b'{"v":1,"id":"c1","command":"nuke"}')

@@ -17,8 +17,9 @@ from bouncer.runtime.config import load_config
 from bouncer.runtime.gates import explain
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.guard import Guard
+from bouncer.runtime.gates.heads import frame_vectors
 from bouncer.runtime.outbox import Outbox
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,9 @@ def test_the_heatmap_points_at_a_foreign_blob(guard):
         decision, outputs, _ = guard.score_frame(frame)
         assert "ood" in decision.reasons
         heat = explain.heatmap(guard.bundle, outputs)
+        # what the device does: the maxima come from the vectors the flagged frame carries, not taken twice
+        shared = explain.heatmap(guard.bundle, outputs, frame_vectors(guard.backend.card, outputs))
+        np.testing.assert_array_equal(shared, heat)
         assert heat.shape == (14, 14) and heat.dtype == np.float32 and heat.min() >= 0 and heat.max() == 1.0
         py, px = np.unravel_index(int(heat.argmax()), heat.shape)
         cy, cx = (py + 0.5) * 240 / 14, (px + 0.5) * 320 / 14

@@ -9,11 +9,14 @@ import cv2
 import numpy as np
 import pytest
 from helpers import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bouncer.runtime import backends
 from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.decision import rule, rule_one
 from bouncer.runtime.gates.guard import Guard
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +198,18 @@ def test_one_class_gate(line, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["ood_auroc"]["unknown"] >= 0.99
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    conf=st.one_of(st.floats(0, 1), st.just(float("nan"))),
+    fused=st.one_of(st.floats(-1e3, 1e3), st.just(float("nan"))),
+    ood_t=st.floats(-1e3, 1e3),
+    thr=st.one_of(st.none(), st.floats(0, 1)),
+)
+def test_the_guards_per_frame_rule_is_the_vectorised_rule(conf, fused, ood_t, thr):
+    """The guard decides one frame in plain Python (rule_one); replay and fit decide arrays (rule): one rule."""
+    flags = rule(np.ones(1, bool), np.array([conf]), np.array([fused]), ood_t, thr)
+    ood, low = rule_one(conf, fused, ood_t, thr)
+    assert (ood, low) == (bool(flags.ood[0]), bool(flags.low_confidence[0]))
+    assert (not ood and not low) == bool(flags.accepted[0])

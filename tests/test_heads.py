@@ -6,10 +6,21 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bouncer.runtime.gates.calibration import expected_calibration_error, fit_temperature
-from bouncer.runtime.gates.fit import fit_logistic
-from bouncer.runtime.gates.heads import Fusion, GaussianHead, KnnHead, l2n, ledoit_wolf
-from bouncer.runtime.gates.select import conformal_quantile
+from bouncer.fitting.calibration import expected_calibration_error, fit_temperature
+from bouncer.fitting.fit import fit_logistic
+from bouncer.fitting.select import conformal_quantile
+from bouncer.runtime.gates.heads import (
+    HEAD_KINDS,
+    Fusion,
+    GaussianHead,
+    KnnHead,
+    fit_head,
+    head_input,
+    input_key,
+    l2n,
+    ledoit_wolf,
+    load_head,
+)
 from bouncer.runtime.kernels import spatial_max
 
 
@@ -48,7 +59,7 @@ def test_truncated_rank_stays_close():
     full = GaussianHead.fit("f", x, np.zeros(80, int), spatial=False, rank=300)
     small = GaussianHead.fit("f", x, np.zeros(80, int), spatial=False, rank=79)  # the sample rank
     q = rng.normal(size=(10, 300))
-    np.testing.assert_allclose(small.score(q), full.score(q), rtol=1e-3)
+    np.testing.assert_allclose(small.score_vectors(q), full.score_vectors(q), rtol=1e-3)
 
 
 def test_ledoit_wolf_shrinks_toward_the_mean_eigenvalue():
@@ -65,11 +76,11 @@ def test_knn_matches_brute_force_and_spatial_max():
     head = KnnHead.fit("f", bank, k=3)
     sims = l2n(q) @ l2n(bank).T
     expected = 1 - np.sort(sims, axis=1)[:, -3]
-    np.testing.assert_allclose(head.score(q), expected, atol=2e-3)  # fp16 bank
+    np.testing.assert_allclose(head.score_vectors(q), expected, atol=2e-3)  # fp16 bank
     fmap = rng.normal(size=(4, 8, 5, 5))
     np.testing.assert_array_equal(spatial_max(fmap.astype(np.float32)), fmap.astype(np.float32).max(axis=(2, 3)))
     mh = KnnHead.fit("m", fmap, reduce="max")
-    assert np.all(mh.score(fmap) < 1e-2)  # each frame is its own nearest neighbour
+    assert np.all(mh.score({"m": fmap}) < 1e-2)  # each frame is its own nearest neighbour
 
 
 def test_patch_head_flags_a_local_anomaly():
@@ -78,7 +89,7 @@ def test_patch_head_flags_a_local_anomaly():
     head = GaussianHead.fit("m", normal.reshape(30, 8, 36).transpose(0, 2, 1), None, spatial=True)
     test = rng.normal(0.5, 0.05, size=(2, 8, 6, 6)).clip(0)
     test[1, :, 2, 3] = np.eye(8)[0] * 3  # one odd patch
-    s = head.score(test)
+    s = head.score({"m": test})
     assert s[1] > 5 * s[0]
 
 
@@ -123,3 +134,24 @@ def test_conformal_quantile():
     s = np.arange(1, 100.0)  # 99 scores
     assert conformal_quantile(s, 0.9) == 90.0
     assert conformal_quantile(s, 0.999) == 99.0
+
+
+def test_every_head_kind_keeps_one_interface():
+    """Each kind reads its input from outputs, scores the same from outputs, from vectors and through the
+    guard's bound scorer, and comes back from its saved arrays and metadata scoring identically."""
+    rng = np.random.default_rng(9)
+    outputs = {"pool": rng.normal(size=(12, 24)).astype(np.float32),
+               "map": np.abs(rng.normal(size=(12, 6, 4, 4))).astype(np.float32)}  # fmt: skip
+    labels = np.repeat([0, 1], 6)
+    heads = [
+        fit_head(spec, head_input(input_key(spec), outputs), labels)
+        for spec in ("maha:pool", "knn:pool", "knn:map@max", "patch:map")
+    ]
+    assert {type(h).kind for h in heads} == set(HEAD_KINDS)
+    for h in heads:
+        via_outputs, via_vectors = h.score(outputs), h.score_vectors(h.vectors(outputs))
+        np.testing.assert_allclose(via_outputs, via_vectors, rtol=1e-6)
+        np.testing.assert_allclose(h.scorer()(outputs), via_outputs, rtol=1e-6)
+        back = load_head(h.meta(), h.arrays("x"), "x")
+        assert type(back) is type(h) and back.input_key == h.input_key
+        np.testing.assert_allclose(back.score(outputs), via_outputs, rtol=1e-5)

@@ -10,7 +10,7 @@ from helpers import tiny_classifier
 
 from bouncer.runtime import backends
 from bouncer.runtime.errors import ModelError
-from bouncer.runtime.modelcard import ModelCard, read_sidecar, write_sidecar
+from bouncer.runtime.modelcard import ModelCard, read_card_file, write_card_file
 from bouncer.runtime.preprocess import Preprocessing
 
 
@@ -37,14 +37,16 @@ def test_model_without_card_is_refused(tmp_path):
 
 def test_model_lacking_a_required_output(tmp_path):
     model = tiny_classifier(tmp_path / "short.onnx", outputs=("scores",))
-    write_sidecar(model, ModelCard(name="short", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    write_card_file(
+        model, ModelCard(name="short", features="feat", logits="scores", preprocessing=Preprocessing(32, 32))
+    )
     with pytest.raises(ModelError, match="lacks required output"):
         backends.load(model)
 
 
 def test_wrong_batch_shape_is_a_value_error(tmp_path):
     model = tiny_classifier(tmp_path / "m.onnx")
-    write_sidecar(model, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
+    write_card_file(model, ModelCard(name="m", features="feat", logits="scores", preprocessing=Preprocessing(32, 32)))
     with pytest.raises(ValueError, match="expected a float32 batch"):
         backends.load(model).run(np.zeros((1, 32, 32, 3), np.float32))
 
@@ -83,8 +85,8 @@ def test_card_errors_and_round_trip(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
     (tmp_path / "m.onnx.card.json").write_text('{"name": "x"}')
-    with pytest.raises(ModelError, match="lacks the key 'features'"):
-        read_sidecar(model)
+    with pytest.raises(ModelError, match="needs `features`"):
+        read_card_file(model)
     (tmp_path / "m.onnx.card.json").write_text("{not json")
     with pytest.raises(ModelError, match="unreadable model card"):
-        read_sidecar(model)
+        read_card_file(model)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
+from bouncer.cli.bench_backbone import held_out_frames
 from bouncer.quantize.report import cosine_rows
 from bouncer.runtime import backends
-from bouncer.runtime.benchmarks import held_out_frames
 from bouncer.runtime.preprocess import preprocess
 
 TAPS = ("pool_s2", "pool_s4", "pool_s8", "pool_s16a", "pool_s16", "pool_s32", "pool_s32b")

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from bouncer.devices.loop import Device
-from bouncer.devices.ota import Canary, Candidate, GateSlots, OtaUpdater, Trial
+from bouncer.devices.ota import COMMIT, Canary, Candidate, GateSlots, OtaUpdater, Trial
 from bouncer.runtime import backends
 from bouncer.runtime.config import OtaSection, load_config
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.images import read_bgr
 from bouncer.runtime.outbox import Outbox
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 from bouncer.station.tufrepo import TufRepo
 
 
@@ -295,9 +295,11 @@ def test_the_trial_compares_with_the_old_gate_on_the_same_frames(repo, guard, tm
     gate flagged none of them rolls back."""
     h = Harness(repo, tmp_path / "dev", guard, trial_frames=10)
     cand = Candidate(guard, 1, "v2", tmp_path / "v2.gate", allowance_rate=0.05, latency_limit_s=10.0)
-    assert h.updater.judge(Trial(cand, guard, 0, frames=10, flagged=8, old_flagged=10, seconds=0.1)) == "commit"
+    assert h.updater.judge(Trial(cand, guard, 0, frames=10, flagged=8, old_flagged=10, seconds=0.1)) == COMMIT
     verdict = h.updater.judge(Trial(cand, guard, 0, frames=10, flagged=8, old_flagged=0, seconds=0.1))
-    assert verdict.startswith("trial: flagged 80% of 10 live frames")
+    assert verdict is not None and not verdict.commit
+    assert verdict.reason.startswith("trial: flagged 80% of 10 live frames")
+    assert h.updater.judge(Trial(cand, guard, 0, frames=9, flagged=0, old_flagged=0, seconds=0.1)) is None  # runs on
 
 
 def test_the_gate_a_device_runs_is_not_installed_again(repo, guard, sim_gate, tmp_path):

@@ -21,7 +21,7 @@ def test_subpackages_import():
 def test_device_imports_pull_no_build_time_libraries():
     code = (
         "import sys, bouncer.runtime.backends, bouncer.runtime.preprocess, bouncer.runtime.images, "
-        "bouncer.runtime.sources.simulator, bouncer.devices.profiles, bouncer.cli.main\n"
+        "bouncer.sim.simulator, bouncer.devices.profiles, bouncer.cli.main\n"
         "bad = [m for m in ('torch', 'sklearn', 'onnx', 'tensorflow', 'onnx2tf') if m in sys.modules]\n"
         "print(json.dumps(bad))"
     )
@@ -70,17 +70,46 @@ def test_device_profiles_are_data():
     assert profiles.detect().name in known
 
 
-def test_layers_meet_only_where_the_design_says():
-    """runtime/ is the core; devices/ and station/ build on it; only the CLI knows every layer."""
+def _layer_table() -> dict[str, tuple[set[str] | None, set[str]]]:
+    """README's layer table: package -> (layers it builds on, None for all; third-party modules)."""
     from helpers import REPO
 
-    rules = {
-        "runtime": ("bouncer.cli", "bouncer.quantize", "bouncer.devices", "bouncer.station"),
-        "devices": ("bouncer.cli", "bouncer.quantize", "bouncer.station"),
-        "station": ("bouncer.cli", "bouncer.quantize", "bouncer.devices"),
-    }
-    for layer, forbidden in rules.items():
-        for path in (REPO / layer).rglob("*.py"):
-            text = path.read_text()
-            for name in forbidden:
-                assert f"from {name}" not in text and f"import {name}" not in text, (path, name)
+    text = (REPO / "README.md").read_text()
+    start = text.index("| folder | package | what | builds on | third-party |")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        package, builds_on, third = cells[1].strip("`"), cells[3], cells[4]
+        if builds_on == "(C++)":
+            continue
+        layers = None if builds_on == "all" else {x.strip() for x in builds_on.split(",") if x.strip() != "none"}
+        rows[package.removeprefix("bouncer.")] = (layers, {x.strip().strip("`") for x in third.split(",")})
+    return rows
+
+
+def test_layers_meet_only_where_the_readme_table_says():
+    """Every module's imports, lazy ones included, against the README's layer table: runtime/ is the camera
+    core, devices/ and station/ meet only on the wire, fitting and the simulator stay off the camera."""
+    import grimp
+
+    table = _layer_table()
+    graph = grimp.build_graph("bouncer", include_external_packages=True, cache_dir=None)
+    subpackages = {m.split(".")[1] for m in graph.modules if m.count(".") >= 1 and not m.startswith("bouncer._")}
+    subpackages = {p for p in subpackages if graph.find_children(f"bouncer.{p}")}  # packages, not modules
+    assert subpackages == set(table), f"README layer table rows {sorted(table)} vs packages {sorted(subpackages)}"
+    problems = []
+    for layer, (allowed_layers, allowed_third) in table.items():
+        modules = graph.find_descendants(f"bouncer.{layer}") | {f"bouncer.{layer}"}
+        for module in sorted(modules):
+            for imported in graph.find_modules_directly_imported_by(module):
+                top = imported.split(".")[0]
+                if top == "bouncer":
+                    other = imported.split(".")[1] if imported.count(".") else ""
+                    if other in ("", layer, "_hotpath") or allowed_layers is None or other in allowed_layers:
+                        continue
+                    problems.append(f"{module} imports {imported} (layer {other})")
+                elif top not in sys.stdlib_module_names and top not in allowed_third and top != "__future__":
+                    problems.append(f"{module} imports third-party {top}")
+    assert not problems, "\n".join(problems)

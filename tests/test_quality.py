@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bouncer.fitting import corruptions
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, QualityGate, base_and_grey, grey_small, quality_stats
 from bouncer.runtime.preprocess import halve_while
-from bouncer.runtime.sources import corruptions, simulator
+from bouncer.sim import simulator
 
 
 @pytest.fixture(scope="module")

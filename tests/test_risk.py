@@ -8,7 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bouncer.runtime.gates.risk import binom_cdf, clopper_pearson_upper, frames_needed, select_threshold
+from bouncer.fitting.acceptance import MAX_STARTS, select_threshold, start_plan
+from bouncer.runtime.gates.risk import binom_cdf, clopper_pearson_upper, frames_needed
 
 
 def test_known_values():
@@ -44,7 +45,7 @@ def test_selection_is_consistent(n, acc, alpha, delta, seed):
     conf = rng.uniform(0.3, 1.0, n)
     correct = rng.uniform(size=n) < acc
     sel = select_threshold(conf, correct, alpha, delta)
-    assert sel.frames_needed == frames_needed(alpha, delta)
+    assert sel.frames_needed == start_plan(n, alpha, delta)[0][0]
     if sel.threshold is None:
         assert sel.n_accepted == 0
         return
@@ -76,3 +77,31 @@ def test_guarantee_holds_where_the_truth_is_known():
             violations += true_risk(sel.threshold) > alpha
     assert chosen > trials * 0.75  # the target is reachable: the test has power
     assert violations / trials <= delta  # the promise
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 20000), alpha=st.floats(0.001, 0.3), delta=st.floats(0.01, 0.5))
+def test_start_plan_spends_delta_once_and_fits_the_frames(n, alpha, delta):
+    plan = start_plan(n, alpha, delta)
+    assert 1 <= len(plan) <= MAX_STARTS
+    assert math.isclose(sum(share for _, share in plan), delta)
+    starts = [start for start, _ in plan]
+    assert starts == sorted(starts)
+    if len(plan) == 1:  # a small set keeps the single chain, and its full delta
+        assert plan == [(frames_needed(alpha, delta), delta)]
+    else:
+        assert starts[-1] <= n
+
+
+def test_one_confident_mistake_at_the_top_no_longer_voids_the_target():
+    """The magnetic-tile failure: 600 frames, 97% right overall, but one error among the 20 most confident.
+    One chain stops there and certifies nothing; the later chains certify most of the set."""
+    conf = np.linspace(1.0, 0.5, 600)
+    correct = np.ones(600, bool)
+    correct[5] = False  # the confident mistake
+    correct[np.arange(40, 600, 40)] = False  # 14 more, spread out: 2.5% overall
+    alpha, delta = 0.1, 0.1
+    single = frames_needed(alpha, delta)
+    assert not correct[:single].all()  # a single chain from its start would stop at once
+    sel = select_threshold(conf, correct, alpha, delta)
+    assert sel.threshold is not None and sel.coverage > 0.9 and sel.error_bound <= alpha

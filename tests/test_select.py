@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bouncer.fitting.fit import FeatureSet, FitSettings, choose_heads, fit_from_features
+from bouncer.fitting.select import auroc, conformal_quantile
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.fit import FeatureSet, choose_heads, fit_from_features
 from bouncer.runtime.gates.heads import Fusion
-from bouncer.runtime.gates.select import auroc, conformal_quantile
 from bouncer.runtime.preprocess import Preprocessing
 
 STATS = {"mean": 100.0, "std": 30.0, "dark_frac": 0.0, "bright_frac": 0.0, "sharpness": 50.0, "tile_std_min": 10.0}
@@ -56,13 +56,12 @@ def test_the_separating_input_is_chosen_and_recorded():
 def test_the_bundle_carries_the_choice():
     rng = np.random.default_rng(1)
     train, calib = line(rng, 3, 40), line(rng, 3, 90)
-    bundle = fit_from_features(
-        train, calib, ["a", "b", "c"], "h" * 64, "test", Preprocessing(), 0.9, log=lambda m: None
-    )
+    ident = {"backbone_hash": "h" * 64, "backbone_name": "test", "preprocessing": Preprocessing()}
+    bundle = fit_from_features(train, calib, ["a", "b", "c"], FitSettings(0.9), log=lambda m: None, **ident)
     assert bundle.selection["chosen"]["heads"] == bundle.fusion.names
     assert bundle.fusion.method == bundle.selection["chosen"]["fusion"]
-    named = fit_from_features(train, calib, ["a", "b", "c"], "h" * 64, "test", Preprocessing(), 0.9,
-                              heads=["maha:pool_a"], log=lambda m: None, fusion="sum")  # fmt: skip
+    named = fit_from_features(train, calib, ["a", "b", "c"], FitSettings(0.9, heads=("maha:pool_a",), fusion="sum"),
+                              log=lambda m: None, **ident)  # fmt: skip
     assert named.fusion.names == ["maha:pool_a"] and named.fusion.method == "sum"
     assert named.selection["rule"] == "named with --heads"
 

@@ -9,7 +9,7 @@ import numpy as np
 from helpers import run_cli
 
 from bouncer.runtime.images import image_folder
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 def test_deterministic_from_seed():
@@ -37,8 +37,8 @@ def test_write_dataset_layout(tmp_path):
 
 
 def test_the_incident_line_is_deterministic_with_ground_truth(tmp_path):
-    from bouncer.runtime.sources import incidents
     from bouncer.runtime.sources.streams import open_source
+    from bouncer.sim import incidents
 
     plan = incidents.schedule(warmup=20, frames=560)
     a = list(incidents.line(5, 560, warmup=20))

@@ -18,20 +18,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import Collector, StationProcess, free_port, http_json, publish_all, run_cli, station_config, wait_until
+from helpers import (
+    Collector,
+    StationProcess,
+    device_toml,
+    free_port,
+    http_json,
+    publish_all,
+    run_cli,
+    station_config,
+    wait_until,
+)
 
 from bouncer.runtime import schemas
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 from bouncer.station.consumer import Consumer
 from bouncer.station.store import Store
-
-
-def device_toml(path: Path, **sections: dict[str, object]) -> Path:
-    text = ""
-    for name, values in sections.items():
-        text += f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-    path.write_text(text)
-    return path
 
 
 def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_dir, tmp_path, bouncer_home):
@@ -209,7 +211,7 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
         reasons = " | ".join(q["reason"] for q in c.store.quarantined())
         for needle in (
             "not UTF-8",
-            "missing field",
+            "missing required field `device`",
             "expected a JSON object",
             "exceeds",
             "on the topic of",
@@ -323,6 +325,36 @@ def test_enough_new_labels_start_retraining_and_an_operator_approves_the_challen
         station.stop()
 
 
+def test_a_new_class_with_too_few_labels_waits_and_the_station_says_how_many_more(
+    broker, station_dir, sim_gate, built_models, tmp_path
+):
+    """Ten labels of a new part give it two or three calibration frames: not enough to accept it. Nothing is
+    published (the gate would be the champion again), the reason names the class and the labels it needs,
+    and once the rest are labelled the class joins."""
+    station = retraining_station(station_dir, broker, tmp_path, 'approval = "auto"')
+    try:
+        _, queue = bolts_in_queue(station, broker, sim_gate, built_models["onnx_int8"], tmp_path, seed=71)
+        for f in queue["frames"][:10]:
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
+        status, result = http_json(f"{station.url}/api/retrain", {})
+        assert status == 200 and not result["published"], result
+        assert result["reason"].startswith("labels not yet enough for new class(es): bolt"), result["reason"]
+        pend = result["metrics"]["pending_classes"]["bolt"]
+        assert pend["calibration"] < 8 and pend["labels_needed"] >= (8 - pend["calibration"]) * 3, pend
+        assert "more labels" in result["reason"]
+        gates = http_json(f"{station.url}/api/gates")[1]
+        assert [g["role"] for g in gates["gates"]] == ["champion"] and "bolt" not in gates["published"]["classes"]
+        for f in queue["frames"][10:]:
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
+        status, result = http_json(f"{station.url}/api/retrain", {})
+        assert status == 200 and result["published"], result
+        support = result["metrics"]["new_class_support"]["bolt"]
+        assert support["supported"] and support["calibration"] >= 8 and support["mistakes"] == 0, support
+        assert "bolt" in http_json(f"{station.url}/api/gates")[1]["published"]["classes"]
+    finally:
+        station.stop()
+
+
 def test_a_restarted_station_worker_gets_what_was_queued_while_it_was_down(broker, tmp_path):
     c = consumer(broker, tmp_path / "st", "w1")
     c.stop()  # a clean stop keeps the persistent session (MQTT v5 session expiry)
@@ -349,12 +381,36 @@ def test_scheduled_retraining_runs_when_due_and_only_with_new_labels(
         for f in queue["frames"]:
             assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
         published = wait_until(lambda: (g := http_json(f"{station.url}/api/gates")[1]["published"])["version"]
-                               != first and g, timeout=60)  # fmt: skip
+                               != first and g, timeout=180)  # fmt: skip
         assert "bolt" in published["classes"]
         time.sleep(7)  # no new labels since: the schedule does not fit again
         assert len(http_json(f"{station.url}/api/gates")[1]["gates"]) == 2
     finally:
         station.stop()
+
+
+def test_labels_given_while_a_retraining_fits_count_as_new_for_the_next(tmp_path):
+    """A scheduled retraining that read 30 of 44 labels must run again for the other 14, although they were
+    labelled before it finished (CI caught the schedule stopping there)."""
+    from bouncer.station.config import RetrainSection
+    from bouncer.station.service import retraining_due
+
+    store = Store(tmp_path / "st")
+    try:
+        store.add_gate("g1", "default", 1, "champion", tmp_path / "g1.bouncer", {})
+        for i in range(3):
+            store.add_frame(frame_message("cam-1", i))
+        schedule = RetrainSection(every_s=2.0)
+        store.set_label("cam-1-00000", "label", "gear", "ann")
+        started = time.time()  # a retraining reads the one label ...
+        store.set_label("cam-1-00001", "label", "gear", "ann")  # ... an operator labels another while it fits
+        store.add_retrain("default", {"published": False, "reason": "labels not yet enough"}, started)
+        assert retraining_due(store, schedule, "default", time.time() + 3)
+        store.add_retrain("default", {"published": False, "reason": "labels not yet enough"}, time.time())
+        assert not retraining_due(store, schedule, "default", time.time() + 3)  # nothing new since
+        assert not retraining_due(store, RetrainSection(every_s=0.0), "default", time.time() + 3)  # schedule off
+    finally:
+        store.close()
 
 
 def retraining_station(station_dir: Path, broker, tmp_path: Path, retrain: str) -> StationProcess:
@@ -364,10 +420,11 @@ def retraining_station(station_dir: Path, broker, tmp_path: Path, retrain: str) 
 
 
 def bolts_in_queue(station: StationProcess, broker, sim_gate: Path, model: Path, tmp_path: Path, seed: int):
-    """What a device would send for 36 frames of a part its gate never saw, delivered and queued."""
+    """What a device would send for 44 frames of a part its gate never saw, delivered and queued (enough for the
+    new class to be supported by its own calibration frames: fitting/support.py)."""
     from helpers import device_messages
 
-    bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=36, seed=seed)
+    bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=44, seed=seed)
     msgs = device_messages(sim_gate, model, bolts, "cam-7")
     publish_all(broker.port, [(schemas.topic("cam-7", "frames"), m.encode()) for m in msgs])
     queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]

@@ -23,7 +23,7 @@ from bouncer.runtime.gates import explain
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.images import read_bgr
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 
 @pytest.fixture()

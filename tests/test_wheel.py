@@ -38,7 +38,9 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
         "bouncer/station/static/style.css",
         "bouncer/devices/ota.py",
         "bouncer/cli/demo.py",
-        "bouncer/runtime/sources/incidents.py",
+        "bouncer/sim/incidents.py",
+        "bouncer/sim/sources.py",
+        "bouncer/fitting/fit.py",
         "bouncer/runtime/gates/explain.py",
         "bouncer/runtime/gates/guard.py",
         "bouncer/runtime/kernels/reference.py",
@@ -47,7 +49,9 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
     assert any(n.startswith("bouncer/_hotpath") and n.endswith(".so") for n in names), "C++ hot path not in the wheel"
     assert not any(n.startswith(("bouncer/tests/", "bouncer/.venv", "tests/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "bouncer = bouncer.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    entries = zipfile.ZipFile(wheel).read(entry).decode()
+    assert "bouncer = bouncer.cli.main:main" in entries
+    assert "[bouncer.sources]" in entries and "sim = bouncer.sim.sources:open_sim" in entries  # the plug-ins
 
     target = tmp_path / "site"
     subprocess.run(

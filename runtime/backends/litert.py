@@ -15,7 +15,7 @@ import numpy as np
 
 from bouncer.runtime.backends.base import Backend, check_outputs
 from bouncer.runtime.errors import ModelError
-from bouncer.runtime.modelcard import read_sidecar, with_hash
+from bouncer.runtime.modelcard import read_card_file, with_hash
 
 
 def interpreter_class():
@@ -48,7 +48,7 @@ class LiteRTBackend(Backend):
         interp_cls = interpreter_class()
         if interp_cls is None:
             raise ModelError(f"{path}: LiteRT is not installed (pip install 'bouncer[litert]')")
-        card = read_sidecar(path)
+        card = read_card_file(path)
         if card is None:
             raise ModelError(f"{path}: no model card ({path.name}.card.json or .card.toml beside it)")
         self.card = with_hash(card, path)

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from bouncer.runtime.backends.base import Backend, check_outputs
 from bouncer.runtime.errors import ModelError
-from bouncer.runtime.modelcard import CARD_KEY, ModelCard, read_sidecar, with_hash
+from bouncer.runtime.modelcard import CARD_KEY, ModelCard, read_card_file, with_hash
 
 ort.set_default_logger_severity(3)
 
@@ -61,11 +61,12 @@ class OnnxBackend(Backend):
             except ValueError as exc:
                 raise ModelError(f"{self.path}: corrupt model card in metadata ({exc})") from None
         else:
-            card = read_sidecar(self.path)
-            if card is None:
+            card_file = read_card_file(self.path)
+            if card_file is None:
                 raise ModelError(
                     f"{self.path}: no model card (metadata key {CARD_KEY!r} or {self.path.name}.card.json/.toml)"
                 )
+            card = card_file
         return with_hash(card, self.path)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:

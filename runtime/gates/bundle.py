@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.heads import FUSION_METHODS, Fusion, GaussianHead, KnnHead, LinearHead
+from bouncer.runtime.gates.heads import FUSION_METHODS, Fusion, GaussianHead, KnnHead, OodHead, load_head
 from bouncer.runtime.gates.quality import QualityGate
+from bouncer.runtime.gates.tasks import TaskHead, load_task, task_arrays, task_meta
 from bouncer.runtime.preprocess import Preprocessing
 
 FORMAT = "bouncer-gate"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: task heads of other kinds (the user's classifier or anomaly model), the sidecar
+READS = (2, 3)
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 
 
@@ -52,8 +54,8 @@ class GateBundle:
     classes: list[str]
     preprocessing: Preprocessing
     quality: QualityGate
-    task: LinearHead
-    ood_heads: list[GaussianHead | KnnHead]
+    task: TaskHead  # what is certified: Bouncer's classifier, the user's, or the user's anomaly score
+    ood_heads: list[OodHead]
     fusion: Fusion
     ood_threshold: float
     ood_quantile: float
@@ -63,21 +65,25 @@ class GateBundle:
     # can compare the gate against it on the same frames.
     baseline: GaussianHead | None = None
     baseline_threshold: float | None = None
-    # how the OOD heads were chosen: candidates, their held-out-class figures, the choice (gates/select.py)
+    # how the OOD heads were chosen: candidates, their held-out-class figures, the choice (fitting/select.py)
     selection: dict[str, Any] = field(default_factory=dict)
     # kNN on a map's channel maxima, only for the heatmaps of flagged frames (whatever heads decide)
     explainer: KnnHead | None = None
+    # what the fit was asked for (fitting/fit.py FitSettings): target, delta, OOD quantile, heads, fusion, seed
+    fit_settings: dict[str, Any] = field(default_factory=dict)
+    # Bouncer's backbone run beside a user's model for OOD heads (its outputs prefixed `sidecar.`): name, hash
+    sidecar: dict[str, str] | None = None
 
     # ---- writing -------------------------------------------------------------------------------
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"task.weight": self.task.weight, "task.bias": self.task.bias}
+        arrays = task_arrays(self.task)
         for i, h in enumerate(self.ood_heads):
-            arrays |= _head_arrays(h, f"ood{i}")
+            arrays |= h.arrays(f"ood{i}")
         if self.baseline is not None:
-            arrays |= _head_arrays(self.baseline, "baseline")
+            arrays |= self.baseline.arrays("baseline")
         if self.explainer is not None:
-            arrays |= _head_arrays(self.explainer, "explain")
+            arrays |= self.explainer.arrays("explain")
         f = self.fusion
         arrays |= {"fusion.knots_x": f.knots_x, "fusion.knots_y": f.knots_y}
         arrays |= {"fusion.slope_lo": f.slope_lo, "fusion.slope_hi": f.slope_hi}
@@ -93,9 +99,10 @@ class GateBundle:
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
             "quality": self.quality.to_dict(),
-            "task": {"temperature": self.task.temperature},
+            "task": task_meta(self.task),
+            "sidecar": self.sidecar,
             "ood": {
-                "heads": [_head_meta(h) for h in self.ood_heads],
+                "heads": [h.meta() for h in self.ood_heads],
                 "fusion": {
                     "names": self.fusion.names,
                     "method": self.fusion.method,
@@ -107,10 +114,11 @@ class GateBundle:
             },
             "baseline": None
             if self.baseline is None
-            else {"head": _head_meta(self.baseline), "threshold": self.baseline_threshold},
-            "explain": None if self.explainer is None else _head_meta(self.explainer),
+            else {"head": self.baseline.meta(), "threshold": self.baseline_threshold},
+            "explain": None if self.explainer is None else self.explainer.meta(),
             "acceptance": self.acceptance.__dict__,
             "fit_metrics": self.fit_metrics,
+            "fit_settings": self.fit_settings,
         }
 
     def save(self, path: Path) -> Path:
@@ -118,7 +126,7 @@ class GateBundle:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez(buf, **self._arrays())
+        np.savez(buf, **self._arrays())  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -158,21 +166,16 @@ class GateBundle:
     def _from(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> GateBundle:
         if meta.get("format") != FORMAT:
             raise ValueError("not a Bouncer gate bundle")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format version {meta.get('format_version')} (this Bouncer reads {FORMAT_VERSION})")
+        if meta.get("format_version") not in READS:
+            raise ValueError(f"format version {meta.get('format_version')} (this Bouncer reads {READS})")
         classes = [str(c) for c in meta["classes"]]
-        task = LinearHead(
-            weight=arrays["task.weight"].astype(np.float32),
-            bias=arrays["task.bias"].astype(np.float32),
-            temperature=float(meta["task"]["temperature"]),
-        )
-        if task.weight.ndim != 2 or task.weight.shape[0] != len(classes) or task.bias.shape != (len(classes),):
-            raise ValueError(f"task head shape {task.weight.shape} does not match {len(classes)} classes")
-        if not task.temperature > 0:
-            raise ValueError("task temperature must be positive")
-        heads = [_head_from(h, arrays, f"ood{i}") for i, h in enumerate(meta["ood"]["heads"])]
+        task = load_task(dict(meta["task"]), arrays, len(classes))
+        side = meta.get("sidecar")
+        if side is not None and not (isinstance(side, dict) and isinstance(side.get("hash"), str)):
+            raise ValueError("sidecar: expected {name, hash}")
+        heads = [load_head(h, arrays, f"ood{i}") for i, h in enumerate(meta["ood"]["heads"])]
         base = meta.get("baseline")
-        baseline = _head_from(base["head"], arrays, "baseline") if base else None
+        baseline = load_head(base["head"], arrays, "baseline") if base else None
         fm = meta["ood"]["fusion"]
         fusion = Fusion(
             [str(n) for n in fm["names"]],
@@ -210,48 +213,13 @@ class GateBundle:
             baseline_threshold=float(base["threshold"]) if base else None,
             selection=dict(meta["ood"].get("selection") or {}),
             explainer=_explainer(meta.get("explain"), arrays),
+            fit_settings=dict(meta.get("fit_settings") or {}),
+            sidecar=None if side is None else {"name": str(side.get("name", "")), "hash": side["hash"]},
         )
 
 
 def _explainer(meta: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> KnnHead | None:
-    head = None if meta is None else _head_from(meta, arrays, "explain")
+    head = None if meta is None else load_head(meta, arrays, "explain")
     if head is not None and not (isinstance(head, KnnHead) and head.reduce == "max"):
         raise ValueError("explain head: expected kNN on a map's channel maxima")
     return head
-
-
-def _head_arrays(h: GaussianHead | KnnHead, prefix: str) -> dict[str, np.ndarray]:
-    if isinstance(h, GaussianHead):
-        return {f"{prefix}.means": h.means, f"{prefix}.basis": h.basis, f"{prefix}.inv_evals": h.inv_evals}
-    return {f"{prefix}.bank": h.bank}
-
-
-def _head_meta(h: GaussianHead | KnnHead) -> dict[str, Any]:
-    if isinstance(h, GaussianHead):
-        return {"kind": "mahalanobis", "source": h.source, "spatial": h.spatial, "inv_rest": h.inv_rest}
-    return {"kind": "knn", "source": h.source, "k": h.k, "reduce": h.reduce}
-
-
-def _head_from(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> GaussianHead | KnnHead:
-    if meta["kind"] == "mahalanobis":
-        g = GaussianHead(
-            source=str(meta["source"]),
-            means=arrays[f"{prefix}.means"].astype(np.float32),
-            basis=arrays[f"{prefix}.basis"],
-            inv_evals=arrays[f"{prefix}.inv_evals"].astype(np.float32),
-            inv_rest=float(meta["inv_rest"]),
-            spatial=bool(meta["spatial"]),
-        )
-        return g
-    if meta["kind"] == "knn":
-        reduce = meta.get("reduce")
-        if reduce not in (None, "max"):
-            raise ValueError(f"{prefix} head: unknown reduce {reduce!r}")
-        bank = arrays[f"{prefix}.bank"]
-        if bank.ndim != 2 or len(bank) == 0:
-            raise ValueError(f"{prefix} head: empty or malformed bank")
-        k = int(meta["k"])
-        if not 1 <= k <= len(bank):
-            raise ValueError(f"{prefix} head: k={k} outside 1..{len(bank)}")
-        return KnnHead(source=str(meta["source"]), bank=bank, k=k, reduce=reduce)
-    raise ValueError(f"unknown OOD head kind {meta['kind']!r}")

@@ -25,14 +25,25 @@ def explaining_head(bundle: GateBundle) -> KnnHead | None:
     return next((h for h in bundle.ood_heads if isinstance(h, KnnHead) and h.reduce == "max"), None)
 
 
-def heatmap(bundle: GateBundle, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
-    """H x W float32 in [0, 1] for the first frame of `outputs`, or None if the gate has no spatial head."""
+def heatmap(
+    bundle: GateBundle,
+    outputs: dict[str, np.ndarray],
+    vectors: dict[str, np.ndarray] | None = None,
+    anomaly_map: str | None = None,
+) -> np.ndarray | None:
+    """H x W float32 in [0, 1] for the first frame of `outputs`, or None if the gate has no spatial head.
+    `vectors`: the frame's head inputs already computed (`frame_vectors`), so the maxima are not taken twice.
+    `anomaly_map`: the user's anomaly model's own map (its card's output), shown instead where it exists."""
+    if anomaly_map and anomaly_map in outputs:
+        m = np.asarray(outputs[anomaly_map][0], np.float32).reshape(outputs[anomaly_map].shape[-2:])
+        lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
+        return ((m - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(m)
     head = explaining_head(bundle)
     if head is None or head.source not in outputs or outputs[head.source].ndim != 4:
         return None
     fmap = np.asarray(outputs[head.source][0], np.float32)  # C x H x W
-    c, h, w = fmap.shape
-    v = fmap.reshape(c, -1).max(axis=1)
+    _, h, w = fmap.shape
+    v = vectors[head.input_key] if vectors and head.input_key in vectors else head.vectors(outputs)[0]
     norm = float(np.linalg.norm(v)) or 1.0
     vn = v / norm
     bank = head.bank_f32

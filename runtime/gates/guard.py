@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -12,36 +11,29 @@ import numpy as np
 
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.gates.bundle import BundleError, GateBundle
+from bouncer.runtime.gates.decision import Decision, Verdict, rule_one
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
+from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, task_meta
 from bouncer.runtime.preprocess import preprocess
 
-ACCEPT, REVIEW, REJECT = "accept", "review", "reject"
 
+def check_pairing(bundle: GateBundle, backend: Backend) -> None:
+    """A gate guards one kind of model, and reads the sidecar it was fitted with (if any)."""
+    from bouncer.runtime.backends.paired import PairedBackend
 
-@dataclass
-class Decision:
-    decision: str
-    label: str | None = None
-    confidence: float | None = None
-    ood_score: float | None = None
-    reasons: list[str] = field(default_factory=list)
-    details: list[dict[str, Any]] = field(default_factory=list)  # what fired: stat, value, threshold
-    quality: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "decision": self.decision,
-            "label": self.label,
-            "confidence": None if self.confidence is None else round(self.confidence, 6),
-            "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
-            "reasons": self.reasons,
-            "details": self.details,
-            "quality": {k: round(v, 4) for k, v in self.quality.items()},
-        }
-
-
-def unreadable(message: str) -> Decision:
-    return Decision(REJECT, reasons=["unreadable"], details=[{"reason": "unreadable", "error": message}])
+    task, kind = backend.card.task, task_meta(bundle.task)["kind"]
+    if TASK_OF_CARD[task] != kind:
+        raise BundleError(f"gate {bundle.version} certifies a {kind} task head; {backend.path.name}'s card says "
+                          f"task = {task!r}")  # fmt: skip
+    if bundle.sidecar is None:
+        return
+    side = backend.sidecar.card if isinstance(backend, PairedBackend) else None
+    if side is None or side.model_hash != bundle.sidecar["hash"]:
+        have = "none" if side is None else f"{side.name} ({side.model_hash[:12]})"
+        raise BundleError(
+            f"gate {bundle.version} reads the sidecar backbone {bundle.sidecar['name']} "
+            f"({bundle.sidecar['hash'][:12]}) beside {backend.path.name}; loaded: {have} (--sidecar / gate.sidecar)"
+        )
 
 
 class Guard:
@@ -53,6 +45,7 @@ class Guard:
                 f"gate {bundle.version} was fitted on backbone {bundle.backbone_name} ({bundle.backbone_hash[:12]}), "
                 f"not on {backend.path.name} ({backend.card.model_hash[:12]})"
             )
+        check_pairing(bundle, backend)
         pp, mp = bundle.preprocessing, backend.card.preprocessing
         if (pp.height, pp.width, pp.mean, pp.std, pp.color) != (mp.height, mp.width, mp.mean, mp.std, mp.color):
             raise BundleError(f"gate {bundle.version}: preprocessing does not match the model's card")
@@ -61,10 +54,12 @@ class Guard:
         self._input = np.empty((1, 3, pp.height, pp.width), np.float32)  # reused for single frames
         self.last_backbone_s = 0.0
         # bound once: after the backbone call each attribute lookup is a cache miss (see KnnHead.scorer)
-        self._features, self._probs, self._fuse = backend.card.features, bundle.task.probs, bundle.fusion.fuse
+        self._features, self._probs, self._fuse = backend.card.task_input, bundle.task.probs, bundle.fusion.fuse
+        # an anomaly gate's one confidence is "this frame is good"; too low is an anomaly, not an unsure class
+        self._low = "anomaly" if isinstance(bundle.task, AnomalyScore) else "low_confidence"
         self._scorers = [h.scorer() for h in bundle.ood_heads]
         # The frame loop is sequential: OpenCV's worker pool would only wake threads that compete with
-        # the backbone's for the same cores (measured: guard overhead 11.4% -> 10.2% of the backbone).
+        # the backbone's for the same cores (docs/hotpath.md, "Measured choices").
         cv2.setNumThreads(1)
 
     # ---- heads on backbone outputs (vectorised; the per-frame reference) ----------------------
@@ -79,21 +74,27 @@ class Guard:
 
     def decide(self, issues: list[dict[str, Any]], probs: np.ndarray | None, fused: float | None, q: dict) -> Decision:
         if issues:
-            return Decision(REJECT, reasons=sorted({i["reason"] for i in issues}), details=issues, quality=q)
+            return Decision(Verdict.REJECT, reasons=sorted({i["reason"] for i in issues}), details=issues, quality=q)
         assert probs is not None and fused is not None
         b = self.bundle
+        if not np.isfinite(probs).all():  # a model that emits NaN is not trusted (a NaN OOD score is just "ood")
+            why = {"reason": "invalid_output", "value": "NaN or infinite model output"}
+            return Decision(Verdict.REVIEW, reasons=["invalid_output"], details=[why], quality=q)
         k = int(probs.argmax())
         conf = float(probs[k])
-        d = Decision(ACCEPT, label=b.classes[k], confidence=conf, ood_score=float(fused), quality=q)
-        if fused > b.ood_threshold:
+        thr = b.acceptance.threshold
+        ood, low = rule_one(conf, float(fused), b.ood_threshold, thr)
+        d = Decision(Verdict.ACCEPT, label=b.classes[k], confidence=conf, ood_score=float(fused), quality=q)
+        if low and self._low == "anomaly":
+            d.label = "anomaly"
+        if ood:
             d.reasons.append("ood")
             d.details.append({"reason": "ood", "value": round(float(fused), 4), "threshold": round(b.ood_threshold, 4)})
-        thr = b.acceptance.threshold
-        if thr is None or conf < thr:
-            d.reasons.append("low_confidence")
-            d.details.append({"reason": "low_confidence", "value": round(conf, 6), "threshold": thr})
-        if d.reasons:
-            d.decision = REVIEW
+        if low:
+            d.reasons.append(self._low)
+            d.details.append({"reason": self._low, "value": round(conf, 6), "threshold": thr})
+        if ood or low:
+            d.decision = Verdict.REVIEW
         return d
 
     def score_frame(

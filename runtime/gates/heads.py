@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -76,13 +77,51 @@ def head_input(key: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
 
 def candidate_inputs(card: ModelCard) -> list[str]:
     """Every input head selection may choose from: the task features, each pooled tap, each map's maxima."""
-    return [card.features, *card.taps, *(f"{m}@max" for m in card.maps)]
+    return [k for k in (card.features, *card.taps, *(f"{m}@max" for m in card.maps)) if k]
 
 
 def frame_vectors(card: ModelCard, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every candidate input of the first frame of `outputs`: what a flagged frame carries to the station, so
-    that retraining can choose its heads again without the backbone."""
-    return {k: head_input(k, outputs)[0] for k in candidate_inputs(card) if k.partition("@")[0] in outputs}
+    """The task input and every candidate OOD input of the first frame of `outputs`: what a flagged frame carries
+    to the station, so that retraining can recalibrate and choose its heads again without the model."""
+    keys = dict.fromkeys([card.task_input, *candidate_inputs(card)])
+    return {k: np.atleast_1d(head_input(k, outputs)[0]) for k in keys if k.partition("@")[0] in outputs}
+
+
+class OodHead:
+    """What every OOD head is: it reads one input (`input_key`: a backbone output, or a map's channel maxima),
+    turns a backbone's outputs into that input's vectors, scores vectors (what feature sets and the wire hold)
+    and saves itself into a bundle as arrays plus JSON metadata (`kind` names the class that loads it)."""
+
+    kind: ClassVar[str]
+    source: str
+
+    @property
+    def input_key(self) -> str:
+        return self.source
+
+    def vectors(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return head_input(self.input_key, outputs)
+
+    def score(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One score per frame of a backbone's outputs (higher = more unfamiliar)."""
+        return self.score_vectors(self.vectors(outputs))
+
+    def score_vectors(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def scorer(self) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        """`score` with its lookups bound once: the guard calls it every frame."""
+        return self.score
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> OodHead:
+        raise NotImplementedError
 
 
 @dataclass
@@ -127,9 +166,10 @@ def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 @dataclass
-class GaussianHead:
+class GaussianHead(OodHead):
     """Mahalanobis distance to the nearest mean. `source`: the backbone output it reads."""
 
+    kind: ClassVar[str] = "mahalanobis"
     source: str
     means: np.ndarray  # C x d
     basis: np.ndarray  # d x r, float16: the per-frame cost is streaming it
@@ -145,6 +185,7 @@ class GaussianHead:
             means = flat.mean(0, keepdims=True)
             xc = flat - means
         else:
+            assert labels is not None, "pooled Gaussian heads need class labels"
             xn = l2n(x)
             classes = np.unique(labels)
             means = np.stack([xn[labels == c].mean(0) for c in classes])
@@ -173,25 +214,42 @@ class GaussianHead:
         return kernels.mahalanobis(_f32(x), self.means, self.basis, self.inv_evals, self.inv_rest, self.means_proj)
 
     def scorer(self) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-        """`score` on a backbone's outputs, with its lookups bound once (the guard calls it every frame)."""
-        source, score = self.source, self.score
+        source, score = self.source, self.score_vectors
         return lambda outputs: score(outputs[source])
 
-    def score(self, out: np.ndarray) -> np.ndarray:
-        """One score per frame: nearest-mean distance; for maps, the most unusual patch."""
+    def score_vectors(self, out: np.ndarray) -> np.ndarray:
+        """Nearest-mean distance per frame; for maps, the most unusual patch."""
         if self.spatial:
             p = patches(out)
             n, m, d = p.shape
             return self.distances(p.reshape(-1, d)).min(1).reshape(n, m).max(1)
         return self.distances(out.reshape(len(out), -1)).min(1)
 
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.means": self.means, f"{prefix}.basis": self.basis, f"{prefix}.inv_evals": self.inv_evals}
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source, "spatial": self.spatial, "inv_rest": self.inv_rest}
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> GaussianHead:
+        return cls(
+            source=str(meta["source"]),
+            means=arrays[f"{prefix}.means"].astype(np.float32),
+            basis=arrays[f"{prefix}.basis"],
+            inv_evals=arrays[f"{prefix}.inv_evals"].astype(np.float32),
+            inv_rest=float(meta["inv_rest"]),
+            spatial=bool(meta["spatial"]),
+        )
+
 
 @dataclass
-class KnnHead:
+class KnnHead(OodHead):
     """Cosine distance to the k-th nearest training vector. `reduce="max"` first takes each channel's
     maximum over the feature map: a small local defect barely moves an average but sets a maximum, so
     patch-level evidence survives in one vector (the magnetic-tile measurements in docs/bundle.md)."""
 
+    kind: ClassVar[str] = "knn"
     source: str
     bank: np.ndarray  # N x d, l2-normalised, float16
     k: int = 1
@@ -200,36 +258,67 @@ class KnnHead:
     def __post_init__(self) -> None:
         self.bank = np.ascontiguousarray(self.bank)
 
+    @property
+    def input_key(self) -> str:
+        return f"{self.source}@{self.reduce}" if self.reduce else self.source
+
     @functools.cached_property
     def bank_f32(self) -> np.ndarray:
         """The bank as float32, converted once (the explanation of every flagged frame reads it)."""
         return self.bank.astype(np.float32)
 
-    def vectors(self, out: np.ndarray) -> np.ndarray:
-        return kernels.spatial_max(_f32(out)) if self.reduce == "max" else _f32(out.reshape(len(out), -1))
-
     @classmethod
     def fit(cls, source: str, out: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
-        head = cls(source=source, bank=np.zeros((0, 0), np.float16), k=min(k, len(out)), reduce=reduce)
-        return cls.from_vectors(source, head.vectors(out), k, reduce)
+        """From one backbone output (N x ... ; a map when reduce="max")."""
+        key = f"{source}@{reduce}" if reduce else source
+        return cls.from_vectors(source, head_input(key, {source: out}), k, reduce)
 
     @classmethod
     def from_vectors(cls, source: str, vectors: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
         """A bank from vectors already reduced (what devices send the station with a flagged frame)."""
-        return cls(source=source, bank=l2n(_f32(vectors)).astype(np.float16), k=min(k, len(vectors)), reduce=reduce)
-
-    def score(self, out: np.ndarray) -> np.ndarray:
-        return self.score_vectors(self.vectors(out))
+        flat = _f32(vectors.reshape(len(vectors), -1))
+        return cls(source=source, bank=l2n(flat).astype(np.float16), k=min(k, len(vectors)), reduce=reduce)
 
     def scorer(self) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-        """`score` on a backbone's outputs with its lookups bound once: after the backbone call every
-        attribute and object the interpreter touches is a cache miss (measured: 121 -> 65 us per frame for
-        the default heads)."""
-        source, vectors, bank, k, knn = self.source, self.vectors, self.bank, self.k, kernels.knn_score
-        return lambda outputs: knn(vectors(outputs[source]), bank, k)
+        # after the backbone call every attribute and object the interpreter touches is a cache miss: bind
+        # everything once (docs/hotpath.md, "Measured choices")
+        source, bank, k, knn, smax = self.source, self.bank, self.k, kernels.knn_score, kernels.spatial_max
+        if self.reduce == "max":
+            return lambda outputs: knn(smax(_f32(outputs[source])), bank, k)
+        return lambda outputs: knn(_f32(outputs[source].reshape(len(outputs[source]), -1)), bank, k)
 
     def score_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        return kernels.knn_score(_f32(vectors), self.bank, self.k)
+        return kernels.knn_score(_f32(vectors.reshape(len(vectors), -1)), self.bank, self.k)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.bank": self.bank}
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source, "k": self.k, "reduce": self.reduce}
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> KnnHead:
+        reduce = meta.get("reduce")
+        if reduce not in (None, "max"):
+            raise ValueError(f"{prefix} head: unknown reduce {reduce!r}")
+        bank = arrays[f"{prefix}.bank"]
+        if bank.ndim != 2 or len(bank) == 0:
+            raise ValueError(f"{prefix} head: empty or malformed bank")
+        k = int(meta["k"])
+        if not 1 <= k <= len(bank):
+            raise ValueError(f"{prefix} head: k={k} outside 1..{len(bank)}")
+        return cls(source=str(meta["source"]), bank=bank, k=k, reduce=reduce)
+
+
+HEAD_KINDS: dict[str, type[OodHead]] = {h.kind: h for h in (GaussianHead, KnnHead)}
+
+
+def load_head(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> OodHead:
+    """A head saved by `arrays`/`meta`, by its kind."""
+    kind = meta["kind"]
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown OOD head kind {kind!r}")
+    return HEAD_KINDS[kind].from_saved(meta, arrays, prefix)
 
 
 FUSION_METHODS = {
@@ -264,7 +353,7 @@ class Fusion:
 
     Averaging standardised scores (`mean`) lets a weak head hide a strong one's alarm; `max` of -log p flags
     a frame that any head finds rare, `sum` (Fisher) one that several find unusual. The choice is measured
-    per line (gates/select.py)."""
+    per line (fitting/select.py)."""
 
     names: list[str]
     method: str
@@ -313,18 +402,14 @@ class Fusion:
         return kernels.fuse(_f32(scores), self.knots_x, self.knots_y, self.slope_lo, self.slope_hi, self._combine)
 
 
-def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> GaussianHead | KnnHead:
+def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> OodHead:
+    """A head from its spec and its input's vectors (see input_key) on training frames."""
     kind, source, reduce = parse_head(spec)
     if kind == "knn":
-        return KnnHead.from_vectors(source, x.reshape(len(x), -1), reduce=reduce)
+        return KnnHead.from_vectors(source, x, reduce=reduce)
     if kind == "patch":
         if x.ndim != 4:
             raise BouncerError(f"OOD head {spec!r}: {source} is not a feature map")
         n, c, h, w = x.shape
         return GaussianHead.fit(source, x.reshape(n, c, h * w).transpose(0, 2, 1), None, spatial=True)
     return GaussianHead.fit(source, x.reshape(len(x), -1), labels, spatial=False)
-
-
-def head_scores(head: GaussianHead | KnnHead, x: np.ndarray) -> np.ndarray:
-    """Scores from head inputs (a kNN head's vectors are already reduced)."""
-    return head.score_vectors(x) if isinstance(head, KnnHead) else head.score(x)

@@ -222,6 +222,7 @@ def knn_score(x: np.ndarray, bank: np.ndarray, k: int, bank_scale: np.ndarray | 
         raise ValueError("bank_scale: an int8 bank needs one float32 scale per row")
     xn, finite = _l2n(x)
     if bank.dtype == np.int8:
+        assert bank_scale is not None  # checked above
         xq, xs = quantize_bank(xn)
         dots = (xq.astype(np.int32) @ bank.astype(np.int32).T).astype(np.float32)
         sims = dots * (xs[:, None] * bank_scale[None, :])

@@ -8,8 +8,9 @@ reports each loss and recovery as an item with `event` set, never an exception.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import cv2
@@ -17,7 +18,6 @@ import numpy as np
 
 from bouncer.runtime.errors import BouncerError, ImageError
 from bouncer.runtime.images import read_bgr, to_bgr, walk_images
-from bouncer.runtime.sources import simulator
 
 
 @dataclass
@@ -115,7 +115,7 @@ class VideoSource(Source):
                 lost, backoff = False, 0.5
                 yield FrameItem(f"event-{n}", self.uri, event={"event": "camera_recovered", "uri": self.uri})
             ok, frame = self._read(cap)
-            if not ok:
+            if not ok or frame is None:
                 cap.release()
                 cap = None
                 if self.finite:
@@ -171,66 +171,26 @@ class _LatestFrame:
             return self.ok, self.frame, skipped
 
 
-class SimulatorSource(Source):
-    """The simulated line as an endless stream (sim:SEED)."""
-
-    live = True
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.seed = seed
-        self.uri = f"sim:{seed}"
-
-    def __iter__(self) -> Iterator[FrameItem]:
-        rng = np.random.default_rng(self.seed)
-        n = 0
-        while True:
-            part = simulator.KNOWN_CLASSES[int(rng.integers(len(simulator.KNOWN_CLASSES)))]
-            yield FrameItem(f"frame-{n:08d}", self.uri, frame=simulator.render(part, rng))
-            n += 1
+PLUGIN_GROUP = "bouncer.sources"
 
 
-class LineSource(Source):
-    """The simulated line with its incident schedule (line:SEED[:FRAMES[:WARMUP]]); frames carry their ground
-    truth. WARMUP (default 500) should match the device's drift.warmup."""
-
-    finite = True
-
-    def __init__(self, seed: int, frames: int, warmup: int = 500) -> None:
-        super().__init__()
-        self.seed, self.frames, self.warmup = seed, frames, warmup
-        self.uri = f"line:{seed}:{frames}:{warmup}"
-
-    def __iter__(self) -> Iterator[FrameItem]:
-        from bouncer.runtime.sources import incidents
-
-        for f in incidents.line(self.seed, self.frames, self.warmup):
-            if self.stop.is_set():
-                return
-            yield FrameItem(f"frame-{f.index:08d}", self.uri, frame=f.frame, truth=f.truth)
+def _plugin(scheme: str) -> Callable[[str], Source] | None:
+    """A source plug-in for URIs `SCHEME:...`, from the entry points of the installed distributions (the
+    simulator registers `sim` and `line`): the camera core names no plug-in."""
+    found = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == scheme]
+    return found[0].load() if found else None
 
 
 def open_source(uri: str, loop: bool = False, skip_under_load: bool = True) -> Source:
-    if uri.startswith("line:"):
-        from bouncer.runtime.sources import incidents
-
-        try:
-            parts = [int(x) for x in uri[5:].split(":")]
-            warmup = parts[2] if len(parts) > 2 else 500
-            seed, frames = parts[0], parts[1] if len(parts) > 1 else incidents.frames_needed(warmup)
-            if len(parts) > 3 or frames < 1 or warmup < 1:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise BouncerError(f"source {uri!r}: expected line:SEED[:FRAMES[:WARMUP]] (positive integers)") from None
-        return LineSource(seed, frames, warmup)
-    if uri.startswith("sim:"):
-        try:
-            return SimulatorSource(int(uri[4:] or 0))
-        except ValueError:
-            raise BouncerError(f"source {uri!r}: expected sim:SEED with an integer seed") from None
+    scheme, sep, _ = uri.partition(":")
+    if sep and scheme.isidentifier() and not uri.startswith(f"{scheme}://") and len(scheme) > 1:
+        opener = _plugin(scheme)
+        if opener is not None:
+            return opener(uri)
     path = Path(uri)
     if path.is_dir():
         return FolderSource(path, loop)
     if uri.isdigit() or "://" in uri or path.is_file():
         return VideoSource(uri, skip_under_load=skip_under_load)
-    raise BouncerError(f"source {uri!r}: not a folder, video file, camera index, URL or sim:SEED")
+    schemes = ", ".join(sorted(f"{ep.name}:..." for ep in entry_points(group=PLUGIN_GROUP))) or "none installed"
+    raise BouncerError(f"source {uri!r}: not a folder, video file, camera index, URL or plug-in source ({schemes})")

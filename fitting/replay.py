@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from bouncer.fitting.fit import FeatureSet
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.fit import FeatureSet
-from bouncer.runtime.gates.heads import head_scores, input_key
+from bouncer.runtime.gates.decision import rule
 
 
 @dataclass
@@ -22,21 +22,20 @@ class Replayed:
 
 
 def replay(bundle: GateBundle, fs: FeatureSet) -> Replayed:
-    """The guard's decision rule (guard.Guard.decide) applied to feature sets, in batch."""
+    """The decision rule (runtime/gates/decision.py) applied to feature sets, in batch."""
     n = len(fs)
     if n == 0:
         return Replayed(np.zeros(0, bool), [], np.zeros(0, np.float32), np.zeros(0, bool))
-    keys = [input_key(n) for n in bundle.fusion.names]
+    keys = [h.input_key for h in bundle.ood_heads]
     missing = [k for k in keys if k not in fs.vectors]
     if missing:
         raise ValueError(f"features lack the vectors of input(s) {', '.join(missing)}")
     q_ok = np.array([not bundle.quality.check(s) for s in fs.stats], bool)
     probs = bundle.task.probs(fs.features)
-    raw = np.stack([head_scores(h, fs.vectors[k]) for h, k in zip(bundle.ood_heads, keys, strict=True)], axis=1)
+    raw = np.stack([h.score_vectors(fs.vectors[h.input_key]) for h in bundle.ood_heads], axis=1)
     fused = bundle.fusion.fuse(raw)
-    thr = bundle.acceptance.threshold
     conf, pred = probs.max(1), probs.argmax(1)
-    accepted = q_ok & (fused <= bundle.ood_threshold) & (thr is not None) & (conf >= (thr if thr is not None else 2))
+    accepted = rule(q_ok, conf, fused, bundle.ood_threshold, bundle.acceptance.threshold).accepted
     predicted = [bundle.classes[int(p)] if ok else None for p, ok in zip(pred, q_ok, strict=True)]
     return Replayed(accepted, predicted, fused, q_ok)
 

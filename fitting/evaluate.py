@@ -11,17 +11,18 @@ from typing import Any
 
 import numpy as np
 
+from bouncer.fitting import select
+from bouncer.fitting.calibration import expected_calibration_error, reliability
+from bouncer.fitting.corruptions import CORRUPTIONS, GARBAGE
+from bouncer.fitting.fit import load_split
+from bouncer.fitting.plots import line_plot, reliability_plot
 from bouncer.runtime.errors import ImageError
-from bouncer.runtime.gates import select
-from bouncer.runtime.gates.calibration import expected_calibration_error, reliability
-from bouncer.runtime.gates.fit import load_split
-from bouncer.runtime.gates.guard import ACCEPT, Guard
-from bouncer.runtime.gates.heads import softmax
-from bouncer.runtime.gates.plots import line_plot, reliability_plot
+from bouncer.runtime.gates.decision import VERDICTS, Verdict
+from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.gates.quality import quality_stats
+from bouncer.runtime.gates.tasks import uncalibrated_probs
 from bouncer.runtime.images import list_images, read_bgr
 from bouncer.runtime.preprocess import preprocess
-from bouncer.runtime.sources.corruptions import CORRUPTIONS, GARBAGE
 
 BAD_KINDS = ("unknown", "foreign", "garbage")
 COVERAGES = (0.5, 0.7, 0.9)
@@ -53,18 +54,19 @@ class Mix:
         g, b = self.guard, self.guard.bundle
         stats = [quality_stats(f)[0] for f in self.frames]
         q_ok = np.array([not b.quality.check(s) for s in stats])
-        logits, fused, raw, base = [], [], [], []
+        probs_l, plain, fused, raw, base = [], [], [], [], []
         for i in range(0, len(self.frames), 16):
             batch = np.concatenate([preprocess(f, b.preprocessing) for f in self.frames[i : i + 16]])
             out = g.backend.run(batch)
-            logits.append(b.task.logits(out[g.backend.card.features]))
+            x = out[g.backend.card.task_input]
+            probs_l.append(b.task.probs(x))
+            plain.append(uncalibrated_probs(b.task, x))
             scores = g.head_scores(out)
             raw.append(scores)
             if b.baseline is not None:
                 base.append(out[b.baseline.source])
             fused.append(b.fusion.fuse(scores))
-        lg = np.concatenate(logits)
-        probs = softmax(lg / b.task.temperature)
+        probs = np.concatenate(probs_l)
         fused_all = np.concatenate(fused)
         decisions = [g.decide(b.quality.check(st), probs[i], float(fused_all[i]), st) for i, st in enumerate(stats)]
         return {
@@ -74,12 +76,12 @@ class Mix:
             "pred": probs.argmax(1),
             "conf": probs.max(1),
             "probs": probs,
-            "conf_t1": softmax(lg).max(1),
+            "conf_t1": np.concatenate(plain).max(1),
             "fused": fused_all,
             "raw": np.concatenate(raw),
             "outputs_baseline": np.concatenate(base) if base else None,
             "quality_ok": q_ok,
-            "accepted": np.array([d.decision == ACCEPT for d in decisions]),
+            "accepted": np.array([d.decision == Verdict.ACCEPT for d in decisions]),
             "decision": np.array([d.decision for d in decisions]),
         }
 
@@ -167,7 +169,7 @@ def evaluate(
     s = mix.score()
     clean = s["kind"] == "clean"
 
-    base = b.baseline.score(s["outputs_baseline"]) if b.baseline is not None else None
+    base = b.baseline.score_vectors(s["outputs_baseline"]) if b.baseline is not None else None
     # name -> (accepted at its operating point, always-on gate, OOD veto score or None, confidence). The
     # risk-coverage curve of a method is the best accepted error over every setting of its knobs that
     # reaches a coverage: fair to a method with one knob (softmax) and to those with two.
@@ -218,7 +220,7 @@ def evaluate(
     report["ece"] = round(expected_calibration_error(s["probs"][clean], s["label"][clean]), 5) if clean.any() else None
     report["clean_accuracy"] = round(float((s["pred"][clean] == s["label"][clean]).mean()), 5) if clean.any() else None
     report["by_group"] = {
-        g: {d: int(((s["group"] == g) & (s["decision"] == d)).sum()) for d in ("accept", "review", "reject")}
+        g: {d: int(((s["group"] == g) & (s["decision"] == d)).sum()) for d in VERDICTS}
         for g in sorted(set(s["group"].tolist()))
     }
     if out_dir is not None:

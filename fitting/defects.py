@@ -39,7 +39,7 @@ def blob(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     axes = (max(2, int(s * rng.uniform(0.03, 0.08))), max(2, int(s * rng.uniform(0.03, 0.08))))
     centre = (int(rng.uniform(0.15, 0.85) * w), int(rng.uniform(0.15, 0.85) * h))
     cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA)
-    mask = cv2.GaussianBlur(mask, (0, 0), max(axes) / 4)
+    mask = np.asarray(cv2.GaussianBlur(mask, (0, 0), max(axes) / 4), np.float32)
     return _blend(img, mask / max(float(mask.max()), 1e-6), _contrast(img, rng))
 
 
@@ -67,7 +67,7 @@ def dark_region(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pts = centre + np.stack([np.cos(angles), np.sin(angles)], 1) * radius * rng.uniform(0.7, 1.3, (len(angles), 1))
     mask = np.zeros((h, w), np.float32)
     cv2.fillPoly(mask, [pts.astype(np.int32)], 1.0, cv2.LINE_AA)
-    mask = cv2.GaussianBlur(mask, (0, 0), max(radius / 8, 1.0))
+    mask = np.asarray(cv2.GaussianBlur(mask, (0, 0), max(radius / 8, 1.0)), np.float32)
     factor = 1 - rng.uniform(0.3, 0.6) * mask[..., None]
     return np.clip(img.astype(np.float32) * factor, 0, 255).astype(np.uint8)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,8 @@ import numpy as np
 
 from bouncer.runtime import backends
 from bouncer.runtime.preprocess import preprocess
-from bouncer.runtime.sources import simulator
 from bouncer.runtime.timing import interleaved_latency_ms
+from bouncer.sim import simulator
 
 
 def held_out_frames(n: int = 24, seed: int = 987) -> list[np.ndarray]:
@@ -27,7 +28,7 @@ def bench_backbone(models: dict[str, dict[str, Path]], rounds: int = 5, per_roun
     for threads in (1, 2):
         loaded = {f"{rt}_{prec}": backends.load(p, threads) for rt, d in models.items() for prec, p in d.items()}
         x = preprocess(frames[0], next(iter(loaded.values())).card.preprocessing)
-        lat = interleaved_latency_ms({k: (lambda m=m, x=x: m.run(x)) for k, m in loaded.items()}, rounds, per_round)
+        lat = interleaved_latency_ms({k: partial(m.run, x) for k, m in loaded.items()}, rounds, per_round)
         for k, v in lat.items():
             results["latency_ms"][f"{k}_t{threads}"] = round(float(np.median(v)), 3)
         if threads == 1:

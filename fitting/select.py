@@ -4,7 +4,7 @@ Each known class is held out in turn as a pseudo-unknown: every candidate head i
 classes' training frames, its threshold set on their calibration frames at the gate's own operating
 quantile, and it is scored by the share of the held-out class it flags there (the catch rate at the flag
 rate the gate will run at). Synthetic defects made from the line's own calibration frames
-(`sources/defects.py`) are one more fold, and the only one on a line with a single class. The mix with the
+(`fitting/defects.py`) are one more fold, and the only one on a line with a single class. The mix with the
 best mean plus worst-fold catch rate wins; within `TIE` of it, fewer heads, then the higher mean AUROC.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates.heads import Fusion, fit_head, head_scores, input_key
+from bouncer.runtime.gates.heads import Fusion, fit_head, input_key
 
 MIN_FOLD_CALIB = 20  # clean calibration frames of the other classes a fold's threshold needs
 MIN_HELD_OUT = 5  # frames of the held-out class (or synthetic defects) a fold needs
@@ -174,8 +174,8 @@ def select_heads(
         calib_s[spec], unk_s[spec] = [], []
         for f in folds:
             head = fit_head(spec, f.train[key], f.train_labels)
-            calib_s[spec].append(head_scores(head, f.calib[key]))
-            unk_s[spec].append(head_scores(head, f.unknown[key]))
+            calib_s[spec].append(head.score_vectors(f.calib[key]))
+            unk_s[spec].append(head.score_vectors(f.unknown[key]))
 
     def score(mix: tuple[str, ...], method: str) -> Scored:
         tprs, aucs = [], []
@@ -201,15 +201,15 @@ def select_heads(
     contenders = [r for r in results if r.objective >= best - TIE]
     chosen = min(contenders, key=lambda r: (len(r.mix), -float(np.mean(r.auroc)), r.method, r.mix))
     ranked = sorted(results, key=lambda r: (-r.objective, len(r.mix), r.mix, r.method))
-    record = {
+    c = chosen.to_dict(folds)
+    record: dict[str, Any] = {
         "rule": RULE,
         "quantile": quantile,
         "folds": [{"name": f.name, "calibration": _rows(f.calib), "held_out": _rows(f.unknown)} for f in folds],
         "candidates": [r.to_dict(folds) for r in ranked[:12]],
-        "chosen": chosen.to_dict(folds),
+        "chosen": c,
         "over_budget": sorted(s for s in candidates if s not in calib_s),
     }
-    c = record["chosen"]
     say(
         f"heads chosen: {', '.join(chosen.mix)} (fusion {chosen.method}): catches {c['mean_catch']:.1%} of held-out "
         f"frames on average, {c['worst_catch']:.1%} in the worst of {len(folds)} folds (AUROC {c['mean_auroc']:.3f})"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from bouncer.runtime.sources import simulator
+from bouncer.sim import simulator
 
 PER_FRAME = ("new_defect", "foreign_object", "lens_smear", "frozen", "lens_cap")  # each frame should be flagged
 SLOW = ("light_bulb",)  # only a drift event can catch it

@@ -24,7 +24,7 @@ def motion_blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     kernel = np.zeros((k, k), np.float32)
     kernel[k // 2, :] = 1.0 / k
     m = cv2.getRotationMatrix2D((k / 2 - 0.5, k / 2 - 0.5), float(rng.uniform(0, 180)), 1.0)
-    kernel = cv2.warpAffine(kernel, m, (k, k))
+    kernel = np.asarray(cv2.warpAffine(kernel, m, (k, k)), np.float32)
     return cv2.filter2D(img, -1, kernel / max(kernel.sum(), 1e-6))
 
 
@@ -43,7 +43,8 @@ def contrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 8])
-    return cv2.imdecode(enc, cv2.IMREAD_COLOR) if ok else img
+    out = cv2.imdecode(enc, cv2.IMREAD_COLOR) if ok else None
+    return img if out is None else np.asarray(out)
 
 
 CORRUPTIONS: dict[str, Corruption] = {
