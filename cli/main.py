@@ -100,6 +100,20 @@ def cmd_models_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_expose(args: argparse.Namespace) -> int:
+    from bouncer.quantize.expose import candidates, expose
+
+    if args.list:
+        for name, dims in candidates(args.model):
+            print(f"{name}  {'x'.join(map(str, dims))}")
+        return 0
+    if not args.tensor or not args.out:
+        raise BouncerError("models expose: give --tensor NAME and --out OUT.onnx (or --list to see the tensors)")
+    card = expose(args.model, args.tensor, args.out, name=args.as_name)
+    print(json.dumps({"model": str(args.out), "features": card.features, "tensor": args.tensor}))
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     folder = home.models_dir()
     files = sorted(p for p in folder.glob("*") if p.suffix in (".onnx", ".tflite")) if folder.exists() else []
@@ -578,6 +592,13 @@ def _existing_dir(value: str) -> Path:
     return p
 
 
+def _existing_file(value: str) -> Path:
+    p = Path(value)
+    if not p.is_file():
+        raise BouncerError(f"{value}: no such file")
+    return p
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -616,6 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True, help=".onnx file (its card is written beside it)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--tflite", action="store_true", help="also its TFLite twin (fp32 and int8, through onnx2tf)")
+
+    xp = add("expose", cmd_models_expose, "add an intermediate tensor of your ONNX model to its outputs, as the "
+             "`features` the OOD heads read, without re-exporting ([build] extra)", msub)  # fmt: skip
+    xp.add_argument("model", type=_existing_file, help="your .onnx model, with its card beside it")
+    xp.add_argument("--tensor", help="the graph tensor to expose (N x D, or N x C x H x W: pooled)")
+    xp.add_argument("--out", type=Path, help="the new .onnx file (its card is written beside it)")
+    xp.add_argument("--as", dest="as_name", default="features", help="the new output's name (default: features)")
+    xp.add_argument("--list", action="store_true", help="list the 2-D and 4-D tensors near the graph's end")
 
     q = add("quantize", cmd_quantize, "make a static int8 ONNX model (QDQ, per-channel) and report its cost")
     q.add_argument("model", type=Path, help="fp32 .onnx model with a model card")

@@ -90,6 +90,51 @@ def test_without_the_sidecar_the_heads_read_the_models_own_embedding(classifier,
     assert Counter(r["decision"] for r in scored(out))["accept"] >= 50
 
 
+def test_a_tensor_inside_the_users_graph_is_exposed_as_the_features_the_heads_read(classifier, line, tmp_path):
+    """A classifier exported with `probs` only: `models expose` adds its hidden layer (or a pooled conv map) as an
+    output without touching the weights, and `fit --sidecar none` then reads it."""
+    import onnxruntime as ort
+
+    m = onnx.load(str(classifier))
+    del m.graph.output[1:]  # only `probs`: the hidden layer `embedding` is now inside the graph
+    bare = tmp_path / "bare.onnx"
+    onnx.save(m, str(bare))
+    card = json.loads((classifier.parent / "classifier.onnx.card.json").read_text()) | {"features": None}
+    (tmp_path / "bare.onnx.card.json").write_text(json.dumps(card))
+
+    res = run_cli("models", "expose", str(bare), "--list")
+    listed = dict(ln.split("  ") for ln in res.stdout.splitlines())
+    assert res.returncode == 0 and listed["embedding"].endswith("x128"), res.stdout[-2000:]
+    four_d = [name for name, dims in listed.items() if dims.count("x") == 3]
+    assert four_d, res.stdout
+    res = run_cli("models", "expose", str(bare), "--tensor", "nope", "--out", str(tmp_path / "x.onnx"))
+    assert res.returncode == 2 and "no tensor 'nope'" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = run_cli("models", "expose", str(tmp_path / "bare.onnx.card.json"), "--tensor", "embedding",
+                  "--out", str(tmp_path / "x.onnx"))  # fmt: skip
+    assert res.returncode == 2 and "no model card" in res.stderr, res.stderr
+
+    exposed = tmp_path / "exposed.onnx"
+    res = run_cli("models", "expose", str(bare), "--tensor", "embedding", "--out", str(exposed))
+    assert res.returncode == 0, res.stderr[-3000:]
+    pooled = tmp_path / "pooled.onnx"
+    res = run_cli("models", "expose", str(bare), "--tensor", four_d[-1], "--as", "neck", "--out", str(pooled))
+    assert res.returncode == 0, res.stderr[-3000:]
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    ref = ort.InferenceSession(str(classifier)).run(None, {"input": x})
+    got = ort.InferenceSession(str(exposed)).run(None, {"input": x})
+    np.testing.assert_array_equal(got[0], ref[0])  # same weights, same predictions
+    np.testing.assert_array_equal(got[1], ref[1])  # the exposed hidden layer is the old `embedding` output
+    neck = ort.InferenceSession(str(pooled)).run(["neck"], {"input": x})[0]
+    assert neck.ndim == 2 and neck.shape[0] == 2 and np.isfinite(neck).all()
+    assert json.loads((tmp_path / "exposed.onnx.card.json").read_text())["features"] == "features"
+
+    gate = tmp_path / "exposed.gate"
+    res = run_cli("fit", "--model", str(exposed), "--sidecar", "none", "--train", str(line / "train"),
+                  "--calib", str(line / "calib"), "--out", str(gate), "--target-accuracy", "0.95")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {h.input_key for h in GateBundle.load(gate).ood_heads} == {"features"}
+
+
 @pytest.fixture(scope="module")
 def gears(line) -> Path:
     """Good gears to train and calibrate an anomaly model on; scratched, dented and stained ones to find."""
