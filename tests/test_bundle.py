@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bouncer.fitting.fit import fit_logistic
 from bouncer.fitting.select import conformal_quantile
@@ -134,6 +136,25 @@ def test_corrupt_files(bundle, tmp_path):
             GateBundle.load(tmp_path / name)
     with pytest.raises(BundleError, match="not found"):
         GateBundle.load(tmp_path / "absent.gate")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), min_size=1, max_size=3))
+def test_flipped_bits_load_or_are_refused_in_one_line(bundle, tmp_path, flips):
+    """Damage anywhere (zip headers, deflate streams, CRCs, JSON, arrays) is a BundleError naming the file, or a
+    bundle that loads (a flip in slack bytes): never zlib.error or another traceback."""
+    data = bytearray(_GOOD.setdefault("bytes", bundle.save(tmp_path / "good.gate").read_bytes()))
+    for where, bit in flips:
+        data[int(where * len(data))] ^= 1 << bit
+    bad = tmp_path / "flipped.gate"
+    bad.write_bytes(bytes(data))
+    try:
+        GateBundle.load(bad)
+    except BundleError as exc:
+        assert "flipped.gate" in str(exc) and "\n" not in str(exc)
+
+
+_GOOD: dict[str, bytes] = {}
 
 
 def test_pickled_arrays_are_refused(bundle, tmp_path):

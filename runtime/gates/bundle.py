@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,8 @@ class GateBundle:
                 meta = json.loads(z.read("gate.json"))
                 with np.load(io.BytesIO(z.read("arrays.npz")), allow_pickle=False) as npz:
                     arrays = {k: npz[k] for k in npz.files}
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+        # zlib.error: damaged deflate data; NotImplementedError: a flipped compression-method field
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError, KeyError, ValueError, OSError, EOFError) as exc:
             raise BundleError(f"{path}: corrupt gate bundle ({type(exc).__name__}: {exc})") from None
         try:
             return cls._from(meta, arrays)
