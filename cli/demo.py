@@ -29,6 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listen_socket(port: int) -> socket.socket:
+    """The review UI's socket, bound before any work: a taken --port is an error up front, never a page that
+    the demo announces and does not serve."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise BouncerError(f"--port {port}: cannot serve the review UI on 127.0.0.1:{port} ({exc.strerror}); "
+                           "choose another port or leave --port out") from None  # fmt: skip
+    return sock
+
+
 class EmbeddedBroker:
     """amqtt's broker in a thread of this process (MQTT 3.1.1, no shared subscriptions)."""
 
@@ -154,6 +167,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"frames with --warmup {args.warmup}"
         )
     logging.basicConfig(level=logging.WARNING)
+    web_socket = listen_socket(args.port or 0)
+    port = web_socket.getsockname()[1]
 
     # 1. models and the gate (both cached under BOUNCER_HOME)
     console.print("[bold]1/4[/] backbone (int8 EfficientNet-Lite0, cached after the first build)")
@@ -177,7 +192,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         broker = EmbeddedBroker(free_port()).start()
         url, protocol, share = broker.url, "v311", ""  # amqtt: MQTT 3.1.1, no shared subscriptions
-    port = args.port or free_port()
     scfg = StationConfig(
         station=StationSection(data_dir=str(work / "station"), share_group=share, worker="demo"),
         mqtt=MqttSection(broker=url, protocol=protocol),
@@ -188,8 +202,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     station.init(gate, backend, demo / "train", demo / "calib")
     station.start_mqtt()
     server = uvicorn.Server(uvicorn.Config(create_app(station, None), host="127.0.0.1", port=port, log_level="error"))
-    web = threading.Thread(target=server.run, name="station-web", daemon=True)
+    web = threading.Thread(target=server.run, kwargs={"sockets": [web_socket]}, name="station-web", daemon=True)
     web.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not web.is_alive() or time.monotonic() > deadline:
+            raise BouncerError(f"the review UI did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
     console.print(f"    review UI: [link]http://127.0.0.1:{port}/queue[/link]")
 
     # 3. the simulated cameras, all at once

@@ -25,3 +25,18 @@ def test_demo_catches_every_incident_and_the_station_gets_every_flagged_frame(bu
     st = out["station"]
     assert st["frames_stored"] == st["flagged_sent"] > 0
     assert "incidents: caught after how many frames" in res.stderr
+
+
+def test_a_taken_port_is_an_error_before_any_work(tmp_path):
+    """The review UI's port is bound first: a taken --port ends the demo at once with one line saying so, never a
+    bind error in the log and a URL the demo does not serve."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run_cli("demo", "--port", str(port), "--data-dir", str(tmp_path), timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"--port {port}: cannot serve the review UI" in res.stderr and "Traceback" not in res.stderr
+    assert "review UI up" not in res.stderr + res.stdout and not list(tmp_path.iterdir())
