@@ -46,7 +46,7 @@ def _noise(rng: np.random.Generator, sigma: float, shape: tuple[int, ...]) -> np
     return (_BANK[y : y + h, x : x + w] * np.float32(sigma)).reshape(shape)
 
 
-def _belt(rng: np.random.Generator, phase: int, light: float) -> np.ndarray:
+def belt(rng: np.random.Generator, phase: int, light: float) -> np.ndarray:
     """Dark rubber belt with ribs that move with `phase`, plus fine grain."""
     x = np.arange(FRAME_W, dtype=np.float32)
     ribs = 6.0 * (((x + phase) % 24) < 3)
@@ -165,14 +165,24 @@ def render(part: str, rng: np.random.Generator, scene: Scene | None = None) -> n
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; known: {', '.join(PARTS)}")
     s = scene or random_scene(rng)
+    frame = belt(rng, s.belt_phase, s.light)
+    place(frame, part, s, rng)
+    return finish(frame, rng)
+
+
+def place(frame: np.ndarray, part: str, s: Scene, rng: np.random.Generator) -> np.ndarray:
+    """Lay `part` with its soft shadow onto a float belt frame, in place; returns the part's mask (0..1)."""
     mask_fn, colour = PARTS[part]
     mask = mask_fn(s).astype(np.float32) / 255.0
     # a soft shadow under the part, offset away from the light
     shadow = cv2.GaussianBlur(np.roll(mask, (5, 6), (0, 1)), (0, 0), 4)
-    frame = _belt(rng, s.belt_phase, s.light) * (1 - 0.45 * shadow[:, :, None])
+    frame *= 1 - 0.45 * shadow[:, :, None]
     part_img = _shade(mask, colour, s, rng)
-    m3 = mask[:, :, None]
-    frame += (part_img - frame) * m3
+    frame += (part_img - frame) * mask[:, :, None]
+    return mask
+
+
+def finish(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     frame += _noise(rng, 2.0, frame.shape)  # sensor noise
     return np.clip(frame, 0, 255, out=frame).astype(np.uint8)
 

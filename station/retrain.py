@@ -195,7 +195,11 @@ def retrain(
     }
     challenger.fit_metrics["retrain"] = metrics
     if challenger.acceptance.threshold is None:
-        return RetrainResult(False, "the challenger's acceptance guarantee does not hold", challenger, metrics)
+        why = f"no confidence threshold meets target accuracy {a.target_accuracy} on the calibration labels"
+        if new_classes:
+            why += f" with or without the new class(es) {', '.join(new_classes)}"
+        why += "; nothing published (more labels of the confused classes, or a lower target)"
+        return RetrainResult(False, f"the challenger's acceptance guarantee does not hold: {why}", challenger, metrics)
     if parts["heldout"]:
         allowed = max(champ["accepted_error"], 1 - a.target_accuracy)
         if chall["accepted_error"] > allowed:
