@@ -845,6 +845,137 @@ py::array_t<float> fuse(const py::array &scores, const py::array &knots_x, const
     return out;
 }
 
+// ---- detectors: decoding a raw YOLO-family output and class-aware NMS ---------------------------
+
+py::tuple decode_boxes(const py::array &raw, int layout, int n_classes, double min_score, int max_candidates) {
+    need_dtype<float>(raw, "raw", "a float32 array");
+    if (raw.ndim() != 2) throw py::value_error("raw: expected 2 dimensions, got shape " + shape_str(raw));
+    need_contiguous(raw, "raw");
+    if (layout != 0 && layout != 1)
+        throw py::value_error("layout: expected 0 (ultralytics) or 1 (yolox), got " + std::to_string(layout));
+    if (n_classes < 1) throw py::value_error("n_classes: at least 1, got " + std::to_string(n_classes));
+    if (max_candidates < 1)
+        throw py::value_error("max_candidates: at least 1, got " + std::to_string(max_candidates));
+    const py::ssize_t width = 4 + n_classes + layout;
+    if ((layout == 0 ? raw.shape(0) : raw.shape(1)) != width)
+        throw py::value_error(std::string("raw: layout ") + (layout == 0 ? "ultralytics" : "yolox") + " with " +
+                              std::to_string(n_classes) + " classes needs " + std::to_string(width) +
+                              " values per candidate, got shape " + shape_str(raw));
+    const py::ssize_t n = layout == 0 ? raw.shape(1) : raw.shape(0);
+    const float *r = static_cast<const float *>(raw.data());
+    const float floor = static_cast<float>(min_score);
+    // value v of candidate i: (4 + C) x N rows (ultralytics) or N x (5 + C) columns (YOLOX)
+    auto at = [&](py::ssize_t i, py::ssize_t v) { return layout == 0 ? r[v * n + i] : r[i * width + v]; };
+    auto score = [&](py::ssize_t i, py::ssize_t c) {
+        return layout == 0 ? r[(4 + c) * n + i] : r[i * width + 5 + c] * r[i * width + 4];
+    };
+    std::vector<float> best(n, -std::numeric_limits<float>::infinity());
+    std::vector<uint8_t> finite(n, 1);
+    std::vector<py::ssize_t> keep;
+    int bad = 0;
+    {
+        py::gil_scoped_release release;
+        if (layout == 0) {  // row by row: each row is contiguous over the candidates
+            for (py::ssize_t v = 0; v < width; ++v) {
+                const float *row = r + v * n;
+                for (py::ssize_t i = 0; i < n; ++i) finite[i] &= std::isfinite(row[i]);
+            }
+            for (py::ssize_t c = 0; c < n_classes; ++c) {
+                const float *row = r + (4 + c) * n;
+                for (py::ssize_t i = 0; i < n; ++i) best[i] = std::max(best[i], row[i]);
+            }
+        } else {
+            for (py::ssize_t i = 0; i < n; ++i) {
+                for (py::ssize_t v = 0; v < width; ++v) finite[i] &= std::isfinite(r[i * width + v]);
+                for (py::ssize_t c = 0; c < n_classes; ++c) best[i] = std::max(best[i], score(i, c));
+            }
+        }
+        for (py::ssize_t i = 0; i < n; ++i) {
+            if (!finite[i]) {
+                ++bad;
+            } else if (best[i] >= floor) {
+                keep.push_back(i);
+            }
+        }
+        std::stable_sort(keep.begin(), keep.end(), [&](py::ssize_t a, py::ssize_t b) { return best[a] > best[b]; });
+        if (static_cast<py::ssize_t>(keep.size()) > max_candidates) keep.resize(max_candidates);
+    }
+    const py::ssize_t m = static_cast<py::ssize_t>(keep.size());
+    py::array_t<float> boxes({m, py::ssize_t(4)});
+    py::array_t<float> scores({m, py::ssize_t(n_classes)});
+    float *b = boxes.mutable_data();
+    float *s = scores.mutable_data();
+    {
+        py::gil_scoped_release release;
+        for (py::ssize_t k = 0; k < m; ++k) {
+            const py::ssize_t i = keep[k];
+            const float hw = at(i, 2) * 0.5f, hh = at(i, 3) * 0.5f;
+            b[k * 4 + 0] = at(i, 0) - hw;
+            b[k * 4 + 1] = at(i, 1) - hh;
+            b[k * 4 + 2] = at(i, 0) + hw;
+            b[k * 4 + 3] = at(i, 1) + hh;
+            for (py::ssize_t c = 0; c < n_classes; ++c) s[k * n_classes + c] = score(i, c);
+        }
+    }
+    return py::make_tuple(boxes, scores, bad);
+}
+
+py::array_t<int64_t> nms(const py::array &boxes, const py::array &scores, double iou_threshold) {
+    need_rows(boxes, "boxes", 4);
+    need_rows(scores, "scores");
+    const py::ssize_t m = boxes.shape(0), c = scores.shape(1);
+    if (scores.shape(0) != m)
+        throw py::value_error("scores: " + std::to_string(scores.shape(0)) + " rows for " + std::to_string(m) +
+                              " boxes");
+    if (!(iou_threshold >= 0.0 && iou_threshold <= 1.0))
+        throw py::value_error("iou_threshold: expected 0..1, got " + std::to_string(iou_threshold));
+    const float *b = static_cast<const float *>(boxes.data());
+    const float *s = static_cast<const float *>(scores.data());
+    std::vector<py::ssize_t> order, kept;
+    std::vector<py::ssize_t> cls(m, 0);
+    std::vector<float> best(m, 0.f);
+    std::vector<double> area(m, 0.0);
+    {
+        py::gil_scoped_release release;
+        for (py::ssize_t i = 0; c > 0 && i < m; ++i) {
+            bool finite = true;
+            for (int v = 0; v < 4; ++v) finite &= std::isfinite(b[i * 4 + v]);
+            for (py::ssize_t j = 0; j < c; ++j) finite &= std::isfinite(s[i * c + j]);
+            if (!finite) continue;
+            py::ssize_t arg = 0;  // the first maximum, as numpy's argmax
+            for (py::ssize_t j = 1; j < c; ++j)
+                if (s[i * c + j] > s[i * c + arg]) arg = j;
+            cls[i] = arg;
+            best[i] = s[i * c + arg];
+            area[i] = std::max(double(b[i * 4 + 2]) - double(b[i * 4 + 0]), 0.0) *
+                      std::max(double(b[i * 4 + 3]) - double(b[i * 4 + 1]), 0.0);
+            order.push_back(i);
+        }
+        std::stable_sort(order.begin(), order.end(), [&](py::ssize_t x, py::ssize_t y) { return best[x] > best[y]; });
+        for (const py::ssize_t i : order) {
+            bool drop = false;
+            for (const py::ssize_t j : kept) {
+                if (cls[j] != cls[i]) continue;
+                const double w = std::max(std::min(double(b[j * 4 + 2]), double(b[i * 4 + 2])) -
+                                              std::max(double(b[j * 4 + 0]), double(b[i * 4 + 0])),
+                                          0.0);
+                const double h = std::max(std::min(double(b[j * 4 + 3]), double(b[i * 4 + 3])) -
+                                              std::max(double(b[j * 4 + 1]), double(b[i * 4 + 1])),
+                                          0.0);
+                const double inter = w * h, uni = area[j] + area[i] - inter;
+                if (uni > 0 && inter / uni > iou_threshold) {
+                    drop = true;
+                    break;
+                }
+            }
+            if (!drop) kept.push_back(i);
+        }
+    }
+    py::array_t<int64_t> out(static_cast<py::ssize_t>(kept.size()));
+    std::copy(kept.begin(), kept.end(), out.mutable_data());
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_hotpath, m) {
@@ -862,4 +993,7 @@ PYBIND11_MODULE(_hotpath, m) {
     m.def("spatial_max", &spatial_max, py::arg("fmap"));
     m.def("fuse", &fuse, py::arg("scores"), py::arg("knots_x"), py::arg("knots_y"), py::arg("slope_lo"),
           py::arg("slope_hi"), py::arg("combine"));
+    m.def("decode_boxes", &decode_boxes, py::arg("raw"), py::arg("layout"), py::arg("n_classes"), py::arg("min_score"),
+          py::arg("max_candidates"));
+    m.def("nms", &nms, py::arg("boxes"), py::arg("scores"), py::arg("iou_threshold"));
 }

@@ -19,7 +19,8 @@ from bouncer.runtime.preprocess import Preprocessing
 CARD_KEY = "bouncer.card"
 
 
-TASKS = ("features", "classifier", "anomaly")
+TASKS = ("features", "classifier", "anomaly", "detector")
+LAYOUTS = ("ultralytics", "yolox")  # detector outputs: (4 + C) x N raw, or N x (5 + C) with objectness
 SCORE_KINDS = ("logits", "softmax", "sigmoid")
 
 
@@ -32,6 +33,8 @@ class ModelCard:
       logits or probabilities) over `classes`; `features`, if named, is the model's own embedding.
     - task "anomaly": `pred_score` is the model's raw image score (higher = more anomalous; never thresholded
       inside the export), `anomaly_map` an optional N x 1 x H x W map, as anomalib exports them.
+    - task "detector": `detections` holds the raw candidate boxes of a YOLO-family model in `layout` over
+      `classes`, exported without NMS (the guard needs every candidate's class scores).
     """
 
     name: str
@@ -49,6 +52,8 @@ class ModelCard:
     classes: tuple[str, ...] = ()  # classifier: the names of the score columns, in order
     pred_score: str | None = None  # anomaly: N or N x 1 image scores
     anomaly_map: str | None = None  # anomaly: N x 1 x H x W (optional)
+    detections: str | None = None  # detector: the raw candidates, before any NMS
+    layout: str = "ultralytics"  # detector: how `detections` is laid out (LAYOUTS)
 
     def __post_init__(self) -> None:
         self.check()
@@ -69,13 +74,23 @@ class ModelCard:
             if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
                 raise ModelError("model card: task \"classifier\" needs `classes`, the distinct names of its score "
                                  "columns in order (at least two)")  # fmt: skip
+        if self.task == "detector":
+            if not self.detections:
+                raise ModelError('model card: task "detector" needs `detections` (the raw output, exported without '
+                                 'NMS: ultralytics `output0`)')  # fmt: skip
+            if self.layout not in LAYOUTS:
+                raise ModelError(f"model card: layout = {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
+            if not self.classes or len(set(self.classes)) != len(self.classes):
+                raise ModelError('model card: task "detector" needs `classes`, the distinct names of its classes in '
+                                 "the order of its score columns")  # fmt: skip
         if self.task == "anomaly" and not self.pred_score:
             raise ModelError('model card: task "anomaly" needs `pred_score` (the raw image score output)')
 
     @property
     def task_input(self) -> str:
         """The output the task head reads: features (Bouncer fits the head), scores, or the anomaly score."""
-        name = {"features": self.features, "classifier": self.scores, "anomaly": self.pred_score}[self.task]
+        name = {"features": self.features, "classifier": self.scores, "anomaly": self.pred_score,
+                "detector": self.detections}[self.task]  # fmt: skip
         assert name is not None  # check() made sure
         return name
 
@@ -83,7 +98,8 @@ class ModelCard:
         return self.tensors.get(logical, logical)
 
     def output_names(self) -> list[str]:
-        names = [self.features, self.scores, self.pred_score, self.anomaly_map, *self.taps, *self.maps, self.logits]
+        names = [self.features, self.scores, self.pred_score, self.anomaly_map, self.detections, *self.taps, *self.maps,
+                 self.logits]  # fmt: skip
         return list(dict.fromkeys(n for n in names if n))
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +118,8 @@ class ModelCard:
             d |= {"scores": self.scores, "score_kind": self.score_kind, "classes": list(self.classes)}
         if self.task == "anomaly":
             d |= {"pred_score": self.pred_score, "anomaly_map": self.anomaly_map}
+        if self.task == "detector":
+            d |= {"detections": self.detections, "layout": self.layout, "classes": list(self.classes)}
         return d
 
     @classmethod
@@ -134,6 +152,8 @@ class ModelCard:
                 classes=tuple(str(c) for c in d.get("classes", ())),
                 pred_score=opt("pred_score"),
                 anomaly_map=opt("anomaly_map"),
+                detections=opt("detections"),
+                layout=str(d.get("layout", "ultralytics")),
             )
         except ModelError as exc:
             raise ModelError(f"{where}: {exc}") from None

@@ -23,6 +23,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     # stretch: plain resize; letterbox: keep the aspect ratio and pad with the mean colour.
     resize: Literal["stretch", "letterbox"] = "stretch"
+    pad: float | None = None  # letterbox: the border's grey level (0..255; YOLO trainers use 114); None: the mean
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,6 +41,13 @@ class Preprocessing:
             raise BouncerError("preprocessing.std: must not be zero")
         if known.get("color", "rgb") not in ("rgb", "bgr"):
             raise BouncerError(f"preprocessing.color: 'rgb' or 'bgr', got {known['color']!r}")
+        if known.get("pad") is not None:
+            try:
+                known["pad"] = float(known["pad"])
+            except (TypeError, ValueError):
+                raise BouncerError(f"preprocessing.pad: a grey level 0..255, got {known['pad']!r}") from None
+            if not 0 <= known["pad"] <= 255:
+                raise BouncerError(f"preprocessing.pad: a grey level 0..255, got {known['pad']}")
         if known.get("resize", "stretch") not in ("stretch", "letterbox"):
             raise BouncerError(f"preprocessing.resize: 'stretch' or 'letterbox', got {known['resize']!r}")
         return cls(**known)
@@ -76,10 +84,32 @@ def preprocess(bgr: np.ndarray, pp: Preprocessing, out: np.ndarray | None = None
         img = halve_while(bgr, pp.width, pp.height)
         rect = None
     else:
-        scale = min(pp.width / w, pp.height / h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        nh, nw = letterbox_rect(w, h, pp)[2:]
         img = halve_while(bgr, nw, nh)
-        buf.fill(0.0)  # the pad is the mean colour, which normalises to 0
-        rect = ((pp.height - nh) // 2, (pp.width - nw) // 2, nh, nw)
+        if pp.pad is None:
+            buf.fill(0.0)  # the mean colour normalises to 0
+        else:
+            for c in range(3):
+                buf[0, c].fill((pp.pad - pp.mean[c]) / pp.std[c])
+        rect = letterbox_rect(w, h, pp)
     kernels.resize_normalize(np.ascontiguousarray(img), pp.mean, pp.std, pp.color == "rgb", buf[0], rect)
     return buf
+
+
+def letterbox_rect(w: int, h: int, pp: Preprocessing) -> tuple[int, int, int, int]:
+    """Where a w x h frame lands inside the letterboxed input: (top, left, height, width)."""
+    scale = min(pp.width / w, pp.height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    return (pp.height - nh) // 2, (pp.width - nw) // 2, nh, nw
+
+
+def input_to_frame(boxes: np.ndarray, w: int, h: int, pp: Preprocessing) -> np.ndarray:
+    """Box corners (M x 4: x1 y1 x2 y2) in model-input pixels -> in the w x h frame's pixels, clipped to it."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+    if pp.resize == "stretch":
+        top, left, nh, nw = 0, 0, pp.height, pp.width
+    else:
+        top, left, nh, nw = letterbox_rect(w, h, pp)
+    b[:, 0::2] = np.clip((b[:, 0::2] - left) * np.float32(w / nw), 0, w)
+    b[:, 1::2] = np.clip((b[:, 1::2] - top) * np.float32(h / nh), 0, h)
+    return b

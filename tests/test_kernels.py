@@ -49,6 +49,8 @@ def same_error(name: str, *args, **kwargs) -> type[Exception]:
 def with_bad_values(x: np.ndarray, data) -> np.ndarray:
     """Sprinkle NaN / inf into some rows."""
     x = x.copy()
+    if not x.size:
+        return x
     for _ in range(data.draw(st.integers(0, 2))):
         i = data.draw(st.integers(0, x.shape[0] - 1))
         j = data.draw(st.integers(0, x.shape[1] - 1))
@@ -255,6 +257,64 @@ def test_fuse_curve_values():
         assert np.isnan(impl.fuse(s, kx, ky, lo, hi, 0)[3])
 
 
+def _raw_detections(data, layout: int, n: int, c: int) -> np.ndarray:
+    """A raw detector output: boxes in a 64 px frame, scores in 0..1 with ties (quantised), some NaN/inf."""
+    geo = data.draw(arrays(np.float32, (n, 4), elements=st.floats(0, 64, width=32)))
+    levels = st.sampled_from([0.0, 0.05, 0.3, 0.5, 0.5, 0.9, 1.0])
+    probs = data.draw(arrays(np.float32, (n, c + layout), elements=levels))
+    rows = np.concatenate([geo, probs], axis=1)
+    rows = with_bad_values(rows, data)
+    return np.ascontiguousarray(rows.T if layout == 0 else rows)
+
+
+@SETTINGS
+@given(data=st.data(), layout=st.integers(0, 1), n=st.integers(0, 40), c=st.integers(1, 5),
+       min_score=st.sampled_from([0.0, 0.05, 0.5]), cap=st.integers(1, 50))  # fmt: skip
+def test_decode_boxes(data, layout, n, c, min_score, cap):
+    raw = _raw_detections(data, layout, n, c)
+    (gb, gs, gbad), (wb, ws, wbad) = (impl.decode_boxes(raw, layout, c, min_score, cap) for impl in (cpp, ref))
+    assert gbad == wbad and gb.shape == wb.shape and gs.shape == ws.shape == (len(wb), c)
+    np.testing.assert_array_equal(gb, wb)  # same candidates, same order: exact
+    np.testing.assert_array_equal(gs, ws)
+    assert len(wb) <= cap and (len(ws) == 0 or ws.max(axis=1).min() >= np.float32(min_score))
+
+
+@SETTINGS
+@given(data=st.data(), m=st.integers(0, 30), c=st.integers(1, 4), iou=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]))
+def test_nms(data, m, c, iou):
+    corner = data.draw(arrays(np.float32, (m, 2), elements=st.floats(0, 40, width=32)))
+    size = data.draw(arrays(np.float32, (m, 2), elements=st.floats(0, 20, width=32)))
+    boxes = with_bad_values(np.ascontiguousarray(np.concatenate([corner, corner + size], 1)), data)
+    scores = data.draw(arrays(np.float32, (m, c), elements=st.sampled_from([0.1, 0.5, 0.5, 0.8, 1.0])))
+    got, want = cpp.nms(boxes, scores, iou), ref.nms(boxes, scores, iou)
+    assert got.dtype == want.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    kept = set(want.tolist())
+    assert all(np.isfinite(boxes[i]).all() for i in kept)  # a NaN box is never kept
+
+
+def test_nms_keeps_the_best_of_each_overlapping_group_per_class():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    scores = np.array([[0.6, 0.1], [0.9, 0.0], [0.1, 0.7], [0.55, 0.2]], np.float32)
+    for impl in (ref, cpp):
+        # box 1 (class 0, 0.9) suppresses box 0 (class 0, IoU 0.68); box 2 is class 1: kept beside them
+        assert impl.nms(boxes, scores, 0.5).tolist() == [1, 2, 3]
+        assert impl.nms(boxes, scores, 0.7).tolist() == [1, 2, 0, 3]
+
+
+def test_decode_boxes_reads_both_layouts():
+    # two candidates, two classes: cx cy w h | scores (ultralytics) or objectness and class probabilities (YOLOX)
+    ultra = np.array([[10, 30], [10, 30], [4, 8], [2, 6], [0.2, 0.9], [0.7, 0.1]], np.float32)
+    yolox = np.array([[10, 10, 4, 2, 0.5, 0.2, 0.9], [30, 30, 8, 6, 1.0, 0.9, 0.1]], np.float32)
+    for impl in (ref, cpp):
+        b, s, bad = impl.decode_boxes(ultra, 0, 2, 0.5, 10)
+        assert bad == 0 and b.tolist() == [[26, 27, 34, 33], [8, 9, 12, 11]]
+        np.testing.assert_allclose(s, [[0.9, 0.1], [0.2, 0.7]])
+        b, s, bad = impl.decode_boxes(yolox, 1, 2, 0.3, 10)
+        np.testing.assert_allclose(s, [[0.9, 0.1], [0.1, 0.45]], rtol=1e-6)
+        assert b.tolist() == [[26, 27, 34, 33], [8, 9, 12, 11]]
+
+
 def test_shape_and_dtype_errors_match():
     w, b = np.zeros((3, 4), np.float32), np.zeros(3, np.float32)
     assert same_error("linear_probs", np.zeros((2, 4), np.float64), w, b, 1.0) is TypeError
@@ -273,6 +333,18 @@ def test_shape_and_dtype_errors_match():
     assert same_error("fuse", np.zeros((2, 3), np.float32), kx, ky[:, :1], sl, sl, 1) is ValueError
     assert same_error("fuse", np.zeros((2, 3), np.float32), kx, ky, sl, sl, 3) is ValueError
     assert same_error("fuse", np.zeros((2, 3), np.float64), kx, ky, sl, sl, 1) is TypeError
+    raw = np.zeros((6, 10), np.float32)
+    assert same_error("decode_boxes", raw.astype(np.float64), 0, 2, 0.1, 5) is TypeError
+    assert same_error("decode_boxes", raw, 0, 3, 0.1, 5) is ValueError  # 4 + 3 rows needed
+    assert same_error("decode_boxes", raw, 1, 2, 0.1, 5) is ValueError  # YOLOX: columns, not rows
+    assert same_error("decode_boxes", raw, 2, 2, 0.1, 5) is ValueError
+    assert same_error("decode_boxes", raw, 0, 2, 0.1, 0) is ValueError
+    assert same_error("decode_boxes", raw[:, ::2], 0, 2, 0.1, 5) is ValueError
+    boxes, scores = np.zeros((3, 4), np.float32), np.zeros((3, 2), np.float32)
+    assert same_error("nms", boxes[:, :3].copy(), scores, 0.5) is ValueError
+    assert same_error("nms", boxes, scores[:2], 0.5) is ValueError
+    assert same_error("nms", boxes, scores, 1.5) is ValueError
+    assert same_error("nms", boxes.astype(np.float64), scores, 0.5) is TypeError
 
 
 @pytest.mark.parametrize("kernel", ["knn_score", "halve", "halve_with_grey", "resize_normalize"])

@@ -294,3 +294,82 @@ def fuse(
         return np.zeros(len(s), np.float32)
     out = (mapped.mean(axis=1), mapped.max(axis=1), mapped.sum(axis=1))[combine]
     return out.astype(np.float32)
+
+
+LAYOUTS = ("ultralytics", "yolox")  # the layout codes 0, 1 of `decode_boxes`
+
+
+def decode_boxes(
+    raw: np.ndarray, layout: int, n_classes: int, min_score: float, max_candidates: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """A detector's raw output -> its candidate boxes: (M x 4 corners x1 y1 x2 y2, M x C class scores, bad).
+
+    layout 0 (ultralytics, no NMS): (4 + C) x N, rows cx, cy, w, h then one probability per class.
+    layout 1 (YOLOX): N x (5 + C), columns cx, cy, w, h, objectness, class probabilities; a class's score is
+    objectness x its probability. A candidate is kept when its best class score is at least `min_score`; at
+    most `max_candidates`, best first (ties: lower index first). `bad` counts candidates with NaN or inf
+    anywhere: they are dropped, and the caller treats a frame with any as an invalid model output.
+    """
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.float32:
+        raise TypeError(f"raw: expected a float32 array, got {getattr(raw, 'dtype', type(raw).__name__)}")
+    if raw.ndim != 2:
+        raise ValueError(f"raw: expected 2 dimensions, got shape {raw.shape}")
+    _contiguous(raw, "raw")
+    if layout not in (0, 1):
+        raise ValueError(f"layout: expected 0 (ultralytics) or 1 (yolox), got {layout}")
+    if n_classes < 1:
+        raise ValueError(f"n_classes: at least 1, got {n_classes}")
+    if max_candidates < 1:
+        raise ValueError(f"max_candidates: at least 1, got {max_candidates}")
+    width = 4 + n_classes + layout
+    if (raw.shape[0] if layout == 0 else raw.shape[1]) != width:
+        raise ValueError(f"raw: layout {LAYOUTS[layout]} with {n_classes} classes needs {width} values per "
+                         f"candidate, got shape {raw.shape}")  # fmt: skip
+    rows = raw.T if layout == 0 else raw
+    geo = rows[:, :4]
+    scores = rows[:, 4:] if layout == 0 else rows[:, 5:] * rows[:, 4:5]
+    finite = np.isfinite(rows).all(axis=1)
+    best = np.where(finite, scores.max(axis=1, initial=-np.inf), -np.inf)
+    keep = np.flatnonzero(finite & (best >= np.float32(min_score)))
+    keep = keep[np.argsort(-best[keep], kind="stable")][:max_candidates]
+    half = geo[keep, 2:4] * np.float32(0.5)
+    boxes = np.concatenate([geo[keep, :2] - half, geo[keep, :2] + half], axis=1).astype(np.float32)
+    return boxes, np.ascontiguousarray(scores[keep], np.float32), int((~finite).sum())
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-aware greedy non-maximum suppression: indices of the candidates kept, best first.
+
+    A candidate's class is its best class score's (the first, on ties); candidates are visited best first
+    (ties: lower index first) and one is dropped when a kept candidate of its class overlaps it with IoU above
+    `iou_threshold` (IoU in float64 of the float32 corners; boxes with no area overlap nothing). Rows with NaN
+    or inf are never kept.
+    """
+    boxes = _rows(boxes, "boxes", 4)
+    scores = _rows(scores, "scores")
+    if len(scores) != len(boxes):
+        raise ValueError(f"scores: {len(scores)} rows for {len(boxes)} boxes")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold: expected 0..1, got {iou_threshold}")
+    finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores).all(axis=1)
+    if not finite.any() or not scores.shape[1]:
+        return np.zeros(0, np.int64)
+    cls = np.where(finite[:, None], scores, 0).argmax(axis=1)
+    order = np.flatnonzero(finite)
+    order = order[np.argsort(-scores[order].max(axis=1), kind="stable")]
+    b = boxes.astype(np.float64)
+    area = np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
+    kept: list[int] = []
+    for i in order:
+        same = [j for j in kept if cls[j] == cls[i]]
+        if same:
+            j = np.array(same)
+            w = np.maximum(np.minimum(b[j, 2], b[i, 2]) - np.maximum(b[j, 0], b[i, 0]), 0.0)
+            h = np.maximum(np.minimum(b[j, 3], b[i, 3]) - np.maximum(b[j, 1], b[i, 1]), 0.0)
+            inter = w * h
+            union = area[j] + area[i] - inter
+            iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+            if (iou > iou_threshold).any():
+                continue
+        kept.append(int(i))
+    return np.array(kept, np.int64)
