@@ -87,11 +87,16 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 
 
 def cmd_models_example(args: argparse.Namespace) -> int:
-    from bouncer.quantize.user_models import make_anomaly, make_classifier
-
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    make = make_classifier if args.kind == "classifier" else make_anomaly
-    made = make(args.train, args.out, seed=args.seed, log=say)
+    if args.kind == "detector":
+        from bouncer.quantize.detector import make_detector
+
+        made = make_detector(args.train, args.out, epochs=args.epochs or 12, seed=args.seed, log=say)
+    else:
+        from bouncer.quantize.user_models import make_anomaly, make_classifier
+
+        make = make_classifier if args.kind == "classifier" else make_anomaly
+        made = make(args.train, args.out, seed=args.seed, log=say)
     if args.tflite:
         from bouncer.quantize.user_models import tflite_twin
 
@@ -289,6 +294,20 @@ def cmd_sim_dataset(args: argparse.Namespace) -> int:
         raise BouncerError("--per-class: must be at least 1")
     simulator.write_dataset(args.out, parts, args.per_class, args.seed)
     print(f"wrote {args.per_class} frames of each of {', '.join(parts)} to {args.out}")
+    return 0
+
+
+def cmd_sim_detection(args: argparse.Namespace) -> int:
+    from bouncer.sim import detection, simulator
+
+    unknown = tuple(p for p in (args.unknown or "").split(",") if p)
+    bad = [p for p in unknown if p not in simulator.PARTS]
+    if bad:
+        raise BouncerError(f"--unknown: unknown part(s) {', '.join(bad)}; known: {', '.join(simulator.PARTS)}")
+    if not 0 <= args.unknown_rate <= 1:
+        raise BouncerError(f"--unknown-rate: a share 0..1, got {args.unknown_rate}")
+    detection.write_detection_dataset(args.out, args.frames, args.seed, unknown=unknown, unknown_rate=args.unknown_rate)
+    print(f"wrote {args.frames} frames with boxes of {', '.join(simulator.KNOWN_CLASSES)} to {args.out}")
     return 0
 
 
@@ -630,10 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     add("list", cmd_models_list, "list cached models", msub)
     ex = add("example", cmd_models_example, "make a model of the kind plants bring, to guard: a classifier trained "
-             "on the known classes, or a PaDiM-style anomaly model on good frames ([build] extra)", msub)  # fmt: skip
-    ex.add_argument("kind", choices=["classifier", "anomaly"])
+             "on the known classes, a PaDiM-style anomaly model on good frames ([build] extra), or a YOLOv8n detector "
+             "([detector-train] extra)", msub)  # fmt: skip
+    ex.add_argument("kind", choices=["classifier", "anomaly", "detector"])
     ex.add_argument("--train", type=_existing_dir, required=True, help="classifier: one folder per class; "
-                    "anomaly: good frames")  # fmt: skip
+                    "anomaly: good frames; detector: a detection folder (bouncer sim detection)")  # fmt: skip
+    ex.add_argument("--epochs", type=_positive_int, help="detector: training epochs (default 12)")
     ex.add_argument("--out", type=Path, required=True, help=".onnx file (its card is written beside it)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--tflite", action="store_true", help="also its TFLite twin (fp32 and int8, through onnx2tf)")
@@ -713,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--per-class", type=int, default=50)
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--parts", help="comma-separated part names (default: the known classes)")
+    sdt = add("detection", cmd_sim_detection, "write frames with several parts each and their boxes (images/, "
+              "labels/ as YOLO rows, boxes.jsonl, classes.json)", ssub)  # fmt: skip
+    sdt.add_argument("--out", type=Path, required=True)
+    sdt.add_argument("--frames", type=_positive_int, default=200)
+    sdt.add_argument("--seed", type=int, default=0)
+    sdt.add_argument("--unknown", help="comma-separated parts the line never labelled (e.g. bolt,giraffe)")
+    sdt.add_argument("--unknown-rate", type=float, default=0.0, help="share of frames with one unknown object")
     sl = add("line", cmd_sim_line, "write the line with its incident schedule as frames + truth.jsonl", ssub)
     sl.add_argument("--out", type=Path, required=True)
     sl.add_argument("--seed", type=int, default=0)

@@ -43,9 +43,18 @@ PY
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing bouncer[$extras] into .venv (once)" >&2
         python -m pip install -q --upgrade pip >&2
-        # torch==2.13.0 (CPU build) is pinned in the [build] extra; pip takes it from the local wheel store.
+        # torch==2.14.1 and torchvision==0.29.1 are pinned in the [build] and [detector-train] extras: the pair
+        # that imports together (PyPI's torchvision fails beside a CPU-only torch build)
         # BOUNCER_REQUIRE_HOTPATH: fail here, loudly, if the C++ extension does not compile
         BOUNCER_REQUIRE_HOTPATH=1 python -m pip install -q -e "$root[$extras]" >&2
+        case ",$extras," in
+            *,dev,* | *,detector-train,*)
+                # ultralytics (AGPL-3.0, trains the example detector) without its opencv-python requirement,
+                # which would overwrite opencv-python-headless's cv2 with a build that needs a display's libraries;
+                # its other requirements are in the [detector-train] extra
+                python -m pip install -q --no-deps "ultralytics==$(sed -n 's/^# ultralytics==\(.*\)$/\1/p' "$root/pyproject.toml")" >&2
+                ;;
+        esac
         echo "$want" > "$stamp"
     fi
 }

@@ -325,10 +325,10 @@ def decode_boxes(
     if (raw.shape[0] if layout == 0 else raw.shape[1]) != width:
         raise ValueError(f"raw: layout {LAYOUTS[layout]} with {n_classes} classes needs {width} values per "
                          f"candidate, got shape {raw.shape}")  # fmt: skip
-    rows = raw.T if layout == 0 else raw
+    finite = np.isfinite(raw).all(axis=0 if layout == 0 else 1)
+    rows = np.where(finite[:, None], raw.T if layout == 0 else raw, np.float32(0))  # non-finite rows: dropped below
     geo = rows[:, :4]
     scores = rows[:, 4:] if layout == 0 else rows[:, 5:] * rows[:, 4:5]
-    finite = np.isfinite(rows).all(axis=1)
     best = np.where(finite, scores.max(axis=1, initial=-np.inf), -np.inf)
     keep = np.flatnonzero(finite & (best >= np.float32(min_score)))
     keep = keep[np.argsort(-best[keep], kind="stable")][:max_candidates]
@@ -357,7 +357,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     cls = np.where(finite[:, None], scores, 0).argmax(axis=1)
     order = np.flatnonzero(finite)
     order = order[np.argsort(-scores[order].max(axis=1), kind="stable")]
-    b = boxes.astype(np.float64)
+    b = np.where(finite[:, None], boxes, 0).astype(np.float64)  # non-finite rows are never visited
     area = np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
     kept: list[int] = []
     for i in order:
