@@ -434,7 +434,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     path = bundle.save(args.out)
     a, m = bundle.acceptance, bundle.fit_metrics
     print(f"gate {bundle.version} -> {path} ({path.stat().st_size / 1e6:.2f} MB), classes: {', '.join(bundle.classes)}")
-    if "anomaly" in m:
+    if "platt_frames" in m:
+        print(
+            f"detector: {m['calibration_boxes']} true boxes in {m['calibration_images']} calibration frames; box "
+            f"scores calibrated per class on {m['platt_frames']} (own fit: "
+            f"{', '.join(m['platt_own_classes']) or 'none'}, else pooled), ECE {m['ece_before_calibration']:.4f} -> "
+            f"{m['ece_after_calibration']:.4f}; frames "
+            f"right (every box, no miss) {m['calibration_accuracy']:.4f} of {m['threshold_frames']}"
+        )
+    elif "anomaly" in m:
         print(
             f"anomaly score: {m['anomaly']['basis']}; observed on calibration: false alarms "
             f"{m['anomaly']['observed_false_alarm']}, misses among accepted {m['anomaly']['observed_miss_rate']}"
@@ -446,7 +454,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     print(
         f"OOD heads {', '.join(bundle.fusion.names)} (fusion {bundle.fusion.method}; "
-        f"{'chosen on held-out classes' if heads is None else 'named with --heads'}; reading "
+        f"{'named with --heads' if heads else 'frame-level' if 'platt_frames' in m else 'chosen on held-out classes'}; "
+        f"reading "
         f"{' and '.join(bundle.selection.get('reads', ['model']))}), "
         f"threshold {bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile})"
     )

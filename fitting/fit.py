@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ class Extracted:
     outputs: dict[str, np.ndarray]
     stats: list[dict[str, float]]
     skipped: list[str]
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # each kept image's width and height
 
 
 def extract(
@@ -67,7 +68,7 @@ def extract(
 ) -> Extracted:
     """Run the backbone over images in batches, keeping only the outputs the heads need. `alter` changes each
     image first (synthetic defects)."""
-    kept, kept_labels, stats, skipped = [], [], [], []
+    kept, kept_labels, stats, skipped, sizes = [], [], [], [], []
     chunks: dict[str, list[np.ndarray]] = {s: [] for s in sources}
     pending: list[np.ndarray] = []
 
@@ -89,6 +90,7 @@ def extract(
         if alter is not None:
             img = alter(img)
         stats.append(quality_stats(img)[0])
+        sizes.append((img.shape[1], img.shape[0]))
         pending.append(preprocess(img, pp))
         kept.append(Path(path))
         kept_labels.append(label)
@@ -96,7 +98,7 @@ def extract(
             flush()
     flush()
     outputs = {s: np.concatenate(v) if v else np.zeros((0,)) for s, v in chunks.items()}
-    return Extracted(kept, np.asarray(kept_labels, np.int64), outputs, stats, skipped)
+    return Extracted(kept, np.asarray(kept_labels, np.int64), outputs, stats, skipped, sizes)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-2, iters: int = 400) -> LinearHead:
@@ -242,6 +244,10 @@ def fit_gate(
     settings = FitSettings(target_accuracy, delta, ood_quantile, None if heads is None else tuple(heads), fusion, seed,
                            false_alarm)  # fmt: skip
     card = backend.card
+    if card.task == "detector":
+        from bouncer.fitting.detector import fit_detector_gate
+
+        return fit_detector_gate(backend, train_dir, calib_dir, settings, version, say)
     sidecar = backend.sidecar.card if isinstance(backend, PairedBackend) else None
     pp = card.preprocessing
     if resize:

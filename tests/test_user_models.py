@@ -259,7 +259,10 @@ def test_card_errors_name_the_key_and_the_fix(tmp_path):
     cases = {
         '{"name": "m", "task": "classifier", "scores": "scores"}': "needs `classes`",
         '{"name": "m", "task": "classifier", "classes": ["a", "b"]}': "needs `scores`",
-        '{"name": "m", "task": "detector", "features": "feat"}': "task = 'detector'",
+        '{"name": "m", "task": "segmenter", "features": "feat"}': "task = 'segmenter'",
+        '{"name": "m", "task": "detector", "features": "feat"}': "needs `detections`",
+        '{"name": "m", "task": "detector", "detections": "feat", "classes": ["a"], '
+        '"layout": "yolov9"}': "layout = 'yolov9'",
         '{"name": "m", "task": "anomaly"}': "needs `pred_score`",
         '{"name": "m", "features": "feat", "score_kind": "probs", "task": "classifier", "scores": "scores", '
         '"classes": ["a", "b"]}': "score_kind = 'probs'",

@@ -55,6 +55,7 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)  # what fired: stat, value, threshold
     quality: dict[str, float] = field(default_factory=dict)
+    boxes: list[dict[str, Any]] | None = None  # a detector gate's kept boxes: class, p, box (frame pixels)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,7 +66,7 @@ class Decision:
             "reasons": self.reasons,
             "details": self.details,
             "quality": {k: round(v, 4) for k, v in self.quality.items()},
-        }
+        } | ({} if self.boxes is None else {"boxes": self.boxes})
 
 
 def unreadable(message: str) -> Decision:

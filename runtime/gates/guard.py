@@ -13,8 +13,8 @@ from bouncer.runtime.backends import Backend
 from bouncer.runtime.gates.bundle import BundleError, GateBundle
 from bouncer.runtime.gates.decision import Decision, Verdict, rule_one
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
-from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, task_meta
-from bouncer.runtime.preprocess import preprocess
+from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, Detections, DetectorTask, task_meta
+from bouncer.runtime.preprocess import input_to_frame, preprocess
 
 
 def check_pairing(bundle: GateBundle, backend: Backend) -> None:
@@ -57,6 +57,7 @@ class Guard:
         self._features, self._probs, self._fuse = backend.card.task_input, bundle.task.probs, bundle.fusion.fuse
         # an anomaly gate's one confidence is "this frame is good"; too low is an anomaly, not an unsure class
         self._low = "anomaly" if isinstance(bundle.task, AnomalyScore) else "low_confidence"
+        self._detector = bundle.task if isinstance(bundle.task, DetectorTask) else None
         self._scorers = [h.scorer() for h in bundle.ood_heads]
         # The frame loop is sequential: OpenCV's worker pool would only wake threads that compete with
         # the backbone's for the same cores (docs/hotpath.md, "Measured choices").
@@ -97,6 +98,40 @@ class Guard:
             d.decision = Verdict.REVIEW
         return d
 
+    def decide_detections(self, det: Detections, fused: float, q: dict, size: tuple[int, int] | None) -> Decision:
+        """A detector gate's frame: accepted when no candidate box is ambiguous (its certainty at least the
+        threshold) and the frame is in distribution; the kept boxes travel with the decision either way."""
+        b = self.bundle
+        conf = det.certainty()
+        if not np.isfinite(conf):
+            why = {"reason": "invalid_output", "value": f"{det.bad} candidate(s) with NaN or infinite outputs"}
+            return Decision(Verdict.REVIEW, reasons=["invalid_output"], details=[why], quality=q)
+        pp = b.preprocessing
+        corners = det.boxes if size is None else input_to_frame(det.boxes, size[0], size[1], pp)
+        kept = det.kept()
+        boxes = [{"class": b.classes[int(c)], "p": round(float(p), 4), "box": [round(float(v), 1) for v in box]}
+                 for box, c, p in zip(corners[kept], det.classes[kept], det.probs[kept], strict=True)]  # fmt: skip
+        counts: dict[str, int] = {}
+        for box in boxes:
+            counts[box["class"]] = counts.get(box["class"], 0) + 1
+        label = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "nothing"
+        ood, low = rule_one(conf, fused, b.ood_threshold, b.acceptance.threshold)
+        d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes)
+        if ood:
+            d.reasons.append("ood")
+            d.details.append({"reason": "ood", "value": round(fused, 4), "threshold": round(b.ood_threshold, 4)})
+        if low:
+            i = int(np.argmin(np.maximum(det.probs, 1 - det.probs))) if len(det.probs) else 0
+            why: dict = {"reason": "ambiguous_box", "value": round(conf, 6), "threshold": b.acceptance.threshold}
+            if len(det.probs):
+                why |= {"class": b.classes[int(det.classes[i])], "p": round(float(det.probs[i]), 4),
+                        "box": [round(float(v), 1) for v in corners[i]]}  # fmt: skip
+            d.reasons.append("ambiguous_box")
+            d.details.append(why)
+        if ood or low:
+            d.decision = Verdict.REVIEW
+        return d
+
     def score_frame(
         self, frame: np.ndarray, prev: np.ndarray | None = None
     ) -> tuple[Decision, dict[str, np.ndarray] | None, np.ndarray]:
@@ -112,14 +147,20 @@ class Guard:
         t0 = time.perf_counter()
         outputs = self.backend.run(x)
         self.last_backbone_s = time.perf_counter() - t0  # lets benchmarks separate the guard's own time
-        return self.decide_outputs(stats, outputs), outputs, grey
+        return self.decide_outputs(stats, outputs, (frame.shape[1], frame.shape[0])), outputs, grey
 
-    def decide_outputs(self, stats: dict[str, float], outputs: dict[str, np.ndarray]) -> Decision:
+    def decide_outputs(
+        self, stats: dict[str, float], outputs: dict[str, np.ndarray], size: tuple[int, int] | None = None
+    ) -> Decision:
         """This gate's decision on a frame another gate on the same backbone has run (an OTA trial compares
-        the old gate with the new one on the same frames without a second backbone call)."""
+        the old gate with the new one on the same frames without a second backbone call). `size`: the frame's
+        width and height, where a detector gate reports its boxes (else in model-input pixels)."""
         issues = self.bundle.quality.check(stats)
         if issues:
             return self.decide(issues, None, None, stats)
+        if self._detector is not None:
+            det = self._detector.detect(outputs[self._features][0])
+            return self.decide_detections(det, float(self._fuse(self.head_scores(outputs))[0]), stats, size)
         probs, fused = self.heads(outputs)
         return self.decide([], probs[0], float(fused[0]), stats)
 

@@ -1,0 +1,285 @@
+"""Fitting a gate around a user's YOLO-family detector.
+
+The detector is frozen. From the line's own folders (YOLO layout: `images/`, `labels/` with `class cx cy w h`
+rows, normalised; `classes.json` optional) the gate learns:
+- the quality gate and the frame-level OOD heads (Bouncer's backbone beside the detector, the sidecar) from the
+  training frames;
+- per-class calibration of the box scores (Platt on the logit of the score) from half of the calibration frames:
+  a candidate's label is whether it is a true box of its class (IoU >= 0.5 with an unmatched true box, greedy by
+  score), so a calibrated probability means "a true box of this class" and its error counts localisation;
+- the frame-confidence threshold by Learn-then-Test on the other half: a frame is correct when its kept boxes
+  (calibrated probability >= 0.5) match its true boxes one to one, class and place (no miss, no false box, no
+  wrong class); accepted frames have at most 1 - target such frames, with probability 1 - delta.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bouncer.fitting.acceptance import select_threshold
+from bouncer.fitting.calibration import expected_calibration_error
+from bouncer.fitting.fit import Extracted, FitSettings, extract
+from bouncer.fitting.select import conformal_quantile
+from bouncer.runtime.backends import Backend
+from bouncer.runtime.backends.paired import PREFIX, PairedBackend
+from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.bundle import Acceptance, GateBundle
+from bouncer.runtime.gates.decision import rule
+from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key
+from bouncer.runtime.gates.quality import QualityGate
+from bouncer.runtime.gates.risk import frames_needed
+from bouncer.runtime.gates.tasks import DetectorTask, _logit
+from bouncer.runtime.images import IMAGE_SUFFIXES
+from bouncer.runtime.modelcard import ModelCard
+from bouncer.runtime.preprocess import Preprocessing, input_to_frame
+
+IOU_MATCH = 0.5
+PLATT_MIN = 10  # true and false candidates a class needs for its own calibration; fewer: the pooled one
+# frame-level OOD heads on the sidecar backbone, when --heads does not name them: a mid-level tap and the channel
+# maxima of a map (a small unfamiliar object lights a few cells, which pooling over the frame would average away)
+DEFAULT_HEADS = ("knn:sidecar.pool_s16", "knn:sidecar.map_s16@max")
+
+
+def detection_images(folder: Path, classes: Sequence[str]) -> list[Path]:
+    """The images of a detection folder, after checking its layout (and its classes.json against the card)."""
+    if not (folder / "images").is_dir():
+        raise BouncerError(f"{folder}: a detector's training and calibration folders hold images/ and labels/ "
+                           "(YOLO rows: class cx cy w h, normalised; `bouncer sim detection` writes one)")  # fmt: skip
+    names = folder / "classes.json"
+    if names.is_file():
+        try:
+            listed = json.loads(names.read_text())
+        except ValueError as exc:
+            raise BouncerError(f"{names}: not JSON ({exc})") from None
+        if listed != list(classes):
+            raise BouncerError(f"{names}: classes {listed} differ from the detector card's {list(classes)}")
+    paths = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise BouncerError(f"{folder / 'images'}: no images")
+    return paths
+
+
+def read_truth(image: Path, size: tuple[int, int], n_classes: int) -> np.ndarray:
+    """An image's true boxes from its YOLO label file (none if it has no file): K x 5 rows class, x1 y1 x2 y2 in
+    frame pixels."""
+    label = image.parent.parent / "labels" / f"{image.stem}.txt"
+    rows: list[list[float]] = []
+    if label.is_file():
+        for n, line in enumerate(label.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                c, cx, cy, w, h = (float(v) for v in line.split())
+            except ValueError:
+                raise BouncerError(f"{label}:{n}: expected 'class cx cy w h', got {line.strip()!r}") from None
+            if not (c.is_integer() and 0 <= c < n_classes) or not all(0 <= v <= 1 for v in (cx, cy, w, h)):
+                raise BouncerError(f"{label}:{n}: class outside 0..{n_classes - 1} or a coordinate outside 0..1")
+            fw, fh = size
+            rows.append([c, (cx - w / 2) * fw, (cy - h / 2) * fh, (cx + w / 2) * fw, (cy + h / 2) * fh])
+    return np.array(rows, np.float64).reshape(-1, 5)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match(boxes: np.ndarray, classes: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy matching in the boxes' order (best first): each box takes the unmatched true box of its class with
+    the highest IoU >= IOU_MATCH. Returns (box matched, true box matched)."""
+    hit, used = np.zeros(len(boxes), bool), np.zeros(len(truth), bool)
+    if len(boxes) and len(truth):
+        iou = iou_matrix(boxes, truth[:, 1:])
+        same = classes[:, None] == truth[None, :, 0].astype(np.int64)
+        for i in range(len(boxes)):
+            cand = np.where(same[i] & ~used & (iou[i] >= IOU_MATCH), iou[i], -1.0)
+            j = int(cand.argmax())
+            if cand[j] >= 0:
+                hit[i], used[j] = True, True
+    return hit, used
+
+
+def frame_correct(boxes: np.ndarray, classes: np.ndarray, truth: np.ndarray) -> bool:
+    """Kept boxes and true boxes match one to one, class and place: no miss, no false box, no wrong class."""
+    hit, used = match(boxes, classes, truth)
+    return bool(hit.all() and used.all())
+
+
+def fit_platt(z: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> tuple[float, float]:
+    """p = sigmoid(a z + b) by Newton's method on the log loss (a little L2 keeps separable data finite)."""
+    w = np.array([1.0, 0.0])
+    x = np.column_stack([z, np.ones_like(z)])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) + l2 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(w[0]), float(w[1])
+
+
+def binary_ece(p: np.ndarray, y: np.ndarray) -> float:
+    return expected_calibration_error(np.column_stack([1 - p, p]), np.asarray(y, np.int64))
+
+
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # boxes (frame pixels), classes, raw scores, bad
+
+
+def _candidates(task: DetectorTask, ex: Extracted, key: str, pp: Preprocessing) -> list[Candidates]:
+    out = []
+    for raw, (w, h) in zip(ex.outputs[key], ex.sizes, strict=True):
+        boxes, cls, best, bad = task.candidates(raw)
+        out.append((input_to_frame(boxes, w, h, pp), cls, best, bad))
+    return out
+
+
+def fit_detector_gate(
+    backend: Backend,
+    train_dir: Path,
+    calib_dir: Path,
+    settings: FitSettings,
+    version: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GateBundle:
+    say = log or (lambda m: print(m, file=sys.stderr))
+    card: ModelCard = backend.card
+    classes, pp = list(card.classes), card.preprocessing
+    assert card.detections is not None  # the card checks it
+    sidecar = backend.sidecar.card if isinstance(backend, PairedBackend) else None
+    heads = list(settings.heads or (DEFAULT_HEADS if sidecar is not None else ()))
+    if not heads:
+        raise BouncerError("a detector gate's OOD heads read Bouncer's backbone beside the detector: leave --sidecar "
+                           "at its default, or name heads on the detector's own outputs with --heads")  # fmt: skip
+    keys = list(dict.fromkeys(input_key(h) for h in heads))
+    sources = {k.partition("@")[0] for k in keys} | {card.detections}
+    missing = sorted(s for s in sources if s not in backend.card.output_names())
+    if missing:
+        raise BouncerError(f"{backend.path}: OOD heads need output(s) {', '.join(missing)} the models do not give "
+                           f"(they give: {', '.join(backend.card.output_names())})")  # fmt: skip
+    train_paths, calib_paths = detection_images(train_dir, classes), detection_images(calib_dir, classes)
+    say(f"extracting detections and features of {len(train_paths)} training and {len(calib_paths)} calibration images")
+    train_ex = extract(backend, pp, train_paths, [0] * len(train_paths), sources, lambda m: say(f"train: {m}"))
+    calib_ex = extract(backend, pp, calib_paths, [0] * len(calib_paths), sources, lambda m: say(f"calib: {m}"))
+    if len(train_ex.paths) < 10 or len(calib_ex.paths) < 20:
+        raise BouncerError(f"a detector gate needs at least 10 readable training and 20 calibration images, have "
+                           f"{len(train_ex.paths)} and {len(calib_ex.paths)}")  # fmt: skip
+    truth = [read_truth(p, s, len(classes)) for p, s in zip(calib_ex.paths, calib_ex.sizes, strict=True)]
+
+    # the input gate, from the training frames
+    quality = QualityGate.fit(train_ex.stats)
+    zeros = np.zeros(len(train_ex.paths), np.int64)
+    ood_heads = [fit_head(h, head_input(input_key(h), train_ex.outputs), zeros) for h in heads]
+    q_ok = np.array([not quality.check(s) for s in calib_ex.stats], bool)
+    raw = np.stack([h.score_vectors(head_input(h.input_key, calib_ex.outputs)) for h in ood_heads], 1)
+    fusion = Fusion.fit(heads, raw[q_ok] if q_ok.sum() >= 10 else raw, settings.fusion or "max")
+    fused = fusion.fuse(raw)
+    ood_threshold = conformal_quantile(fused[q_ok] if q_ok.any() else fused, settings.ood_quantile)
+    passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
+
+    # calibration: half the calibration frames fit the box probabilities, the other half the threshold
+    task = DetectorTask(card.layout, len(classes))
+    cands = _candidates(task, calib_ex, card.detections, pp)
+    bad = sum(c[3] for c in cands)
+    if bad:
+        raise BouncerError(f"calibration frames: the detector gave {bad} candidates with NaN or infinite outputs")
+    order = np.random.default_rng(settings.seed).permutation(len(cands))
+    half_a, half_b = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
+    z, y, c = [], [], []
+    for i in half_a:
+        boxes, cls, best, _ = cands[i]
+        hit, _ = match(boxes, cls, truth[i])
+        z.append(_logit(best)), y.append(hit), c.append(cls)
+    z_a, y_a, c_a = np.concatenate(z), np.concatenate(y).astype(np.float64), np.concatenate(c)
+    if y_a.sum() < 2 or (1 - y_a).sum() < 2:
+        n_true, n_false = int(y_a.sum()), int((1 - y_a).sum())
+        raise BouncerError("calibration frames: too few true or false candidate boxes to calibrate the scores "
+                           f"({n_true} true, {n_false} false); more calibration frames")  # fmt: skip
+    pooled = fit_platt(z_a, y_a)
+    a, b, own = np.full(len(classes), pooled[0]), np.full(len(classes), pooled[1]), []
+    for k in range(len(classes)):
+        m = c_a == k
+        if y_a[m].sum() >= PLATT_MIN and (1 - y_a[m]).sum() >= PLATT_MIN:
+            a[k], b[k] = fit_platt(z_a[m], y_a[m])
+            own.append(classes[k])
+    task = DetectorTask(card.layout, len(classes), a, b)
+
+    conf = np.full(len(cands), np.nan)
+    correct = np.zeros(len(cands), bool)
+    raw_p, cal_p, labels = [], [], []
+    for i in half_b:
+        boxes, cls, best, _ = cands[i]
+        p = task.calibrate(cls, best)
+        keep = p >= 0.5
+        conf[i] = float(np.maximum(p, 1 - p).min()) if len(p) else 1.0
+        correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
+        hit, _ = match(boxes, cls, truth[i])
+        raw_p.append(best), cal_p.append(p), labels.append(hit)
+    in_b = np.zeros(len(cands), bool)
+    in_b[half_b] = True
+    sel = select_threshold(conf[in_b & passing], correct[in_b & passing], 1 - settings.target_accuracy,
+                           settings.delta)  # fmt: skip
+    if sel.threshold is None:
+        say(f"warning: no frame-confidence threshold reaches accuracy {settings.target_accuracy} on the calibration "
+            "frames; this gate auto-accepts nothing, every frame goes to review")  # fmt: skip
+    rp, cp, lb = np.concatenate(raw_p), np.concatenate(cal_p), np.concatenate(labels)
+    accepted = rule(q_ok[in_b], conf[in_b], fused[in_b], ood_threshold, sel.threshold).accepted
+    n_true = int(sum(len(t) for t in truth))
+    fit_metrics: dict[str, Any] = {
+        "train_images": len(train_ex.paths),
+        "calibration_images": len(calib_ex.paths),
+        "calibration_boxes": n_true,
+        "platt_frames": len(half_a),
+        "threshold_frames": len(half_b),
+        "platt_own_classes": own,
+        "calibration_accuracy": round(float(correct[in_b].mean()), 4),
+        "ece_before_calibration": round(binary_ece(rp, lb), 4),
+        "ece_after_calibration": round(binary_ece(cp, lb), 4),
+        "calibration_quality_rejects": int((~q_ok).sum()),
+        "calibration_ood_flagged": int((q_ok & ~passing).sum()),
+        "calibration_coverage": round(float(accepted.mean()), 4),
+        "skipped_unreadable": len(train_ex.skipped) + len(calib_ex.skipped),
+        "drift_reference": {
+            "brightness": round(float(np.std([s["mean"] for s in calib_ex.stats])), 4),
+            "sharpness": round(float(np.std(np.log([max(s["sharpness"], 1e-6) for s in calib_ex.stats]))), 4),
+            "ood_score": round(float(np.std(fused[q_ok])) if q_ok.any() else 1.0, 4),
+        },
+    }
+    acceptance = Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
+                            sel.n_calibration, sel.n_accepted, sel.n_errors,
+                            frames_needed(1 - settings.target_accuracy, settings.delta))  # fmt: skip
+    rule_name = "detector: frame-level heads on the sidecar" if settings.heads is None else "named with --heads"
+    reads = sorted({"sidecar" if k.startswith(PREFIX) else "model" for k in keys})
+    now = datetime.now(UTC)
+    return GateBundle(
+        version=version or now.strftime("%Y%m%d%H%M%S"),
+        created=now.isoformat(timespec="seconds"),
+        backbone_hash=card.model_hash,
+        backbone_name=card.name,
+        classes=classes,
+        preprocessing=pp,
+        quality=quality,
+        task=task,
+        ood_heads=ood_heads,
+        fusion=fusion,
+        ood_threshold=ood_threshold,
+        ood_quantile=settings.ood_quantile,
+        acceptance=acceptance,
+        fit_metrics=fit_metrics,
+        selection={"rule": rule_name, "chosen": {"heads": heads, "fusion": fusion.method}, "reads": reads},
+        fit_settings=settings.to_dict(),
+        sidecar=None if sidecar is None else {"name": sidecar.name, "hash": sidecar.model_hash},
+    )
