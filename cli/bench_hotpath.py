@@ -68,6 +68,12 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
     scores = rng.normal(size=(1, 3)).astype(np.float32)
     # three heads' conformal -log p curves of 48 knots each (what `bouncer fit` stores)
     fusion = Fusion.fit(["a", "b", "c"], rng.gamma(2.0, 1.0, (300, 3)), "max")
+    # a YOLO export's raw output at 640 px with 80 classes (8400 candidates; a few hundred over the 0.01 floor),
+    # and the candidates NMS then sees
+    cls_scores = rng.uniform(0, 0.004, (80, 8400))
+    cls_scores[rng.integers(0, 80, 400), rng.choice(8400, 400, replace=False)] = rng.uniform(0.005, 0.95, 400)
+    raw = np.ascontiguousarray(np.concatenate([rng.uniform(0, 640, (4, 8400)), cls_scores]), np.float32)
+    cand_boxes, cand_scores, _ = reference.decode_boxes(raw, 0, 80, 0.01, 300)
     return {
         "halve (640x480 BGR -> 320x240)": ("halve", (frame,)),
         "halve_with_grey (640x480 BGR -> 320x240 + 160x120 grey)": ("halve_with_grey", (frame,)),
@@ -82,6 +88,8 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
         f"knn_score fp16 bank ({bank_rows} x 192)": ("knn_score", (tap, bank32.astype(np.float16), 1)),
         f"knn_score int8 bank ({bank_rows} x 192)": ("knn_score", (tap, bank8, 1, scale8)),
         "spatial_max (112 x 14 x 14)": ("spatial_max", (fmap,)),
+        "decode_boxes (YOLO 84 x 8400, 0.01 floor, at most 300)": ("decode_boxes", (raw, 0, 80, 0.01, 300)),
+        f"nms ({len(cand_boxes)} candidates, 80 classes, IoU 0.7)": ("nms", (cand_boxes, cand_scores, 0.7)),
         f"fuse (3 heads, {fusion.knots_x.shape[1]} knots, max of -log p)": (
             "fuse",
             (scores, fusion.knots_x, fusion.knots_y, fusion.slope_lo, fusion.slope_hi, 1),

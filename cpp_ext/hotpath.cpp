@@ -869,36 +869,50 @@ py::tuple decode_boxes(const py::array &raw, int layout, int n_classes, double m
     auto score = [&](py::ssize_t i, py::ssize_t c) {
         return layout == 0 ? r[(4 + c) * n + i] : r[i * width + 5 + c] * r[i * width + 4];
     };
-    std::vector<float> best(n, -std::numeric_limits<float>::infinity());
-    std::vector<uint8_t> finite(n, 1);
+    // `poison` sums value * 0 over a candidate's values: 0 while all are finite, NaN once one is NaN or inf. Unlike
+    // std::isfinite in the loop, that vectorises: one pass over the (4 + C) x N output at memory speed.
+    std::vector<float> best(n, -std::numeric_limits<float>::infinity()), poison(n, 0.f);
     std::vector<py::ssize_t> keep;
     int bad = 0;
     {
         py::gil_scoped_release release;
+        float *bp = best.data(), *pp = poison.data();
         if (layout == 0) {  // row by row: each row is contiguous over the candidates
             for (py::ssize_t v = 0; v < width; ++v) {
                 const float *row = r + v * n;
-                for (py::ssize_t i = 0; i < n; ++i) finite[i] &= std::isfinite(row[i]);
-            }
-            for (py::ssize_t c = 0; c < n_classes; ++c) {
-                const float *row = r + (4 + c) * n;
-                for (py::ssize_t i = 0; i < n; ++i) best[i] = std::max(best[i], row[i]);
+                if (v < 4) {
+#pragma omp simd
+                    for (py::ssize_t i = 0; i < n; ++i) pp[i] += row[i] * 0.f;
+                } else {
+#pragma omp simd
+                    for (py::ssize_t i = 0; i < n; ++i) {
+                        pp[i] += row[i] * 0.f;
+                        bp[i] = bp[i] < row[i] ? row[i] : bp[i];
+                    }
+                }
             }
         } else {
             for (py::ssize_t i = 0; i < n; ++i) {
-                for (py::ssize_t v = 0; v < width; ++v) finite[i] &= std::isfinite(r[i * width + v]);
-                for (py::ssize_t c = 0; c < n_classes; ++c) best[i] = std::max(best[i], score(i, c));
+                for (py::ssize_t v = 0; v < width; ++v) pp[i] += r[i * width + v] * 0.f;
+                for (py::ssize_t c = 0; c < n_classes; ++c) {
+                    const float sc = score(i, c);
+                    bp[i] = bp[i] < sc ? sc : bp[i];
+                }
             }
         }
         for (py::ssize_t i = 0; i < n; ++i) {
-            if (!finite[i]) {
+            if (!(pp[i] == 0.f)) {
                 ++bad;
             } else if (best[i] >= floor) {
                 keep.push_back(i);
             }
         }
-        std::stable_sort(keep.begin(), keep.end(), [&](py::ssize_t a, py::ssize_t b) { return best[a] > best[b]; });
-        if (static_cast<py::ssize_t>(keep.size()) > max_candidates) keep.resize(max_candidates);
+        // best first, ties by index (numpy's stable argsort): a strict order, so a partial sort of the first
+        // max_candidates gives the same as sorting all
+        auto before = [&](py::ssize_t a, py::ssize_t b) { return best[a] > best[b] || (best[a] == best[b] && a < b); };
+        const auto take = std::min<std::size_t>(keep.size(), static_cast<std::size_t>(max_candidates));
+        std::partial_sort(keep.begin(), keep.begin() + take, keep.end(), before);
+        keep.resize(take);
     }
     const py::ssize_t m = static_cast<py::ssize_t>(keep.size());
     py::array_t<float> boxes({m, py::ssize_t(4)});
