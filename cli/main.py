@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -217,6 +218,15 @@ def cmd_bench_user(args: argparse.Namespace) -> int:
     tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile") if real else None
     elpv = _shared_dataset(args.elpv, "elpv", "--elpv") if real else None
     print_user(bench_user(args.model or default_model(), tile, elpv, args.work, args.seeds, say, args.part))
+    return 0
+
+
+def cmd_bench_detector(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_detector import bench_detector, print_detector
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    work = args.work or Path(tempfile.mkdtemp(prefix="bouncer-bench-detector-"))
+    print_detector(bench_detector(args.model or default_model(), work, args.seeds, args.epochs, say))
     return 0
 
 
@@ -728,6 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--target-accuracy", type=float, default=0.99, help="the gates' target accuracy")
     bl.add_argument("--seed", type=int, default=0)
 
+    bdt = add("detector", cmd_bench_detector, "a YOLO detector guarded on the simulator's detection mode: accepted "
+              "error over seeded splits, unknown objects, the every-box-over-0.5 practice, cost", bsub)  # fmt: skip
+    bdt.add_argument("--model", type=Path, help="the sidecar backbone (default: cached int8 EfficientNet-Lite0)")
+    bdt.add_argument("--work", type=Path, help="keep frames and the trained detector here (default: a temp folder)")
+    bdt.add_argument("--seeds", type=_positive_int, default=20, help="calibration/test re-splits")
+    bdt.add_argument("--epochs", type=_positive_int, default=12, help="detector training epochs")
     bh = add("hotpath", cmd_bench_hotpath, "every kernel numpy vs C++, and the guard overhead per frame", bsub)
     bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bh.add_argument("--rounds", type=_positive_int, default=5)

@@ -66,6 +66,27 @@ def detection_images(folder: Path, classes: Sequence[str]) -> list[Path]:
     return paths
 
 
+def check_layout(card: ModelCard, shape: tuple[int, ...], model: Path) -> None:
+    """The detector's raw output has the card's layout over its classes; an export with NMS inside is refused
+    with how to export raw (the guard needs every candidate with its class scores, low ones included)."""
+    n_classes = len(card.classes)
+    want = 4 + n_classes + (card.layout == "yolox")
+    got = shape[1] if card.layout == "ultralytics" else shape[-1]
+    if len(shape) == 3 and got == want:
+        return
+    per_row = len(shape) == 3 and shape[-1] in (6, 7) and shape[1] != want
+    why = (
+        "; it looks like an export with NMS inside (one row per kept box: corners, score, class): export the raw "
+        "predictions instead, e.g. `yolo export model=best.pt format=onnx nms=False` (YOLO26 models: also "
+        "end2end=False)"
+        if per_row
+        else ""
+    )
+    layout = f"(4 + {n_classes}) x N" if card.layout == "ultralytics" else f"N x (5 + {n_classes})"
+    raise BouncerError(f"{model}: output {card.detections} has shape {list(shape[1:])}, not the {layout} that "
+                       f"layout {card.layout!r} with {n_classes} classes gives{why}")  # fmt: skip
+
+
 def read_truth(image: Path, size: tuple[int, int], n_classes: int) -> np.ndarray:
     """An image's true boxes from its YOLO label file (none if it has no file): K x 5 rows class, x1 y1 x2 y2 in
     frame pixels."""
@@ -174,10 +195,34 @@ def fit_detector_gate(
     say(f"extracting detections and features of {len(train_paths)} training and {len(calib_paths)} calibration images")
     train_ex = extract(backend, pp, train_paths, [0] * len(train_paths), sources, lambda m: say(f"train: {m}"))
     calib_ex = extract(backend, pp, calib_paths, [0] * len(calib_paths), sources, lambda m: say(f"calib: {m}"))
+    check_layout(card, calib_ex.outputs[card.detections].shape, backend.path)
+    truth = [read_truth(p, s, len(classes)) for p, s in zip(calib_ex.paths, calib_ex.sizes, strict=True)]
+    side = None if sidecar is None else {"name": sidecar.name, "hash": sidecar.model_hash}
+    bundle = fit_detector_from(card, train_ex, calib_ex, truth, settings, heads, side, version, say)
+    bundle.fit_metrics["skipped_unreadable"] = len(train_ex.skipped) + len(calib_ex.skipped)
+    return bundle
+
+
+def fit_detector_from(
+    card: ModelCard,
+    train_ex: Extracted,
+    calib_ex: Extracted,
+    truth: list[np.ndarray],
+    settings: FitSettings,
+    heads: Sequence[str],
+    sidecar: dict[str, str] | None = None,
+    version: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GateBundle:
+    """The fit proper, from extracted outputs and the calibration frames' true boxes (`bouncer fit`, and the
+    benchmark's many seeded splits of one extraction)."""
+    say = log or (lambda m: print(m, file=sys.stderr))
+    classes, pp, heads = list(card.classes), card.preprocessing, list(heads)
+    assert card.detections is not None  # the card checks it
+    keys = list(dict.fromkeys(input_key(h) for h in heads))
     if len(train_ex.paths) < 10 or len(calib_ex.paths) < 20:
         raise BouncerError(f"a detector gate needs at least 10 readable training and 20 calibration images, have "
                            f"{len(train_ex.paths)} and {len(calib_ex.paths)}")  # fmt: skip
-    truth = [read_truth(p, s, len(classes)) for p, s in zip(calib_ex.paths, calib_ex.sizes, strict=True)]
 
     # the input gate, from the training frames
     quality = QualityGate.fit(train_ex.stats)
@@ -251,7 +296,6 @@ def fit_detector_gate(
         "calibration_quality_rejects": int((~q_ok).sum()),
         "calibration_ood_flagged": int((q_ok & ~passing).sum()),
         "calibration_coverage": round(float(accepted.mean()), 4),
-        "skipped_unreadable": len(train_ex.skipped) + len(calib_ex.skipped),
         "drift_reference": {
             "brightness": round(float(np.std([s["mean"] for s in calib_ex.stats])), 4),
             "sharpness": round(float(np.std(np.log([max(s["sharpness"], 1e-6) for s in calib_ex.stats]))), 4),
@@ -281,5 +325,26 @@ def fit_detector_gate(
         fit_metrics=fit_metrics,
         selection={"rule": rule_name, "chosen": {"heads": heads, "fusion": fusion.method}, "reads": reads},
         fit_settings=settings.to_dict(),
-        sidecar=None if sidecar is None else {"name": sidecar.name, "hash": sidecar.model_hash},
+        sidecar=sidecar,
     )
+
+
+def judge_frames(
+    bundle: GateBundle, ex: Extracted, key: str, truth: list[np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A detector gate's rule on extracted frames (`key`: the detector's raw output), as the guard applies it:
+    (accepted, correct) per frame; `correct` compares the kept boxes with the true ones (all False without truth)."""
+    task = bundle.task
+    assert isinstance(task, DetectorTask) and bundle.preprocessing is not None
+    q_ok = np.array([not bundle.quality.check(s) for s in ex.stats], bool)
+    raw = np.stack([h.score_vectors(head_input(h.input_key, ex.outputs)) for h in bundle.ood_heads], 1)
+    fused = bundle.fusion.fuse(raw)
+    conf, correct = np.zeros(len(ex.paths)), np.zeros(len(ex.paths), bool)
+    for i, (boxes, cls, best, bad) in enumerate(_candidates(task, ex, key, bundle.preprocessing)):
+        p = task.calibrate(cls, best)
+        conf[i] = np.nan if bad else float(np.maximum(p, 1 - p).min()) if len(p) else 1.0
+        if truth is not None:
+            keep = p >= 0.5
+            correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
+    accepted = rule(q_ok, conf, fused, bundle.ood_threshold, bundle.acceptance.threshold).accepted
+    return accepted, correct

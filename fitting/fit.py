@@ -56,6 +56,11 @@ class Extracted:
     skipped: list[str]
     sizes: list[tuple[int, int]] = field(default_factory=list)  # each kept image's width and height
 
+    def take(self, idx: Sequence[int] | np.ndarray) -> Extracted:
+        idx = [int(i) for i in idx]
+        return Extracted([self.paths[i] for i in idx], self.labels[idx], {k: v[idx] for k, v in self.outputs.items()},
+                         [self.stats[i] for i in idx], [], [self.sizes[i] for i in idx])  # fmt: skip
+
 
 def extract(
     backend: Backend,

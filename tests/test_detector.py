@@ -1,0 +1,151 @@
+"""Gates around a YOLO detector: a real YOLOv8n trained here on the simulator's detection mode, guarded through
+the CLI as a user would; bad exports and folders refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run_cli
+from onnx import TensorProto, helper, numpy_helper
+
+from bouncer.fitting.detector import frame_correct, read_truth
+from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.tasks import DetectorTask
+from bouncer.sim.simulator import KNOWN_CLASSES
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("detection_line")
+    unknown = ["--unknown", "bolt,giraffe", "--unknown-rate", "1"]
+    for name, frames, seed, extra in (("train", 240, 1, []), ("calib", 300, 3, []), ("test", 150, 4, []),
+                                      ("unknown", 60, 5, unknown)):  # fmt: skip
+        res = run_cli("sim", "detection", "--out", str(root / name), "--frames", str(frames), "--seed", str(seed),
+                      *extra)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def detector(bouncer_home, line) -> Path:
+    """YOLOv8n trained by ultralytics on the simulated line (cached in the test model home: minutes on CPU)."""
+    out = bouncer_home / "test-detector" / "yolov8n-sim.onnx"
+    if not out.is_file():
+        res = run_cli("models", "example", "detector", "--train", str(line / "train"), "--out", str(out),
+                      "--epochs", "12")  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def scored(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_detector_gate_holds_its_target_and_reports_its_boxes(built_models, detector, line, tmp_path):
+    card = json.loads(detector.with_name(detector.name + ".card.json").read_text())
+    assert card["task"] == "detector" and card["layout"] == "ultralytics" and card["classes"] == list(KNOWN_CLASSES)
+    gate = tmp_path / "det.gate"
+    res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                  "--out", str(gate), "--target-accuracy", "0.95")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "detector:" in res.stdout and "acceptance: confidence >=" in res.stdout, res.stdout
+    b = GateBundle.load(gate)
+    assert isinstance(b.task, DetectorTask) and b.sidecar is not None and b.selection["reads"] == ["sidecar"]
+    m = b.fit_metrics
+    assert m["ece_after_calibration"] < m["ece_before_calibration"], m  # calibration that counts localisation
+    out = tmp_path / "s.jsonl"
+    res = run_cli("score", "--gate", str(gate), "--model", str(detector), "--jsonl", str(out), str(line / "test"),
+                  str(line / "unknown"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = scored(out)
+    known = [r for r in rows if "/test/" in r["path"]]
+    accepted = [r for r in known if r["decision"] == "accept"]
+    wrong = 0
+    for r in accepted:
+        truth = read_truth(Path(r["path"]), (320, 240), len(KNOWN_CLASSES))
+        boxes = np.array([x["box"] for x in r["boxes"]], np.float64).reshape(-1, 4)
+        classes = np.array([KNOWN_CLASSES.index(x["class"]) for x in r["boxes"]], np.int64)
+        wrong += not frame_correct(boxes, classes, truth)
+        assert r["label"] != "nothing" and all(x["p"] >= 0.5 for x in r["boxes"])
+    assert len(accepted) >= 0.6 * len(known), len(accepted)  # the gate is useful on clean frames
+    assert wrong <= 0.05 * len(accepted) + 1, (wrong, len(accepted))  # and its accepted frames hold the target
+    flagged = [r for r in known if r["decision"] != "accept"]
+    assert all(set(r["reasons"]) <= {"ambiguous_box", "ood"} for r in flagged)
+    # a frame with an unknown object on the belt: every one would pass "accept if all boxes score >= 0.5" (the
+    # detector does not box them); the gate's frame-level OOD heads flag a share of them
+    unknown = [r for r in rows if "/unknown/" in r["path"]]
+    assert sum(r["decision"] != "accept" for r in unknown) >= 0.25 * len(unknown)
+
+
+def constant_detector(path: Path, value: np.ndarray, classes: list[str], layout: str = "ultralytics") -> Path:
+    """An ONNX 'detector' that outputs `value` for any 32 x 32 image, with its card: for bad-export tests."""
+    const = numpy_helper.from_array(value.astype(np.float32), "value")
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["m"], keepdims=0),
+        helper.make_node("Mul", ["m", "zero"], ["z"]),
+        helper.make_node("Add", ["value", "z"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "constant", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(value.shape))],
+        [const, numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    pp = {"height": 32, "width": 32, "mean": 0, "std": 255, "resize": "letterbox", "pad": 114}
+    card = {"name": "constant", "task": "detector", "detections": "output0", "layout": layout, "classes": classes,
+            "features": None, "logits": None, "preprocessing": pp}  # fmt: skip
+    path.with_name(path.name + ".card.json").write_text(json.dumps(card))
+    return path
+
+
+def test_an_export_with_nms_inside_is_refused_with_how_to_export_raw(built_models, line, tmp_path):
+    rows = np.zeros((1, 300, 6), np.float32)  # x1 y1 x2 y2 score class per kept box: what nms=True exports
+    model = constant_detector(tmp_path / "nms.onnx", rows, list(KNOWN_CLASSES))
+    res = run_cli("fit", "--model", str(model), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                  "--out", str(tmp_path / "x.gate"))  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "NMS inside" in res.stderr and "nms=False" in res.stderr, res.stderr
+
+
+def test_a_detector_that_gives_nan_is_an_error_at_fit_and_a_review_at_run_time(built_models, line, tmp_path):
+    raw = np.zeros((1, 4 + len(KNOWN_CLASSES), 50), np.float32)
+    raw[0, :4] = [[100], [100], [40], [40]]
+    raw[0, 4, 3] = np.nan
+    model = constant_detector(tmp_path / "nan.onnx", raw, list(KNOWN_CLASSES))
+    res = run_cli("fit", "--model", str(model), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                  "--out", str(tmp_path / "x.gate"))  # fmt: skip
+    assert res.returncode == 2 and "NaN or infinite" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    task = DetectorTask("ultralytics", len(KNOWN_CLASSES))
+    det = task.detect(raw[0])
+    assert det.bad == 1 and np.isnan(det.certainty())  # the guard sends such a frame to review (invalid_output)
+    assert np.isnan(task.probs(raw)[0, 0])
+
+
+def test_detection_folders_and_labels_are_checked(built_models, detector, line, tmp_path):
+    def fit(train: Path) -> str:
+        res = run_cli("fit", "--model", str(detector), "--train", str(train), "--calib", str(line / "calib"),
+                      "--out", str(tmp_path / "x.gate"))  # fmt: skip
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        return res.stderr
+
+    assert "images/ and labels/" in fit(line / "train" / "labels")
+    bad = tmp_path / "bad"
+    (bad / "labels").mkdir(parents=True)
+    (bad / "images").symlink_to(line / "train" / "images")
+    (bad / "classes.json").write_text(json.dumps(["washer", "gear"]))
+    assert "differ from the detector card" in fit(bad)
+    (bad / "classes.json").unlink()
+    calib = tmp_path / "calib"
+    (calib / "labels").mkdir(parents=True)
+    (calib / "images").symlink_to(line / "calib" / "images")
+    for f in (line / "calib" / "labels").iterdir():
+        (calib / "labels" / f.name).write_text(f.read_text())
+    first = sorted((calib / "labels").iterdir())[0]
+    first.write_text("0 0.5 0.5 0.2\n")
+    res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(calib),
+                  "--out", str(tmp_path / "x.gate"))  # fmt: skip
+    assert res.returncode == 2 and f"{first.name}:1: expected 'class cx cy w h'" in res.stderr, res.stderr[-2000:]
