@@ -22,15 +22,15 @@ import cv2
 import numpy as np
 
 from bouncer.fitting.corruptions import CORRUPTIONS
-from bouncer.fitting.detector import DEFAULT_HEADS, binary_ece, fit_detector_from, judge_frames, match, read_truth
+from bouncer.fitting.detector import binary_ece, default_heads, fit_detector_from, judge_frames, match, read_truth
 from bouncer.fitting.fit import Extracted, FitSettings, extract
 from bouncer.quantize.detector import make_detector
 from bouncer.runtime import backends
 from bouncer.runtime.backends.paired import PairedBackend
 from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.gates.heads import input_key
-from bouncer.runtime.gates.tasks import DetectorTask
 from bouncer.runtime.images import read_bgr
 from bouncer.runtime.preprocess import input_to_frame, preprocess
 from bouncer.sim.detection import write_detection_dataset
@@ -74,7 +74,8 @@ def bench_detector(
     card = backend.card
     assert card.detections is not None
     classes, pp = list(card.classes), card.preprocessing
-    sources = {input_key(h).partition("@")[0] for h in DEFAULT_HEADS} | {card.detections}
+    heads = default_heads(card, sidecar=True)
+    sources = {input_key(h).partition("@")[0] for h in heads}
     ex = {}
     for name in ("train", "pool", "unknown", "corrupted"):
         paths = _images(folders[name])
@@ -100,7 +101,7 @@ def bench_detector(
         cal, test = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
         settings = FitSettings(target_accuracy=TARGET, delta=DELTA, seed=seed)
         bundle = fit_detector_from(card, ex["train"], ex["pool"].take(cal), [truth[i] for i in cal], settings,
-                                   DEFAULT_HEADS, side, log=lambda m: None)  # fmt: skip
+                                   heads, side, log=lambda m: None)  # fmt: skip
         test_ex, test_truth = ex["pool"].take(test), [truth[i] for i in test]
         acc, correct = judge_frames(bundle, test_ex, card.detections, test_truth)
         unk, _ = judge_frames(bundle, ex["unknown"], card.detections, None)

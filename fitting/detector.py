@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,19 +33,27 @@ from bouncer.runtime.backends.paired import PREFIX, PairedBackend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import Acceptance, GateBundle
 from bouncer.runtime.gates.decision import rule
-from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key
+from bouncer.runtime.gates.detector import DetectorTask, OrphanHead, _logit, iou_matrix
+from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key, parse_head
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.gates.risk import frames_needed
-from bouncer.runtime.gates.tasks import DetectorTask, _logit
 from bouncer.runtime.images import IMAGE_SUFFIXES
 from bouncer.runtime.modelcard import ModelCard
 from bouncer.runtime.preprocess import Preprocessing, input_to_frame
 
 IOU_MATCH = 0.5
 PLATT_MIN = 10  # true and false candidates a class needs for its own calibration; fewer: the pooled one
-# frame-level OOD heads on the sidecar backbone, when --heads does not name them: a mid-level tap and the channel
-# maxima of a map (a small unfamiliar object lights a few cells, which pooling over the frame would average away)
-DEFAULT_HEADS = ("knn:sidecar.pool_s16", "knn:sidecar.map_s16@max")
+# frame-level OOD heads when --heads does not name them: on the sidecar backbone a mid-level tap and the channel
+# maxima of a map (a small unfamiliar object lights a few cells, which pooling over the frame would average away);
+# on the detector, its orphan candidates
+SIDECAR_HEADS = ("knn:sidecar.pool_s16", "knn:sidecar.map_s16@max")
+
+
+def default_heads(card: ModelCard, sidecar: bool) -> list[str]:
+    return [*(SIDECAR_HEADS if sidecar else ()), f"orphan:{card.detections}"]
+
+
+ORPHAN_FLOOR, ORPHAN_CANDIDATES = 0.001, 1000  # the orphan head looks lower than the task's 0.01
 
 
 def detection_images(folder: Path, classes: Sequence[str]) -> list[Path]:
@@ -105,16 +114,6 @@ def read_truth(image: Path, size: tuple[int, int], n_classes: int) -> np.ndarray
             fw, fh = size
             rows.append([c, (cx - w / 2) * fw, (cy - h / 2) * fh, (cx + w / 2) * fw, (cy + h / 2) * fh])
     return np.array(rows, np.float64).reshape(-1, 5)
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = w * h
-    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def match(boxes: np.ndarray, classes: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,10 +180,7 @@ def fit_detector_gate(
     classes, pp = list(card.classes), card.preprocessing
     assert card.detections is not None  # the card checks it
     sidecar = backend.sidecar.card if isinstance(backend, PairedBackend) else None
-    heads = list(settings.heads or (DEFAULT_HEADS if sidecar is not None else ()))
-    if not heads:
-        raise BouncerError("a detector gate's OOD heads read Bouncer's backbone beside the detector: leave --sidecar "
-                           "at its default, or name heads on the detector's own outputs with --heads")  # fmt: skip
+    heads = list(settings.heads or default_heads(card, sidecar is not None))
     keys = list(dict.fromkeys(input_key(h) for h in heads))
     sources = {k.partition("@")[0] for k in keys} | {card.detections}
     missing = sorted(s for s in sources if s not in backend.card.output_names())
@@ -224,17 +220,6 @@ def fit_detector_from(
         raise BouncerError(f"a detector gate needs at least 10 readable training and 20 calibration images, have "
                            f"{len(train_ex.paths)} and {len(calib_ex.paths)}")  # fmt: skip
 
-    # the input gate, from the training frames
-    quality = QualityGate.fit(train_ex.stats)
-    zeros = np.zeros(len(train_ex.paths), np.int64)
-    ood_heads = [fit_head(h, head_input(input_key(h), train_ex.outputs), zeros) for h in heads]
-    q_ok = np.array([not quality.check(s) for s in calib_ex.stats], bool)
-    raw = np.stack([h.score_vectors(head_input(h.input_key, calib_ex.outputs)) for h in ood_heads], 1)
-    fusion = Fusion.fit(heads, raw[q_ok] if q_ok.sum() >= 10 else raw, settings.fusion or "max")
-    fused = fusion.fuse(raw)
-    ood_threshold = conformal_quantile(fused[q_ok] if q_ok.any() else fused, settings.ood_quantile)
-    passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
-
     # calibration: half the calibration frames fit the box probabilities, the other half the threshold
     task = DetectorTask(card.layout, len(classes))
     cands = _candidates(task, calib_ex, card.detections, pp)
@@ -261,6 +246,20 @@ def fit_detector_from(
             a[k], b[k] = fit_platt(z_a[m], y_a[m])
             own.append(classes[k])
     task = DetectorTask(card.layout, len(classes), a, b)
+
+    # the input gate: quality and frame-level heads from the training frames, the detector's orphan candidates
+    # with the calibration just fitted; thresholds on the calibration frames
+    quality = QualityGate.fit(train_ex.stats)
+    zeros = np.zeros(len(train_ex.paths), np.int64)
+    orphan = OrphanHead(card.detections, replace(task, min_score=ORPHAN_FLOOR, max_candidates=ORPHAN_CANDIDATES))
+    ood_heads = [orphan if parse_head(h)[0] == "orphan" else fit_head(h, head_input(input_key(h), train_ex.outputs),
+                                                                       zeros) for h in heads]  # fmt: skip
+    q_ok = np.array([not quality.check(s) for s in calib_ex.stats], bool)
+    raw = np.stack([h.score_vectors(head_input(h.input_key, calib_ex.outputs)) for h in ood_heads], 1)
+    fusion = Fusion.fit(heads, raw[q_ok] if q_ok.sum() >= 10 else raw, settings.fusion or "max")
+    fused = fusion.fuse(raw)
+    ood_threshold = conformal_quantile(fused[q_ok] if q_ok.any() else fused, settings.ood_quantile)
+    passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
 
     conf = np.full(len(cands), np.nan)
     correct = np.zeros(len(cands), bool)
@@ -305,7 +304,7 @@ def fit_detector_from(
     acceptance = Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
                             sel.n_calibration, sel.n_accepted, sel.n_errors,
                             frames_needed(1 - settings.target_accuracy, settings.delta))  # fmt: skip
-    rule_name = "detector: frame-level heads on the sidecar" if settings.heads is None else "named with --heads"
+    rule_name = "detector: frame-level heads and orphan candidates" if settings.heads is None else "named with --heads"
     reads = sorted({"sidecar" if k.startswith(PREFIX) else "model" for k in keys})
     now = datetime.now(UTC)
     return GateBundle(

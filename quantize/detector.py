@@ -9,9 +9,11 @@ tool here (the `[detector-train]` extra), never imported by the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -78,7 +80,8 @@ def _train_and_export(YOLO, Detect, torch, train: Path, out: Path, classes: list
     data.write_text(f"path: {train.resolve()}\ntrain: images\nval: images\nnames:\n{names}\n")
     log(f"detector: training {ARCH} on {train} ({', '.join(classes)}), {epochs} epochs at {size} px")
     model = YOLO(ARCH)
-    with warnings.catch_warnings():
+    # ultralytics prints its progress on stdout: keep stdout for the command's one JSON line
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         model.train(data=str(data), epochs=epochs, imgsz=size, batch=16, workers=0, device="cpu", amp=False,
                     plots=False, val=False, project=str(work / "runs"), name="train", exist_ok=True, seed=seed,

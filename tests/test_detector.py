@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bouncer.fitting.detector import frame_correct, read_truth
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.tasks import DetectorTask
+from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.sim.simulator import KNOWN_CLASSES
 
 

@@ -12,8 +12,9 @@ import numpy as np
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.gates.bundle import BundleError, GateBundle
 from bouncer.runtime.gates.decision import Decision, Verdict, rule_one
+from bouncer.runtime.gates.detector import Detections, DetectorTask
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
-from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, Detections, DetectorTask, task_meta
+from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, task_meta
 from bouncer.runtime.preprocess import input_to_frame, preprocess
 
 

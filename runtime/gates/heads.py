@@ -49,11 +49,13 @@ def patches(fmap: np.ndarray) -> np.ndarray:
 
 
 def parse_head(spec: str) -> tuple[str, str, str | None]:
-    """`maha:OUT`, `patch:MAP` or `knn:OUT[@max]` -> (kind, source, reduce)."""
+    """`maha:OUT`, `patch:MAP`, `knn:OUT[@max]` or `orphan:DETECTIONS` -> (kind, source, reduce)."""
     kind, _, rest = spec.partition(":")
     source, _, reduce = rest.partition("@")
-    if kind not in ("maha", "patch", "knn") or not source or reduce not in ("", "max") or (reduce and kind != "knn"):
-        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT or knn:MAP@max")
+    known = ("maha", "patch", "knn", "orphan")
+    if kind not in known or not source or reduce not in ("", "max") or (reduce and kind != "knn"):
+        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT, knn:MAP@max or "
+                           "orphan:DETECTIONS (a detector gate's raw output)")  # fmt: skip
     return kind, source, reduce or None
 
 
@@ -405,6 +407,9 @@ class Fusion:
 def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> OodHead:
     """A head from its spec and its input's vectors (see input_key) on training frames."""
     kind, source, reduce = parse_head(spec)
+    if kind == "orphan":
+        raise BouncerError(f"OOD head {spec!r}: orphan heads read a detector's calibrated candidates; a detector "
+                           "gate's fit makes them")  # fmt: skip
     if kind == "knn":
         return KnnHead.from_vectors(source, x, reduce=reduce)
     if kind == "patch":

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bouncer.runtime import kernels
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.runtime.gates.heads import LinearHead, softmax
 
 SUM_TOLERANCE = 1e-2  # softmax outputs (float16/int8 exports round) must sum to one within this
@@ -112,86 +112,6 @@ class AnomalyScore:
         return {f"{prefix}.reference": self.reference}
 
 
-@dataclass(frozen=True)
-class Detections:
-    """One frame's candidates after NMS, best first: corners in model-input pixels, class index, calibrated
-    probability that the box is a true object of that class; `bad` counts candidates with NaN/inf outputs."""
-
-    boxes: np.ndarray  # M x 4 float32: x1 y1 x2 y2
-    classes: np.ndarray  # M int64
-    probs: np.ndarray  # M float64
-    bad: int
-
-    def kept(self) -> np.ndarray:
-        """The boxes the gate reports: calibrated probability at least one half."""
-        return self.probs >= 0.5
-
-    def certainty(self) -> float:
-        """How sure the frame's least certain candidate is either way: 1 with no candidate, NaN if `bad`."""
-        if self.bad:
-            return float("nan")
-        return float(np.maximum(self.probs, 1 - self.probs).min()) if len(self.probs) else 1.0
-
-
-def _logit(s: np.ndarray) -> np.ndarray:
-    s = np.clip(np.asarray(s, np.float64), 1e-6, 1 - 1e-6)
-    return np.log(s) - np.log1p(-s)
-
-
-@dataclass
-class DetectorTask:
-    """A YOLO-family detector's raw output, decoded (kernels.decode_boxes, kernels.nms) and calibrated per class
-    (Platt: p = sigmoid(a_c * logit(score) + b_c), fitted on candidates matched to true boxes). A frame's
-    confidence is its least certain candidate's certainty max(p, 1 - p): accepting frames above a threshold t
-    means no candidate sits in the band (1 - t, t), so every box is clearly kept or clearly dropped."""
-
-    kind: ClassVar[str] = "detector"
-    layout: str
-    n_classes: int
-    platt_a: np.ndarray = field(default_factory=lambda: np.ones(0))
-    platt_b: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    min_score: float = 0.01  # candidates below this raw score are never looked at
-    iou: float = 0.7  # class-aware NMS
-    max_candidates: int = 300
-
-    def __post_init__(self) -> None:
-        if not len(self.platt_a):
-            self.platt_a, self.platt_b = np.ones(self.n_classes), np.zeros(self.n_classes)
-        self.platt_a = np.asarray(self.platt_a, np.float64)
-        self.platt_b = np.asarray(self.platt_b, np.float64)
-        self._code = kernels.LAYOUTS.index(self.layout)
-
-    def calibrate(self, classes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        z = self.platt_a[classes] * _logit(scores) + self.platt_b[classes]
-        return 1.0 / (1.0 + np.exp(-z))
-
-    def candidates(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """One frame's raw output -> (boxes, class indices, raw best scores, bad) after NMS, best first."""
-        raw = np.ascontiguousarray(np.asarray(raw, np.float32).reshape(np.shape(raw)[-2:]))
-        boxes, scores, bad = kernels.decode_boxes(raw, self._code, self.n_classes, self.min_score,
-                                                  self.max_candidates)  # fmt: skip
-        keep = kernels.nms(boxes, scores, self.iou)
-        s = scores[keep]
-        return boxes[keep], s.argmax(axis=1), s.max(axis=1), bad
-
-    def detect(self, raw: np.ndarray) -> Detections:
-        boxes, cls, best, bad = self.candidates(raw)
-        return Detections(boxes, cls, self.calibrate(cls, best), bad)
-
-    def probs(self, x: np.ndarray) -> np.ndarray:
-        """N frames' raw outputs -> N x 1 frame confidences (the certainty of each frame's least certain box)."""
-        x = np.asarray(x, np.float32)
-        x = x.reshape(-1, *x.shape[-2:])
-        return np.array([[self.detect(r).certainty()] for r in x], np.float32)
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layout": self.layout, "min_score": self.min_score, "iou": self.iou,
-                "max_candidates": self.max_candidates}  # fmt: skip
-
-    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}.platt_a": self.platt_a, f"{prefix}.platt_b": self.platt_b}
-
-
 TaskHead = LinearHead | UserScores | AnomalyScore | DetectorTask
 TASK_OF_CARD = {"features": "linear", "classifier": "scores", "anomaly": "anomaly", "detector": "detector"}
 
@@ -238,13 +158,5 @@ def load_task(meta: dict[str, Any], arrays: dict[str, np.ndarray], n_classes: in
             raise ValueError("anomaly task: reference scores must be a non-empty finite vector")
         return AnomalyScore(ref)
     if kind == "detector":
-        a, b = arrays[f"{prefix}.platt_a"], arrays[f"{prefix}.platt_b"]
-        if a.shape != (n_classes,) or b.shape != (n_classes,) or not (np.isfinite(a).all() and np.isfinite(b).all()):
-            raise ValueError(f"detector task: calibration for {n_classes} classes expected")
-        if meta.get("layout") not in kernels.LAYOUTS:
-            raise ValueError(f"detector task: layout {meta.get('layout')!r}")
-        if not (0 <= float(meta["min_score"]) < 1 and 0 <= float(meta["iou"]) <= 1 and int(meta["max_candidates"]) > 0):
-            raise ValueError("detector task: min_score, iou or max_candidates out of range")
-        return DetectorTask(str(meta["layout"]), n_classes, a, b, float(meta["min_score"]), float(meta["iou"]),
-                            int(meta["max_candidates"]))  # fmt: skip
+        return DetectorTask.load(meta, arrays, prefix, n_classes)
     raise ValueError(f"unknown task kind {kind!r}")
