@@ -22,7 +22,15 @@ import cv2
 import numpy as np
 
 from bouncer.fitting.corruptions import CORRUPTIONS
-from bouncer.fitting.detector import binary_ece, default_heads, fit_detector_from, judge_frames, match, read_truth
+from bouncer.fitting.detector import (
+    binary_ece,
+    default_heads,
+    every_box_over_half,
+    fit_detector_from,
+    judge_frames,
+    match,
+    read_truth,
+)
 from bouncer.fitting.fit import Extracted, FitSettings, extract
 from bouncer.quantize.detector import make_detector
 from bouncer.runtime import backends
@@ -86,13 +94,7 @@ def bench_detector(
     side = {"name": backend.sidecar.card.name, "hash": backend.sidecar.card.model_hash}
 
     # the common practice: every frame accepted, with the boxes scoring at least 0.5
-    raw_task = DetectorTask(card.layout, len(classes))
-    practice_wrong = []
-    for raw, (w, h), tr in zip(ex["pool"].outputs[card.detections], ex["pool"].sizes, truth, strict=True):
-        boxes, cls, best, _ = raw_task.candidates(raw)
-        keep = best >= 0.5
-        hit, used = match(input_to_frame(boxes[keep], w, h, pp), cls[keep], tr)
-        practice_wrong.append(not (hit.all() and used.all()))
+    practice_wrong = ~every_box_over_half(card.layout, len(classes), ex["pool"], card.detections, pp, truth)
 
     splits, per_class = [], {}
     n = len(ex["pool"].paths)

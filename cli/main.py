@@ -532,6 +532,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bouncer.fitting.evaluate import evaluate
 
     guard = _load_guard(args.gate, args.model, args.threads, args.sidecar)
+    if guard.backend.card.task == "detector":
+        from bouncer.fitting.detector import evaluate_detector
+
+        assert guard.backend.card.detections is not None
+        others = {"unknown": args.unknown, "foreign": args.foreign}
+        r = evaluate_detector(guard.bundle, guard.backend, args.known, others, guard.backend.card.detections)
+        for name in ("guard", "every_box_over_half"):
+            e = r[name]
+            print(f"{name:<20} accepted error {e['accepted_error']:.4f}  coverage {e['coverage']:.4f}  "
+                  f"({e['accepted']} of {r['known_frames']} frames)")  # fmt: skip
+        for name, e in r["should_not_pass"].items():
+            print(f"{name}: {e['accepted']} of {e['frames']} frames accepted")
+        _print_json_last(r)
+        return 0
     report = evaluate(
         guard, args.known, args.unknown, args.foreign, corrupt=args.corrupt, out_dir=args.out, seed=args.seed
     )

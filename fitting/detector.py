@@ -37,7 +37,7 @@ from bouncer.runtime.gates.detector import DetectorTask, OrphanHead, _logit, iou
 from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key, parse_head
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.gates.risk import frames_needed
-from bouncer.runtime.images import IMAGE_SUFFIXES
+from bouncer.runtime.images import IMAGE_SUFFIXES, iter_image_paths
 from bouncer.runtime.modelcard import ModelCard
 from bouncer.runtime.preprocess import Preprocessing, input_to_frame
 
@@ -347,3 +347,47 @@ def judge_frames(
             correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
     accepted = rule(q_ok, conf, fused, bundle.ood_threshold, bundle.acceptance.threshold).accepted
     return accepted, correct
+
+
+def every_box_over_half(
+    layout: str, n_classes: int, ex: Extracted, key: str, pp: Preprocessing, truth: list[np.ndarray]
+) -> np.ndarray:
+    """The common practice, per frame: is it right when every box whose raw score is at least 0.5 is kept?"""
+    plain = DetectorTask(layout, n_classes)
+    cands = _candidates(plain, ex, key, pp)
+    return np.array([frame_correct(b[s >= 0.5], c[s >= 0.5], t) for (b, c, s, _), t in zip(cands, truth, strict=True)])
+
+
+def evaluate_detector(
+    bundle: GateBundle, backend: Backend, known: Path, others: dict[str, list[Path]], detections: str
+) -> dict[str, Any]:
+    """`bouncer eval` for a detector gate: on a labelled detection folder, the share of accepted frames with any
+    box error and the frame coverage, beside accepting every frame with its boxes over 0.5; on folders of
+    frames that should not pass (unknown objects, foreign photos), how many the gate accepts."""
+    classes, pp = bundle.classes, bundle.preprocessing
+    sources = {h.input_key.partition("@")[0] for h in bundle.ood_heads} | {detections}
+    paths = detection_images(known, classes)
+    ex = extract(backend, pp, paths, [0] * len(paths), sources)
+    check_layout(backend.card, ex.outputs[detections].shape, backend.path)
+    truth = [read_truth(p, s, len(classes)) for p, s in zip(ex.paths, ex.sizes, strict=True)]
+    accepted, correct = judge_frames(bundle, ex, detections, truth)
+    assert isinstance(bundle.task, DetectorTask)
+    practice = every_box_over_half(bundle.task.layout, len(classes), ex, detections, pp, truth)
+    n_acc = int(accepted.sum())
+    report: dict[str, Any] = {
+        "gate": bundle.version,
+        "target_accuracy": bundle.acceptance.target_accuracy,
+        "known_frames": len(ex.paths),
+        "guard": {"accepted": n_acc, "coverage": round(n_acc / max(len(ex.paths), 1), 4),
+                  "accepted_error": round(float((~correct[accepted]).mean()) if n_acc else 0.0, 4)},
+        "every_box_over_half": {"accepted": len(ex.paths), "coverage": 1.0,
+                                "accepted_error": round(1 - float(np.mean(practice)), 4) if len(practice) else 0.0},
+        "should_not_pass": {},
+    }  # fmt: skip
+    for kind, folders in others.items():
+        for folder in folders:
+            imgs = list(iter_image_paths([folder]))
+            other = extract(backend, pp, imgs, [0] * len(imgs), sources)
+            acc, _ = judge_frames(bundle, other, detections, None)
+            report["should_not_pass"][f"{kind}:{folder}"] = {"frames": len(other.paths), "accepted": int(acc.sum())}
+    return report

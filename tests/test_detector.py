@@ -80,6 +80,14 @@ def test_a_detector_gate_holds_its_target_and_reports_its_boxes(built_models, de
     # detector does not box them); the gate's frame-level OOD heads flag a share of them
     unknown = [r for r in rows if "/unknown/" in r["path"]]
     assert sum(r["decision"] != "accept" for r in unknown) >= 0.15 * len(unknown)  # 19 of 60 here
+    # `bouncer eval` says the same, beside the common practice
+    res = run_cli("eval", "--gate", str(gate), "--model", str(detector), "--known", str(line / "test"),
+                  "--unknown", str(line / "unknown"), "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["guard"]["accepted"] == len(accepted) and report["known_frames"] == len(known)
+    assert report["guard"]["accepted_error"] < report["every_box_over_half"]["accepted_error"], report
+    assert next(iter(report["should_not_pass"].values()))["accepted"] == sum(r["decision"] == "accept" for r in unknown)
 
 
 def constant_detector(path: Path, value: np.ndarray, classes: list[str], layout: str = "ultralytics") -> Path:
