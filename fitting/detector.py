@@ -232,7 +232,9 @@ def fit_detector_from(
     for i in half_a:
         boxes, cls, best, _ = cands[i]
         hit, _ = match(boxes, cls, truth[i])
-        z.append(_logit(best)), y.append(hit), c.append(cls)
+        z.append(_logit(best))
+        y.append(hit)
+        c.append(cls)
     z_a, y_a, c_a = np.concatenate(z), np.concatenate(y).astype(np.float64), np.concatenate(c)
     if y_a.sum() < 2 or (1 - y_a).sum() < 2:
         n_true, n_false = int(y_a.sum()), int((1 - y_a).sum())
@@ -271,7 +273,9 @@ def fit_detector_from(
         conf[i] = float(np.maximum(p, 1 - p).min()) if len(p) else 1.0
         correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
         hit, _ = match(boxes, cls, truth[i])
-        raw_p.append(best), cal_p.append(p), labels.append(hit)
+        raw_p.append(best)
+        cal_p.append(p)
+        labels.append(hit)
     in_b = np.zeros(len(cands), bool)
     in_b[half_b] = True
     sel = select_threshold(conf[in_b & passing], correct[in_b & passing], 1 - settings.target_accuracy,

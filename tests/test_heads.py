@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from bouncer.fitting.calibration import expected_calibration_error, fit_temperature
 from bouncer.fitting.fit import fit_logistic
 from bouncer.fitting.select import conformal_quantile
+from bouncer.runtime.gates.detector import DetectorTask, OrphanHead
 from bouncer.runtime.gates.heads import (
     HEAD_KINDS,
     Fusion,
@@ -147,6 +148,10 @@ def test_every_head_kind_keeps_one_interface():
         fit_head(spec, head_input(input_key(spec), outputs), labels)
         for spec in ("maha:pool", "knn:pool", "knn:map@max", "patch:map")
     ]
+    # a detector's orphan head reads its raw candidates: 12 frames of (4 + 2) x 30, boxes and two class scores
+    raw = np.concatenate([rng.uniform(0, 64, (12, 4, 30)), rng.uniform(0, 0.6, (12, 2, 30))], axis=1)
+    outputs["output0"] = raw.astype(np.float32)
+    heads.append(OrphanHead("output0", DetectorTask("ultralytics", 2, np.array([4.0, 3.0]), np.array([1.0, 0.5]))))
     assert {type(h).kind for h in heads} == set(HEAD_KINDS)
     for h in heads:
         via_outputs, via_vectors = h.score(outputs), h.score_vectors(h.vectors(outputs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,10 +113,8 @@ class Guard:
         kept = det.kept()
         boxes = [{"class": b.classes[int(c)], "p": round(float(p), 4), "box": [round(float(v), 1) for v in box]}
                  for box, c, p in zip(corners[kept], det.classes[kept], det.probs[kept], strict=True)]  # fmt: skip
-        counts: dict[str, int] = {}
-        for box in boxes:
-            counts[box["class"]] = counts.get(box["class"], 0) + 1
-        label = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "nothing"
+        counts = Counter(b.classes[int(c)] for c in det.classes[kept])
+        label = ", ".join(f"{n} {c}" for c, n in counts.most_common()) or "nothing"
         ood, low = rule_one(conf, fused, b.ood_threshold, b.acceptance.threshold)
         d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes)
         if ood:
@@ -123,12 +122,13 @@ class Guard:
             d.details.append({"reason": "ood", "value": round(fused, 4), "threshold": round(b.ood_threshold, 4)})
         if low:
             i = int(np.argmin(np.maximum(det.probs, 1 - det.probs))) if len(det.probs) else 0
-            why: dict = {"reason": "ambiguous_box", "value": round(conf, 6), "threshold": b.acceptance.threshold}
+            unsure: dict[str, Any] = {"reason": "ambiguous_box", "value": round(conf, 6),
+                                      "threshold": b.acceptance.threshold}  # fmt: skip
             if len(det.probs):
-                why |= {"class": b.classes[int(det.classes[i])], "p": round(float(det.probs[i]), 4),
-                        "box": [round(float(v), 1) for v in corners[i]]}  # fmt: skip
+                unsure |= {"class": b.classes[int(det.classes[i])], "p": round(float(det.probs[i]), 4),
+                           "box": [round(float(v), 1) for v in corners[i]]}  # fmt: skip
             d.reasons.append("ambiguous_box")
-            d.details.append(why)
+            d.details.append(unsure)
         if ood or low:
             d.decision = Verdict.REVIEW
         return d
