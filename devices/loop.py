@@ -239,6 +239,7 @@ class Device:
             ood_score=decision.ood_score,
             reasons=decision.reasons,
             details=decision.details,
+            boxes=decision.boxes,
             quality={k: round(v, 4) for k, v in decision.quality.items()},
             gate_version=b.version,
             backbone_hash=b.backbone_hash,

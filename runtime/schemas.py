@@ -79,6 +79,14 @@ class FeatureWire(msgspec.Struct, forbid_unknown_fields=True):
     fp16: bytes
 
 
+class BoxWire(msgspec.Struct, forbid_unknown_fields=True):
+    """One box a detector gate kept: its class, calibrated probability, corners in frame pixels."""
+
+    box: list[Number]
+    p: Number
+    cls: str = msgspec.field(name="class")
+
+
 class FrameWire(msgspec.Struct, kw_only=True):
     """A flagged frame (`bouncer/v1/<device>/frames`): docs/mqtt.md explains each field."""
 
@@ -101,6 +109,7 @@ class FrameWire(msgspec.Struct, kw_only=True):
     group: str | None = None  # null or missing: "default"
     heatmap: bytes | None = None
     audit: bool = False
+    boxes: list[BoxWire] | None = None  # a detector gate's kept boxes
 
 
 class StatusWire(msgspec.Struct, kw_only=True):
@@ -203,6 +212,7 @@ class FrameMessage:
     group: str = "default"  # the device's line / camera group: which gate it follows
     heatmap: bytes | None = None  # PNG: where the frame is unusual (runtime/gates/explain.py)
     audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
+    boxes: list[dict[str, Any]] | None = None  # a detector gate's kept boxes: class, p, box (frame pixels)
 
     def encode(self) -> bytes:
         return self.with_jpeg(self.encode_head(), self.jpeg)
@@ -228,6 +238,7 @@ class FrameMessage:
                 "group": self.group,
                 "heatmap": None if self.heatmap is None else base64.b64encode(self.heatmap).decode(),
                 "audit": self.audit,
+                **({} if self.boxes is None else {"boxes": self.boxes}),
             }
         )
 
@@ -253,6 +264,8 @@ class FrameMessage:
             confidence=w.confidence, ood_score=w.ood_score, reasons=w.reasons, details=w.details,
             quality=w.quality, gate_version=w.gate_version, backbone_hash=w.backbone_hash, jpeg=w.jpeg,
             features=features, group=_group(w.group or "default", what), heatmap=w.heatmap, audit=w.audit,
+            boxes=None if w.boxes is None else [{"class": b.cls, "p": float(b.p), "box": [float(v) for v in b.box]}
+                                                for b in w.boxes],
         )  # fmt: skip
 
 

@@ -158,3 +158,31 @@ def test_detection_folders_and_labels_are_checked(built_models, detector, line, 
     res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(calib),
                   "--out", str(tmp_path / "x.gate"))  # fmt: skip
     assert res.returncode == 2 and f"{first.name}:1: expected 'class cx cy w h'" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_camera_on_a_detector_gate_sends_flagged_frames_with_their_boxes(built_models, detector, line, broker,
+                                                                            tmp_path):  # fmt: skip
+    """`bouncer run` with a detector gate, through a real Mosquitto: flagged frames carry their kept boxes and no raw
+    detector output; the wire decodes them back."""
+    from helpers import Collector
+
+    from bouncer.runtime.schemas import FrameMessage
+
+    gate = tmp_path / "det.gate"
+    res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                  "--out", str(gate), "--target-accuracy", "0.9")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    collector = Collector(broker.port, "det-collector")
+    res = run_cli("run", "--source", str(line / "unknown" / "images"), "--gate", str(gate), "--model", str(detector),
+                  "--broker", broker.url, "--device-id", "cam-det", "--data-dir", str(tmp_path / "dev"),
+                  "--once")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    flagged = summary["decisions"]["review"] + summary["decisions"]["reject"]
+    assert flagged > 0
+    frames = [FrameMessage.decode(m) for m in collector.wait_for("/frames", flagged, timeout=60)]
+    assert len(frames) >= flagged
+    with_boxes = [f for f in frames if f.boxes]
+    assert with_boxes and all(b["class"] in KNOWN_CLASSES and 0.5 <= b["p"] <= 1 for f in with_boxes for b in f.boxes)
+    assert all(len(b["box"]) == 4 and 0 <= b["box"][0] < b["box"][2] <= 320 for f in with_boxes for b in f.boxes)
+    assert all("output0" not in f.features and f.features for f in frames)  # sidecar inputs, no raw detections

@@ -85,7 +85,9 @@ def candidate_inputs(card: ModelCard) -> list[str]:
 def frame_vectors(card: ModelCard, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The task input and every candidate OOD input of the first frame of `outputs`: what a flagged frame carries
     to the station, so that retraining can recalibrate and choose its heads again without the model."""
-    keys = dict.fromkeys([card.task_input, *candidate_inputs(card)])
+    # a detector's raw output is not a vector to retrain from (and large): its kept boxes travel instead
+    task = [] if card.task == "detector" else [card.task_input]
+    keys = dict.fromkeys([*task, *candidate_inputs(card)])
     return {k: np.atleast_1d(head_input(k, outputs)[0]) for k in keys if k.partition("@")[0] in outputs}
 
 
