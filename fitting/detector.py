@@ -33,7 +33,7 @@ from bouncer.runtime.backends.paired import PREFIX, PairedBackend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import Acceptance, GateBundle
 from bouncer.runtime.gates.decision import rule
-from bouncer.runtime.gates.detector import DetectorTask, OrphanHead, _logit, iou_matrix
+from bouncer.runtime.gates.detector import Detections, DetectorTask, OrphanHead, _logit, iou_matrix
 from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key, parse_head
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.gates.risk import frames_needed
@@ -268,13 +268,12 @@ def fit_detector_from(
     raw_p, cal_p, labels = [], [], []
     for i in half_b:
         boxes, cls, best, _ = cands[i]
-        p = task.calibrate(cls, best)
-        keep = p >= 0.5
-        conf[i] = float(np.maximum(p, 1 - p).min()) if len(p) else 1.0
+        det = Detections(boxes, cls, task.calibrate(cls, best), 0)
+        conf[i], keep = det.certainty(), det.kept()
         correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
         hit, _ = match(boxes, cls, truth[i])
         raw_p.append(best)
-        cal_p.append(p)
+        cal_p.append(det.probs)
         labels.append(hit)
     in_b = np.zeros(len(cands), bool)
     in_b[half_b] = True
@@ -344,10 +343,10 @@ def judge_frames(
     fused = bundle.fusion.fuse(raw)
     conf, correct = np.zeros(len(ex.paths)), np.zeros(len(ex.paths), bool)
     for i, (boxes, cls, best, bad) in enumerate(_candidates(task, ex, key, bundle.preprocessing)):
-        p = task.calibrate(cls, best)
-        conf[i] = np.nan if bad else float(np.maximum(p, 1 - p).min()) if len(p) else 1.0
+        det = Detections(boxes, cls, task.calibrate(cls, best), bad)  # what the guard decides on, in frame pixels
+        conf[i] = det.certainty()
         if truth is not None:
-            keep = p >= 0.5
+            keep = det.kept()
             correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
     accepted = rule(q_ok, conf, fused, bundle.ood_threshold, bundle.acceptance.threshold).accepted
     return accepted, correct

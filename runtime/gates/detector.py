@@ -136,7 +136,7 @@ class OrphanHead(OodHead):
         boxes, cls, best, bad = self.detector.candidates(raw)
         if bad:
             return float("nan")
-        kept = self.detector.calibrate(cls, best) >= 0.5
+        kept = Detections(boxes, cls, self.detector.calibrate(cls, best), bad).kept()
         rest = ~kept
         if not rest.any():
             return 0.0
