@@ -132,7 +132,20 @@ def test_fit_says_what_head_selection_needs(tmp_path, built_models):
         (("bench", "labels", "--target-accuracy", "2"), "--target-accuracy must be in [0.5, 1)"),
         (("bench", "gates", "--rotation", "--target-accuracy", "0.1"), "--target-accuracy must be in [0.5, 1)"),
         (("bench", "gates", "--rotation", "--elpv", "/nonexistent/elpv"), "/nonexistent/elpv"),
+        (("bench", "detector", "--seeds", "0"), "0: must be at least 1"),
+        (
+            ("sim", "detection", "--out", "/tmp/never-written", "--unknown", "unicorn"),
+            "--unknown: unknown part(s) unicorn",
+        ),
+        (("sim", "detection", "--out", "/tmp/never-written", "--unknown-rate", "2"), "--unknown-rate: a share 0..1"),
     ],
 )
 def test_benchmarks_refuse_bad_settings_before_any_work(args, needle):
     assert_clean_error(run_cli(*args), needle)
+
+
+def test_the_example_detector_needs_a_detection_folder(tmp_path, sim_folder):
+    """Checked before ultralytics is imported or anything trains."""
+    res = run_cli("models", "example", "detector", "--train", str(sim_folder), "--out", str(tmp_path / "d.onnx"))
+    assert_clean_error(res, "a detection folder needs images/, labels/ (YOLO rows) and classes.json")
+    assert not (tmp_path / "d.onnx").exists()
