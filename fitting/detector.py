@@ -26,7 +26,7 @@ import numpy as np
 
 from bouncer.fitting.acceptance import select_threshold
 from bouncer.fitting.calibration import expected_calibration_error
-from bouncer.fitting.fit import Extracted, FitSettings, extract
+from bouncer.fitting.fit import Extracted, FitSettings, drift_reference, extract
 from bouncer.fitting.select import conformal_quantile
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.backends.paired import PREFIX, PairedBackend
@@ -298,11 +298,7 @@ def fit_detector_from(
         "calibration_quality_rejects": int((~q_ok).sum()),
         "calibration_ood_flagged": int((q_ok & ~passing).sum()),
         "calibration_coverage": round(float(accepted.mean()), 4),
-        "drift_reference": {
-            "brightness": round(float(np.std([s["mean"] for s in calib_ex.stats])), 4),
-            "sharpness": round(float(np.std(np.log([max(s["sharpness"], 1e-6) for s in calib_ex.stats]))), 4),
-            "ood_score": round(float(np.std(fused[q_ok])) if q_ok.any() else 1.0, 4),
-        },
+        "drift_reference": drift_reference(calib_ex.stats, fused[q_ok]),
     }
     acceptance = Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
                             sel.n_calibration, sel.n_accepted, sel.n_errors,

@@ -637,12 +637,7 @@ def fit_from_features(
         "calibration_ood_flagged": int((q_ok & ~passing).sum()),
         "calibration_coverage": round(float(rule(q_ok, conf, fused, ood_threshold, sel.threshold).accepted.mean()), 4),
     }
-    # spreads the drift monitor scales its noise floors by (docs/mqtt.md, runtime/drift.py)
-    fit_metrics["drift_reference"] = {
-        "brightness": round(float(np.std([st["mean"] for st in calib.stats])), 4),
-        "sharpness": round(float(np.std(np.log([max(st["sharpness"], 1e-6) for st in calib.stats]))), 4),
-        "ood_score": round(float(np.std(fused[ref])) if ref.any() else 1.0, 4),
-    }
+    fit_metrics["drift_reference"] = drift_reference(calib.stats, fused[ref])
     if anomaly:
         fit_metrics["anomaly"] = anomaly
     baseline_threshold = None
@@ -672,6 +667,16 @@ def fit_from_features(
         fit_settings=settings.to_dict(),
         sidecar=role.sidecar,
     )
+
+
+def drift_reference(stats: Sequence[dict[str, float]], fused_ok: np.ndarray) -> dict[str, float]:
+    """Spreads the drift monitor scales its noise floors by (docs/mqtt.md, runtime/drift.py): of the calibration
+    frames' brightness and log sharpness, and of the fused OOD scores of those passing the quality gate."""
+    return {
+        "brightness": round(float(np.std([st["mean"] for st in stats])), 4),
+        "sharpness": round(float(np.std(np.log([max(st["sharpness"], 1e-6) for st in stats]))), 4),
+        "ood_score": round(float(np.std(fused_ok)) if len(fused_ok) else 1.0, 4),
+    }
 
 
 def choose_heads(

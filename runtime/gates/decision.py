@@ -57,6 +57,13 @@ class Decision:
     quality: dict[str, float] = field(default_factory=dict)
     boxes: list[dict[str, Any]] | None = None  # a detector gate's kept boxes: class, p, box (frame pixels)
 
+    def flag(self, detail: dict[str, Any]) -> Decision:
+        """Send the frame to review for `detail["reason"]`, with what fired."""
+        self.decision = Verdict.REVIEW
+        self.reasons.append(detail["reason"])
+        self.details.append(detail)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "decision": str(self.decision),

@@ -81,8 +81,8 @@ class Guard:
         assert probs is not None and fused is not None
         b = self.bundle
         if not np.isfinite(probs).all():  # a model that emits NaN is not trusted (a NaN OOD score is just "ood")
-            why = {"reason": "invalid_output", "value": "NaN or infinite model output"}
-            return Decision(Verdict.REVIEW, reasons=["invalid_output"], details=[why], quality=q)
+            return Decision(Verdict.REVIEW, quality=q).flag({"reason": "invalid_output",
+                                                              "value": "NaN or infinite model output"})  # fmt: skip
         k = int(probs.argmax())
         conf = float(probs[k])
         thr = b.acceptance.threshold
@@ -91,14 +91,13 @@ class Guard:
         if low and self._low == "anomaly":
             d.label = "anomaly"
         if ood:
-            d.reasons.append("ood")
-            d.details.append({"reason": "ood", "value": round(float(fused), 4), "threshold": round(b.ood_threshold, 4)})
+            d.flag(self._ood(float(fused)))
         if low:
-            d.reasons.append(self._low)
-            d.details.append({"reason": self._low, "value": round(conf, 6), "threshold": thr})
-        if ood or low:
-            d.decision = Verdict.REVIEW
+            d.flag({"reason": self._low, "value": round(conf, 6), "threshold": thr})
         return d
+
+    def _ood(self, fused: float) -> dict[str, Any]:
+        return {"reason": "ood", "value": round(fused, 4), "threshold": round(self.bundle.ood_threshold, 4)}
 
     def decide_detections(self, det: Detections, fused: float, q: dict, size: tuple[int, int] | None) -> Decision:
         """A detector gate's frame: accepted when no candidate box is ambiguous (its certainty at least the
@@ -106,8 +105,9 @@ class Guard:
         b = self.bundle
         conf = det.certainty()
         if not np.isfinite(conf):
-            why = {"reason": "invalid_output", "value": f"{det.bad} candidate(s) with NaN or infinite outputs"}
-            return Decision(Verdict.REVIEW, reasons=["invalid_output"], details=[why], quality=q)
+            return Decision(Verdict.REVIEW, quality=q).flag({"reason": "invalid_output",
+                                                              "value": f"{det.bad} candidate(s) with NaN or infinite "
+                                                                       "outputs"})  # fmt: skip
         pp = b.preprocessing
         corners = det.boxes if size is None else input_to_frame(det.boxes, size[0], size[1], pp)
         kept = det.kept()
@@ -118,8 +118,7 @@ class Guard:
         ood, low = rule_one(conf, fused, b.ood_threshold, b.acceptance.threshold)
         d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes)
         if ood:
-            d.reasons.append("ood")
-            d.details.append({"reason": "ood", "value": round(fused, 4), "threshold": round(b.ood_threshold, 4)})
+            d.flag(self._ood(fused))
         if low:
             i = int(np.argmin(np.maximum(det.probs, 1 - det.probs))) if len(det.probs) else 0
             unsure: dict[str, Any] = {"reason": "ambiguous_box", "value": round(conf, 6),
@@ -127,10 +126,7 @@ class Guard:
             if len(det.probs):
                 unsure |= {"class": b.classes[int(det.classes[i])], "p": round(float(det.probs[i]), 4),
                            "box": [round(float(v), 1) for v in corners[i]]}  # fmt: skip
-            d.reasons.append("ambiguous_box")
-            d.details.append(unsure)
-        if ood or low:
-            d.decision = Verdict.REVIEW
+            d.flag(unsure)
         return d
 
     def score_frame(
