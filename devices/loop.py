@@ -240,6 +240,8 @@ class Device:
             reasons=decision.reasons,
             details=decision.details,
             boxes=decision.boxes,
+            size=decision.size if decision.boxes is not None else None,
+            candidates=decision.candidates,
             quality={k: round(v, 4) for k, v in decision.quality.items()},
             gate_version=b.version,
             backbone_hash=b.backbone_hash,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,144 @@ def _candidates(task: DetectorTask, ex: Extracted, key: str, pp: Preprocessing) 
     return out
 
 
+@dataclass
+class DetectionFrames:
+    """Labelled detector frames as the calibration sees them: per frame its candidates after NMS (M x 6: corners in
+    frame pixels, class index, raw score), its true boxes (K x 5: class, corners; class -1 an object the detector
+    does not know) and whether it passes the input gate (quality and frame-level OOD). The station keeps the
+    line's calibration frames this way and adds the operators' box labels."""
+
+    cands: list[np.ndarray]
+    truth: list[np.ndarray]
+    passing: np.ndarray
+
+    @classmethod
+    def of(cls, cands: Sequence[Candidates], truth: Sequence[np.ndarray]) -> DetectionFrames:
+        bad = sum(c[3] for c in cands)
+        if bad:
+            raise BouncerError(f"calibration frames: the detector gave {bad} candidates with NaN or infinite outputs")
+        rows = [np.column_stack([b, c, s]).astype(np.float32).reshape(-1, 6) for b, c, s, _ in cands]
+        return cls(rows, [np.asarray(t, np.float64).reshape(-1, 5) for t in truth], np.ones(len(rows), bool))
+
+    def __len__(self) -> int:
+        return len(self.cands)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> DetectionFrames:
+        return DetectionFrames([self.cands[i] for i in idx], [self.truth[i] for i in idx], self.passing[list(idx)])
+
+    @staticmethod
+    def concat(sets: Sequence[DetectionFrames]) -> DetectionFrames:
+        return DetectionFrames([c for s in sets for c in s.cands], [t for s in sets for t in s.truth],
+                               np.concatenate([s.passing for s in sets]) if sets else np.zeros(0, bool))  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        np.savez(path, cands=np.concatenate([*self.cands, np.zeros((0, 6), np.float32)]),
+                 cand_n=np.array([len(c) for c in self.cands], np.int64),
+                 truth=np.concatenate([*self.truth, np.zeros((0, 5))]),
+                 truth_n=np.array([len(t) for t in self.truth], np.int64), passing=self.passing)  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path) -> DetectionFrames:
+        with np.load(path, allow_pickle=False) as z:
+            cands = np.split(z["cands"], np.cumsum(z["cand_n"])[:-1]) if len(z["cand_n"]) else []
+            truth = np.split(z["truth"], np.cumsum(z["truth_n"])[:-1]) if len(z["truth_n"]) else []
+            return cls(list(cands), list(truth), z["passing"].astype(bool))
+
+
+def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration frames that fit the box probabilities and the ones that certify the threshold."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+
+
+def _split(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return c[:, :4], c[:, 4].astype(np.int64), c[:, 5].astype(np.float64)
+
+
+def fit_calibration(frames: DetectionFrames, layout: str, classes: Sequence[str]) -> tuple[DetectorTask, list[str]]:
+    """Per-class Platt scaling of the raw scores, on candidates labelled by whether they match a true box; a class
+    with fewer than PLATT_MIN true and false candidates shares the pooled fit. Returns the task and the classes
+    with their own fit."""
+    z, y, c = [], [], []
+    for cand, truth in zip(frames.cands, frames.truth, strict=True):
+        boxes, cls, best = _split(cand)
+        z.append(_logit(best))
+        y.append(match(boxes, cls, truth)[0])
+        c.append(cls)
+    z_a, y_a = np.concatenate([*z, np.zeros(0)]), np.concatenate([*y, np.zeros(0, bool)]).astype(np.float64)
+    c_a = np.concatenate([*c, np.zeros(0, np.int64)])
+    if y_a.sum() < 2 or (1 - y_a).sum() < 2:
+        n_true, n_false = int(y_a.sum()), int((1 - y_a).sum())
+        raise BouncerError("calibration frames: too few true or false candidate boxes to calibrate the scores "
+                           f"({n_true} true, {n_false} false); more calibration frames")  # fmt: skip
+    pooled = fit_platt(z_a, y_a)
+    a, b, own = np.full(len(classes), pooled[0]), np.full(len(classes), pooled[1]), []
+    for k in range(len(classes)):
+        m = c_a == k
+        if y_a[m].sum() >= PLATT_MIN and (1 - y_a[m]).sum() >= PLATT_MIN:
+            a[k], b[k] = fit_platt(z_a[m], y_a[m])
+            own.append(classes[k])
+    return DetectorTask(layout, len(classes), a, b), own
+
+
+@dataclass
+class Judged:
+    """A task's calibration applied to labelled frames: per frame its confidence and whether its kept boxes are all
+    right; per candidate its raw score, calibrated probability and whether it is a true box."""
+
+    conf: np.ndarray
+    correct: np.ndarray
+    raw: np.ndarray
+    probs: np.ndarray
+    hits: np.ndarray
+
+    def accepted(self, passing: np.ndarray, threshold: float | None) -> np.ndarray:
+        return rule(passing, self.conf, np.zeros(len(self.conf)), 0.0, threshold).accepted
+
+    def ece(self) -> dict[str, float]:
+        return {"ece_before_calibration": round(binary_ece(self.raw, self.hits), 4),
+                "ece_after_calibration": round(binary_ece(self.probs, self.hits), 4)}  # fmt: skip
+
+    def report(self, passing: np.ndarray, threshold: float | None) -> dict[str, Any]:
+        """Frames, accepted ones and the share of them with any box error (the station's champion/challenger
+        comparison on held-out labels)."""
+        acc = self.accepted(passing, threshold)
+        n = int(acc.sum())
+        return {"frames": len(acc), "accepted": n, "accepted_correct": int((acc & self.correct).sum()),
+                "accepted_error": round(float((~self.correct[acc]).mean()) if n else 0.0, 4),
+                "coverage": round(n / max(len(acc), 1), 4)}  # fmt: skip
+
+
+def judge(task: DetectorTask, frames: DetectionFrames) -> Judged:
+    conf, correct = np.zeros(len(frames)), np.zeros(len(frames), bool)
+    raw, probs, hits = [np.zeros(0)], [np.zeros(0)], [np.zeros(0, bool)]
+    for i, (cand, truth) in enumerate(zip(frames.cands, frames.truth, strict=True)):
+        boxes, cls, best = _split(cand)
+        det = Detections(boxes, cls, task.calibrate(cls, best), 0)
+        conf[i], keep = det.certainty(), det.kept()
+        correct[i] = frame_correct(boxes[keep], cls[keep], truth)
+        raw.append(best)
+        probs.append(det.probs)
+        hits.append(match(boxes, cls, truth)[0])
+    return Judged(conf, correct, np.concatenate(raw), np.concatenate(probs), np.concatenate(hits))
+
+
+def certify(
+    task: DetectorTask, frames: DetectionFrames, settings: FitSettings, say: Callable[[str], None]
+) -> tuple[Any, Acceptance]:
+    """Learn-then-Test on the frames that pass the input gate: the lowest certainty threshold whose accepted
+    frames have at most 1 - target with any box error, with probability 1 - delta."""
+    j = judge(task, frames)
+    p = frames.passing
+    sel = select_threshold(j.conf[p], j.correct[p], 1 - settings.target_accuracy, settings.delta)
+    if sel.threshold is None:
+        say(f"warning: no frame-confidence threshold reaches accuracy {settings.target_accuracy} on the calibration "
+            "frames; this gate auto-accepts nothing, every frame goes to review")  # fmt: skip
+    return sel, Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
+                           sel.n_calibration, sel.n_accepted, sel.n_errors,
+                           frames_needed(1 - settings.target_accuracy, settings.delta))  # fmt: skip
+
+
 def fit_detector_gate(
     backend: Backend,
     train_dir: Path,
@@ -221,33 +359,10 @@ def fit_detector_from(
                            f"{len(train_ex.paths)} and {len(calib_ex.paths)}")  # fmt: skip
 
     # calibration: half the calibration frames fit the box probabilities, the other half the threshold
-    task = DetectorTask(card.layout, len(classes))
-    cands = _candidates(task, calib_ex, card.detections, pp)
-    bad = sum(c[3] for c in cands)
-    if bad:
-        raise BouncerError(f"calibration frames: the detector gave {bad} candidates with NaN or infinite outputs")
-    order = np.random.default_rng(settings.seed).permutation(len(cands))
-    half_a, half_b = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :])
-    z, y, c = [], [], []
-    for i in half_a:
-        boxes, cls, best, _ = cands[i]
-        hit, _ = match(boxes, cls, truth[i])
-        z.append(_logit(best))
-        y.append(hit)
-        c.append(cls)
-    z_a, y_a, c_a = np.concatenate(z), np.concatenate(y).astype(np.float64), np.concatenate(c)
-    if y_a.sum() < 2 or (1 - y_a).sum() < 2:
-        n_true, n_false = int(y_a.sum()), int((1 - y_a).sum())
-        raise BouncerError("calibration frames: too few true or false candidate boxes to calibrate the scores "
-                           f"({n_true} true, {n_false} false); more calibration frames")  # fmt: skip
-    pooled = fit_platt(z_a, y_a)
-    a, b, own = np.full(len(classes), pooled[0]), np.full(len(classes), pooled[1]), []
-    for k in range(len(classes)):
-        m = c_a == k
-        if y_a[m].sum() >= PLATT_MIN and (1 - y_a[m]).sum() >= PLATT_MIN:
-            a[k], b[k] = fit_platt(z_a[m], y_a[m])
-            own.append(classes[k])
-    task = DetectorTask(card.layout, len(classes), a, b)
+    frames = DetectionFrames.of(_candidates(DetectorTask(card.layout, len(classes)), calib_ex, card.detections, pp),
+                                truth)  # fmt: skip
+    half_a, half_b = halves(len(frames), settings.seed)
+    task, own = fit_calibration(frames.take(half_a), card.layout, classes)
 
     # the input gate: quality and frame-level heads from the training frames, the detector's orphan candidates
     # with the calibration just fitted; thresholds on the calibration frames
@@ -261,48 +376,24 @@ def fit_detector_from(
     fusion = Fusion.fit(heads, raw[q_ok] if q_ok.sum() >= 10 else raw, settings.fusion or "max")
     fused = fusion.fuse(raw)
     ood_threshold = conformal_quantile(fused[q_ok] if q_ok.any() else fused, settings.ood_quantile)
-    passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
+    frames.passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
 
-    conf = np.full(len(cands), np.nan)
-    correct = np.zeros(len(cands), bool)
-    raw_p, cal_p, labels = [], [], []
-    for i in half_b:
-        boxes, cls, best, _ = cands[i]
-        det = Detections(boxes, cls, task.calibrate(cls, best), 0)
-        conf[i], keep = det.certainty(), det.kept()
-        correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
-        hit, _ = match(boxes, cls, truth[i])
-        raw_p.append(best)
-        cal_p.append(det.probs)
-        labels.append(hit)
-    in_b = np.zeros(len(cands), bool)
-    in_b[half_b] = True
-    sel = select_threshold(conf[in_b & passing], correct[in_b & passing], 1 - settings.target_accuracy,
-                           settings.delta)  # fmt: skip
-    if sel.threshold is None:
-        say(f"warning: no frame-confidence threshold reaches accuracy {settings.target_accuracy} on the calibration "
-            "frames; this gate auto-accepts nothing, every frame goes to review")  # fmt: skip
-    rp, cp, lb = np.concatenate(raw_p), np.concatenate(cal_p), np.concatenate(labels)
-    accepted = rule(q_ok[in_b], conf[in_b], fused[in_b], ood_threshold, sel.threshold).accepted
-    n_true = int(sum(len(t) for t in truth))
+    sel, acceptance = certify(task, frames.take(half_b), settings, say)
+    judged = judge(task, frames.take(half_b))
     fit_metrics: dict[str, Any] = {
         "train_images": len(train_ex.paths),
         "calibration_images": len(calib_ex.paths),
-        "calibration_boxes": n_true,
+        "calibration_boxes": int(sum(len(t) for t in truth)),
         "platt_frames": len(half_a),
         "threshold_frames": len(half_b),
         "platt_own_classes": own,
-        "calibration_accuracy": round(float(correct[in_b].mean()), 4),
-        "ece_before_calibration": round(binary_ece(rp, lb), 4),
-        "ece_after_calibration": round(binary_ece(cp, lb), 4),
+        "calibration_accuracy": round(float(judged.correct.mean()), 4),
+        **judged.ece(),
         "calibration_quality_rejects": int((~q_ok).sum()),
-        "calibration_ood_flagged": int((q_ok & ~passing).sum()),
-        "calibration_coverage": round(float(accepted.mean()), 4),
+        "calibration_ood_flagged": int((q_ok & ~frames.passing).sum()),
+        "calibration_coverage": round(float(judged.accepted(frames.passing[half_b], sel.threshold).mean()), 4),
         "drift_reference": drift_reference(calib_ex.stats, fused[q_ok]),
     }
-    acceptance = Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
-                            sel.n_calibration, sel.n_accepted, sel.n_errors,
-                            frames_needed(1 - settings.target_accuracy, settings.delta))  # fmt: skip
     rule_name = "detector: frame-level heads and orphan candidates" if settings.heads is None else "named with --heads"
     reads = sorted({"sidecar" if k.startswith(PREFIX) else "model" for k in keys})
     now = datetime.now(UTC)
@@ -327,6 +418,13 @@ def fit_detector_from(
     )
 
 
+def input_pass(bundle: GateBundle, ex: Extracted) -> np.ndarray:
+    """Per frame: does it pass the gate's quality checks and frame-level OOD heads?"""
+    q_ok = np.array([not bundle.quality.check(s) for s in ex.stats], bool)
+    raw = np.stack([h.score_vectors(head_input(h.input_key, ex.outputs)) for h in bundle.ood_heads], 1)
+    return q_ok & ~rule(q_ok, np.ones(len(q_ok)), bundle.fusion.fuse(raw), bundle.ood_threshold, None).ood
+
+
 def judge_frames(
     bundle: GateBundle, ex: Extracted, key: str, truth: list[np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -334,9 +432,6 @@ def judge_frames(
     (accepted, correct) per frame; `correct` compares the kept boxes with the true ones (all False without truth)."""
     task = bundle.task
     assert isinstance(task, DetectorTask) and bundle.preprocessing is not None
-    q_ok = np.array([not bundle.quality.check(s) for s in ex.stats], bool)
-    raw = np.stack([h.score_vectors(head_input(h.input_key, ex.outputs)) for h in bundle.ood_heads], 1)
-    fused = bundle.fusion.fuse(raw)
     conf, correct = np.zeros(len(ex.paths)), np.zeros(len(ex.paths), bool)
     for i, (boxes, cls, best, bad) in enumerate(_candidates(task, ex, key, bundle.preprocessing)):
         det = Detections(boxes, cls, task.calibrate(cls, best), bad)  # what the guard decides on, in frame pixels
@@ -344,8 +439,52 @@ def judge_frames(
         if truth is not None:
             keep = det.kept()
             correct[i] = frame_correct(boxes[keep], cls[keep], truth[i])
-    accepted = rule(q_ok, conf, fused, bundle.ood_threshold, bundle.acceptance.threshold).accepted
+    accepted = rule(input_pass(bundle, ex), conf, np.zeros(len(conf)), 0.0, bundle.acceptance.threshold).accepted
     return accepted, correct
+
+
+def detection_frames(bundle: GateBundle, backend: Backend, folder: Path) -> DetectionFrames:
+    """A labelled detection folder through a detector gate: candidates, true boxes, input gate (the station keeps
+    the line's calibration frames this way, to recalibrate from with the operators' labels)."""
+    card, pp, task = backend.card, bundle.preprocessing, bundle.task
+    assert isinstance(task, DetectorTask) and card.detections is not None and pp is not None
+    sources = {h.input_key.partition("@")[0] for h in bundle.ood_heads} | {card.detections}
+    paths = detection_images(folder, bundle.classes)
+    ex = extract(backend, pp, paths, [0] * len(paths), sources)
+    check_layout(card, ex.outputs[card.detections].shape, backend.path)
+    truth = [read_truth(p, s, len(bundle.classes)) for p, s in zip(ex.paths, ex.sizes, strict=True)]
+    frames = DetectionFrames.of(_candidates(task, ex, card.detections, pp), truth)
+    frames.passing = input_pass(bundle, ex)
+    return frames
+
+
+def recalibrate(
+    champion: GateBundle, platt: DetectionFrames, threshold: DetectionFrames, version: str,
+    log: Callable[[str], None] | None = None,
+) -> GateBundle:  # fmt: skip
+    """The champion with its box calibration refitted on `platt` and its threshold certified again on `threshold`
+    (the line's calibration frames plus the operators' box labels); its input gate is kept as it is."""
+    say = log or (lambda m: print(m, file=sys.stderr))
+    old = champion.task
+    assert isinstance(old, DetectorTask)
+    settings = FitSettings.of(champion)
+    task, own = fit_calibration(platt, old.layout, champion.classes)
+    task = replace(task, min_score=old.min_score, iou=old.iou, max_candidates=old.max_candidates)
+    sel, acceptance = certify(task, threshold, settings, say)
+    judged = judge(task, threshold)
+    metrics = {
+        **{k: v for k, v in champion.fit_metrics.items() if k in ("train_images", "drift_reference")},
+        "calibration_images": len(platt) + len(threshold),
+        "platt_frames": len(platt),
+        "threshold_frames": len(threshold),
+        "platt_own_classes": own,
+        "calibration_accuracy": round(float(judged.correct.mean()), 4) if len(threshold) else 0.0,
+        **judged.ece(),
+        "calibration_coverage": round(float(judged.accepted(threshold.passing, sel.threshold).mean()), 4),
+    }
+    now = datetime.now(UTC)
+    return replace(champion, version=version, created=now.isoformat(timespec="seconds"), task=task,
+                   acceptance=acceptance, fit_metrics=metrics)  # fmt: skip
 
 
 def every_box_over_half(

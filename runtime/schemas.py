@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import time
 import uuid
@@ -110,6 +111,8 @@ class FrameWire(msgspec.Struct, kw_only=True):
     heatmap: bytes | None = None
     audit: bool = False
     boxes: list[BoxWire] | None = None  # a detector gate's kept boxes
+    size: list[int] | None = None  # a detector gate's frame width and height: the boxes' pixel space
+    candidates: list[list[Number]] | None = None  # a detector's candidates after NMS: x1 y1 x2 y2 class score
 
 
 class StatusWire(msgspec.Struct, kw_only=True):
@@ -213,6 +216,8 @@ class FrameMessage:
     heatmap: bytes | None = None  # PNG: where the frame is unusual (runtime/gates/explain.py)
     audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
     boxes: list[dict[str, Any]] | None = None  # a detector gate's kept boxes: class, p, box (frame pixels)
+    size: tuple[int, int] | None = None  # the frame's width and height (a detector's boxes are in its pixels)
+    candidates: np.ndarray | None = None  # M x 6: corners, class index, raw score (the station recalibrates)
 
     def encode(self) -> bytes:
         return self.with_jpeg(self.encode_head(), self.jpeg)
@@ -239,6 +244,8 @@ class FrameMessage:
                 "heatmap": None if self.heatmap is None else base64.b64encode(self.heatmap).decode(),
                 "audit": self.audit,
                 **({} if self.boxes is None else {"boxes": self.boxes}),
+                **({} if self.size is None else {"size": [int(v) for v in self.size]}),
+                **({} if self.candidates is None else {"candidates": candidates_to_wire(self.candidates)}),
             }
         )
 
@@ -266,7 +273,31 @@ class FrameMessage:
             features=features, group=_group(w.group or "default", what), heatmap=w.heatmap, audit=w.audit,
             boxes=None if w.boxes is None else [{"class": b.cls, "p": float(b.p), "box": [float(v) for v in b.box]}
                                                 for b in w.boxes],
+            size=None if w.size is None else _size(w.size, what),
+            candidates=None if w.candidates is None else candidates_from_wire(w.candidates, what),
         )  # fmt: skip
+
+
+def candidates_to_wire(c: np.ndarray) -> list[list[float]]:
+    """Rows x1 y1 x2 y2 (frame pixels, 0.1 px), class index, raw score (6 digits)."""
+    return [[*(round(float(v), 1) for v in r[:4]), int(r[4]), round(float(r[5]), 6)] for r in np.asarray(c)]
+
+
+def candidates_from_wire(rows: list[list[Any]], what: str) -> np.ndarray:
+    c = np.asarray(rows, np.float64).reshape(-1, 6) if all(len(r) == 6 for r in rows) else None
+    if c is None or not np.isfinite(c).all():
+        raise SchemaError(f"{what}: candidates are rows of 6 finite numbers (x1 y1 x2 y2 class score)")
+    if (c[:, 4] < 0).any() or (c[:, 4] % 1).any() or (c[:, 5] < 0).any() or (c[:, 5] > 1).any():
+        raise SchemaError(f"{what}: a candidate's class is not an index or its score is outside 0..1")
+    if (c[:, 2] < c[:, 0]).any() or (c[:, 3] < c[:, 1]).any():
+        raise SchemaError(f"{what}: a candidate's corners are not x1 <= x2, y1 <= y2")
+    return c.astype(np.float32)
+
+
+def _size(size: list[int], what: str) -> tuple[int, int]:
+    if len(size) != 2 or not all(isinstance(v, int) and 0 < v <= 65535 for v in size):
+        raise SchemaError(f"{what}: size is [width, height] in pixels, got {size!r}")
+    return size[0], size[1]
 
 
 def _group(group: str, what: str) -> str:
@@ -386,3 +417,51 @@ def parse_label(value: Any, classes: list[str], predicted: str | None) -> tuple[
     raise SchemaError(
         f"label: {value!r} is not a known class ({', '.join(classes)}), 'correct', 'garbage' or 'new:NAME'"
     )
+
+
+MAX_TRUE_BOXES = 500
+
+
+def parse_box_label(
+    value: Any, boxes: Any, classes: list[str], predicted: list[dict[str, Any]] | None, size: tuple[int, int] | None
+) -> tuple[str, str | None]:
+    """An operator's label of a detector frame -> (kind, JSON of its true boxes). `value` "correct" (the kept boxes
+    as the camera sent them) or "garbage"; or `boxes`, every object in the frame: `[{"class": C, "box": [x1, y1,
+    x2, y2]}]` in frame pixels, C a known class or `new:NAME` (an object the detector does not know), `[]` for an
+    empty frame. Returns ("boxes", JSON) or ("garbage", None)."""
+    if boxes is None:
+        if value == GARBAGE:
+            return "garbage", None
+        if value == CORRECT:
+            if predicted is None:
+                raise SchemaError("label: 'correct' needs the frame's boxes, and this frame has none")
+            boxes = [{"class": b["class"], "box": b["box"]} for b in predicted]
+        else:
+            raise SchemaError('label of a detector frame: "correct", "garbage", or "boxes": [{"class": C, "box": '
+                              '[x1, y1, x2, y2]}, ...] with every object in the frame')  # fmt: skip
+    if not isinstance(boxes, list) or len(boxes) > MAX_TRUE_BOXES:
+        raise SchemaError(f"boxes: expected a list of at most {MAX_TRUE_BOXES} boxes")
+    out = []
+    for i, b in enumerate(boxes):
+        if not isinstance(b, dict) or set(b) - {"class", "box"}:
+            raise SchemaError(f'boxes[{i}]: expected {{"class": C, "box": [x1, y1, x2, y2]}}')
+        name, box = b.get("class"), b.get("box")
+        if isinstance(name, str) and name.startswith(NEW_PREFIX):
+            new = name[len(NEW_PREFIX) :].strip()
+            if not CLASS_NAME.match(new):
+                raise SchemaError(f"boxes[{i}]: new class name {new!r}: 1-64 letters, digits, space _ . -")
+            name = new if new in classes else f"{NEW_PREFIX}{new}"
+        elif name not in classes:
+            raise SchemaError(f"boxes[{i}]: class {name!r} is not one of {', '.join(classes)} or 'new:NAME'")
+        if not (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            and box[0] < box[2]
+            and box[1] < box[3]
+        ):
+            raise SchemaError(f"boxes[{i}]: box is [x1, y1, x2, y2] with x1 < x2 and y1 < y2, got {box!r}")
+        if size is not None and (min(box) < -1 or box[2] > size[0] + 1 or box[3] > size[1] + 1):
+            raise SchemaError(f"boxes[{i}]: box {box} is outside the {size[0]} x {size[1]} frame")
+        out.append({"class": name, "box": [round(float(v), 1) for v in box]})
+    return "boxes", json.dumps(out)

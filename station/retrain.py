@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from bouncer.fitting.detector import DetectionFrames
 from bouncer.fitting.fit import FeatureSet, FitSettings, ModelRole, fit_from_features, input_key
 from bouncer.fitting.replay import score_against
 from bouncer.fitting.support import settle_new_classes
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.station.store import Store, unpack_features
 
 HELDOUT_EVERY = 5  # one labelled frame in five is held out to judge champion vs challenger
@@ -52,6 +54,18 @@ class BaseData:
     def load(self) -> tuple[FeatureSet, FeatureSet]:
         return FeatureSet.load(self.root / "train.npz"), FeatureSet.load(self.root / "calib.npz")
 
+    def save_detections(self, calib: DetectionFrames, meta: dict[str, Any]) -> None:
+        """A detector group's base: its calibration frames' candidates, true boxes and input-gate outcome."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        calib.save(self.root / "detections.npz")
+        (self.root / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def detections(self) -> DetectionFrames:
+        try:
+            return DetectionFrames.load(self.root / "detections.npz")
+        except (OSError, ValueError, KeyError) as exc:
+            raise BouncerError(f"{self.root}: no base detections (run `bouncer station init`): {exc}") from None
+
     def pseudo(self) -> FeatureSet | None:
         path = self.root / "pseudo.npz"
         return FeatureSet.load(path) if path.exists() else None
@@ -83,6 +97,10 @@ def _featureset(rows: list[tuple[int, dict[str, np.ndarray], dict[str, float]]],
 def retrain(
     store: Store, base: BaseData, champion: GateBundle, serial: int, group: str = "default", log=print
 ) -> RetrainResult:
+    if isinstance(champion.task, DetectorTask):
+        from bouncer.station.retrain_detector import retrain_detector
+
+        return retrain_detector(store, base, champion, serial, group, log)
     meta = base.meta
     features = meta["features"]
     needed = {features, *(input_key(h) for h in champion.fusion.names)}

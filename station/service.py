@@ -4,6 +4,7 @@ camera group). Groups never share data: a group's labels retrain only its gate."
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -16,6 +17,7 @@ from bouncer.runtime import schemas
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Store
@@ -74,6 +76,14 @@ class Station:
             bundle.version, source = f"{group}-{bundle.version}", None
         if not self.repo.exists:
             self.repo.init()
+        if isinstance(bundle.task, DetectorTask):  # a frozen detector: what retraining refits is its calibration
+            from bouncer.fitting.detector import detection_frames
+
+            calib = detection_frames(bundle, backend, calib_dir)
+            meta = {"task": "detector", "features": backend.card.detections, "classes": bundle.classes}
+            self.base(group).save_detections(calib, meta)
+            self._first_gate(bundle, group, source, train_dir)
+            return {"group": group, "train": 0, "calib": len(calib), "root": str(self.repo.root_json)}
         # every input head selection may choose from, so that retraining can choose again
         keys = gate_inputs(backend.card, None)
         sources = {k.partition("@")[0] for k in keys} | {backend.card.task_input}
@@ -90,11 +100,14 @@ class Station:
         task_input = backend.card.task_input
         pseudo = synthetic_defects(backend, bundle.preprocessing, calib_paths, sources, task_input, keys, 0)
         self.base(group).save(sets[0], sets[1], {"features": task_input, "classes": bundle.classes}, pseudo=pseudo)
+        self._first_gate(bundle, group, source, train_dir)
+        return {"group": group, "train": len(sets[0]), "calib": len(sets[1]), "root": str(self.repo.root_json)}
+
+    def _first_gate(self, bundle: GateBundle, group: str, source: Path | None, train_dir: Path) -> None:
         summary = _fit_summary(bundle, group=group, train_dir=str(train_dir))
         self.store.audit(bundle.version, "fitted", "bouncer fit", summary)
         self.store.audit(bundle.version, "approved", "operator (bouncer station init)", {"group": group})
         self.publish(bundle, group, source, role_metrics={"origin": f"bouncer fit ({train_dir})"})
-        return {"group": group, "train": len(sets[0]), "calib": len(sets[1]), "root": str(self.repo.root_json)}
 
     # ---- gates ----------------------------------------------------------------------------------
 
@@ -243,14 +256,20 @@ class Station:
 
     # ---- labels ---------------------------------------------------------------------------------
 
-    def label(self, frame_id: str, value: Any, user: str) -> dict[str, Any]:
+    def label(self, frame_id: str, value: Any, user: str, boxes: Any = None) -> dict[str, Any]:
+        """`value`: a class label; on a detector group's frame `boxes` (its true boxes) or "correct" / "garbage"."""
         frame = self.store.frame(frame_id)
         if frame is None:
             raise KeyError(frame_id)
-        classes = self.champion(frame.group).classes
-        kind, name = schemas.parse_label(value, classes, frame.predicted)
+        champion = self.champion(frame.group)
+        classes = champion.classes
+        if isinstance(champion.task, DetectorTask):
+            size = (frame.size[0], frame.size[1]) if frame.size else None
+            kind, name = schemas.parse_box_label(value, boxes, classes, frame.boxes, size)
+        else:
+            kind, name = schemas.parse_label(value, classes, frame.predicted)
         self.store.set_label(frame_id, kind, name, user)
-        return {"id": frame_id, "kind": kind, "label": name}
+        return {"id": frame_id, "kind": kind, "label": json.loads(name) if kind == "boxes" and name else name}
 
     # ---- running --------------------------------------------------------------------------------
 

@@ -49,7 +49,10 @@ CREATE TABLE IF NOT EXISTS frames (
     label_kind TEXT,
     label TEXT,
     labelled_by TEXT,
-    labelled_at DOUBLE PRECISION
+    labelled_at DOUBLE PRECISION,
+    boxes TEXT,
+    size TEXT,
+    candidates BYTEA
 );
 CREATE INDEX IF NOT EXISTS frames_queue ON frames (grp, label_kind, received);
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -123,10 +126,14 @@ class Frame:
     label: str | None
     heatmap_path: str | None
     audit: int
+    boxes: list[dict[str, Any]] | None = None  # a detector frame's kept boxes
+    size: list[int] | None = None  # its width and height: the boxes' pixel space
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "heatmap_path"}
         d["audit"] = bool(self.audit)
+        if self.label_kind == "boxes" and self.label is not None:
+            d["label"] = json.loads(self.label)
         d["image"] = f"/api/frames/{self.id}/image.jpg"
         d["heatmap"] = f"/api/frames/{self.id}/heatmap.png" if self.heatmap_path else None
         return d
@@ -134,14 +141,14 @@ class Frame:
 
 FRAME_COLUMNS = (
     "id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
-    "gate_version, label_kind, label, heatmap_path, audit"
+    "gate_version, label_kind, label, heatmap_path, audit, boxes, size"
 )
 
 
 def _frame(row: tuple) -> Frame:
     values = list(row)
-    for i in (10, 11, 12):
-        values[i] = json.loads(values[i])
+    for i in (10, 11, 12, 18, 19):
+        values[i] = None if values[i] is None else json.loads(values[i])
     return Frame(*values)
 
 
@@ -194,6 +201,10 @@ class Store:
             for col in ("prev_hash", "hash"):  # a station database from before the hash chain
                 if col not in columns:
                     self._db.execute(f"ALTER TABLE audit ADD COLUMN {col} TEXT")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
+            for col, kind in (("boxes", "TEXT"), ("size", "TEXT"), ("candidates", "BYTEA")):  # before detectors
+                if col not in columns:
+                    self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} {kind}")
             self._db.executescript(APPEND_ONLY)
         except sqlite3.DatabaseError as exc:
             raise BouncerError(f"{path}: unusable station database ({exc})") from None
@@ -236,14 +247,18 @@ class Store:
             self._write_file(heat, msg.heatmap)
         cur = self._exec(
             "INSERT INTO frames (id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, "
-            "reasons, details, quality, gate_version, backbone_hash, jpeg_path, heatmap_path, audit, features) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            "reasons, details, quality, gate_version, backbone_hash, jpeg_path, heatmap_path, audit, features, "
+            "boxes, size, candidates) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (
                 msg.id, msg.group, msg.device, msg.ts, time.time(), msg.source, msg.decision, msg.label, msg.confidence,
                 msg.ood_score, json.dumps(msg.reasons), json.dumps(msg.details), json.dumps(msg.quality),
                 msg.gate_version, msg.backbone_hash, str(jpeg.relative_to(self.root)),
                 str(heat.relative_to(self.root)) if heat else None, int(msg.audit),
                 pack_features(msg.features) if msg.features else None,
+                None if msg.boxes is None else json.dumps(msg.boxes),
+                None if msg.size is None else json.dumps(list(msg.size)),
+                None if msg.candidates is None else np.asarray(msg.candidates, np.float32).tobytes(),
             ),
         )  # fmt: skip
         return cur.rowcount == 1
@@ -379,6 +394,18 @@ class Store:
             (backbone_hash, group),
         )
         return [(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+    def labelled_detections(
+        self, backbone_hash: str, group: str
+    ) -> list[tuple[str, str, str | None, list[str], list[dict[str, Any]] | None, np.ndarray | None]]:
+        """(id, kind, true boxes JSON, reasons, kept boxes, candidates M x 6) of a group's labelled detector frames."""
+        rows = self._all(
+            "SELECT id, label_kind, label, reasons, boxes, candidates FROM frames "
+            "WHERE label_kind IS NOT NULL AND backbone_hash = ? AND grp = ? ORDER BY id",
+            (backbone_hash, group),
+        )
+        return [(r[0], r[1], r[2], json.loads(r[3]), None if r[4] is None else json.loads(r[4]),
+                 None if r[5] is None else np.frombuffer(r[5], np.float32).reshape(-1, 6)) for r in rows]  # fmt: skip
 
     # ---- fleet, events, gates -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from fastapi.templating import Jinja2Templates
 
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.station.config import LOOPBACK
 from bouncer.station.service import GroupError, Station
 
@@ -96,7 +97,9 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     @app.get("/queue", response_class=HTMLResponse)
     def queue(request: Request, group: str | None = None) -> HTMLResponse:
         group = station.check_group(group)
-        return page(request, "queue.html", group=group, classes=classes(group), counts=station.store.counts(group))
+        detector = isinstance(station.champion(group).task, DetectorTask)
+        return page(request, "queue.html", group=group, classes=classes(group), counts=station.store.counts(group),
+                    detector=detector)  # fmt: skip
 
     @app.get("/api/frames/{frame_id}")
     def api_frame(frame_id: str) -> dict[str, Any]:
@@ -124,11 +127,12 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         try:
             body = await request.json()
         except ValueError:
-            raise HTTPException(400, 'expected a JSON body like {"label": "gear"}') from None
+            raise HTTPException(400, 'expected a JSON body like {"label": "gear"} (or {"boxes": [...]})') from None
         if not isinstance(body, dict):
             raise HTTPException(400, "expected a JSON object")
         try:
-            done = station.label(frame_id, body.get("label"), str(body.get("user") or "operator")[:64])
+            done = station.label(frame_id, body.get("label"), str(body.get("user") or "operator")[:64],
+                                 body.get("boxes"))  # fmt: skip
         except KeyError:
             log.warning("label for unknown frame %s refused", frame_id)
             raise HTTPException(404, f"no frame {frame_id}") from None

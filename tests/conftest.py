@@ -80,3 +80,27 @@ def station_dir(sim_gate, tmp_path) -> Path:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "gate published" in res.stdout
     return tmp_path / "station"
+
+
+@pytest.fixture(scope="session")
+def detection_line(tmp_path_factory) -> Path:
+    """The simulated line in detection mode: training, calibration and test folders, and frames with unknown objects."""
+    root = tmp_path_factory.mktemp("detection_line")
+    unknown = ["--unknown", "bolt,giraffe", "--unknown-rate", "1"]
+    for name, frames, seed, extra in (("train", 240, 1, []), ("calib", 400, 3, []), ("test", 150, 4, []),
+                                      ("unknown", 60, 5, unknown)):  # fmt: skip
+        res = run_cli("sim", "detection", "--out", str(root / name), "--frames", str(frames), "--seed", str(seed),
+                      *extra)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+    return root
+
+
+@pytest.fixture(scope="session")
+def detector(bouncer_home, detection_line) -> Path:
+    """YOLOv8n trained by ultralytics on the simulated line (cached in the test model home: minutes on CPU)."""
+    out = bouncer_home / "test-detector" / "yolov8n-sim.onnx"
+    if not out.is_file():
+        res = run_cli("models", "example", "detector", "--train", str(detection_line / "train"), "--out", str(out),
+                      "--epochs", "12")  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+    return out

@@ -272,6 +272,7 @@ def device_messages(sim_gate: Path, model: Path, folder: Path, device: str, grou
             label=d.label, confidence=d.confidence, ood_score=d.ood_score, reasons=d.reasons, details=d.details,
             quality=d.quality, gate_version=b.version, backbone_hash=b.backbone_hash,
             jpeg=cv2.imencode(".jpg", frame)[1].tobytes(), features=features, group=group,
-            heatmap=explain.heatmap_png(explain.heatmap(b, out)),
+            heatmap=None if (h := explain.heatmap(b, out)) is None else explain.heatmap_png(h), boxes=d.boxes,
+            size=d.size if d.boxes is not None else None, candidates=d.candidates,
         ))  # fmt: skip
     return msgs

@@ -19,26 +19,8 @@ from bouncer.sim.simulator import KNOWN_CLASSES
 
 
 @pytest.fixture(scope="module")
-def line(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("detection_line")
-    unknown = ["--unknown", "bolt,giraffe", "--unknown-rate", "1"]
-    for name, frames, seed, extra in (("train", 240, 1, []), ("calib", 400, 3, []), ("test", 150, 4, []),
-                                      ("unknown", 60, 5, unknown)):  # fmt: skip
-        res = run_cli("sim", "detection", "--out", str(root / name), "--frames", str(frames), "--seed", str(seed),
-                      *extra)  # fmt: skip
-        assert res.returncode == 0, res.stderr[-2000:]
-    return root
-
-
-@pytest.fixture(scope="module")
-def detector(bouncer_home, line) -> Path:
-    """YOLOv8n trained by ultralytics on the simulated line (cached in the test model home: minutes on CPU)."""
-    out = bouncer_home / "test-detector" / "yolov8n-sim.onnx"
-    if not out.is_file():
-        res = run_cli("models", "example", "detector", "--train", str(line / "train"), "--out", str(out),
-                      "--epochs", "12")  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
-    return out
+def line(detection_line: Path) -> Path:
+    return detection_line
 
 
 def scored(path: Path) -> list[dict]:
@@ -186,3 +168,82 @@ def test_a_camera_on_a_detector_gate_sends_flagged_frames_with_their_boxes(built
     assert with_boxes and all(b["class"] in KNOWN_CLASSES and 0.5 <= b["p"] <= 1 for f in with_boxes for b in f.boxes)
     assert all(len(b["box"]) == 4 and 0 <= b["box"][0] < b["box"][2] <= 320 for f in with_boxes for b in f.boxes)
     assert all("output0" not in f.features and f.features for f in frames)  # sidecar inputs, no raw detections
+
+
+def sim_truth(folder: Path) -> dict[str, list[dict]]:
+    """Every object of a simulated detection folder, unknown ones included, as an operator would box them."""
+    out = {}
+    for line in (folder / "boxes.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[Path(row["image"]).name] = [
+            {"class": c if c in KNOWN_CLASSES else f"new:{c}", "box": box} for c, *box in row["boxes"]
+        ]
+    return out
+
+
+def test_operators_box_labels_recalibrate_a_detector_gate_through_the_station(built_models, detector, line, broker,
+                                                                               tmp_path):  # fmt: skip
+    """Camera on a detector gate -> real Mosquitto -> station queue with boxes and frame size -> operators give
+    each flagged frame its true boxes over HTTP (unknown objects as new:NAME) -> retraining recalibrates the
+    frozen detector's scores on the line's calibration frames plus those labels, and says what it cannot learn."""
+    from helpers import StationProcess, free_port, http_json, station_config, wait_until
+
+    gate = tmp_path / "det.gate"
+    res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                  "--out", str(gate), "--target-accuracy", "0.9")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = station_config(tmp_path / "station.toml", tmp_path / "station", broker.url)
+    res = run_cli("station", "init", str(cfg), "--gate", str(gate), "--model", str(detector), "--train",
+                  str(line / "train"), "--calib", str(line / "calib"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "400 calibration frames" in res.stdout, res.stdout
+    belt = tmp_path / "belt"
+    res = run_cli("sim", "detection", "--out", str(belt), "--frames", "160", "--seed", "11", "--unknown", "bolt",
+                  "--unknown-rate", "0.25")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        res = run_cli("run", "--source", str(belt / "images"), "--gate", str(gate), "--model", str(detector),
+                      "--broker", broker.url, "--device-id", "cam-det", "--data-dir", str(tmp_path / "dev"),
+                      "--once")  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        flagged = summary["decisions"]["review"] + summary["decisions"]["reject"]
+        assert flagged >= 20, summary
+        queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
+                           >= flagged and q)  # fmt: skip
+        frames = queue["frames"]
+        assert all(f["size"] == [320, 240] and isinstance(f["boxes"], list) for f in frames)
+        url = f"{station.url}/api/frames/{frames[0]['id']}/label"
+        for bad, why in (({"boxes": [{"class": "giraffe", "box": [1, 1, 9, 9]}]}, "not one of"),
+                         ({"boxes": [{"class": "gear", "box": [1, 1, 900, 9]}]}, "outside the 320 x 240 frame"),
+                         ({"boxes": [{"class": "gear", "box": [9, 1, 1, 9]}]}, "x1 < x2"),
+                         ({"label": "gear"}, "every object in the frame")):  # fmt: skip
+            status, body = http_json(url, bad)
+            assert status == 422 and why in body["detail"], (bad, body)
+        truth = sim_truth(belt)
+        for f in frames:
+            status, body = http_json(f"{station.url}/api/frames/{f['id']}/label",
+                                     {"boxes": truth[Path(f["source"]).name]})  # fmt: skip
+            assert status == 200 and body["kind"] == "boxes", body
+        labelled = http_json(f"{station.url}/api/frames/{frames[0]['id']}")[1]
+        assert labelled["label"] == [
+            {"class": b["class"], "box": [float(v) for v in b["box"]]} for b in truth[Path(frames[0]["source"]).name]
+        ]
+        status, result = http_json(f"{station.url}/api/retrain", {})
+        assert status == 200, result
+        m = result["metrics"]
+        assert m["labelled_used"] == len(frames) and m["not_predicted_by_model"] == ["bolt"], m
+        assert sum(m["split"].values()) == len(frames)
+        assert result["version"], result  # a challenger was fitted, published or not, with its comparison
+        gates = http_json(f"{station.url}/api/gates")[1]
+        challenger = next(g for g in gates["gates"] if g["version"] == result["version"])
+        assert challenger["metrics"]["calibration_images"] == 400 + m["split"]["train"] + m["split"]["calib"]
+        assert challenger["metrics"]["ece_after_calibration"] < challenger["metrics"]["ece_before_calibration"]
+        if result["published"]:
+            assert gates["published"]["version"] == result["version"]
+            assert m["challenger"]["accepted_error"] <= max(m["champion"]["accepted_error"], 0.1)
+        else:
+            assert result["reason"], result
+    finally:
+        station.stop()

@@ -122,6 +122,9 @@ def test_parsers_raise_only_schema_errors(payload):
                 "serial",
                 "backbone_hash",
                 "frames",
+                "boxes",
+                "size",
+                "candidates",
             ]
         ),
         st.one_of(
@@ -131,6 +134,7 @@ def test_parsers_raise_only_schema_errors(payload):
             st.floats(allow_nan=False),
             st.text(max_size=20),
             st.lists(st.integers(), max_size=3),
+            st.lists(st.lists(st.one_of(st.integers(), st.floats()), max_size=7), max_size=3),
             st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
         ),
     )
@@ -153,6 +157,56 @@ def test_labels_and_topics_raise_only_schema_errors(value, topic):
     with contextlib.suppress(schemas.SchemaError):
         device, kind = schemas.parse_topic(topic)
         assert kind in schemas.KINDS and schemas.DEVICE_ID.match(device)
+
+
+BOX_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10, 400), st.floats(), st.text(max_size=12))
+A_BOX = st.one_of(
+    st.fixed_dictionaries(
+        {"class": st.sampled_from(["gear", "washer", "new:bolt", "new:", "giraffe", 3]), "box": st.lists(BOX_VALUE)}
+    ),
+    st.dictionaries(st.text(max_size=6), BOX_VALUE, max_size=3),
+    BOX_VALUE,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=BOX_VALUE, boxes=st.one_of(st.none(), st.lists(A_BOX, max_size=4), BOX_VALUE))
+def test_box_labels_parse_or_say_why(value, boxes):
+    """An operator's box label is either taken (true boxes inside the frame, known class or new:NAME) or refused
+    with a SchemaError naming what is wrong; never another exception."""
+    predicted = [{"class": "gear", "p": 0.9, "box": [1.0, 2.0, 30.0, 40.0]}]
+    try:
+        kind, truth = schemas.parse_box_label(value, boxes, ["gear", "washer"], predicted, (320, 240))
+    except schemas.SchemaError:
+        return
+    if kind == "garbage":
+        assert truth is None and boxes is None
+        return
+    rows = json.loads(truth)
+    assert kind == "boxes" and len(rows) == (len(boxes) if boxes is not None else 1)
+    for r in rows:
+        x1, y1, x2, y2 = r["box"]
+        assert r["class"] in ("gear", "washer", "new:bolt") and -1 <= x1 < x2 <= 321 and -1 <= y1 < y2 <= 241
+
+
+def test_detector_frames_carry_size_and_candidates_on_the_wire():
+    cands = np.array([[1, 2, 30, 40, 0, 0.91], [50, 60, 70, 80.5, 1, 0.02]], np.float32)
+    m = schemas.FrameMessage(
+        id="a" * 32, device="cam-1", ts=1.5, source=None, decision="review", label="1 gear", confidence=0.6,
+        ood_score=1.0, reasons=["ambiguous_box"], details=[], quality={}, gate_version="1", backbone_hash="b" * 64,
+        jpeg=b"j", boxes=[{"class": "gear", "p": 0.9, "box": [1.0, 2.0, 30.0, 40.0]}], size=(320, 240),
+        candidates=cands,
+    )  # fmt: skip
+    back = schemas.FrameMessage.decode(m.encode())
+    assert back.size == (320, 240) and back.boxes == m.boxes
+    np.testing.assert_allclose(back.candidates, cands, atol=0.05)
+    for bad, why in (('"size":[320,240]', '"size":[320]'), ('[50.0,60.0,70.0,80.5,1,0.02]', '[50.0,60.0,70.0]'),
+                     ('[50.0,60.0,70.0,80.5,1,0.02]', '[50.0,60.0,7.0,80.5,1,0.02]'),
+                     ('[50.0,60.0,70.0,80.5,1,0.02]', '[50.0,60.0,70.0,80.5,1.5,0.02]')):  # fmt: skip
+        payload = m.encode().replace(bad.encode(), why.encode())
+        assert payload != m.encode(), bad
+        with pytest.raises(schemas.SchemaError, match=r"size|candidate"):
+            schemas.FrameMessage.decode(payload)
 
 
 def test_frame_message_round_trip():

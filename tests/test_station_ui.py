@@ -125,3 +125,62 @@ def test_screenshot_is_a_real_png():
     """The screenshot the README shows: what the browser test saves with BOUNCER_UPDATE_SCREENSHOT=1."""
     path = Path(REPO / "docs" / "review-ui.png")
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_detector_frame_is_labelled_with_a_click_and_a_drag(broker, detection_line, detector, built_models,
+                                                               browser, tmp_path):  # fmt: skip
+    """A detector group's queue draws each frame's kept boxes over it; one click marks a box wrong, a drag boxes an
+    object the camera missed, a number names it, `c` sends the frame's true boxes."""
+    from helpers import device_messages, run_cli
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    gate = tmp_path / "det.gate"
+    res = run_cli("fit", "--model", str(detector), "--train", str(detection_line / "train"), "--calib",
+                  str(detection_line / "calib"), "--out", str(gate), "--target-accuracy", "0.9")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = station_config(tmp_path / "station.toml", tmp_path / "station", broker.url)
+    res = run_cli("station", "init", str(cfg), "--gate", str(gate), "--model", str(detector), "--train",
+                  str(detection_line / "train"), "--calib", str(detection_line / "calib"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    msgs = [m for m in device_messages(gate, detector, detection_line / "unknown" / "images", "cam-det")
+            if m.boxes][:2]  # fmt: skip
+    assert len(msgs) == 2 and all(m.size == (320, 240) and m.candidates is not None for m in msgs)
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        publish_all(broker.port, [(schemas.topic("cam-det", "frames"), m.encode()) for m in msgs])
+        wait_until(lambda: http_json(f"{station.url}/api/queue")[1]["counts"]["frames"] == 2, 30)
+        browser.get(f"{station.url}/queue")
+        wait = WebDriverWait(browser, 15)
+        wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("naturalWidth") not in (None, "0"))
+        first = msgs[0]
+        svg = browser.find_element(By.ID, "boxes")
+        assert svg.is_displayed() and svg.get_dom_attribute("viewBox") == "0 0 320 240"
+        rects = svg.find_elements(By.TAG_NAME, "rect")
+        assert len(rects) == len(first.boxes)
+        assert svg.size["width"] == 480 and abs(svg.size["height"] - 360) <= 2  # drawn over the whole frame
+        rects[0].click()  # this box is wrong
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#boxes rect")[0].get_dom_attribute("class") == "wrong")
+        # a missed object: drag from near the top-left corner, 45 x 30 screen pixels (30 x 20 frame pixels)
+        ActionChains(browser).move_to_element_with_offset(svg, -235, -175).click_and_hold().move_by_offset(45, 30) \
+            .release().perform()  # fmt: skip
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#boxes rect.drawn")) == 1)
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("2")  # names the box just drawn: gear
+        assert browser.find_element(By.ID, "pen").text == "gear"
+        shot = tmp_path / "review-ui-detector.png"
+        browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("BOUNCER_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, REPO / "docs" / "review-ui-detector.png")
+        body.send_keys("c")
+        wait.until(lambda d: remaining(d) == 1)
+        frame = http_json(f"{station.url}/api/frames/{first.id}")[1]
+        assert frame["label_kind"] == "boxes"
+        kept = [{"class": b["class"], "box": [round(v, 1) for v in b["box"]]} for b in first.boxes[1:]]
+        assert frame["label"][: len(kept)] == kept
+        drawn = frame["label"][len(kept) :]
+        assert len(drawn) == 1 and drawn[0]["class"] == "gear", drawn
+        x1, y1, x2, y2 = drawn[0]["box"]
+        assert abs(x1 - 3.3) < 2 and abs(y1 - 3.3) < 2 and abs(x2 - x1 - 30) < 2 and abs(y2 - y1 - 20) < 2, drawn
+    finally:
+        station.stop()

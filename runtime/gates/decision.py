@@ -56,6 +56,8 @@ class Decision:
     details: list[dict[str, Any]] = field(default_factory=list)  # what fired: stat, value, threshold
     quality: dict[str, float] = field(default_factory=dict)
     boxes: list[dict[str, Any]] | None = None  # a detector gate's kept boxes: class, p, box (frame pixels)
+    size: tuple[int, int] | None = None  # the frame's width and height: the boxes' pixel space
+    candidates: np.ndarray | None = None  # a detector's candidates after NMS: M x 6 corners, class, raw score
 
     def flag(self, detail: dict[str, Any]) -> Decision:
         """Send the frame to review for `detail["reason"]`, with what fired."""

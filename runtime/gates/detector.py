@@ -33,6 +33,7 @@ class Detections:
     classes: np.ndarray  # M int64
     probs: np.ndarray  # M float64
     bad: int
+    scores: np.ndarray | None = None  # M raw best scores (what the station recalibrates from)
 
     def kept(self) -> np.ndarray:
         """The boxes the gate reports: calibrated probability at least one half."""
@@ -88,7 +89,7 @@ class DetectorTask:
 
     def detect(self, raw: np.ndarray) -> Detections:
         boxes, cls, best, bad = self.candidates(raw)
-        return Detections(boxes, cls, self.calibrate(cls, best), bad)
+        return Detections(boxes, cls, self.calibrate(cls, best), bad, best)
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         """N frames' raw outputs -> N x 1 frame confidences (the certainty of each frame's least certain box)."""

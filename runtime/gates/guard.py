@@ -116,7 +116,11 @@ class Guard:
         counts = Counter(b.classes[int(c)] for c in det.classes[kept])
         label = ", ".join(f"{n} {c}" for c, n in counts.most_common()) or "nothing"
         ood, low = rule_one(conf, fused, b.ood_threshold, b.acceptance.threshold)
-        d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes)
+        cands = None
+        if det.scores is not None:
+            cands = np.column_stack([corners, det.classes, det.scores]).astype(np.float32).reshape(-1, 6)
+        d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes,
+                     size=size or (pp.width, pp.height), candidates=cands)  # fmt: skip
         if ood:
             d.flag(self._ood(fused))
         if low:
