@@ -304,7 +304,9 @@ class Device:
             if counter is None:
                 counter = self._decision_counters[key] = m.decisions.labels(*key)
             counter.inc()
-        for ev in self.drift.update(decision.quality, decision.ood_score, decision.decision, decision.label):
+        for ev in self.drift.update(
+            decision.quality, decision.ood_score, decision.decision, decision.label, decision.boxes
+        ):
             m.drift.labels(ev["signal"]).set(1)
             self.emit_event(ev.pop("event"), **ev)
         audit = (

@@ -289,6 +289,23 @@ def judge(task: DetectorTask, frames: DetectionFrames) -> Judged:
     return Judged(conf, correct, np.concatenate(raw), np.concatenate(probs), np.concatenate(hits))
 
 
+def box_drift_reference(task: DetectorTask, frames: DetectionFrames, classes: Sequence[str]) -> dict[str, float]:
+    """The spread, over the calibration frames the input gate passes, of each class's kept boxes per frame and of
+    their calibrated probabilities: the floors of the drift monitor's per-class box signals."""
+    counts = np.zeros((len(frames), len(classes)))
+    probs: list[list[float]] = [[] for _ in classes]
+    for i, cand in enumerate(frames.cands):
+        _, cls, best = _split(cand)
+        p = task.calibrate(cls, best)
+        keep = p >= 0.5
+        counts[i] = np.bincount(cls[keep], minlength=len(classes))[: len(classes)]
+        for c, q in zip(cls[keep], p[keep], strict=True):
+            probs[c].append(float(q))
+    counts = counts[frames.passing] if frames.passing.any() else counts
+    out = {f"count.{c}": round(float(counts[:, k].std()), 4) for k, c in enumerate(classes)}
+    return out | {f"score.{c}": round(float(np.std(probs[k])), 4) for k, c in enumerate(classes) if probs[k]}
+
+
 def certify(
     task: DetectorTask, frames: DetectionFrames, settings: FitSettings, say: Callable[[str], None]
 ) -> tuple[Any, Acceptance]:
@@ -392,7 +409,8 @@ def fit_detector_from(
         "calibration_quality_rejects": int((~q_ok).sum()),
         "calibration_ood_flagged": int((q_ok & ~frames.passing).sum()),
         "calibration_coverage": round(float(judged.accepted(frames.passing[half_b], sel.threshold).mean()), 4),
-        "drift_reference": drift_reference(calib_ex.stats, fused[q_ok]),
+        "drift_reference": drift_reference(calib_ex.stats, fused[q_ok])
+        | box_drift_reference(task, frames.take(half_b), classes),
     }
     rule_name = "detector: frame-level heads and orphan candidates" if settings.heads is None else "named with --heads"
     reads = sorted({"sidecar" if k.startswith(PREFIX) else "model" for k in keys})

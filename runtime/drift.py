@@ -12,6 +12,12 @@ After an alarm a signal reports once, then re-baselines (the new normal). Reject
 unreadable) feed the rate tests only: a lens cap is the quality gate's to report, not a brightness drift.
 Brightness and sharpness are centred on the median of each predicted class (products differ in both; a
 light or focus change moves them all) and follow accepted frames only, whose class is trusted.
+- A detector gate's boxes, per class: the number of kept boxes per frame (`count.<class>`) and their mean
+  calibrated probability (`score.<class>`), over every frame the quality gate passed. Counts are small integers,
+  so their baseline is the warm-up's mean and standard deviation (a median and MAD of 0, 1, 2 would be 0), floored
+  at half the calibration frames' spread (in the bundle's drift reference) and at a tenth of a box or a point of
+  probability; each frame adds at most 5 standard deviations, so one odd box cannot raise an alarm alone. A class
+  the detector stops finding, or finds far more often, or scores lower, moves its CUSUM.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from bouncer.runtime.gates.risk import clopper_pearson_upper
 CONTINUOUS = ("brightness", "sharpness", "ood_score")
 CLASS_CENTRED = ("brightness", "sharpness")  # products differ in these; a light or focus change moves all
 RATES = ("review_rate", "reject_rate")
+BOX_SIGNALS = ("count.", "score.")  # a detector gate's, per class
+BOX_FLOOR = {"count": 0.1, "score": 0.01}  # the smallest spreads that matter: a tenth of a box, a point of probability
+BOX_CLIP = 5.0  # box scores have heavy tails (one odd box in a thousand frames); a real shift persists
 
 
 @dataclass
@@ -42,11 +51,17 @@ class _Cusum:
     lo: float = 0.0
 
     ready: bool = False
+    robust: bool = True  # median and MAD baseline; False: mean and standard deviation (discrete counts)
+    clip: float = math.inf  # at most this much evidence per frame: one odd frame cannot raise an alarm alone
 
     def set_baseline(self, values: list[float]) -> None:
         v = np.asarray(values, np.float64)
-        self.mean = float(np.median(v))
-        self.std = max(1.4826 * float(np.median(np.abs(v - self.mean))), self.floor, 1e-9)
+        if self.robust:
+            self.mean = float(np.median(v))
+            spread = 1.4826 * float(np.median(np.abs(v - self.mean)))
+        else:
+            self.mean, spread = float(v.mean()), float(v.std())
+        self.std = max(spread, self.floor, 1e-9)
         self.buf, self.ready = [], True
 
     def update(self, x: float) -> str | None:
@@ -57,7 +72,7 @@ class _Cusum:
             if len(self.buf) >= self.warmup:
                 self.set_baseline(self.buf)
             return None
-        z = (x - self.mean) / self.std
+        z = min(max((x - self.mean) / self.std, -self.clip), self.clip)
         self.hi = max(0.0, self.hi + z - self.k)
         self.lo = max(0.0, self.lo - z - self.k)
         if self.hi > self.h or self.lo > self.h:
@@ -150,12 +165,31 @@ class DriftMonitor:
         }
         # (signal, the decision it counts, its test)
         self.rates = [(name, name.split("_")[0], _RateCusum(warmup=max(warmup, 1000), h=rate_h)) for name in RATES]
+        # a detector gate's per-class box signals, named in its reference by `bouncer fit`
+        self.boxes = {
+            name: _Cusum(
+                floor=max(0.5 * float(spread), BOX_FLOOR[name.split(".")[0]]),
+                k=k,
+                h=h,
+                warmup=warmup,
+                robust=False,
+                clip=BOX_CLIP,
+            )
+            for name, spread in reference.items()
+            if name.startswith(BOX_SIGNALS)
+        }
         self.state: dict[str, str] = {}
 
     def update(
-        self, quality: dict[str, float], ood_score: float | None, decision: str, label: str | None = None
+        self,
+        quality: dict[str, float],
+        ood_score: float | None,
+        decision: str,
+        label: str | None = None,
+        boxes: list[dict] | None = None,
     ) -> list[dict]:
-        """Feed one frame (with its predicted class, if any); returns drift events (usually none)."""
+        """Feed one frame (with its predicted class, if any, and a detector gate's kept boxes); returns drift
+        events (usually none)."""
         values = {
             "brightness": quality.get("mean", math.nan),
             "sharpness": math.log(max(quality.get("sharpness", math.nan), 1e-6)),
@@ -186,6 +220,17 @@ class DriftMonitor:
                         "value": round(values[name], 4),
                     }
                 )
+        if boxes is not None and decision != Verdict.REJECT:
+            for name, test in self.boxes.items():
+                kind, cls = name.split(".", 1)
+                ps = [b["p"] for b in boxes if b["class"] == cls]
+                x = float(len(ps)) if kind == "count" else float(np.mean(ps)) if ps else math.nan
+                baseline = test.mean
+                direction = test.update(x)
+                if direction:
+                    self.state[name] = direction
+                    events.append({"event": "drift", "signal": name, "direction": direction,
+                                   "baseline": round(baseline, 4), "value": round(x, 4)})  # fmt: skip
         for name, counted, rate in self.rates:
             if rate.update(decision == counted):
                 self.state[name] = "up"

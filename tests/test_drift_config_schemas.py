@@ -279,3 +279,41 @@ def test_wire_errors_name_the_path():
         schemas.parse_stats(b'{"v":1,"device":"cam-1","frames":true}')
     with pytest.raises(schemas.SchemaError, match=r"command: Invalid enum value 'nuke' - at `\$.command`"):
         schemas.Command.decode(b'{"v":1,"id":"c1","command":"nuke"}')
+
+
+def test_a_detector_class_that_stops_being_found_is_caught_and_steady_counts_raise_nothing():
+    """Per-class box signals of a detector gate: 50,000 frames of a steady line (Poisson counts, noisy box
+    probabilities) raise no alarm; gears found a third as often, or scored lower, are caught within a few hundred
+    frames and name their class."""
+    rng = np.random.default_rng(0)
+    ref = {"count.gear": 1.0, "count.washer": 0.77, "score.gear": 0.05, "score.washer": 0.05}
+
+    def boxes(gears: float, p_gear: float) -> list[dict]:
+        out = [
+            {"class": "gear", "p": float(np.clip(rng.normal(p_gear, 0.05), 0.5, 1))} for _ in range(rng.poisson(gears))
+        ]
+        return out + [{"class": "washer", "p": float(np.clip(rng.normal(0.9, 0.05), 0.5, 1))}
+                      for _ in range(rng.poisson(0.6))]  # fmt: skip
+
+    def run(mon: DriftMonitor, n: int, gears: float, p_gear: float) -> list[tuple[int, dict]]:
+        q = {"mean": 100.0, "sharpness": 50.0}
+        return [(i, e) for i in range(n) for e in mon.update(q, 1.0, "accept", "x", boxes(gears, p_gear))]
+
+    steady = DriftMonitor(ref, warmup=500)
+    assert run(steady, 50_000, 1.0, 0.9) == []
+    assert set(steady.boxes) == set(ref)
+    odd = [{"class": "gear", "p": 0.5}] * 8  # one odd frame: eight weak gears
+    assert steady.update({"mean": 100.0, "sharpness": 50.0}, 1.0, "review", "x", odd) == []
+    assert run(steady, 200, 1.0, 0.9) == []
+    for gears, p_gear, signal, direction in ((0.33, 0.9, "count.gear", "down"), (1.0, 0.75, "score.gear", "down"),
+                                             (2.0, 0.9, "count.gear", "up")):  # fmt: skip
+        mon = DriftMonitor(ref, warmup=500)
+        assert run(mon, 2000, 1.0, 0.9) == []
+        events = run(mon, 1000, gears, p_gear)
+        assert events, (signal, direction)
+        i, first = events[0]
+        assert first["signal"] == signal and first["direction"] == direction and i < 300, events[:3]
+        assert mon.state[signal] == direction
+    # a classifier's monitor has no box signals, and boxes do not reach it
+    plain = DriftMonitor({"brightness": 5.0})
+    assert plain.boxes == {} and plain.update({"mean": 1.0}, 1.0, "accept", "gear", [{"class": "gear", "p": 1}]) == []
