@@ -183,6 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fit_gate(backend, demo / "train", demo / "calib", log=lambda m: None).save(gate)
     else:
         console.print(f"[bold]2/4[/] gate {gate} (cached)")
+    detector = _detector_gate(Path(args.detector), model, demo, console) if args.detector else None
 
     # 2. broker and station
     work = Path(args.data_dir or tempfile.mkdtemp(prefix="bouncer-demo-"))
@@ -192,14 +193,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         broker = EmbeddedBroker(free_port()).start()
         url, protocol, share = broker.url, "v311", ""  # amqtt: MQTT 3.1.1, no shared subscriptions
+    groups = ["default", *(["detector"] if detector else [])]
     scfg = StationConfig(
-        station=StationSection(data_dir=str(work / "station"), share_group=share, worker="demo"),
+        station=StationSection(data_dir=str(work / "station"), groups=groups, share_group=share, worker="demo"),
         mqtt=MqttSection(broker=url, protocol=protocol),
         http=HttpSection(host="127.0.0.1", port=port),
     ).validate()
     station = Station(scfg)
     console.print(f"[bold]3/4[/] station in {work / 'station'} (broker {url})")
     station.init(gate, backend, demo / "train", demo / "calib")
+    if detector:
+        station.init(detector.gate, detector.backend, detector.train, detector.calib, group="detector")
     station.start_mqtt()
     server = uvicorn.Server(uvicorn.Config(create_app(station, None), host="127.0.0.1", port=port, log_level="error"))
     web = threading.Thread(target=server.run, kwargs={"sockets": [web_socket]}, name="station-web", daemon=True)
@@ -228,6 +232,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device = Device(cfg, observer=tally)
         tallies.append(tally)
         devices.append(device)
+    if detector:  # one more camera: the detection line's incidents, through the detector's gate
+        cfg = Config(
+            device=DeviceSection(id="demo-cam-det", profile="generic", data_dir=str(work / "demo-cam-det"),
+                                 group="detector"),
+            source=SourceSection(uri=f"detline:200:{frames}:{args.warmup}"),
+            gate=GateSection(bundle=str(detector.gate), model=str(detector.model), sidecar=str(model)),
+            mqtt=MqttSection(broker=url, protocol=protocol),
+            drift=DriftSection(warmup=args.warmup),
+        ).validate()  # fmt: skip
+        tally = Tally("demo-cam-det", frames, plan)
+        tallies.append(tally)
+        devices.append(Device(cfg, observer=tally))
 
     def run_device(d: Device, key: str) -> None:
         try:
@@ -235,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:  # shown in the summary, never a silent thread death
             results[key] = exc
 
-    console.print(f"[bold]4/4[/] {args.devices} simulated camera(s), {frames} frames each, incidents after frame "
+    console.print(f"[bold]4/4[/] {len(devices)} simulated camera(s), {frames} frames each, incidents after frame "
                   f"{plan[0].start}")  # fmt: skip
     for d, t in zip(devices, tallies, strict=True):
         th = threading.Thread(target=run_device, args=(d, t.device), daemon=True)
@@ -301,6 +317,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+@dataclass
+class DetectorDemo:
+    model: Path
+    gate: Path
+    train: Path
+    calib: Path
+    backend: Any
+
+
+def _detector_gate(model: Path, backbone: Path, demo: Path, console) -> DetectorDemo:
+    """The detector camera's gate: the user's detector (`bouncer models example detector` makes one) with the
+    backbone beside it, fitted on the simulated line's detection folders (cached beside the demo's gate)."""
+    from bouncer.fitting.fit import fit_gate
+    from bouncer.runtime import backends
+    from bouncer.runtime.backends.paired import PairedBackend
+    from bouncer.sim.detection import write_detection_dataset
+
+    if not model.is_file():
+        raise BouncerError(f"--detector {model}: no such model (`bouncer models example detector --train DIR --out "
+                           "M.onnx` trains one on the simulated line)")  # fmt: skip
+    backend = PairedBackend(backends.load(model, threads=2), backends.load(backbone, threads=2))
+    if backend.card.task != "detector":
+        raise BouncerError(f"--detector {model}: its card says task = {backend.card.task!r}, not 'detector'")
+    root = demo / "detector"
+    train, calib = root / "train", root / "calib"
+    for folder, frames, seed in ((train, 240, 1), (calib, 400, 3)):
+        if not (folder / "boxes.jsonl").is_file():
+            write_detection_dataset(folder, frames, seed)
+    gate = root / f"{backend.card.model_hash[:12]}.gate"
+    if not gate.is_file() or _stale(gate, backend):
+        console.print("[bold]2/4[/] fitting the detector camera's gate on the simulated detection line")
+        fit_gate(backend, train, calib, target_accuracy=0.9, log=lambda m: None).save(gate)
+    else:
+        console.print(f"[bold]2/4[/] detector gate {gate} (cached)")
+    return DetectorDemo(model, gate, train, calib, backend)
+
+
 def _stale(gate: Path, backend) -> bool:
     from bouncer.runtime.gates.bundle import BundleError, GateBundle
 
@@ -364,3 +417,5 @@ def add_demo(sub, add) -> None:
     d.add_argument("--port", type=int, help="review UI port (default: a free one)")
     d.add_argument("--duration", type=float, help="keep the UI up this long after the run, s (default: until Ctrl-C)")
     d.add_argument("--data-dir", type=Path, help="station and device data (default: a new temporary folder)")
+    d.add_argument("--detector", type=Path, help="one more camera on a detection line, guarding this YOLO detector "
+                   "(ONNX with its card; `bouncer models example detector` trains one on the simulator)")  # fmt: skip

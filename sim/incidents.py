@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from bouncer.sim import detection as detection_sim
 from bouncer.sim import simulator
 
 PER_FRAME = ("new_defect", "foreign_object", "lens_smear", "frozen", "lens_cap")  # each frame should be flagged
@@ -59,10 +60,13 @@ class LineFrame:
     truth: str | None  # the incident this frame belongs to, None for a normal frame
 
 
-def line(seed: int, frames: int, warmup: int = 500) -> Iterator[LineFrame]:
+def line(seed: int, frames: int, warmup: int = 500, detection: bool = False) -> Iterator[LineFrame]:
+    """The line's frames with the incident schedule. `detection`: the detection mode's frames (several parts
+    each); the new defect type and the foreign object then lie on the belt among known parts."""
     plan = schedule(warmup, frames)
-    rng = np.random.default_rng([seed, 99])
+    rng = np.random.default_rng([seed, 99 + detection])
     last: np.ndarray | None = None
+    stranger = {"new_defect": simulator.UNKNOWN_PARTS[0], "foreign_object": simulator.FOREIGN[0]}
     for i in range(frames):
         active = next((inc for inc in plan if inc.covers(i)), None)
         kind = active.kind if active else None
@@ -70,10 +74,15 @@ def line(seed: int, frames: int, warmup: int = 500) -> Iterator[LineFrame]:
         if kind == "frozen" and last is not None:
             frame = last.copy()  # the camera repeats its last frame exactly
         else:
-            part = {"new_defect": simulator.UNKNOWN_PARTS[0], "foreign_object": simulator.FOREIGN[0]}.get(
-                kind or "", simulator.KNOWN_CLASSES[int(rng.integers(len(simulator.KNOWN_CLASSES)))]
-            )
-            frame = simulator.render(part, rng)
+            if detection:
+                parts = detection_sim.random_parts(rng)
+                if kind in stranger:
+                    parts[int(rng.integers(len(parts)))] = stranger[kind]
+                frame, _ = detection_sim.render_scene(parts, rng)
+            else:
+                known = simulator.KNOWN_CLASSES[int(rng.integers(len(simulator.KNOWN_CLASSES)))]
+                part = stranger.get(kind or "", known)
+                frame = simulator.render(part, rng)
             if kind == "lens_smear":
                 frame = cv2.GaussianBlur(frame, (0, 0), 4.0)
             elif kind == "lens_cap":

@@ -1,6 +1,7 @@
 """The simulated line as camera sources, reached by `bouncer run` through the `bouncer.sources` entry points
-(pyproject.toml): `sim:SEED`, an endless stream of known parts, and `line:SEED[:FRAMES[:WARMUP]]`, the line
-with its incident schedule and ground truth."""
+(pyproject.toml): `sim:SEED`, an endless stream of known parts, `line:SEED[:FRAMES[:WARMUP]]`, the line
+with its incident schedule and ground truth, and `detline:SEED[:FRAMES[:WARMUP]]`, the same schedule in detection
+mode (several parts per frame, for a detector gate)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ class LineSource(Source):
 
     finite = True
 
-    def __init__(self, seed: int, frames: int, warmup: int = 500) -> None:
+    def __init__(self, seed: int, frames: int, warmup: int = 500, detection: bool = False) -> None:
         super().__init__()
-        self.seed, self.frames, self.warmup = seed, frames, warmup
-        self.uri = f"line:{seed}:{frames}:{warmup}"
+        self.seed, self.frames, self.warmup, self.detection = seed, frames, warmup, detection
+        self.uri = f"{'detline' if detection else 'line'}:{seed}:{frames}:{warmup}"
 
     def __iter__(self) -> Iterator[FrameItem]:
-        for f in incidents.line(self.seed, self.frames, self.warmup):
+        for f in incidents.line(self.seed, self.frames, self.warmup, self.detection):
             if self.stop.is_set():
                 return
             yield FrameItem(f"frame-{f.index:08d}", self.uri, frame=f.frame, truth=f.truth)
@@ -58,12 +59,13 @@ def open_sim(uri: str) -> SimulatorSource:
 
 
 def open_line(uri: str) -> LineSource:
+    scheme, _, rest = uri.partition(":")
     try:
-        parts = [int(x) for x in uri[5:].split(":")]
+        parts = [int(x) for x in rest.split(":")]
         warmup = parts[2] if len(parts) > 2 else 500
         seed, frames = parts[0], parts[1] if len(parts) > 1 else incidents.frames_needed(warmup)
         if len(parts) > 3 or frames < 1 or warmup < 1:
             raise ValueError
     except (ValueError, IndexError):
-        raise BouncerError(f"source {uri!r}: expected line:SEED[:FRAMES[:WARMUP]] (positive integers)") from None
-    return LineSource(seed, frames, warmup)
+        raise BouncerError(f"source {uri!r}: expected {scheme}:SEED[:FRAMES[:WARMUP]] (positive integers)") from None
+    return LineSource(seed, frames, warmup, detection=scheme == "detline")
