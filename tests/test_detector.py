@@ -37,7 +37,7 @@ def test_a_detector_gate_holds_its_target_and_reports_its_boxes(built_models, de
     assert "detector:" in res.stdout and "acceptance: confidence >=" in res.stdout, res.stdout
     b = GateBundle.load(gate)
     assert isinstance(b.task, DetectorTask) and b.sidecar is not None and b.selection["reads"] == ["model", "sidecar"]
-    assert [h.kind for h in b.ood_heads] == ["knn", "knn", "orphan"]
+    assert [h.kind for h in b.ood_heads] == ["knn", "knn", "mahalanobis", "orphan"]  # the third per map cell
     m = b.fit_metrics
     assert m["ece_after_calibration"] < m["ece_before_calibration"], m  # calibration that counts localisation
     out = tmp_path / "s.jsonl"
