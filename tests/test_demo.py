@@ -40,3 +40,22 @@ def test_a_taken_port_is_an_error_before_any_work(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"--port {port}: cannot serve the review UI" in res.stderr and "Traceback" not in res.stderr
     assert "review UI up" not in res.stderr + res.stdout and not list(tmp_path.iterdir())
+
+
+def test_the_demo_runs_a_detector_camera_beside_the_classifier_one(built_models, detector, tmp_path):
+    """`bouncer demo --detector M.onnx`: a third kind of camera on the detection line, its gate fitted on the
+    simulator's detection folders, its own station group; the line's incidents reach it too."""
+    res = run_cli("demo", "--devices", "1", "--warmup", "200", "--duration", "0", "--data-dir", str(tmp_path),
+                  "--detector", str(detector))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert not out["errors"]
+    det = next(d for d in out["devices"] if d["device"] == "demo-cam-det")
+    assert det["missed"] == [], det  # each incident flagged at least once, the light bulb by the drift monitor
+    assert all(det["caught"][k] == 0 for k in ("lens_smear", "frozen", "lens_cap")), det
+    assert "lens_smear" not in det["silent_failures"] and "frozen" not in det["silent_failures"], det
+    normal = det["frames"] - sum(i["frames"] for i in out["incidents"] if i["kind"] != "light_bulb")
+    assert det["decisions"]["accept"] >= 0.7 * normal, det  # the detector gate is useful on the line's own frames
+    st = out["station"]
+    assert st["frames_stored"] == st["flagged_sent"] > 0
+    assert (tmp_path / "station" / "base" / "detector" / "detections.npz").is_file()
