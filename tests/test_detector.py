@@ -247,3 +247,30 @@ def test_operators_box_labels_recalibrate_a_detector_gate_through_the_station(bu
             assert result["reason"], result
     finally:
         station.stop()
+
+
+def test_a_kept_box_outside_the_frame_is_an_invalid_output_for_review(built_models, detector, line, tmp_path):
+    """A detector that keeps a box wholly outside the frame (clipped to nothing) is not trusted with that frame: it
+    goes to review as `invalid_output`, its boxes and candidates still sent; a box inside stays a plain decision."""
+    from bouncer.runtime import backends, home
+    from bouncer.runtime.backends.paired import PairedBackend
+    from bouncer.runtime.gates.detector import Detections
+    from bouncer.runtime.gates.guard import Guard
+
+    gate = tmp_path / "det.gate"
+    res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                  "--out", str(gate), "--target-accuracy", "0.9")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    guard = Guard(GateBundle.load(gate), PairedBackend(backends.load(detector), backends.load(home.cached_model(
+        "onnxruntime"))))  # fmt: skip
+
+    def decide(box: list[float]):
+        det = Detections(np.array([box], np.float32), np.array([1]), np.array([0.999]), 0, np.array([0.99]))
+        return guard.decide_detections(det, 0.0, {}, (320, 240))
+
+    outside = decide([330.0, 300.0, 380.0, 330.0])  # model-input pixels below the letterboxed frame
+    assert outside.decision == "review" and outside.reasons == ["invalid_output"], outside
+    assert "outside the frame" in outside.details[0]["value"] and outside.candidates is not None
+    inside = decide([100.0, 100.0, 150.0, 140.0])
+    assert inside.decision == "accept" and inside.label == "1 gear", inside
+    assert inside.size == (320, 240) and inside.candidates.shape == (1, 6)

@@ -89,3 +89,28 @@ def test_flagged_frames_carry_heatmaps_and_accepted_ones_are_sampled_for_audit(s
     assert giraffes and all(not m.audit and "ood" in m.reasons for m in giraffes)
     assert all(d["reason"] == "ood" and d["value"] > d["threshold"] for m in giraffes for d in m.details
                if d["reason"] == "ood")  # fmt: skip
+
+
+def test_a_per_cell_head_explains_with_its_own_distances(guard):
+    """A gate with a per-cell head and no explainer (a detector gate's) shows each cell's distance to the training
+    cells: the hottest cell lies on a foreign blob."""
+    from bouncer.runtime.gates.heads import GaussianHead, patches
+    from bouncer.runtime.preprocess import preprocess
+
+    rng = np.random.default_rng(5)
+    pp = guard.bundle.preprocessing
+    maps = [guard.backend.run(preprocess(simulator.render(simulator.KNOWN_CLASSES[i % 4], rng), pp))["map_s16"]
+            for i in range(40)]  # fmt: skip
+    cells = GaussianHead.fit("map_s16", patches(np.concatenate(maps)), None, spatial=True)
+    bundle = dataclasses.replace(guard.bundle, ood_heads=[cells], explainer=None)
+    hits = 0
+    for trial, (y, x) in enumerate([(30, 30), (190, 260), (40, 270), (200, 50), (120, 290), (30, 160)]):
+        frame = simulator.render(simulator.KNOWN_CLASSES[trial % 4], rng)
+        cv2.circle(frame, (x, y), 18, (240, 240, 250), -1)
+        outputs = guard.backend.run(preprocess(frame, pp))
+        heat = explain.heatmap(bundle, outputs)
+        assert heat.shape == (14, 14) and heat.dtype == np.float32 and heat.min() == 0.0 and heat.max() == 1.0
+        py, px = np.unravel_index(int(heat.argmax()), heat.shape)
+        cy, cx = (py + 0.5) * 240 / 14, (px + 0.5) * 320 / 14
+        hits += abs(cy - y) < 50 and abs(cx - x) < 60
+    assert hits >= 5, f"the hottest cell was on the blob in {hits} of 6 frames"

@@ -1,4 +1,6 @@
-"""Where a frame is unusual: a coarse heatmap from the kNN head on the channel maxima of a feature map.
+"""Where a frame is unusual: a coarse heatmap from the kNN head on the channel maxima of a feature map, or, on a
+gate with a per-cell head (`patch:MAP`, as detector gates have) and no explainer, that head's distance per cell:
+the cells under an unfamiliar object, inside a box or not.
 
 That head compares each channel's maximum over the map with the nearest training frame's. The channels
 whose maximum exceeds the nearest normal frame's carry the evidence; each position's heat is the sum of
@@ -12,7 +14,7 @@ import cv2
 import numpy as np
 
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.heads import KnnHead
+from bouncer.runtime.gates.heads import GaussianHead, KnnHead, patches
 
 # JET colours for 0..255, computed once (cv2.applyColorMap rebuilds its table on every call)
 _JET = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, :]
@@ -23,6 +25,12 @@ def explaining_head(bundle: GateBundle) -> KnnHead | None:
     if bundle.explainer is not None:
         return bundle.explainer
     return next((h for h in bundle.ood_heads if isinstance(h, KnnHead) and h.reduce == "max"), None)
+
+
+def _per_cell_head(bundle: GateBundle, outputs: dict[str, np.ndarray]) -> GaussianHead | None:
+    """A decision head that scores each cell of a map (`patch:MAP`), if the gate has one (detector gates do)."""
+    return next((h for h in bundle.ood_heads if isinstance(h, GaussianHead) and h.spatial and h.source in outputs
+                 and np.ndim(outputs[h.source]) == 4), None)  # fmt: skip
 
 
 def heatmap(
@@ -38,6 +46,13 @@ def heatmap(
         m = np.asarray(outputs[anomaly_map][0], np.float32).reshape(outputs[anomaly_map].shape[-2:])
         lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
         return ((m - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(m)
+    cells = _per_cell_head(bundle, outputs)
+    if bundle.explainer is None and cells is not None:  # a per-cell head scores every cell already: its map
+        fmap = np.asarray(outputs[cells.source][:1], np.float32)
+        _, _, h, w = fmap.shape
+        d = cells.distances(patches(fmap)[0]).min(1).reshape(h, w)
+        lo, hi = float(d.min()), float(d.max())
+        return ((d - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros((h, w), np.float32)
     head = explaining_head(bundle)
     if head is None or head.source not in outputs or outputs[head.source].ndim != 4:
         return None

@@ -121,6 +121,11 @@ class Guard:
             cands = np.column_stack([corners, det.classes, det.scores]).astype(np.float32).reshape(-1, 6)
         d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes,
                      size=size or (pp.width, pp.height), candidates=cands)  # fmt: skip
+        k = corners[kept]
+        if len(k) and ((k[:, 2] - k[:, 0] < 1) | (k[:, 3] - k[:, 1] < 1)).any():  # clipped away: outside the frame
+            d.flag(
+                {"reason": "invalid_output", "value": "a kept box lies outside the frame (under a pixel once clipped)"}
+            )
         if ood:
             d.flag(self._ood(fused))
         if low:
