@@ -274,3 +274,49 @@ def test_a_kept_box_outside_the_frame_is_an_invalid_output_for_review(built_mode
     inside = decide([100.0, 100.0, 150.0, 140.0])
     assert inside.decision == "accept" and inside.label == "1 gear", inside
     assert inside.size == (320, 240) and inside.candidates.shape == (1, 6)
+
+
+def test_a_detector_camera_takes_its_gate_over_the_air(built_models, detector, line, broker, tmp_path):
+    """The station publishes a detector gate (signed, TUF); a camera running another one pulls it, checks it on
+    its canary frames, runs its trial on live frames and commits it, as cameras do with classifier gates."""
+    import subprocess
+    import sys
+
+    from helpers import StationProcess, device_toml, free_port, http_json, station_config, wait_until
+
+    gates = {}
+    for name, target in (("running", "0.9"), ("published", "0.85")):
+        gates[name] = tmp_path / f"{name}.gate"
+        res = run_cli("fit", "--model", str(detector), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                      "--out", str(gates[name]), "--target-accuracy", target)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+    cfg = station_config(tmp_path / "station.toml", tmp_path / "station", broker.url)
+    res = run_cli("station", "init", str(cfg), "--gate", str(gates["published"]), "--model", str(detector),
+                  "--train", str(line / "train"), "--calib", str(line / "calib"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    version = GateBundle.load(gates["published"]).version
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        dev = device_toml(
+            tmp_path / "device.toml",
+            device={"id": "cam-det", "data_dir": str(tmp_path / "device")},
+            source={"uri": str(line / "test" / "images"), "loop": True, "max_fps": 30.0},
+            gate={"bundle": str(gates["running"]), "model": str(detector)},
+            mqtt={"broker": broker.url},
+            ota={"url": f"{station.url}/tuf", "root": str(tmp_path / "station" / "tuf/metadata/1.root.json"),
+                 "trial_frames": 15, "poll_s": 2.0},
+        )  # fmt: skip
+        proc = subprocess.Popen([sys.executable, "-m", "bouncer", "run", str(dev)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            done = wait_until(lambda: [e for e in http_json(f"{station.url}/api/events?kind=gate_")[1]
+                                       if e["event"] in ("gate_commit", "gate_rollback")], timeout=120)  # fmt: skip
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert done[0]["event"] == "gate_commit" and done[0]["version"] == version, done
+        trail = [(a["event"], a["actor"]) for a in http_json(f"{station.url}/api/audit")[1]
+                 if a["gate_version"] == version]  # fmt: skip
+        assert ("applied", "device:cam-det") in trail, trail
+    finally:
+        station.stop()
