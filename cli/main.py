@@ -120,6 +120,16 @@ def cmd_models_expose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_tflite(args: argparse.Namespace) -> int:
+    from bouncer.quantize.user_models import tflite_twin
+
+    if not args.model.is_file():
+        raise BouncerError(f"{args.model}: no such model")
+    out = tflite_twin(args.model, args.images, log=lambda m: print(m, file=sys.stderr), out=args.out)
+    print(json.dumps({"model": str(args.model), "tflite": str(out)}))
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     folder = home.models_dir()
     files = sorted(p for p in folder.glob("*") if p.suffix in (".onnx", ".tflite")) if folder.exists() else []
@@ -692,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--tflite", action="store_true", help="also its TFLite twin (fp32 and int8, through onnx2tf)")
 
+    tf = add("tflite", cmd_models_tflite, "your ONNX model (with its card) as fp32 TFLite for devices that run "
+             "LiteRT, outputs matched back to their names (an int8 twin too, except for detectors; the "
+             "[tflite-export] extra)", msub)  # fmt: skip
+    tf.add_argument("model", type=Path, help="the ONNX model; its card (MODEL.card.json) beside it")
+    tf.add_argument("--images", type=Path, required=True, help="a folder of the line's images (any layout): "
+                    "calibration for the converter and the check of its outputs")  # fmt: skip
+    tf.add_argument("--out", type=Path, help="where to write the .tflite (default: beside the model)")
     xp = add("expose", cmd_models_expose, "add an intermediate tensor of your ONNX model to its outputs, as the "
              "`features` the OOD heads read, without re-exporting ([build] extra)", msub)  # fmt: skip
     xp.add_argument("model", type=_existing_file, help="your .onnx model, with its card beside it")

@@ -76,7 +76,7 @@ def convert_tflite(
     reference: dict[str, np.ndarray],
     sample: np.ndarray,
     fp32_out: Path,
-    int8_out: Path,
+    int8_out: Path | None,
     int8_io_out: Path | None = None,
 ) -> list[ModelCard]:
     """Write fp32 and int8 (float I/O, int8 inside) TFLite models with their cards; return the cards.
@@ -91,6 +91,9 @@ def convert_tflite(
         raise BouncerError(f"--tflite needs the [tflite-export] extra (tensorflow-cpu, onnx2tf): {exc}") from None
     if interpreter_class() is None:
         raise BouncerError("--tflite needs a LiteRT runtime to verify the result (the [litert] extra)")
+    import onnx
+
+    input_name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name
     unit = _to_unit_nhwc(calib, card)
     pp = card.preprocessing
     log = io.StringIO()
@@ -107,11 +110,11 @@ def convert_tflite(
                 onnx2tf.convert(
                     input_onnx_file_path=str(fp32_onnx),
                     output_folder_path=str(work / "out"),
-                    output_integer_quantized_tflite=True,
+                    output_integer_quantized_tflite=int8_out is not None or int8_io_out is not None,
                     batch_size=1,
                     non_verbose=True,
                     custom_input_op_name_np_data_path=[
-                        ["input", str(work / "calib.npy"), [m / 255 for m in pp.mean], [s / 255 for s in pp.std]]
+                        [input_name, str(work / "calib.npy"), [m / 255 for m in pp.mean], [s / 255 for s in pp.std]]
                     ],
                 )
         except Exception as exc:

@@ -20,7 +20,7 @@ import numpy as np
 
 from bouncer.quantize.export import LITE_PREPROCESSING, _load_lite0, fold_constants
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.images import image_folder, read_bgr
+from bouncer.runtime.images import image_folder, list_images, read_bgr
 from bouncer.runtime.modelcard import ModelCard, write_card_file
 from bouncer.runtime.preprocess import preprocess
 
@@ -153,18 +153,21 @@ def make_anomaly(train: Path, out: Path, seed: int = 0, log=print) -> dict[str, 
     return {"model": str(out), "good_images": len(paths), "bank": len(bank)}
 
 
-def tflite_twin(model: Path, images: Path, log=print) -> Path:
+def tflite_twin(model: Path, images: Path, log=print, out: Path | None = None) -> Path:
     """The same model as fp32 TFLite (onnx2tf, the [tflite-export] extra), its card beside it, outputs matched to
-    the ONNX model's by shape and value: the LiteRT runtime guards it as it guards the ONNX one."""
+    the ONNX model's by shape and value: the LiteRT runtime guards it as it guards the ONNX one. An int8 twin
+    beside it too, except for a detector: one int8 scale for box corners (hundreds of pixels) and class scores
+    (0..1) rounds every score to zero."""
     from bouncer.quantize.tflite import convert_tflite
     from bouncer.runtime import backends
 
     onnx_model = backends.load(model, 2)
-    paths = [p for ps in image_folder(images).values() for p in ps][:40]
+    paths = list_images(images)[:40]  # any layout: class folders, a detection folder's images/
     calib = [preprocess(read_bgr(p), onnx_model.card.preprocessing) for p in paths]
     sample = calib[0]  # one frame: the converted model has a static batch of one
     reference = onnx_model.run(sample)
-    out = model.with_suffix(".tflite")
+    out = out or model.with_suffix(".tflite")
+    int8 = None if onnx_model.card.task == "detector" else out.with_suffix(".int8.tflite")
     log(f"converting {model.name} to TFLite (onnx2tf)")
-    convert_tflite(model, onnx_model.card, calib, reference, sample, out, model.with_suffix(".int8.tflite"))
+    convert_tflite(model, onnx_model.card, calib, reference, sample, out, int8)
     return out

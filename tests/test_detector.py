@@ -320,3 +320,28 @@ def test_a_detector_camera_takes_its_gate_over_the_air(built_models, detector, l
         assert ("applied", "device:cam-det") in trail, trail
     finally:
         station.stop()
+
+
+def test_a_detector_runs_on_litert_as_its_fp32_tflite_twin(built_models, detector, line, tmp_path):
+    """`bouncer models tflite` turns the detector into fp32 TFLite (no int8 twin: one scale for corners and
+    scores rounds the scores away); a gate fitted on it decides as the ONNX model's gate does."""
+    out = tmp_path / "det.tflite"
+    res = run_cli("models", "tflite", str(detector), "--images", str(line / "calib"), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.is_file() and not out.with_suffix(".int8.tflite").exists()
+    card = json.loads(out.with_name(out.name + ".card.json").read_text())
+    assert card["task"] == "detector" and card["tensors"]["output0"]
+    decisions = {}
+    for name, model in (("onnx", detector), ("tflite", out)):
+        gate = tmp_path / f"{name}.gate"
+        res = run_cli("fit", "--model", str(model), "--train", str(line / "train"), "--calib", str(line / "calib"),
+                      "--out", str(gate), "--target-accuracy", "0.9")  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        res = run_cli("score", "--gate", str(gate), "--model", str(model), "--jsonl", str(tmp_path / f"{name}.jsonl"),
+                      str(line / "test"))  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        decisions[name] = {r["path"]: r for r in scored(tmp_path / f"{name}.jsonl")}
+    same = sum(decisions["onnx"][p]["decision"] == r["decision"] for p, r in decisions["tflite"].items())
+    assert same >= 0.95 * len(decisions["onnx"]), (same, len(decisions["onnx"]))
+    labels = sum(decisions["onnx"][p]["label"] == r["label"] for p, r in decisions["tflite"].items())
+    assert labels >= 0.97 * len(decisions["onnx"]), labels
