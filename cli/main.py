@@ -115,8 +115,10 @@ def cmd_models_expose(args: argparse.Namespace) -> int:
         return 0
     if not args.tensor or not args.out:
         raise BouncerError("models expose: give --tensor NAME and --out OUT.onnx (or --list to see the tensors)")
-    card = expose(args.model, args.tensor, args.out, name=args.as_name)
-    print(json.dumps({"model": str(args.out), "features": card.features, "tensor": args.tensor}))
+    card = expose(args.model, args.tensor, args.out, name=args.as_name or ("neck" if args.map else "features"),
+                  as_map=args.map)  # fmt: skip
+    print(json.dumps({"model": str(args.out), "features": card.features, "maps": list(card.maps),
+                      "tensor": args.tensor}))  # fmt: skip
     return 0
 
 
@@ -714,7 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("model", type=_existing_file, help="your .onnx model, with its card beside it")
     xp.add_argument("--tensor", help="the graph tensor to expose (N x D, or N x C x H x W: pooled)")
     xp.add_argument("--out", type=Path, help="the new .onnx file (its card is written beside it)")
-    xp.add_argument("--as", dest="as_name", default="features", help="the new output's name (default: features)")
+    xp.add_argument("--as", dest="as_name", help="the new output's name (default: features, with --map: neck)")
+    xp.add_argument("--map", action="store_true", help="keep an N x C x H x W tensor a map, for heads that "
+                    "score each cell (patch:NAME) or each channel's maximum (knn:NAME@max), e.g. a "
+                    "detector's neck")  # fmt: skip
     xp.add_argument("--list", action="store_true", help="list the 2-D and 4-D tensors near the graph's end")
 
     q = add("quantize", cmd_quantize, "make a static int8 ONNX model (QDQ, per-channel) and report its cost")

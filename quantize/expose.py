@@ -2,7 +2,8 @@
 model's own features without the plant re-exporting it (`bouncer models expose`).
 
 A 4-D activation (N x C x H x W) is exposed pooled (GlobalAveragePool, then flattened to N x C), because the
-heads read one vector per frame; a 2-D one (N x D) as it is. The weights are untouched: the new file computes
+heads read one vector per frame, or with `--map` as the map itself (listed under the card's `maps`); a 2-D one
+(N x D) as it is. The weights are untouched: the new file computes
 the same outputs as before plus one, and the card beside it names the new output as `features`.
 """
 
@@ -45,8 +46,10 @@ def candidates(path: Path, limit: int = 30) -> list[tuple[str, list[int | str]]]
     return [(name, dims) for name, dims in shapes.items() if len(dims) in (2, 4)][-limit:]
 
 
-def expose(path: Path, tensor: str, out: Path, name: str = "features") -> ModelCard:
-    """Write `out` = the model at `path` with `tensor` as the extra output `name`, and its card beside it."""
+def expose(path: Path, tensor: str, out: Path, name: str = "features", as_map: bool = False) -> ModelCard:
+    """Write `out` = the model at `path` with `tensor` as the extra output `name`, and its card beside it.
+    `as_map`: a 4-D tensor stays a map (the card lists it under `maps`), for heads that score each cell
+    (`patch:NAME`) or each channel's maximum (`knn:NAME@max`): a detector's neck, where a small object shows."""
     import onnx
     from onnx import helper
 
@@ -64,13 +67,18 @@ def expose(path: Path, tensor: str, out: Path, name: str = "features") -> ModelC
         raise ModelError(f"{path}: no tensor {tensor!r} with a known shape in the graph (run `bouncer models "
                          f"expose {path} --list`; the last ones: {near})")  # fmt: skip
     dims = shapes[tensor]
-    if len(dims) == 4:
+    if as_map and len(dims) != 4:
+        raise ModelError(f"{path}: tensor {tensor!r} has shape {dims}; --map exposes an N x C x H x W map")
+    if as_map:
+        model.graph.node.append(helper.make_node("Identity", [tensor], [name], name=f"{name}__identity"))
+        out_dims: list[int | str] = dims
+    elif len(dims) == 4:
         pooled = f"{name}__pooled"
         model.graph.node.extend([
             helper.make_node("GlobalAveragePool", [tensor], [pooled], name=f"{name}__pool"),
             helper.make_node("Flatten", [pooled], [name], name=f"{name}__flatten", axis=1),
         ])  # fmt: skip
-        out_dims: list[int | str] = [dims[0], dims[1]]
+        out_dims = [dims[0], dims[1]]
     elif len(dims) == 2:
         model.graph.node.append(helper.make_node("Identity", [tensor], [name], name=f"{name}__identity"))
         out_dims = dims
@@ -84,6 +92,11 @@ def expose(path: Path, tensor: str, out: Path, name: str = "features") -> ModelC
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out))
     # the new file is another model: its card binds to its own bytes, the user's declared hash no longer holds
-    new_card = replace(card, features=name, model_hash="", tensors={k: v for k, v in card.tensors.items() if k != name})
+    tensors = {k: v for k, v in card.tensors.items() if k != name}
+    new_card = (
+        replace(card, maps=(*card.maps, name), model_hash="", tensors=tensors)
+        if as_map
+        else replace(card, features=name, model_hash="", tensors=tensors)
+    )
     write_card_file(out, new_card)
     return new_card

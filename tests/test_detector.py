@@ -345,3 +345,33 @@ def test_a_detector_runs_on_litert_as_its_fp32_tflite_twin(built_models, detecto
     assert same >= 0.95 * len(decisions["onnx"]), (same, len(decisions["onnx"]))
     labels = sum(decisions["onnx"][p]["label"] == r["label"] for p, r in decisions["tflite"].items())
     assert labels >= 0.97 * len(decisions["onnx"]), labels
+
+
+def test_without_a_sidecar_the_detectors_own_neck_map_catches_unknown_objects(built_models, detector, line,
+                                                                             tmp_path):  # fmt: skip
+    """`bouncer models expose --map` makes a neck activation of the detector an output map; kNN on its channel
+    maxima flags frames with an unknown object on the belt that the orphan head alone lets through, with no
+    second backbone on the camera."""
+    neck = tmp_path / "neck.onnx"
+    res = run_cli("models", "expose", str(detector), "--tensor", "/model.15/cv2/act/Mul_output_0", "--map",
+                  "--out", str(neck))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    card = json.loads(neck.with_name(neck.name + ".card.json").read_text())
+    assert card["maps"] == ["neck"] and card["task"] == "detector" and card["features"] is None
+    accepted = {}
+    for heads in ("orphan:output0", "knn:neck@max,orphan:output0"):
+        gate = tmp_path / "g.gate"
+        res = run_cli("fit", "--model", str(neck), "--sidecar", "none", "--train", str(line / "train"),
+                      "--calib", str(line / "calib"), "--out", str(gate), "--target-accuracy", "0.9", "--heads",
+                      heads)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert GateBundle.load(gate).sidecar is None
+        res = run_cli("eval", "--gate", str(gate), "--model", str(neck), "--known", str(line / "test"), "--unknown",
+                      str(line / "unknown"), "--out", str(tmp_path / "eval"))  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+        accepted[heads] = next(iter(report["should_not_pass"].values()))["accepted"]
+        assert report["guard"]["coverage"] >= 0.75, report
+    assert accepted["knn:neck@max,orphan:output0"] <= accepted["orphan:output0"] - 10, accepted  # 34 vs 55 of 60
+    res = run_cli("models", "expose", str(detector), "--tensor", "output0", "--map", "--out", str(tmp_path / "x.onnx"))
+    assert res.returncode == 2 and "--map exposes an N x C x H x W map" in res.stderr, res.stderr[-2000:]
