@@ -48,7 +48,8 @@ class LineSource(Source):
         for f in incidents.line(self.seed, self.frames, self.warmup, self.detection):
             if self.stop.is_set():
                 return
-            yield FrameItem(f"frame-{f.index:08d}", self.uri, frame=f.frame, truth=f.truth)
+            key = f"frame-{f.index:08d}"  # the station shows which frame of the schedule it is
+            yield FrameItem(key, f"{self.uri}#{key}", frame=f.frame, truth=f.truth)
 
 
 def open_sim(uri: str) -> SimulatorSource:

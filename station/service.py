@@ -9,6 +9,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
-from bouncer.station.store import Store
+from bouncer.station.store import Frame, Store
 from bouncer.station.tufrepo import TufRepo
 
 if TYPE_CHECKING:
@@ -261,15 +262,39 @@ class Station:
         frame = self.store.frame(frame_id)
         if frame is None:
             raise KeyError(frame_id)
-        champion = self.champion(frame.group)
-        classes = champion.classes
-        if isinstance(champion.task, DetectorTask):
-            size = (frame.size[0], frame.size[1]) if frame.size else None
-            kind, name = schemas.parse_box_label(value, boxes, classes, frame.boxes, size)
-        else:
-            kind, name = schemas.parse_label(value, classes, frame.predicted)
+        kind, name = self._parse_label(frame, value, boxes)
         self.store.set_label(frame_id, kind, name, user)
         return {"id": frame_id, "kind": kind, "label": json.loads(name) if kind == "boxes" and name else name}
+
+    def _parse_label(self, frame: Frame, value: Any, boxes: Any) -> tuple[str, str | None]:
+        champion = self.champion(frame.group)
+        if isinstance(champion.task, DetectorTask):
+            size = (frame.size[0], frame.size[1]) if frame.size else None
+            return schemas.parse_box_label(value, boxes, champion.classes, frame.boxes, size)
+        return schemas.parse_label(value, champion.classes, frame.predicted)
+
+    def incidents(self, group: str, limit: int = 50, frames: int = 2000) -> list[dict[str, Any]]:
+        """The group's unlabelled frames (the oldest `frames`) grouped into incidents, oldest first."""
+        from bouncer.station.incidents import group_frames
+
+        rows, vectors = self.store.queue_vectors(group, frames)
+        return [i.to_dict() for i in group_frames(rows, vectors)[:limit]]
+
+    def label_frames(self, frame_ids: list[str], value: Any, user: str, boxes: Any = None) -> dict[str, Any]:
+        """One label for many frames (an incident), all checked before any is written; frames someone labelled
+        meanwhile are left as they are and counted."""
+        frames = []
+        for fid in dict.fromkeys(frame_ids):
+            frame = self.store.frame(fid)
+            if frame is None:
+                raise KeyError(fid)
+            frames.append(frame)
+        todo = [(f, self._parse_label(f, value, boxes)) for f in frames if f.label_kind is None]
+        for f, (kind, name) in todo:
+            self.store.set_label(f.id, kind, name, user)
+        kinds = Counter(kind for _, (kind, _) in todo)
+        return {"labelled": len(todo), "already_labelled": len(frames) - len(todo),
+                "kind": kinds.most_common(1)[0][0] if kinds else None}  # fmt: skip
 
     # ---- running --------------------------------------------------------------------------------
 

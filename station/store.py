@@ -356,6 +356,15 @@ class Store:
         )
         return [_frame(r) for r in rows]
 
+    def queue_vectors(self, group: str, limit: int) -> tuple[list[Frame], dict[str, bytes | None]]:
+        """The oldest unlabelled frames of a group and their stored vectors (what incidents are grouped from)."""
+        rows = self._all(
+            f"SELECT {FRAME_COLUMNS}, features FROM frames WHERE label_kind IS NULL AND grp = ? "
+            "ORDER BY received, id LIMIT ?",
+            (group, limit),
+        )
+        return [_frame(r[:-1]) for r in rows], {r[0]: r[-1] for r in rows}
+
     def counts(self, group: str | None = None) -> dict[str, int]:
         where, args = ("WHERE grp = ?", (group,)) if group else ("", ())
         (total, unlabelled), = self._all(

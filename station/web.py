@@ -94,12 +94,40 @@ def create_app(station: Station, token: str | None) -> FastAPI:
             "frames": [f.to_dict() for f in station.store.queue(limit, group)],
         }
 
+    @app.get("/api/incidents")
+    def api_incidents(limit: int = 50, group: str | None = None) -> dict[str, Any]:
+        group = station.check_group(group)
+        return {
+            "group": group,
+            "counts": station.store.counts(group),
+            "classes": classes(group),
+            "incidents": station.incidents(group, max(1, min(limit, 500))),
+        }
+
+    @app.post("/api/incidents/label")
+    async def api_label_incident(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, 'expected a JSON body like {"frames": [...], "label": "gear"}') from None
+        ids = body.get("frames") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not ids or len(ids) > 5000 or not all(isinstance(i, str) for i in ids):
+            raise HTTPException(422, "frames: a list of 1 to 5000 frame ids (an incident's frame_ids)")
+        try:
+            done = station.label_frames(ids, body.get("label"), str(body.get("user") or "operator")[:64],
+                                        body.get("boxes"))  # fmt: skip
+        except KeyError as exc:
+            raise HTTPException(404, f"no frame {exc.args[0]}") from None
+        except schemas.SchemaError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {**done, "counts": station.store.counts()}
+
     @app.get("/queue", response_class=HTMLResponse)
-    def queue(request: Request, group: str | None = None) -> HTMLResponse:
+    def queue(request: Request, group: str | None = None, view: str = "incidents") -> HTMLResponse:
         group = station.check_group(group)
         detector = isinstance(station.champion(group).task, DetectorTask)
         return page(request, "queue.html", group=group, classes=classes(group), counts=station.store.counts(group),
-                    detector=detector)  # fmt: skip
+                    detector=detector, view="frames" if view == "frames" else "incidents")  # fmt: skip
 
     @app.get("/api/frames/{frame_id}")
     def api_frame(frame_id: str) -> dict[str, Any]:

@@ -157,7 +157,18 @@ def test_a_new_tile_defect_goes_round_the_loop(built_models, broker, tmp_path, b
         assert res.returncode == 0, res.stderr[-3000:]
         after = json.loads(res.stdout.strip().splitlines()[-1])
         n_fresh = len(list((line["fresh"] / NEW).iterdir()))
-        assert set(after["accepted"]) <= {NEW}, after  # no break accepted as another class
-        assert after["accepted"].get(NEW, 0) >= n_fresh / 2, after
+        support = m["new_class_support"][NEW]
+        wrong = sum(n for c, n in after["accepted"].items() if c != NEW)
+        if support["supported"]:
+            assert wrong == 0, (after, support)  # no break accepted as another class
+        else:
+            # kept although its calibration frames showed mistakes, because the gate without it accepts breaks as
+            # other classes anyway (fitting/support.py): it must make fewer such mistakes than the old gate
+            res = run_cli("run", "--source", str(line["fresh"]), "--gate", str(gate), "--data-dir",
+                          str(tmp_path / "old"), "--once")  # fmt: skip
+            assert res.returncode == 0, res.stderr[-3000:]
+            old = json.loads(res.stdout.strip().splitlines()[-1])
+            assert wrong < sum(old["accepted"].values()), (after, old, support)
+        assert after["accepted"].get(NEW, 0) >= n_fresh / 2, (after, support)
     finally:
         station.stop()

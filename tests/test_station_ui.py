@@ -4,6 +4,7 @@ refreshes docs/review-ui.png."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -71,7 +72,7 @@ def test_label_the_queue_with_the_keyboard(broker, station_dir, sim_gate, built_
         publish_all(broker.port, [(schemas.topic("cam-ui", "frames"), m.encode()) for m in msgs])
         wait_until(lambda: http_json(f"{station.url}/api/queue")[1]["counts"]["frames"] == 5, 30)
 
-        browser.get(f"{station.url}/queue")
+        browser.get(f"{station.url}/queue?view=frames")
         wait = WebDriverWait(browser, 15)
         wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("naturalWidth") not in (None, "0"))
         assert remaining(browser) == 5
@@ -149,7 +150,7 @@ def test_a_detector_frame_is_labelled_with_a_click_and_a_drag(broker, detection_
     try:
         publish_all(broker.port, [(schemas.topic("cam-det", "frames"), m.encode()) for m in msgs])
         wait_until(lambda: http_json(f"{station.url}/api/queue")[1]["counts"]["frames"] == 2, 30)
-        browser.get(f"{station.url}/queue")
+        browser.get(f"{station.url}/queue?view=frames")
         wait = WebDriverWait(browser, 15)
         wait.until(lambda d: d.find_element(By.ID, "image").get_attribute("naturalWidth") not in (None, "0"))
         first = msgs[0]
@@ -182,5 +183,55 @@ def test_a_detector_frame_is_labelled_with_a_click_and_a_drag(broker, detection_
         assert len(drawn) == 1 and drawn[0]["class"] == "gear", drawn
         x1, y1, x2, y2 = drawn[0]["box"]
         assert abs(x1 - 3.3) < 2 and abs(y1 - 3.3) < 2 and abs(x2 - x1 - 30) < 2 and abs(y2 - y1 - 20) < 2, drawn
+    finally:
+        station.stop()
+
+
+def test_an_incident_is_labelled_with_one_key(broker, station_dir, sim_gate, built_models, browser, tmp_path):
+    """The queue shows one incident at a time (frames that belong together, as thumbnails); one key labels all
+    of them and the count drops by the incident's size; `o` opens an incident's frames one by one."""
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        giraffes = simulator.write_dataset(tmp_path / "g", ("giraffe",), per_class=4, seed=5)
+        bolts = simulator.write_dataset(tmp_path / "b", ("bolt",), per_class=3, seed=6)
+        msgs = flagged_messages(sim_gate, built_models["onnx_int8"], giraffes)
+        msgs += [dataclasses.replace(m, id=f"ub{i:03d}", ts=m.ts + 5)
+                 for i, m in enumerate(flagged_messages(sim_gate, built_models["onnx_int8"], bolts))]  # fmt: skip
+        publish_all(broker.port, [(schemas.topic("cam-ui", "frames"), m.encode()) for m in msgs])
+        wait_until(lambda: http_json(f"{station.url}/api/queue")[1]["counts"]["frames"] == 7, 30)
+        incidents = http_json(f"{station.url}/api/incidents")[1]["incidents"]
+        assert [i["count"] for i in incidents] == [4, 3], incidents  # the giraffes, then the bolts
+        assert set(incidents[0]["frame_ids"]) == {m.id for m in msgs[:4]}
+
+        browser.get(f"{station.url}/queue")
+        wait = WebDriverWait(browser, 15)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img")) == 4)
+        assert remaining(browser) == 7 and browser.find_element(By.ID, "inc-count").text == "4"
+        assert browser.find_element(By.ID, "inc-reasons").text.startswith("ood")
+        assert browser.find_element(By.ID, "inc-when").get_attribute("title").endswith("Z")  # ISO in the tooltip
+        shot = tmp_path / "review-incident.png"
+        browser.save_screenshot(str(shot))
+        if os.environ.get("BOUNCER_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, REPO / "docs" / "review-incident.png")
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("g")  # the whole incident: garbage
+        wait.until(lambda d: remaining(d) == 3)
+        wait.until(lambda d: d.find_element(By.ID, "inc-count").text == "3")
+        body.send_keys("o")  # the bolts, one by one
+        wait.until(lambda d: d.find_element(By.ID, "card").is_displayed())
+        body.send_keys("n")
+        field = wait.until(lambda d: d.find_element(By.ID, "newname") if d.find_element(By.ID, "newname")
+                           .is_displayed() else None)  # fmt: skip
+        field.send_keys("bolt", Keys.ENTER)
+        wait.until(lambda d: remaining(d) == 2)
+        assert browser.find_element(By.ID, "card").is_displayed()  # still inside the opened incident
+        labels = [http_json(f"{station.url}/api/frames/{m.id}")[1] for m in msgs]
+        assert [f["label_kind"] for f in labels] == ["garbage"] * 4 + ["new", None, None], labels
+        status, done = http_json(f"{station.url}/api/incidents/label", {"frames": [m.id for m in msgs[4:]],
+                                                                         "label": "new:bolt"})  # fmt: skip
+        assert status == 200 and done["labelled"] == 2 and done["already_labelled"] == 1, done
+        assert http_json(f"{station.url}/api/incidents/label", {"frames": ["nope"], "label": "gear"})[0] == 404
+        assert http_json(f"{station.url}/api/incidents/label", {"frames": [], "label": "gear"})[0] == 422
     finally:
         station.stop()

@@ -1,6 +1,10 @@
-// Review queue: one frame at a time, labelled with one key press through the JSON API. A detector group's frame
-// shows its kept boxes: a click marks one wrong, a drag boxes an object the camera missed, `c` sends the boxes.
-let current = null;
+// Review queue. By default one incident at a time (the flagged frames that belong together, as a grid of
+// thumbnails): one key labels all its frames; `o` opens them one by one. `?view=frames` shows single frames.
+// A detector group's frame shows its kept boxes: a click marks one wrong, a drag boxes a missed object, `c` sends.
+const VIEW = new URLSearchParams(location.search).get("view") === "frames" ? "frames" : "incidents";
+let current = null;  // the frame on screen (frame view)
+let incident = null;  // the incident on screen (incident view)
+let within = [];  // an opened incident's frames still to label one by one
 let showHeat = true;
 let boxes = [];  // the frame's boxes as the operator now sees them: {class, box, wrong, drawn}
 let pen = CLASSES[0];  // the class a drawn box gets
@@ -12,13 +16,31 @@ function why(details) {
     ? d.reason : `${d.reason}: ${d.value} vs ${d.threshold}`).join("; ");
 }
 
+function when(ts) {  // local, human-readable; the ISO time in the tooltip
+  const d = new Date(ts * 1000);
+  return {text: d.toLocaleString(), iso: d.toISOString()};
+}
+
+function show(which) {
+  document.getElementById("card").hidden = which !== "frame";
+  document.getElementById("incident").hidden = which !== "incident";
+  document.getElementById("empty").hidden = which !== "empty";
+}
+
 async function loadNext() {
-  const r = await fetch(`/api/queue?limit=1&group=${encodeURIComponent(GROUP)}`);
-  const body = await r.json();
+  if (VIEW === "incidents" && !within.length) return loadIncident();
+  let body;
+  if (within.length) {
+    const r = await fetch(`/api/frames/${within[0]}`);
+    const f = await r.json();
+    if (!r.ok || f.label_kind) { within.shift(); return loadNext(); }  // labelled meanwhile: skip it
+    body = {frames: [f], counts: (await (await fetch(`/api/queue?limit=1&group=${encodeURIComponent(GROUP)}`)).json()).counts};
+  } else {
+    body = await (await fetch(`/api/queue?limit=1&group=${encodeURIComponent(GROUP)}`)).json();
+  }
   document.getElementById("remaining").textContent = body.counts.unlabelled;
   current = body.frames[0] || null;
-  document.getElementById("card").hidden = !current;
-  document.getElementById("empty").hidden = !!current;
+  show(current ? "frame" : "empty");
   if (!current) return;
   document.getElementById("image").src = current.image;
   const heat = document.getElementById("heat");
@@ -32,9 +54,39 @@ async function loadNext() {
   document.getElementById("confidence").textContent = current.confidence == null ? "-" : current.confidence.toFixed(3);
   document.getElementById("ood").textContent = current.ood_score == null ? "-" : current.ood_score.toFixed(2);
   document.getElementById("source").textContent = current.source || "-";
+  const t = when(current.ts);
+  document.getElementById("taken").textContent = t.text;
+  document.getElementById("taken").title = t.iso;
   boxes = (current.boxes || []).map((b) => ({cls: b.class, box: b.box, p: b.p, wrong: false, drawn: false}));
   drawnLast = null;
   drawBoxes();
+}
+
+async function loadIncident() {
+  const body = await (await fetch(`/api/incidents?limit=1&group=${encodeURIComponent(GROUP)}`)).json();
+  document.getElementById("remaining").textContent = body.counts.unlabelled;
+  incident = body.incidents[0] || null;
+  current = null;
+  show(incident ? "incident" : "empty");
+  if (!incident) return;
+  document.getElementById("inc-count").textContent = incident.count;
+  document.getElementById("inc-devices").textContent = incident.devices.join(", ");
+  document.getElementById("inc-reasons").textContent = incident.reasons.join(", ");
+  document.getElementById("inc-predicted").textContent = incident.predicted || "-";
+  const a = when(incident.first_ts), b = when(incident.last_ts);
+  const span = document.getElementById("inc-when");
+  span.textContent = incident.count > 1 ? `${a.text} – ${b.text}` : a.text;
+  span.title = `${a.iso} – ${b.iso}`;
+  const grid = document.getElementById("thumbs");
+  grid.replaceChildren(...incident.preview.map((f) => {
+    const img = document.createElement("img");
+    img.src = f.image;
+    img.alt = f.reasons.join(", ");
+    img.title = `${f.device} · ${f.reasons.join(", ")} · ${when(f.ts).text}`;
+    return img;
+  }));
+  document.getElementById("inc-more").textContent =
+    incident.count > incident.preview.length ? `+ ${incident.count - incident.preview.length} more` : "";
 }
 
 function drawBoxes() {
@@ -101,23 +153,44 @@ async function label(value) {
 }
 
 async function post(request) {
+  const status = document.getElementById("status");
+  if (incident && !current) {  // the whole incident
+    const r = await fetch("/api/incidents/label", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({...request, frames: incident.frame_ids}),
+    });
+    const body = await r.json();
+    status.textContent = r.ok ? `labelled ${body.labelled} frame(s) ${request.label || ""}` : body.detail;
+    await loadNext();
+    return;
+  }
   if (!current) return;
   const r = await fetch(`/api/frames/${current.id}/label`, {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(request),
   });
   const body = await r.json();
   const what = body.kind === "boxes" ? `${body.label.length} box(es)` : body.label || body.kind;
-  document.getElementById("status").textContent = r.ok ? `labelled ${what}` : body.detail;
+  status.textContent = r.ok ? `labelled ${what}` : body.detail;
+  if (r.ok && within.length && within[0] === current.id) within.shift();
   await loadNext();
+}
+
+function openIncident() {  // its frames one by one (to split it)
+  if (!incident || current) return;
+  within = [...incident.frame_ids];
+  incident = null;
+  loadNext();
 }
 
 document.addEventListener("keydown", (e) => {
   if (e.target.tagName === "INPUT") return;
   const n = parseInt(e.key, 10);
-  if (DETECTOR && n >= 1 && n <= CLASSES.length) choosePen(CLASSES[n - 1]);
+  if (e.key === "o") openIncident();
+  else if (DETECTOR && current && n >= 1 && n <= CLASSES.length) choosePen(CLASSES[n - 1]);
+  else if (DETECTOR && !current) { if (e.key === "c") label("correct"); else if (e.key === "g") label("garbage"); }
   else if (n >= 1 && n <= CLASSES.length) label(CLASSES[n - 1]);
-  else if (DETECTOR && (e.key === "c" || e.key === "Enter")) sendBoxes();
-  else if (DETECTOR && e.key === "u") {
+  else if (DETECTOR && current && (e.key === "c" || e.key === "Enter")) sendBoxes();
+  else if (DETECTOR && current && e.key === "u") {
     const i = boxes.map((b) => b.drawn).lastIndexOf(true);
     if (i >= 0) boxes.splice(i, 1);
     drawnLast = null;
@@ -141,7 +214,7 @@ document.getElementById("newform").addEventListener("submit", (e) => {
   e.preventDefault();
   const name = document.getElementById("newname").value.trim();
   document.getElementById("newform").hidden = true;
-  if (name && DETECTOR) choosePen("new:" + name);
+  if (name && DETECTOR && current) choosePen("new:" + name);
   else if (name) label("new:" + name);
 });
 
