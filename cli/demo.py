@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import socket
 import tempfile
 import threading
@@ -204,6 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     station.init(gate, backend, demo / "train", demo / "calib")
     if detector:
         station.init(detector.gate, detector.backend, detector.train, detector.calib, group="detector")
+    password = secrets.token_urlsafe(9)  # the review UI asks who labels: a demo account, admin
+    station.accounts.add("demo", "admin", password)
     station.start_mqtt()
     server = uvicorn.Server(uvicorn.Config(create_app(station, None), host="127.0.0.1", port=port, log_level="error"))
     web = threading.Thread(target=server.run, kwargs={"sockets": [web_socket]}, name="station-web", daemon=True)
@@ -213,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if not web.is_alive() or time.monotonic() > deadline:
             raise BouncerError(f"the review UI did not start on 127.0.0.1:{port}")
         time.sleep(0.05)
-    console.print(f"    review UI: [link]http://127.0.0.1:{port}/queue[/link]")
+    console.print(f"    review UI: [link]http://127.0.0.1:{port}/queue[/link] (log in as demo, password {password})")
 
     # 3. the simulated cameras, all at once
     plan = incidents.schedule(args.warmup, frames)
@@ -293,17 +296,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "flagged_sent": flagged,
             "events": counts["events"],
             "url": f"http://127.0.0.1:{port}/",
+            "user": "demo",
         },
         "errors": errors,
         "seconds": round(elapsed, 1),
     }
     try:
         if args.duration is None:
-            console.print(f"review UI up at http://127.0.0.1:{port}/queue - Ctrl-C to stop")
+            console.print(f"review UI up at http://127.0.0.1:{port}/queue (demo / {password}) - Ctrl-C to stop")
             while True:
                 time.sleep(1)
         elif args.duration > 0:
-            console.print(f"review UI up at http://127.0.0.1:{port}/queue for {args.duration:g} s")
+            console.print(f"review UI up at http://127.0.0.1:{port}/queue (demo / {password}) for {args.duration:g} s")
             time.sleep(args.duration)
     except KeyboardInterrupt:
         pass

@@ -1,5 +1,5 @@
 """`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`,
-`bouncer station audit verify CONFIG`."""
+`bouncer station audit verify CONFIG`, `bouncer station user add|remove|list|token CONFIG ...`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-ACTIONS = ("serve", "init", "retrain", "audit")
+ACTIONS = ("serve", "init", "retrain", "audit", "user")
 
 
 def _station(
@@ -129,6 +129,42 @@ def cmd_station_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _password(args: argparse.Namespace) -> str:
+    """From stdin (`--password-stdin`, for scripts) or typed twice at a terminal."""
+    import getpass
+
+    from bouncer.runtime.errors import BouncerError
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if not sys.stdin.isatty():
+        raise BouncerError("user add: no terminal to type the password at; give it on stdin with --password-stdin")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise BouncerError("user add: the two passwords differ")
+    return first
+
+
+def cmd_station_user(args: argparse.Namespace) -> int:
+    station = _station(args.config, args.data_dir, existing=True)
+    try:
+        accounts = station.accounts
+        if args.user_command == "add":
+            accounts.add(args.name, args.role, _password(args))
+            print(f"user {args.name} ({args.role}) added; `bouncer station user token` gives it an API token")
+        elif args.user_command == "remove":
+            accounts.remove(args.name)
+            print(f"user {args.name} removed, with its API tokens and sessions")
+        elif args.user_command == "token":
+            print(accounts.new_token(args.name))
+        else:
+            for u in accounts.list():
+                print(f"{u['name']}\t{u['role']}\t{u['api_tokens']} API token(s)")
+    finally:
+        station.stop()
+    return 0
+
+
 def add_station(sub, add, existing_dir) -> None:
     st = sub.add_parser("station", help="the review station: store, review UI, retraining, signed gate updates")
     ssub = st.add_subparsers(dest="station_command", required=True, parser_class=type(st))
@@ -159,6 +195,21 @@ def add_station(sub, add, existing_dir) -> None:
     asub = au.add_subparsers(dest="audit_command", required=True, parser_class=type(st))
     v = add("verify", cmd_station_audit_verify, "check the audit log's hash chain (exit 1 if broken)", asub)
     common(v)
+    us = ssub.add_parser("user", help="accounts: operators label, approvers also approve gates, admins manage users")
+    usub = us.add_subparsers(dest="user_command", required=True, parser_class=type(st))
+    ua = add("add", cmd_station_user, "add an account (password on stdin with --password-stdin, else typed)", usub)
+    common(ua)
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=("operator", "approver", "admin"))
+    ua.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    ur = add("remove", cmd_station_user, "remove an account with its API tokens and sessions", usub)
+    common(ur)
+    ur.add_argument("name")
+    ut = add("token", cmd_station_user, "print a new API token for an account (scripts: Authorization: Bearer)", usub)
+    common(ut)
+    ut.add_argument("name")
+    ul = add("list", cmd_station_user, "list the accounts and their roles", usub)
+    common(ul)
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.detector import DetectorTask
+from bouncer.station.accounts import Accounts
 from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Frame, Store
@@ -41,6 +42,7 @@ class Station:
         self.root = Path(cfg.station.data_dir)
         self.groups = list(cfg.station.groups)
         self.store = Store(self.root)
+        self.accounts = Accounts(self.store)
         self.repo = TufRepo(self.root)
         self.consumer: Consumer | None = None
         self._retrain_lock = threading.Lock()
@@ -168,6 +170,7 @@ class Station:
             serial = self.store.next_serial()
             say = log_fn or (lambda m: log.info(m))
             result = retrain(self.store, self.base(group), champion, serial, group, log=say)
+            result.metrics["labelled_by"] = self.store.labellers(group)  # in the audit record of the fit
             ch = result.challenger
             if ch is not None:
                 path = self.gates_dir(group) / f"{ch.version}.bouncer"
@@ -207,7 +210,7 @@ class Station:
                 + (f" (it failed: {why})" if why else "")
             )
         bundle = GateBundle.load(Path(g["path"]))
-        self.store.audit(version, "approved", f"operator:{user}", {"group": g["group"]})
+        self.store.audit(version, "approved", f"user:{user}", {"group": g["group"]})
         seen = {"labels_until": labels_until(g)}
         serial = self.publish(bundle, g["group"], Path(g["path"]), role_metrics=seen, serial=int(g["serial"]))
         return {"version": version, "group": g["group"], "serial": serial}

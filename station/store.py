@@ -128,6 +128,7 @@ class Frame:
     audit: int
     boxes: list[dict[str, Any]] | None = None  # a detector frame's kept boxes
     size: list[int] | None = None  # its width and height: the boxes' pixel space
+    labelled_by: str | None = None  # the authenticated person (or `local` on an open loopback station)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "heatmap_path"}
@@ -141,7 +142,7 @@ class Frame:
 
 FRAME_COLUMNS = (
     "id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
-    "gate_version, label_kind, label, heatmap_path, audit, boxes, size"
+    "gate_version, label_kind, label, heatmap_path, audit, boxes, size, labelled_by"
 )
 
 
@@ -220,6 +221,17 @@ class Store:
     def _all(self, statement: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(self._sql(statement), args).fetchall()
+
+    def script(self, sql: str) -> None:
+        """Tables another station module keeps in this database (accounts)."""
+        with self._lock:
+            self._db.executescript(sql)
+
+    def run(self, statement: str, args: tuple = ()) -> int:
+        return self._exec(statement, args).rowcount
+
+    def rows(self, statement: str, args: tuple = ()) -> list[tuple]:
+        return self._all(statement, args)
 
     # ---- incoming -------------------------------------------------------------------------------
 
@@ -446,6 +458,12 @@ class Store:
             "SELECT id, received, topic, reason, size FROM quarantine ORDER BY received DESC LIMIT ?", (limit,)
         )
         return [dict(zip(("id", "received", "topic", "reason", "size"), r, strict=True)) for r in rows]
+
+    def labellers(self, group: str) -> dict[str, int]:
+        """Who labelled a group's frames, and how many each: the people behind a retrained gate."""
+        rows = self._all("SELECT labelled_by, COUNT(*) FROM frames WHERE grp = ? AND label_kind IS NOT NULL "
+                         "GROUP BY labelled_by ORDER BY labelled_by", (group,))  # fmt: skip
+        return {str(r[0]): int(r[1]) for r in rows}
 
     def labels_since(self, group: str, ts: float) -> int:
         (n,) = self._all("SELECT COUNT(*) FROM frames WHERE grp = ? AND labelled_at > ?", (group, ts))[0]

@@ -1,13 +1,14 @@
 """The station's web UI and JSON API (FastAPI, server-rendered Jinja2 templates, a little vanilla JS).
 
-Every page has a JSON twin under /api. Access needs the token (Authorization: Bearer, the
-`bouncer_token` cookie, or ?token= once, which sets the cookie) unless the station is bound to loopback
-and no token is configured. /tuf is public: TUF metadata and targets are signed, not secret.
+Every page has a JSON twin under /api. Access needs a person (a browser session from /login, with its CSRF token on
+every change, or the person's API token: Authorization: Bearer) or the station's shared token (scripts); on
+loopback, with no token configured and no accounts, anyone (the demo). Roles (station/accounts.py): operators
+label, approvers also retrain and approve, admins also manage accounts. /tuf is public: TUF metadata and targets
+are signed, not secret.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from pathlib import Path
@@ -21,12 +22,15 @@ from fastapi.templating import Jinja2Templates
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.detector import DetectorTask
+from bouncer.station.accounts import SESSION_S, Identity, same
 from bouncer.station.config import LOOPBACK
 from bouncer.station.service import GroupError, Station
 
 HERE = Path(__file__).parent
 log = logging.getLogger("bouncer.station.web")
-PUBLIC = ("/tuf/", "/static/", "/healthz")
+PUBLIC = ("/tuf/", "/static/", "/healthz", "/login", "/api/login")
+SHARED = Identity("station-token", "admin", "token")  # the station's one token ($BOUNCER_STATION_TOKEN): scripts
+OPEN = Identity("local", "admin", "open")
 
 
 def resolve_token(station: Station) -> str | None:
@@ -45,21 +49,127 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     station.repo.metadata_dir.parent.mkdir(parents=True, exist_ok=True)
     app.mount("/tuf", StaticFiles(directory=str(station.repo.metadata_dir.parent), check_dir=False), name="tuf")
 
+    accounts = station.accounts
+
+    def identify(request: Request) -> Identity | None:
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token")
+        if given:
+            if token is not None and same(given, token):
+                return SHARED
+            return accounts.by_token(given)
+        sid = request.cookies.get("bouncer_session")
+        if sid and (who := accounts.by_session(sid)) is not None:
+            return who
+        legacy = request.cookies.get("bouncer_token")
+        if token is not None and same(legacy, token):
+            return SHARED
+        if token is None and not accounts.any():
+            return OPEN  # loopback, no token, no accounts: the demo and a single line on one machine
+        return None
+
     @app.middleware("http")
     async def auth(request: Request, call_next):
         path = request.url.path
-        if token is None or path.startswith(PUBLIC):
+        if path.startswith(PUBLIC):
             return await call_next(request)
-        given = request.query_params.get("token") or request.cookies.get("bouncer_token") or ""
-        header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            given = header[7:]
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return JSONResponse({"error": "a valid token is required (Authorization: Bearer TOKEN)"}, status_code=401)
+        who = identify(request)
+        if who is None:
+            if request.method == "GET" and not path.startswith("/api/"):
+                return RedirectResponse(f"/login?next={path}", status_code=303)
+            return JSONResponse({"error": "log in (POST /api/login) or give a token (Authorization: Bearer TOKEN)"},
+                                status_code=401)  # fmt: skip
+        if (
+            who.via == "session"
+            and request.method not in ("GET", "HEAD")
+            and not same(request.headers.get("x-csrf-token"), who.csrf)
+        ):
+            return JSONResponse({"error": "missing or wrong CSRF token (header X-CSRF-Token)"}, status_code=403)
+        request.state.who = who
         response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie("bouncer_token", given, httponly=True, samesite="strict")
+        if request.query_params.get("token") and who is SHARED:
+            response.set_cookie("bouncer_token", token or "", httponly=True, samesite="strict")
         return response
+
+    def need(request: Request, role: str) -> Identity:
+        """The request's person, if their role allows `role`'s work (403 otherwise)."""
+        who: Identity = request.state.who
+        if not who.may(role):
+            log.warning("%s %s refused: %s is %s, this needs %s", request.method, request.url.path, who.name,
+                        who.role, role)  # fmt: skip
+            raise HTTPException(403, f"{who.name} is {who.role}: this needs the {role} role")
+        return who
+
+    # ---- people ---------------------------------------------------------------------------------
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, next: str = "/queue") -> HTMLResponse:
+        target = next if next.startswith("/") and not next.startswith("//") else "/queue"
+        return templates.TemplateResponse(request, "login.html", {"groups": station.groups, "group": None,
+                                                                  "next": target, "csrf": ""})  # fmt: skip
+
+    @app.post("/api/login")
+    async def api_login(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("name"), str)
+            or not isinstance(body.get("password"), str)
+        ):
+            raise HTTPException(400, 'expected {"name": ..., "password": ...}')
+        who = accounts.check_password(body["name"], body["password"])
+        if who is None:
+            log.warning("login refused for %r", body["name"][:64])
+            raise HTTPException(401, "wrong name or password")
+        sid, csrf = accounts.new_session(who)
+        response = JSONResponse({"name": who.name, "role": who.role, "csrf": csrf})
+        response.set_cookie("bouncer_session", sid, httponly=True, samesite="strict", max_age=SESSION_S)
+        return response
+
+    @app.post("/api/logout")
+    def api_logout(request: Request) -> JSONResponse:
+        sid = request.cookies.get("bouncer_session")
+        if sid:
+            accounts.end_session(sid)
+        response = JSONResponse({"ok": True})
+        response.delete_cookie("bouncer_session")
+        return response
+
+    @app.get("/api/me")
+    def api_me(request: Request) -> dict[str, Any]:
+        who: Identity = request.state.who
+        return {"name": who.name, "role": who.role, "via": who.via}
+
+    @app.get("/api/users")
+    def api_users(request: Request) -> list[dict[str, Any]]:
+        need(request, "admin")
+        return accounts.list()
+
+    @app.post("/api/users")
+    async def api_add_user(request: Request) -> dict[str, Any]:
+        who = need(request, "admin")
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise HTTPException(400, 'expected {"name": ..., "role": ..., "password": ...}')
+        try:
+            accounts.add(str(body.get("name") or ""), str(body.get("role") or ""), str(body.get("password") or ""))
+        except BouncerError as exc:
+            raise HTTPException(422, str(exc)) from None
+        log.info("user %s added by %s", body.get("name"), who.name)
+        return {"name": body["name"], "role": body["role"]}
+
+    @app.delete("/api/users/{name}")
+    def api_remove_user(name: str, request: Request) -> dict[str, Any]:
+        who = need(request, "admin")
+        try:
+            accounts.remove(name)
+        except BouncerError as exc:
+            raise HTTPException(404, str(exc)) from None
+        log.info("user %s removed by %s", name, who.name)
+        return {"removed": name}
 
     @app.exception_handler(GroupError)
     async def unknown_group(request: Request, exc: GroupError) -> JSONResponse:
@@ -68,7 +178,9 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     def page(request: Request, name: str, **ctx: Any) -> HTMLResponse:
         """ctx holds `group` (the group the page shows) and the page's data."""
-        return templates.TemplateResponse(request, name, {"groups": station.groups, **ctx})
+        who: Identity = request.state.who
+        return templates.TemplateResponse(request, name, {"groups": station.groups, "who": who,
+                                                          "csrf": who.csrf or "", **ctx})  # fmt: skip
 
     # ---- review queue ---------------------------------------------------------------------------
 
@@ -114,8 +226,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         if not isinstance(ids, list) or not ids or len(ids) > 5000 or not all(isinstance(i, str) for i in ids):
             raise HTTPException(422, "frames: a list of 1 to 5000 frame ids (an incident's frame_ids)")
         try:
-            done = station.label_frames(ids, body.get("label"), str(body.get("user") or "operator")[:64],
-                                        body.get("boxes"))  # fmt: skip
+            done = station.label_frames(ids, body.get("label"), need(request, "operator").name, body.get("boxes"))
         except KeyError as exc:
             raise HTTPException(404, f"no frame {exc.args[0]}") from None
         except schemas.SchemaError as exc:
@@ -159,8 +270,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         if not isinstance(body, dict):
             raise HTTPException(400, "expected a JSON object")
         try:
-            done = station.label(frame_id, body.get("label"), str(body.get("user") or "operator")[:64],
-                                 body.get("boxes"))  # fmt: skip
+            done = station.label(frame_id, body.get("label"), need(request, "operator").name, body.get("boxes"))
         except KeyError:
             log.warning("label for unknown frame %s refused", frame_id)
             raise HTTPException(404, f"no frame {frame_id}") from None
@@ -222,12 +332,8 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         return Response(path.read_text(), media_type="text/markdown; charset=utf-8")
 
     @app.post("/api/gates/{version}/approve")
-    async def api_approve(version: str, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = {}
-        user = str((body or {}).get("user") or "operator")[:64] if isinstance(body, dict) else "operator"
+    def api_approve(version: str, request: Request) -> dict[str, Any]:
+        user = need(request, "approver").name
         try:
             return station.approve(version, user)
         except KeyError:
@@ -258,7 +364,8 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         return JSONResponse(rows)
 
     @app.post("/api/retrain")
-    def api_retrain(group: str | None = None) -> dict[str, Any]:
+    def api_retrain(request: Request, group: str | None = None) -> dict[str, Any]:
+        need(request, "approver")
         group = station.check_group(group)
         try:
             result = station.retrain(group)

@@ -144,6 +144,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def station_user(config: Path, name: str, role: str, password: str | None = None) -> str:
+    """`bouncer station user add` (password on stdin) then `user token`: the new account's API token."""
+    res = subprocess.run([sys.executable, "-m", "bouncer", "station", "user", "add", str(config), name, "--role", role,
+                          "--password-stdin"], input=(password or f"{name}-password") + "\n", capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli("station", "user", "token", str(config), name)
+    assert res.returncode == 0 and res.stdout.startswith("bnc_"), res.stderr[-2000:]
+    return res.stdout.strip()
+
+
 def http_json(url: str, body: object | None = None, token: str | None = None, method: str | None = None):
     """(status, decoded JSON) of a real HTTP request; errors come back as their status, not an exception."""
     import json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,22 @@ def test_station_commands_name_what_is_wrong(tmp_path, sim_folder, bouncer_home)
                   str(sim_folder))  # fmt: skip
     assert_clean_error(res, "junk.gate", "corrupt gate bundle")
     assert_clean_error(run_cli("demo", "--devices", "5"), "--devices: 1 to 3")
+    # accounts: a station that was never set up, then bad names, roles, passwords and users
+    other = tmp_path / "other.toml"
+    other.write_text(f'[station]\ndata_dir = "{tmp_path / "never"}"\n')
+    assert_clean_error(run_cli("station", "user", "list", str(other)), "no station database here")
+    assert_clean_error(run_cli("station", "user", "add", str(cfg), "olga", "--role", "operator"),
+                       "--password-stdin")  # fmt: skip
+    for name, password, needle in (("olga", "short", "at least 8 characters"), ("bad name", "long-enough",
+                                   "user name 'bad name'")):  # fmt: skip
+        res = subprocess.run([sys.executable, "-m", "bouncer", "station", "user", "add", str(cfg), name, "--role",
+                              "operator", "--password-stdin"], input=password + "\n", capture_output=True,
+                             text=True)  # fmt: skip
+        assert_clean_error(res, needle)
+    assert_clean_error(run_cli("station", "user", "token", str(cfg), "nobody"), "no user 'nobody'")
+    assert_clean_error(run_cli("station", "user", "remove", str(cfg), "nobody"), "no user 'nobody'")
+    res = run_cli("station", "user", "add", str(cfg), "olga", "--role", "king")
+    assert res.returncode == 2 and "invalid choice: 'king'" in res.stderr, res.stderr
 
 
 def test_fit_says_what_head_selection_needs(tmp_path, built_models):

@@ -295,32 +295,49 @@ def test_a_station_off_loopback_needs_a_token(station_dir, tmp_path):
         station.stop()
 
 
-def test_enough_new_labels_start_retraining_and_an_operator_approves_the_challenger(
+def test_enough_new_labels_start_retraining_and_an_approver_approves_the_challenger(
     broker, station_dir, sim_gate, built_models, tmp_path
 ):
+    """With accounts, every request says who it is: an operator's labels start retraining, the operator may not
+    approve (403), an approver does; the audit names both, never a name from the request body."""
+    from helpers import station_user
+
     station = retraining_station(station_dir, broker, tmp_path, 'min_new_labels = 20\napproval = "manual"')
     try:
         msgs, queue = bolts_in_queue(station, broker, sim_gate, built_models["onnx_int8"], tmp_path, seed=61)
         assert len(msgs) >= 34
+        users = station_config(tmp_path / "users.toml", station_dir)
+        olga, alice = station_user(users, "olga", "operator"), station_user(users, "alice", "approver")
+        assert http_json(f"{station.url}/api/queue")[0] == 401  # accounts exist: nobody is anonymous now
+        assert http_json(f"{station.url}/api/queue", token="bnc_not-a-token")[0] == 401
         for f in queue["frames"][:19]:
-            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt", "user": "mallory"},
+                             token=olga)[0] == 200  # fmt: skip
         time.sleep(7)  # the scheduler looks every 5 s: 19 new labels are not enough
-        assert [g["role"] for g in http_json(f"{station.url}/api/gates")[1]["gates"]] == ["champion"]
+        assert [g["role"] for g in http_json(f"{station.url}/api/gates", token=olga)[1]["gates"]] == ["champion"]
         for f in queue["frames"][19:]:
-            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"})[0] == 200
-        pending = wait_until(lambda: [g for g in http_json(f"{station.url}/api/gates")[1]["gates"]
+            assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": "new:bolt"}, token=olga)[0] == 200
+        pending = wait_until(lambda: [g for g in http_json(f"{station.url}/api/gates", token=olga)[1]["gates"]
                                       if g["role"] == "pending"], timeout=60)[0]  # fmt: skip
-        assert http_json(f"{station.url}/api/gates")[1]["published"]["version"] != pending["version"]
-        status, body = http_json(f"{station.url}/api/gates/{pending['version']}/approve", {"user": "alice"})
+        url = f"{station.url}/api/gates/{pending['version']}/approve"
+        status, body = http_json(url, {"user": "alice"}, token=olga)
+        assert status == 403 and "olga is operator" in body["detail"], body
+        assert http_json(f"{station.url}/api/retrain", {}, token=olga)[0] == 403
+        status, body = http_json(url, {}, token=alice)
         assert status == 200 and body["version"] == pending["version"]
-        gates = http_json(f"{station.url}/api/gates")[1]
+        gates = http_json(f"{station.url}/api/gates", token=alice)[1]
         assert gates["published"]["version"] == pending["version"] and "bolt" in gates["published"]["classes"]
-        trail = [(a["event"], a["actor"]) for a in http_json(f"{station.url}/api/audit?gate={pending['version']}")[1]]
+        audit = http_json(f"{station.url}/api/audit?gate={pending['version']}", token=alice)[1]
+        trail = [(a["event"], a["actor"]) for a in audit]
         assert [e for e, _ in trail] == ["fitted", "awaiting_approval", "approved", "published"]
-        assert ("approved", "operator:alice") in trail
-        status, body = http_json(f"{station.url}/api/gates/{pending['version']}/approve", {"user": "alice"})
+        assert ("approved", "user:alice") in trail
+        assert audit[0]["details"]["labelled_by"] == {"olga": len(queue["frames"])}  # not "mallory"
+        frame = http_json(f"{station.url}/api/frames/{queue['frames'][0]['id']}", token=olga)[1]
+        assert frame["label_kind"] == "new" and frame["labelled_by"] == "olga"
+        status, body = http_json(url, {}, token=alice)
         assert status == 409 and "is champion" in body["detail"]
-        assert http_json(f"{station.url}/api/gates/nope/approve", {})[0] == 404
+        assert http_json(f"{station.url}/api/gates/nope/approve", {}, token=alice)[0] == 404
+        assert http_json(f"{station.url}/api/users", token=alice)[0] == 403  # admins manage accounts
     finally:
         station.stop()
 

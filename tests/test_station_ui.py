@@ -235,3 +235,50 @@ def test_an_incident_is_labelled_with_one_key(broker, station_dir, sim_gate, bui
         assert http_json(f"{station.url}/api/incidents/label", {"frames": [], "label": "gear"})[0] == 422
     finally:
         station.stop()
+
+
+def test_an_operator_logs_in_and_labels_an_incident_as_herself(broker, station_dir, sim_gate, built_models, browser,
+                                                               tmp_path):  # fmt: skip
+    """With accounts, the queue asks who you are; labels carry the person logged in; a change without the
+    session's CSRF token is refused; an operator cannot approve gates."""
+    from helpers import station_user
+
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    station_user(cfg, "olga", "operator", "olga-password-1")
+    admin = station_user(cfg, "root", "admin")
+    station = StationProcess(cfg, free_port()).start()
+    try:
+        parts = simulator.write_dataset(tmp_path / "g", ("giraffe",), per_class=3, seed=8)
+        msgs = flagged_messages(sim_gate, built_models["onnx_int8"], parts)
+        publish_all(broker.port, [(schemas.topic("cam-ui", "frames"), m.encode()) for m in msgs])
+        wait_until(lambda: http_json(f"{station.url}/api/queue", token=admin)[1]["counts"]["frames"] == 3, 30)
+
+        browser.get(f"{station.url}/queue")
+        wait = WebDriverWait(browser, 15)
+        wait.until(lambda d: "/login" in d.current_url)
+        browser.find_element(By.ID, "name").send_keys("olga")
+        browser.find_element(By.ID, "password").send_keys("wrong-password", Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.ID, "login-status").text == "wrong name or password")
+        browser.find_element(By.ID, "password").clear()
+        browser.find_element(By.ID, "password").send_keys("olga-password-1", Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img")) == 3)
+        assert browser.find_element(By.ID, "who").text == "olga (operator)"
+        refused = browser.execute_async_script(
+            "const done = arguments[0]; plainFetch('/api/incidents/label', {method: 'POST', headers: "
+            "{'Content-Type': 'application/json'}, body: JSON.stringify({frames: ['x'], label: 'garbage'})})"
+            ".then((r) => done(r.status));"
+        )
+        assert refused == 403  # the session alone is not enough: the page's CSRF token must come with it
+        browser.find_element(By.TAG_NAME, "body").send_keys("g")
+        wait.until(lambda d: remaining(d) == 0)
+        frames = [http_json(f"{station.url}/api/frames/{m.id}", token=admin)[1] for m in msgs]
+        assert {(f["label_kind"], f["labelled_by"]) for f in frames} == {("garbage", "olga")}
+        approve = browser.execute_async_script(
+            "const done = arguments[0]; fetch('/api/gates/any/approve', {method: 'POST'}).then((r) => done(r.status));"
+        )
+        assert approve == 403
+        browser.find_element(By.ID, "logout").click()
+        wait.until(lambda d: "/login" in d.current_url)
+        assert http_json(f"{station.url}/api/queue")[0] == 401
+    finally:
+        station.stop()
