@@ -22,7 +22,7 @@ from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.station.accounts import Accounts
 from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
-from bouncer.station.store import Frame, Store
+from bouncer.station.store import Frame, QueueFilter, Store
 from bouncer.station.tufrepo import TufRepo
 
 if TYPE_CHECKING:
@@ -276,11 +276,14 @@ class Station:
             return schemas.parse_box_label(value, boxes, champion.classes, frame.boxes, size)
         return schemas.parse_label(value, champion.classes, frame.predicted)
 
-    def incidents(self, group: str, limit: int = 50, frames: int = 2000) -> list[dict[str, Any]]:
-        """The group's unlabelled frames (the oldest `frames`) grouped into incidents, oldest first."""
+    def incidents(
+        self, group: str, limit: int = 50, frames: int = 2000, filters: QueueFilter | None = None
+    ) -> list[dict[str, Any]]:
+        """The group's unlabelled frames (the oldest `frames` that `filters` lets through) grouped into incidents,
+        oldest first."""
         from bouncer.station.incidents import group_frames
 
-        rows, vectors = self.store.queue_vectors(group, frames)
+        rows, vectors = self.store.queue_vectors(group, frames, filters)
         return [i.to_dict() for i in group_frames(rows, vectors)[:limit]]
 
     def label_frames(self, frame_ids: list[str], value: Any, user: str, boxes: Any = None) -> dict[str, Any]:

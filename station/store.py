@@ -153,6 +153,37 @@ def _frame(row: tuple) -> Frame:
     return Frame(*values)
 
 
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which unlabelled frames the queue shows: a device, a reason, a decision, a time window (device time)."""
+
+    device: str | None = None
+    reason: str | None = None
+    decision: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def sql(self) -> tuple[str, tuple]:
+        parts: list[str] = []
+        args: list[Any] = []
+        if self.device:
+            parts.append("AND device = ?")
+            args.append(self.device)
+        if self.reason:  # reasons is a JSON list of plain words: match the quoted word
+            parts.append("AND reasons LIKE ?")
+            args.append(f'%"{self.reason}"%')
+        if self.decision:
+            parts.append("AND decision = ?")
+            args.append(self.decision)
+        if self.since is not None:
+            parts.append("AND ts >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            parts.append("AND ts <= ?")
+            args.append(self.until)
+        return " ".join(parts), tuple(args)
+
+
 def pack_features(features: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in features.items()})  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
@@ -368,12 +399,16 @@ class Store:
         )
         return [_frame(r) for r in rows]
 
-    def queue_vectors(self, group: str, limit: int) -> tuple[list[Frame], dict[str, bytes | None]]:
-        """The oldest unlabelled frames of a group and their stored vectors (what incidents are grouped from)."""
+    def queue_vectors(
+        self, group: str, limit: int, filters: QueueFilter | None = None
+    ) -> tuple[list[Frame], dict[str, bytes | None]]:
+        """The oldest unlabelled frames of a group (those `filters` lets through) and their stored vectors (what
+        incidents are grouped from)."""
+        where, args = (filters or QueueFilter()).sql()
         rows = self._all(
-            f"SELECT {FRAME_COLUMNS}, features FROM frames WHERE label_kind IS NULL AND grp = ? "
+            f"SELECT {FRAME_COLUMNS}, features FROM frames WHERE label_kind IS NULL AND grp = ? {where} "
             "ORDER BY received, id LIMIT ?",
-            (group, limit),
+            (group, *args, limit),
         )
         return [_frame(r[:-1]) for r in rows], {r[0]: r[-1] for r in rows}
 

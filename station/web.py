@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.station.accounts import SESSION_S, Identity, same
 from bouncer.station.config import LOOPBACK
 from bouncer.station.service import GroupError, Station
+from bouncer.station.store import QueueFilter
 
 HERE = Path(__file__).parent
 log = logging.getLogger("bouncer.station.web")
@@ -42,9 +44,18 @@ def resolve_token(station: Station) -> str | None:
     return token
 
 
+def iso_time(ts: Any) -> str:
+    """Unix seconds -> ISO 8601 UTC (what a page shows before its script turns it into the reader's local time)."""
+    try:
+        return datetime.fromtimestamp(float(ts), UTC).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "-"
+
+
 def create_app(station: Station, token: str | None) -> FastAPI:
     app = FastAPI(title="Bouncer review station", docs_url="/api/docs", openapi_url="/api/openapi.json")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["iso"] = iso_time
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     station.repo.metadata_dir.parent.mkdir(parents=True, exist_ok=True)
     app.mount("/tuf", StaticFiles(directory=str(station.repo.metadata_dir.parent), check_dir=False), name="tuf")
@@ -207,13 +218,20 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         }
 
     @app.get("/api/incidents")
-    def api_incidents(limit: int = 50, group: str | None = None) -> dict[str, Any]:
+    def api_incidents(
+        limit: int = 50, group: str | None = None, device: str | None = None, reason: str | None = None,
+        decision: str | None = None, since: float | None = None, until: float | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Filters: one device, one reason, one decision, a window of device time (Unix seconds)."""
         group = station.check_group(group)
+        if decision not in (None, "", "review", "reject", "accept"):
+            raise HTTPException(422, "decision: review, reject or accept")
+        filters = QueueFilter(device or None, reason or None, decision or None, since, until)
         return {
             "group": group,
             "counts": station.store.counts(group),
             "classes": classes(group),
-            "incidents": station.incidents(group, max(1, min(limit, 500))),
+            "incidents": station.incidents(group, max(1, min(limit, 500)), filters=filters),
         }
 
     @app.post("/api/incidents/label")
@@ -234,11 +252,15 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         return {**done, "counts": station.store.counts()}
 
     @app.get("/queue", response_class=HTMLResponse)
-    def queue(request: Request, group: str | None = None, view: str = "incidents") -> HTMLResponse:
+    def queue(
+        request: Request, group: str | None = None, view: str = "incidents", device: str | None = None,
+        reason: str | None = None, decision: str | None = None,
+    ) -> HTMLResponse:  # fmt: skip
         group = station.check_group(group)
         detector = isinstance(station.champion(group).task, DetectorTask)
         return page(request, "queue.html", group=group, classes=classes(group), counts=station.store.counts(group),
-                    detector=detector, view="frames" if view == "frames" else "incidents")  # fmt: skip
+                    detector=detector, view="frames" if view == "frames" else "incidents",
+                    filters={"device": device, "reason": reason, "decision": decision})  # fmt: skip
 
     @app.get("/api/frames/{frame_id}")
     def api_frame(frame_id: str) -> dict[str, Any]:

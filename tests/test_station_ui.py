@@ -116,6 +116,8 @@ def test_label_the_queue_with_the_keyboard(broker, station_dir, sim_gate, built_
         browser.get(f"{station.url}/gates")
         assert "Gates" in browser.find_element(By.TAG_NAME, "h1").text
         assert browser.find_element(By.ID, "published").text
+        when = browser.find_elements(By.CSS_SELECTOR, "#audit time")  # local time, the ISO time in the tooltip
+        assert when and when[0].get_attribute("title").endswith("Z") and not when[0].text.replace(".", "").isdigit()
         browser.get(f"{station.url}/fleet")
         assert "Fleet" in browser.find_element(By.TAG_NAME, "h1").text
     finally:
@@ -203,6 +205,15 @@ def test_an_incident_is_labelled_with_one_key(broker, station_dir, sim_gate, bui
         incidents = http_json(f"{station.url}/api/incidents")[1]["incidents"]
         assert [i["count"] for i in incidents] == [4, 3], incidents  # the giraffes, then the bolts
         assert set(incidents[0]["frame_ids"]) == {m.id for m in msgs[:4]}
+        # filters: a device, a reason, a decision, a window of time
+        api = f"{station.url}/api/incidents"
+        assert [i["count"] for i in http_json(f"{api}?reason=ood&device=cam-ui")[1]["incidents"]] == [4, 3]
+        assert http_json(f"{api}?device=cam-other")[1]["incidents"] == []
+        assert http_json(f"{api}?decision=reject")[1]["incidents"] == []
+        assert http_json(f"{api}?until={msgs[0].ts - 1}")[1]["incidents"] == []
+        assert http_json(f"{api}?decision=maybe")[0] == 422
+        browser.get(f"{station.url}/queue?device=cam-other")
+        WebDriverWait(browser, 15).until(lambda d: d.find_element(By.ID, "empty").is_displayed())
 
         browser.get(f"{station.url}/queue")
         wait = WebDriverWait(browser, 15)

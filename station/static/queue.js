@@ -62,8 +62,14 @@ async function loadNext() {
   drawBoxes();
 }
 
+function filters() {  // the queue page's own filters (device, reason, decision, since, until), passed on
+  const page = new URLSearchParams(location.search), out = new URLSearchParams();
+  for (const k of ["device", "reason", "decision", "since", "until"]) if (page.get(k)) out.set(k, page.get(k));
+  return out.toString() ? "&" + out.toString() : "";
+}
+
 async function loadIncident() {
-  const body = await (await fetch(`/api/incidents?limit=1&group=${encodeURIComponent(GROUP)}`)).json();
+  const body = await (await fetch(`/api/incidents?limit=1&group=${encodeURIComponent(GROUP)}${filters()}`)).json();
   document.getElementById("remaining").textContent = body.counts.unlabelled;
   incident = body.incidents[0] || null;
   current = null;
