@@ -339,6 +339,22 @@ def test_metrics_endpoint(sim_gate, tmp_path, bouncer_home):
             time.sleep(0.2)
         assert "bouncer_frames_total" in text and "bouncer_stage_seconds_bucket" in text
         assert 'bouncer_decisions_total{decision="accept"' in text and "bouncer_gate_info" in text
+        # the Grafana dashboard in docs/ reads only metrics and labels this device serves
+        import json
+        import re
+
+        from helpers import REPO
+
+        board = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+        assert len(exprs) >= 10 and all(p["gridPos"] and p["title"] for p in board["panels"])
+        served = set(re.findall(r"^(?:# TYPE )?(bouncer_[a-z_]+)", text, re.M))
+        for expr in exprs:
+            for name in re.findall(r"bouncer_[a-z_]+", expr):
+                assert name in served or name.removesuffix("_bucket") in served, (name, sorted(served))
+            for label in re.findall(r"by \(([a-z_, ]+)\)", expr):
+                for lab in (x.strip() for x in label.split(",")):
+                    assert lab in ("instance", "le") or f'{lab}="' in text or lab == "signal", (lab, expr)
     finally:
         dev.send_signal(signal.SIGTERM)
         dev.wait(timeout=30)
