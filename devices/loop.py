@@ -206,6 +206,8 @@ class Device:
                 "outbox_depth": self.outbox.depth(),
                 "evicted": self.outbox.counter("evicted"),
                 "drift": self.drift.state,
+                "drift_stats": self.drift.statistics(),
+                "drift_h": {"signal": self.drift.h, "rate": self.drift.rate_h},
                 "gate_version": self.guard.bundle.version,
                 "gate_serial": self.serial,
                 "backbone_hash": self.guard.bundle.backbone_hash,

@@ -179,6 +179,18 @@ class DriftMonitor:
             if name.startswith(BOX_SIGNALS)
         }
         self.state: dict[str, str] = {}
+        self.h, self.rate_h = h, rate_h
+
+    def statistics(self) -> dict[str, float]:
+        """Each signal's CUSUM statistic now (the larger side), beside which an alarm fires at `h` (continuous
+        signals and boxes) or `rate_h` (rates): what the station charts against its alarm line."""
+        out: dict[str, float] = {}
+        for name, test in {**self.signals, **self.boxes}.items():
+            c = test.cusum if isinstance(test, _ClassCentred) else test
+            out[name] = round(max(c.hi, c.lo), 3)
+        for name, _, rate in self.rates:
+            out[name] = round(rate.s, 3)
+        return out
 
     def update(
         self,

@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS devices (
     status TEXT NOT NULL,
     stats TEXT
 );
+CREATE TABLE IF NOT EXISTS device_stats (
+    device TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    stats TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS device_stats_ts ON device_stats (device, ts);
 CREATE TABLE IF NOT EXISTS audit (
     id TEXT PRIMARY KEY,
     ts DOUBLE PRECISION NOT NULL,
@@ -383,6 +389,9 @@ class Store:
         )
 
     def set_stats(self, stats: dict[str, Any]) -> None:
+        """The device's latest statistics, and one more point of its history (the fleet page's charts)."""
+        self._exec("INSERT INTO device_stats (device, ts, stats) VALUES (?, ?, ?)",
+                   (stats["device"], float(stats.get("ts", time.time())), json.dumps(stats)))  # fmt: skip
         self._exec(
             "INSERT INTO devices (device, state, ts, status, stats) VALUES (?, 'online', ?, '{}', ?) "
             "ON CONFLICT (device) DO UPDATE SET stats = excluded.stats",
@@ -481,6 +490,17 @@ class Store:
                 }
             )  # fmt: skip
         return out
+
+    def stats_history(self, since: float, limit: int = 20000) -> list[dict[str, Any]]:
+        rows = self._all("SELECT stats FROM device_stats WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit))
+        return [json.loads(r[0]) for r in rows]
+
+    def backlog(self, group: str, times: list[float]) -> list[int]:
+        """Unlabelled frames of a group at each of `times`: received by then, not yet labelled then."""
+        rows = self._all("SELECT received, labelled_at FROM frames WHERE grp = ?", (group,))
+        got = np.array([r[0] for r in rows], np.float64)
+        done = np.array([np.inf if r[1] is None else r[1] for r in rows], np.float64)
+        return [int(((got <= t) & (done > t)).sum()) for t in times]
 
     def events(self, kind_prefix: str = "", limit: int = 100) -> list[dict[str, Any]]:
         rows = self._all(

@@ -319,9 +319,15 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     def api_events(kind: str = "", limit: int = 100) -> list[dict[str, Any]]:
         return station.store.events(kind, max(1, min(limit, 1000)))
 
+    @app.get("/api/series")
+    def api_series(group: str | None = None, minutes: float = 60.0) -> dict[str, Any]:
+        from bouncer.station.series import group_series
+
+        return group_series(station.store, station.check_group(group), max(1.0, min(minutes, 7 * 24 * 60)))
+
     @app.get("/fleet", response_class=HTMLResponse)
-    def fleet_page(request: Request) -> HTMLResponse:
-        return page(request, "fleet.html", group=station.groups[0], **fleet())
+    def fleet_page(request: Request, group: str | None = None) -> HTMLResponse:
+        return page(request, "fleet.html", group=station.check_group(group), **fleet())
 
     # ---- gates ----------------------------------------------------------------------------------
 

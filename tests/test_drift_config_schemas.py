@@ -305,6 +305,8 @@ def test_a_detector_class_that_stops_being_found_is_caught_and_steady_counts_rai
     odd = [{"class": "gear", "p": 0.5}] * 8  # one odd frame: eight weak gears
     assert steady.update({"mean": 100.0, "sharpness": 50.0}, 1.0, "review", "x", odd) == []
     assert run(steady, 200, 1.0, 0.9) == []
+    stats = steady.statistics()  # what the device sends with its stats and the fleet page charts
+    assert set(ref) | {"brightness", "review_rate"} <= set(stats) and all(0 <= v < 20 for v in stats.values())
     for gears, p_gear, signal, direction in ((0.33, 0.9, "count.gear", "down"), (1.0, 0.75, "score.gear", "down"),
                                              (2.0, 0.9, "count.gear", "up")):  # fmt: skip
         mon = DriftMonitor(ref, warmup=500)

@@ -40,3 +40,20 @@ def test_frames_group_by_kind_time_and_vector():
     d = incidents[0].to_dict(preview=4)
     assert d["count"] == len(d["frame_ids"]) and len(d["preview"]) <= 4 and d["first_ts"] <= d["last_ts"]
     assert [i.frames[0].ts for i in incidents] == sorted(i.frames[0].ts for i in incidents)  # oldest first
+
+
+def test_device_series_rates_restarts_and_late_signals():
+    from bouncer.station.series import device_series
+
+    def point(ts: float, frames: int, review: int, reject: int, drift: dict[str, float]) -> dict:
+        return {"ts": ts, "frames": frames, "decisions": {"accept": frames - review - reject, "review": review,
+                "reject": reject}, "outbox_depth": 2, "drift_stats": drift,
+                "drift_h": {"signal": 20.0, "rate": 14.0}}  # fmt: skip
+
+    s = device_series([point(1, 100, 5, 5, {"brightness": 0.5}), point(2, 200, 10, 15, {"brightness": 1.5}),
+                       point(3, 50, 1, 0, {"brightness": 0.0, "review_rate": 2.0}),  # restarted: counters reset
+                       point(4, 150, 11, 0, {"brightness": 3.0, "review_rate": 4.0})])  # fmt: skip
+    assert s["ts"] == [1, 2, 3, 4] and s["flag_rate"] == [None, 0.15, None, 0.1]
+    assert s["drift"] == {"brightness": [0.5, 1.5, 0.0, 3.0], "review_rate": [None, None, 2.0, 4.0]}
+    assert s["alarm"] == {"brightness": 20.0, "review_rate": 14.0} and s["outbox_depth"] == [2, 2, 2, 2]
+    assert device_series([]) == {"ts": [], "flag_rate": [], "outbox_depth": [], "drift": {}, "alarm": {}}

@@ -293,3 +293,46 @@ def test_an_operator_logs_in_and_labels_an_incident_as_herself(broker, station_d
         assert http_json(f"{station.url}/api/queue")[0] == 401
     finally:
         station.stop()
+
+
+def test_the_fleet_page_draws_the_runs_data_over_time(broker, station_dir, sim_gate, built_models, browser, tmp_path):
+    """A real camera sends its statistics every half second; the fleet page charts its flag rate, the review
+    backlog and each drift statistic against its alarm line on a time axis, from that run's data."""
+    import subprocess
+    import sys
+
+    from helpers import device_toml
+
+    cfg = station_config(tmp_path / "serve.toml", station_dir, broker.url)
+    station = StationProcess(cfg, free_port()).start()
+    dev = device_toml(tmp_path / "device.toml", device={"id": "cam-f", "data_dir": str(tmp_path / "dev")},
+                      source={"uri": "sim:3", "max_fps": 40.0}, gate={"bundle": str(sim_gate)},
+                      mqtt={"broker": broker.url}, metrics={"stats_every_s": 0.5})  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "bouncer", "run", str(dev)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        series = wait_until(lambda: (s := http_json(f"{station.url}/api/series")[1])["devices"].get("cam-f") and
+                            len(s["devices"]["cam-f"]["ts"]) >= 6 and s, timeout=90)  # fmt: skip
+        cam = series["devices"]["cam-f"]
+        assert sum(r is not None for r in cam["flag_rate"]) >= 4 and all(0 <= r <= 1 for r in cam["flag_rate"] if r)
+        assert {"brightness", "ood_score", "review_rate"} <= set(cam["drift"]) and cam["alarm"]["brightness"] == 20
+        assert all(len(v) == len(cam["ts"]) for v in cam["drift"].values())
+        assert len(series["backlog"]["ts"]) == len(series["backlog"]["unlabelled"]) == 60
+        browser.get(f"{station.url}/fleet")
+        wait = WebDriverWait(browser, 15)
+        charts = wait.until(lambda d: d.execute_script("return Object.keys(CHARTS).length === 4 && "
+                                                       "Object.fromEntries(Object.entries(CHARTS).map(([k, v]) => "
+                                                       "[k, v.points]))"))  # fmt: skip
+        drawn = {k.split(" (")[0]: v for k, v in charts.items()}
+        assert drawn["flag rate"] >= 4 and drawn["drift statistics"] >= 12 and drawn["review backlog"] == 60, drawn
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#charts canvas")) == 4
+        labels = browser.execute_script("return CHARTS[Object.keys(CHARTS)[2]].chart.series.map((s) => s.label)")
+        assert any(str(x).startswith("alarm line") for x in labels) and "cam-f brightness" in labels, labels
+        shot = tmp_path / "fleet.png"
+        browser.save_screenshot(str(shot))
+        if os.environ.get("BOUNCER_UPDATE_SCREENSHOT") == "1":
+            shutil.copyfile(shot, REPO / "docs" / "fleet-ui.png")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        station.stop()
