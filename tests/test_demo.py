@@ -25,6 +25,26 @@ def test_demo_catches_every_incident_and_the_station_gets_every_flagged_frame(bu
     st = out["station"]
     assert st["frames_stored"] == st["flagged_sent"] > 0
     assert "incidents: caught after how many frames" in res.stderr
+    # the review queue groups those frames into incidents: a few key presses instead of one per frame, and no
+    # frame in an incident the simulator's ground truth puts elsewhere
+    from collections import Counter
+
+    from bouncer.station.incidents import group_frames
+    from bouncer.station.store import Store
+
+    store = Store(tmp_path / "station")
+    frames, vectors = store.queue_vectors("default", 5000)
+    store.close()
+    assert len(frames) == st["frames_stored"]
+    plan = [i for i in out["incidents"] if i["kind"] != "light_bulb"]
+
+    def truth(source: str) -> str | None:
+        n = int(source.rsplit("#frame-", 1)[1])
+        return next((i["kind"] for i in plan if i["start"] <= n < i["start"] + i["frames"]), None)
+
+    incidents = group_frames(frames, vectors)
+    mixed = sum(len(i.frames) - Counter(truth(f.source) for f in i.frames).most_common(1)[0][1] for i in incidents)
+    assert mixed == 0 and len(incidents) <= len(frames) / 8, (len(incidents), len(frames), mixed)
 
 
 def test_a_taken_port_is_an_error_before_any_work(tmp_path):
