@@ -19,8 +19,11 @@ def device_series(points: list[dict[str, Any]]) -> dict[str, Any]:
     """One device's stats messages, oldest first -> its series. The flag rate of an interval is the share of the
     frames it processed that were sent to review or rejected (null when it processed none: a restart resets
     the counters, so a drop in `frames` starts afresh)."""
-    ts, rate, outbox, drift = [], [], [], {}
-    prev = None
+    ts: list[float] = []
+    rate: list[float | None] = []
+    outbox: list[Any] = []
+    drift: dict[str, list[Any]] = {}
+    prev: tuple[int, int] | None = None
     for p in points:
         dec = p.get("decisions") or {}
         flagged, frames = int(dec.get("review", 0)) + int(dec.get("reject", 0)), int(p.get("frames") or 0)
