@@ -587,6 +587,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    """Write the systemd unit for a camera's config (docs/service.md); print the steps that put it to work."""
+    from bouncer.devices.systemd import unit_file
+    from bouncer.runtime.config import load_config
+
+    cfg = load_config(args.config, {})
+    if not cfg.device.id:
+        raise BouncerError(f"{args.config}: device.id is empty; a service needs a fixed device id")
+    state = Path("/var/lib") / args.name
+    if not Path(cfg.device.data_dir).resolve().is_relative_to(state):
+        raise BouncerError(f"{args.config}: device.data_dir {cfg.device.data_dir!r} lies outside {state}, the only "
+                           "place the service may write; set data_dir under it")  # fmt: skip
+    text = unit_file(args.config, cfg.device.id, args.user, args.name, args.watchdog)
+    unit = f"bouncer-{cfg.device.id}.service"
+    if args.print:
+        print(text, end="")
+        return 0
+    args.unit_dir.mkdir(parents=True, exist_ok=True)
+    (args.unit_dir / unit).write_text(text)
+    print(f"wrote {args.unit_dir / unit}; then, as root:\n"
+          f"  useradd --system --home {state} --shell /usr/sbin/nologin {args.user}   # once\n"
+          f"  systemctl daemon-reload && systemctl enable --now {unit}\n"
+          f"  journalctl -u {unit} -f")  # fmt: skip
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
@@ -829,6 +855,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--once", action="store_true", help="process a finite source once, deliver, exit")
     r.add_argument("--drain-timeout", type=float, default=60.0, help="--once: seconds to wait for delivery")
     r.add_argument("--verbose", action="store_true", help="log events (JSON lines on stderr)")
+
+    ins = add("install", cmd_install, "write the systemd unit that runs a camera's config as a supervised service "
+              "(watchdog, restart, hardening; docs/service.md)")  # fmt: skip
+    ins.add_argument("config", type=Path, help="the camera's TOML config (device.id set, device.data_dir under "
+                     "/var/lib/NAME)")  # fmt: skip
+    ins.add_argument("--user", default="bouncer", help="the system user it runs as (default: bouncer)")
+    ins.add_argument("--name", default="bouncer", help="its state folder, /var/lib/NAME (default: bouncer)")
+    ins.add_argument("--watchdog", type=int, default=30, help="seconds without a frame before systemd restarts it")
+    ins.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="where to write the unit")
+    ins.add_argument("--print", action="store_true", help="print the unit instead of writing it")
 
     data = sub.add_parser("data", help="data set helpers")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)

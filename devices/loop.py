@@ -21,6 +21,7 @@ from bouncer.devices import profiles
 from bouncer.devices.gate_life import GateLife
 from bouncer.devices.metrics import DeviceMetrics
 from bouncer.devices.ota import GateSlots, OtaUpdater, Trial
+from bouncer.devices.systemd import Notifier
 from bouncer.runtime import backends, home, schemas
 from bouncer.runtime.backends.paired import PairedBackend
 from bouncer.runtime.config import Config
@@ -348,11 +349,15 @@ class Device:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
+        notify = Notifier.from_env()  # under systemd: ready now, then the watchdog fed once per frame
+        notify.ready(f"guarding {self.source.uri} with gate {self.guard.bundle.version}")
         try:
             for item in self.source:
+                notify.alive()
                 if self._stop.is_set():
                     break
                 while self.paused.is_set() and not self._stop.is_set():
+                    notify.alive()  # paused by a command: alive, not stuck
                     time.sleep(0.1)
                 if finite and item.key in done:
                     self.summary.skipped_done += 1
@@ -376,6 +381,7 @@ class Device:
                 while self.outbox.depth() and time.monotonic() < deadline and not self._stop.is_set():
                     time.sleep(0.05)
         finally:
+            notify.stopping()
             if self.ota:
                 self.ota.stop()
             self.summary.undelivered = self.outbox.depth()
