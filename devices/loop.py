@@ -12,7 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
@@ -35,6 +35,9 @@ from bouncer.runtime.gates.heads import frame_vectors
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.sources.streams import FrameItem, open_source
 
+if TYPE_CHECKING:
+    from bouncer.devices.plc import ModbusLine
+
 log = logging.getLogger("bouncer.device")
 ID_NAMESPACE = uuid.UUID("6f1c2f4e-3b1a-4c55-9d0e-6a8f1f0b7c21")
 
@@ -48,6 +51,7 @@ class RunSummary:
     events: int = 0
     undelivered: int = 0
     peak_rss_mb: float = 0.0
+    line: dict[str, Any] | None = None  # verdicts written to the PLC, late ones, latency frame in -> written
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -139,6 +143,12 @@ class Device:
 
             extra = {schemas.gate_topic(cfg.device.group): self._on_announce} if self.ota else {}
             self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command, subscriptions=extra)
+        self.line: ModbusLine | None = None
+        if cfg.line.modbus:
+            from bouncer.devices.plc import ModbusLine
+
+            c = cfg.line
+            self.line = ModbusLine(c.modbus, c.unit, c.register, c.deadline_ms, c.heartbeat_s, c.timeout_s)
         self.summary = RunSummary()
         self._stop = threading.Event()
         self._audit_rate = cfg.outbox.audit_rate
@@ -292,6 +302,8 @@ class Device:
         else:
             decision, outputs, grey = self.guard.score_frame(item.frame, prev)
         spent = time.perf_counter() - t0
+        if self.line is not None:  # the part in front of the camera: its verdict to the PLC first
+            self.line.verdict(decision.decision, self.summary.frames + 1, t0)
         self._guard_timer.observe(spent)
         self.gates.observe(item.frame, decision, outputs, spent)
         self.summary.frames += 1
@@ -382,6 +394,9 @@ class Device:
                     time.sleep(0.05)
         finally:
             notify.stopping()
+            if self.line is not None:
+                self.line.close()
+                self.summary.line = self.line.report()
             if self.ota:
                 self.ota.stop()
             self.summary.undelivered = self.outbox.depth()

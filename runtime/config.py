@@ -97,6 +97,18 @@ class MetricsSection:
 
 
 @dataclass
+class LineSection:
+    """The per-part verdict to the line's controller (devices/plc.py, docs/line.md)."""
+
+    modbus: str = ""  # modbus://HOST[:PORT] of the PLC (Modbus TCP); empty: off
+    unit: int = 1  # the PLC's unit (device) id
+    register: int = 0  # first of four holding registers: verdict, sequence, heartbeat, health
+    deadline_ms: float = 200.0  # a verdict decided later than this after its frame came in is written as hold
+    heartbeat_s: float = 0.5
+    timeout_s: float = 0.5  # per write; a slow PLC is a failed write, never a slow frame loop
+
+
+@dataclass
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     source: SourceSection = field(default_factory=SourceSection)
@@ -106,6 +118,7 @@ class Config:
     drift: DriftSection = field(default_factory=DriftSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     ota: OtaSection = field(default_factory=OtaSection)
+    line: LineSection = field(default_factory=LineSection)
 
     def validate(self) -> Config:
         from bouncer.runtime.schemas import SchemaError, check_device_id, gate_topic
@@ -140,6 +153,11 @@ class Config:
             ("ota.canary_every", self.ota.canary_every >= 1),
             ("ota.trial_frames", self.ota.trial_frames >= 0),
             ("ota.first_check_s", self.ota.first_check_s >= 0),
+            ("line.unit", 0 <= self.line.unit <= 247),
+            ("line.register", 0 <= self.line.register <= 65532),
+            ("line.deadline_ms", self.line.deadline_ms > 0),
+            ("line.heartbeat_s", self.line.heartbeat_s > 0),
+            ("line.timeout_s", self.line.timeout_s > 0),
         ]
         for key, ok in checks:
             if not ok:

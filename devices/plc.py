@@ -1,0 +1,130 @@
+"""The per-part verdict to the line's controller over Modbus TCP (pymodbus), fail-safe by design (docs/line.md).
+
+Four holding registers from `line.register` on the PLC: the verdict of the last frame (0 hold, 1 accept, 2 review,
+3 reject), its sequence number (frames since start, modulo 65536), a heartbeat counter the guard advances every
+`line.heartbeat_s`, and health (1 while the guard runs with a gate, 0 when it stops). The PLC acts on a verdict
+when its sequence changes, and holds the part when the heartbeat stops moving for a few periods: a guard that
+crashed, hung or lost its network can never leave "accept" standing. A verdict decided later than
+`line.deadline_ms` after its frame came in is written as hold, not as the verdict the part has already passed.
+
+Writes happen on their own thread: the frame loop hands over (code, sequence, time in) and never waits for the
+PLC. A PLC that is unreachable, refuses writes or answers slowly is logged once per change of state, retried at
+the heartbeat, and costs the loop nothing; meanwhile the PLC sees no heartbeat and holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from bouncer.runtime.errors import BouncerError
+
+log = logging.getLogger("bouncer.line")
+CODES = {"hold": 0, "accept": 1, "review": 2, "reject": 3}
+
+
+def parse_modbus_url(url: str) -> tuple[str, int]:
+    u = urlparse(url)
+    if u.scheme != "modbus" or not u.hostname:
+        raise BouncerError(f"line.modbus: expected modbus://HOST[:PORT], got {url!r}")
+    try:
+        return u.hostname, u.port or 502
+    except ValueError:
+        raise BouncerError(f"line.modbus: bad port in {url!r}") from None
+
+
+class ModbusLine:
+    def __init__(self, url: str, unit: int, register: int, deadline_ms: float, heartbeat_s: float,
+                 timeout_s: float) -> None:  # fmt: skip
+        try:
+            from pymodbus.client import ModbusTcpClient
+        except ImportError:
+            raise BouncerError("line.modbus needs pymodbus (the [line] extra): pip install 'bouncer[line]'") from None
+        self.host, self.port = parse_modbus_url(url)
+        self.unit, self.base = unit, register
+        self.deadline_s, self.heartbeat_s = deadline_ms / 1000, heartbeat_s
+        self.client = ModbusTcpClient(self.host, port=self.port, timeout=timeout_s, retries=0)
+        self._q: queue.Queue[tuple[int, int, float] | None] = queue.Queue(maxsize=10000)
+        self._stop = threading.Event()
+        self._ok: bool | None = None  # the PLC's state as last logged
+        self.latencies: list[float] = []  # seconds from frame in to verdict written
+        self.written = self.late = self.failed = self.dropped = 0
+        self._beat = 0
+        self._thread = threading.Thread(target=self._run, name="line-modbus", daemon=True)
+        self._thread.start()
+
+    # ---- the frame loop's side --------------------------------------------------------------------
+
+    def verdict(self, decision: str, sequence: int, t_in: float) -> None:
+        """Hand over a frame's verdict (t_in: time.perf_counter() when the frame came in); never blocks."""
+        code = CODES[decision]
+        if time.perf_counter() - t_in > self.deadline_s:
+            code = CODES["hold"]  # too late for the part it belongs to
+            self.late += 1
+        try:
+            self._q.put_nowait((code, sequence & 0xFFFF, t_in))
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued, then leave the line on hold with health 0."""
+        self._q.put(None)
+        self._thread.join(timeout)
+        self._stop.set()
+        self._write(self.base, [CODES["hold"]])
+        self._write(self.base + 3, [0])
+        self.client.close()
+
+    def report(self) -> dict[str, Any]:
+        lat = np.array(self.latencies) * 1e3
+        return {"written": self.written, "late": self.late, "failed": self.failed, "dropped": self.dropped,
+                "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+                "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if len(lat) else None}  # fmt: skip
+
+    # ---- the writer thread ------------------------------------------------------------------------
+
+    def _write(self, address: int, values: list[int]) -> bool:
+        try:
+            if not self.client.connected and not self.client.connect():
+                raise ConnectionError("no connection")
+            rr = self.client.write_registers(address, values, device_id=self.unit)
+            if rr.isError():
+                raise ConnectionError(f"the PLC refused the write ({rr})")
+        except Exception as exc:  # pymodbus raises ModbusException, ConnectionError, OSError ...
+            if self._ok is not False:
+                log.error("line: PLC at %s:%d unreachable or refusing writes (%s); verdicts not delivered, the "
+                          "PLC's heartbeat check holds the line", self.host, self.port, exc)  # fmt: skip
+            self._ok = False
+            self.client.close()
+            return False
+        if self._ok is False:
+            log.warning("line: PLC at %s:%d reachable again", self.host, self.port)
+        self._ok = True
+        return True
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._beat = (self._beat + 1) & 0xFFFF
+                self._write(self.base + 2, [self._beat, 1])  # heartbeat, health
+                next_beat = now + self.heartbeat_s
+            try:
+                item = self._q.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            code, seq, t_in = item
+            if self._write(self.base, [code, seq]):
+                self.written += 1
+                self.latencies.append(time.perf_counter() - t_in)
+            else:
+                self.failed += 1

@@ -1,0 +1,141 @@
+"""The per-part verdict to the line's PLC over Modbus TCP, against pymodbus's own server on loopback playing the
+PLC: every frame's verdict arrives in order; a guard that stops, is killed or is late leaves the line on hold; an
+unreachable PLC costs the frame loop nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from helpers import device_toml, free_port, run_cli
+
+from bouncer.sim import simulator
+
+HOLD, ACCEPT, REVIEW, REJECT = 0, 1, 2, 3
+BASE = 10  # line.register
+
+
+class Plc:
+    """pymodbus's Modbus TCP server with 100 holding registers; every write request is logged with its time."""
+
+    def __init__(self) -> None:
+        from pymodbus.server import StartAsyncTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        self.port = free_port()
+        self.writes: list[tuple[float, int, list[int]]] = []
+
+        def trace(sending: bool, pdu):
+            if not sending and getattr(pdu, "function_code", None) == 16:  # write multiple registers
+                self.writes.append((time.monotonic(), pdu.address, list(pdu.registers)))
+            return pdu
+
+        device = SimDevice(id=1, simdata=SimData(0, count=100, values=0, datatype=DataType.REGISTERS))
+        serve = StartAsyncTcpServer(context=device, address=("127.0.0.1", self.port), trace_pdu=trace)
+        threading.Thread(target=lambda: asyncio.run(serve), daemon=True).start()
+        import socket
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the Modbus server did not start")
+
+    def verdicts(self) -> list[tuple[float, int, int]]:
+        """(time, code, sequence) of every verdict write."""
+        return [(t, v[0], v[1]) for t, a, v in self.writes if a == BASE and len(v) == 2]
+
+    def beats(self) -> list[float]:
+        return [t for t, a, v in self.writes if a == BASE + 2]
+
+
+def line_config(tmp_path, source: dict, gate, plc_port: int, **line):
+    return device_toml(tmp_path / "device.toml", device={"id": "cam-l", "data_dir": str(tmp_path / "d")},
+                       source=source, gate={"bundle": str(gate)},
+                       line={"modbus": f"modbus://127.0.0.1:{plc_port}", "register": BASE, **line})  # fmt: skip
+
+
+def test_every_frames_verdict_reaches_the_plc_in_order_and_the_guard_leaves_it_on_hold(sim_gate, tmp_path):
+    plc = Plc()
+    parts = simulator.write_dataset(tmp_path / "parts", ("gear", "washer", "bolt"), per_class=14, seed=9)
+    cfg = line_config(tmp_path, {"uri": str(parts)}, sim_gate, plc.port, deadline_ms=1000.0)
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    verdicts = plc.verdicts()
+    assert [s for _, _, s in verdicts] == list(range(1, 43)), "every frame's verdict, in order"
+    codes = [c for _, c, _ in verdicts]
+    d = summary["decisions"]
+    assert (codes.count(ACCEPT), codes.count(REVIEW), codes.count(REJECT)) == (d["accept"], d["review"], d["reject"])
+    assert codes.count(ACCEPT) > 0 and codes.count(REVIEW) > 0  # the bolts go to review, never through
+    line = summary["line"]
+    assert line["written"] == 42 and line["late"] == 0 and line["failed"] == 0, line
+    assert 0 < line["latency_ms_p50"] <= line["latency_ms_p99"] < 1000, line
+    last = plc.writes[-2:]  # the guard stops: the line on hold, health 0
+    assert [(a, v) for _, a, v in last] == [(BASE, [HOLD]), (BASE + 3, [0])], last
+
+
+def test_a_killed_guard_leaves_the_line_on_hold_within_three_heartbeats(sim_gate, tmp_path):
+    """The PLC's rule (docs/line.md): act on a verdict when the sequence moves; hold when the heartbeat has not
+    moved for three periods. Killing the guard (SIGKILL: it writes nothing more) trips that rule in time."""
+    plc = Plc()
+    period = 0.2
+    cfg = line_config(tmp_path, {"uri": "sim:5", "max_fps": 20.0}, sim_gate, plc.port, heartbeat_s=period)
+    proc = subprocess.Popen([sys.executable, "-m", "bouncer", "run", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while (len(plc.beats()) < 8 or len(plc.verdicts()) < 10) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(plc.beats()) >= 8 and len(plc.verdicts()) >= 10
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    killed = time.monotonic()
+    time.sleep(4 * period)
+    beats = plc.beats()
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert max(gaps) < 3 * period, gaps  # while it ran, the heartbeat never looked stale to the PLC
+    last = max(beats)
+    assert last <= killed and not [w for w in plc.writes if w[0] > killed], "nothing written after the kill"
+    hold_at = last + 3 * period  # when the PLC's rule holds the line
+    assert hold_at - killed < 3 * period + 0.1, hold_at - killed
+
+
+def test_an_unreachable_plc_costs_the_loop_nothing_and_says_so_once(sim_gate, tmp_path):
+    parts = simulator.write_dataset(tmp_path / "parts", ("gear",), per_class=20, seed=2)
+    cfg = line_config(tmp_path, {"uri": str(parts)}, sim_gate, free_port(), timeout_s=0.2)
+    t0 = time.monotonic()
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 20 and summary["line"]["written"] == 0, summary
+    said = [ln for ln in res.stderr.splitlines() if "unreachable or refusing writes" in ln]
+    assert len(said) == 1 and "the PLC's heartbeat check holds the line" in said[0], res.stderr[-2000:]
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ({"modbus": "tcp://plc:502"}, "line.modbus: expected modbus://HOST[:PORT]"),
+        ({"modbus": "modbus://plc:502", "unit": 300}, "line.unit: value out of range"),
+        ({"modbus": "modbus://plc:502", "deadline_ms": 0}, "line.deadline_ms: value out of range"),
+        ({"modbus": "modbus://plc:502", "verdict": 1}, "line.verdict: unknown key"),
+    ],
+)
+def test_a_bad_line_section_is_a_clear_error(sim_gate, tmp_path, line, needle):
+    cfg = device_toml(tmp_path / "device.toml", device={"id": "cam-l", "data_dir": str(tmp_path / "d")},
+                      source={"uri": "sim:1"}, gate={"bundle": str(sim_gate)}, line=line)  # fmt: skip
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
