@@ -36,7 +36,7 @@ from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.sources.streams import FrameItem, open_source
 
 if TYPE_CHECKING:
-    from bouncer.devices.plc import ModbusLine
+    from bouncer.devices.plc import LineOutput
 
 log = logging.getLogger("bouncer.device")
 ID_NAMESPACE = uuid.UUID("6f1c2f4e-3b1a-4c55-9d0e-6a8f1f0b7c21")
@@ -143,12 +143,17 @@ class Device:
 
             extra = {schemas.gate_topic(cfg.device.group): self._on_announce} if self.ota else {}
             self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command, subscriptions=extra)
-        self.line: ModbusLine | None = None
-        if cfg.line.modbus:
+        self.lines: list[LineOutput] = []  # the verdict to the line's controller (docs/line.md)
+        self._line_gate = self.guard.bundle.version  # the gate the outputs last showed
+        c = cfg.line
+        if c.modbus:
             from bouncer.devices.plc import ModbusLine
 
-            c = cfg.line
-            self.line = ModbusLine(c.modbus, c.unit, c.register, c.deadline_ms, c.heartbeat_s, c.timeout_s)
+            self.lines.append(ModbusLine(c.modbus, c.unit, c.register, c.deadline_ms, c.heartbeat_s, c.timeout_s))
+        if c.opcua:
+            from bouncer.devices.opcua import OpcUaLine
+
+            self.lines.append(OpcUaLine(c.opcua, self.id, self.guard.bundle.version, c.deadline_ms, c.heartbeat_s))
         self.summary = RunSummary()
         self._stop = threading.Event()
         self._audit_rate = cfg.outbox.audit_rate
@@ -302,8 +307,12 @@ class Device:
         else:
             decision, outputs, grey = self.guard.score_frame(item.frame, prev)
         spent = time.perf_counter() - t0
-        if self.line is not None:  # the part in front of the camera: its verdict to the PLC first
-            self.line.verdict(decision.decision, self.summary.frames + 1, t0)
+        for line in self.lines:  # the part in front of the camera: its verdict to the line first
+            line.verdict(decision.decision, self.summary.frames + 1, t0)
+            if self.guard.bundle.version != self._line_gate:
+                line.set_gate(self.guard.bundle.version)
+        if self.lines:
+            self._line_gate = self.guard.bundle.version
         self._guard_timer.observe(spent)
         self.gates.observe(item.frame, decision, outputs, spent)
         self.summary.frames += 1
@@ -394,9 +403,10 @@ class Device:
                     time.sleep(0.05)
         finally:
             notify.stopping()
-            if self.line is not None:
-                self.line.close()
-                self.summary.line = self.line.report()
+            for line in self.lines:
+                line.close()
+            if self.lines:
+                self.summary.line = {line.name: line.report() for line in self.lines}
             if self.ota:
                 self.ota.stop()
             self.summary.undelivered = self.outbox.depth()

@@ -39,24 +39,22 @@ def parse_modbus_url(url: str) -> tuple[str, int]:
         raise BouncerError(f"line.modbus: bad port in {url!r}") from None
 
 
-class ModbusLine:
-    def __init__(self, url: str, unit: int, register: int, deadline_ms: float, heartbeat_s: float,
-                 timeout_s: float) -> None:  # fmt: skip
-        try:
-            from pymodbus.client import ModbusTcpClient
-        except ImportError:
-            raise BouncerError("line.modbus needs pymodbus (the [line] extra): pip install 'bouncer[line]'") from None
-        self.host, self.port = parse_modbus_url(url)
-        self.unit, self.base = unit, register
+class LineOutput:
+    """What every way of telling the line shares: the hand-over from the frame loop (never blocking), the deadline,
+    the writer thread with its heartbeat, the hold on the way out, the figures. A subclass says how a verdict, a
+    heartbeat and the final hold are written (`_verdict`, `_beat`, `_final`), each returning whether it worked."""
+
+    name = "line"
+
+    def __init__(self, deadline_ms: float, heartbeat_s: float) -> None:
         self.deadline_s, self.heartbeat_s = deadline_ms / 1000, heartbeat_s
-        self.client = ModbusTcpClient(self.host, port=self.port, timeout=timeout_s, retries=0)
         self._q: queue.Queue[tuple[int, int, float] | None] = queue.Queue(maxsize=10000)
-        self._stop = threading.Event()
-        self._ok: bool | None = None  # the PLC's state as last logged
         self.latencies: list[float] = []  # seconds from frame in to verdict written
         self.written = self.late = self.failed = self.dropped = 0
-        self._beat = 0
-        self._thread = threading.Thread(target=self._run, name="line-modbus", daemon=True)
+        self._beat_n = 0
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     # ---- the frame loop's side --------------------------------------------------------------------
@@ -68,18 +66,18 @@ class ModbusLine:
             code = CODES["hold"]  # too late for the part it belongs to
             self.late += 1
         try:
-            self._q.put_nowait((code, sequence & 0xFFFF, t_in))
+            self._q.put_nowait((code, sequence, t_in))
         except queue.Full:
             self.dropped += 1
 
+    def set_gate(self, version: str) -> None:
+        """The gate now deciding (a swap over the air); outputs that show it override this."""
+
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued, then leave the line on hold with health 0."""
+        """Deliver what is queued, then leave the line on hold (health 0)."""
         self._q.put(None)
         self._thread.join(timeout)
-        self._stop.set()
-        self._write(self.base, [CODES["hold"]])
-        self._write(self.base + 3, [0])
-        self.client.close()
+        self._final()
 
     def report(self) -> dict[str, Any]:
         lat = np.array(self.latencies) * 1e3
@@ -88,6 +86,64 @@ class ModbusLine:
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if len(lat) else None}  # fmt: skip
 
     # ---- the writer thread ------------------------------------------------------------------------
+
+    def _verdict(self, code: int, sequence: int) -> bool:
+        raise NotImplementedError
+
+    def _beat(self, n: int) -> bool:
+        raise NotImplementedError
+
+    def _final(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._beat_n = (self._beat_n + 1) & 0xFFFF
+                self._beat(self._beat_n)
+                next_beat = now + self.heartbeat_s
+            try:
+                item = self._q.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            code, seq, t_in = item
+            if self._verdict(code, seq):
+                self.written += 1
+                self.latencies.append(time.perf_counter() - t_in)
+            else:
+                self.failed += 1
+
+
+class ModbusLine(LineOutput):
+    name = "line-modbus"
+
+    def __init__(self, url: str, unit: int, register: int, deadline_ms: float, heartbeat_s: float,
+                 timeout_s: float) -> None:  # fmt: skip
+        try:
+            from pymodbus.client import ModbusTcpClient
+        except ImportError:
+            raise BouncerError("line.modbus needs pymodbus (the [line] extra): pip install 'bouncer[line]'") from None
+        super().__init__(deadline_ms, heartbeat_s)
+        self.host, self.port = parse_modbus_url(url)
+        self.unit, self.base = unit, register
+        self.client = ModbusTcpClient(self.host, port=self.port, timeout=timeout_s, retries=0)
+        self._ok: bool | None = None  # the PLC's state as last logged
+        self.start()
+
+    def _verdict(self, code: int, sequence: int) -> bool:
+        return self._write(self.base, [code, sequence & 0xFFFF])
+
+    def _beat(self, n: int) -> bool:
+        return self._write(self.base + 2, [n, 1])  # heartbeat, health
+
+    def _final(self) -> None:
+        self._write(self.base, [CODES["hold"]])
+        self._write(self.base + 3, [0])
+        self.client.close()
 
     def _write(self, address: int, values: list[int]) -> bool:
         try:
@@ -107,24 +163,3 @@ class ModbusLine:
             log.warning("line: PLC at %s:%d reachable again", self.host, self.port)
         self._ok = True
         return True
-
-    def _run(self) -> None:
-        next_beat = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                self._beat = (self._beat + 1) & 0xFFFF
-                self._write(self.base + 2, [self._beat, 1])  # heartbeat, health
-                next_beat = now + self.heartbeat_s
-            try:
-                item = self._q.get(timeout=max(0.0, next_beat - time.monotonic()))
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            code, seq, t_in = item
-            if self._write(self.base, [code, seq]):
-                self.written += 1
-                self.latencies.append(time.perf_counter() - t_in)
-            else:
-                self.failed += 1

@@ -101,6 +101,7 @@ class LineSection:
     """The per-part verdict to the line's controller (devices/plc.py, docs/line.md)."""
 
     modbus: str = ""  # modbus://HOST[:PORT] of the PLC (Modbus TCP); empty: off
+    opcua: str = ""  # opc.tcp://HOST:PORT/PATH this device serves its verdicts on (OPC UA server); empty: off
     unit: int = 1  # the PLC's unit (device) id
     register: int = 0  # first of four holding registers: verdict, sequence, heartbeat, health
     deadline_ms: float = 200.0  # a verdict decided later than this after its frame came in is written as hold

@@ -78,7 +78,7 @@ def test_every_frames_verdict_reaches_the_plc_in_order_and_the_guard_leaves_it_o
     d = summary["decisions"]
     assert (codes.count(ACCEPT), codes.count(REVIEW), codes.count(REJECT)) == (d["accept"], d["review"], d["reject"])
     assert codes.count(ACCEPT) > 0 and codes.count(REVIEW) > 0  # the bolts go to review, never through
-    line = summary["line"]
+    line = summary["line"]["line-modbus"]
     assert line["written"] == 42 and line["late"] == 0 and line["failed"] == 0, line
     assert 0 < line["latency_ms_p50"] <= line["latency_ms_p99"] < 1000, line
     last = plc.writes[-2:]  # the guard stops: the line on hold, health 0
@@ -119,7 +119,7 @@ def test_an_unreachable_plc_costs_the_loop_nothing_and_says_so_once(sim_gate, tm
     res = run_cli("run", str(cfg), "--once")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["frames"] == 20 and summary["line"]["written"] == 0, summary
+    assert summary["frames"] == 20 and summary["line"]["line-modbus"]["written"] == 0, summary
     said = [ln for ln in res.stderr.splitlines() if "unreachable or refusing writes" in ln]
     assert len(said) == 1 and "the PLC's heartbeat check holds the line" in said[0], res.stderr[-2000:]
     assert time.monotonic() - t0 < 120
@@ -139,3 +139,57 @@ def test_a_bad_line_section_is_a_clear_error(sim_gate, tmp_path, line, needle):
                       source={"uri": "sim:1"}, gate={"bundle": str(sim_gate)}, line=line)  # fmt: skip
     res = run_cli("run", str(cfg), "--once")
     assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_an_opc_ua_client_reads_each_verdict_and_holds_when_the_guard_dies(sim_gate, tmp_path):
+    """`line.opcua`: the device serves its verdicts over OPC UA. A client (asyncua) sees the sequence move with
+    counters that add up, the gate's version, a beating heart; when the guard is killed the session drops, which
+    the client's rule turns into hold."""
+    from asyncua.sync import Client, ThreadLoop
+
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}/bouncer/"
+    cfg = device_toml(tmp_path / "device.toml", device={"id": "cam-u", "data_dir": str(tmp_path / "d")},
+                      source={"uri": "sim:7", "max_fps": 20.0}, gate={"bundle": str(sim_gate)},
+                      line={"opcua": endpoint, "heartbeat_s": 0.2})  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "bouncer", "run", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    tloop = ThreadLoop()  # one event-loop thread for every client attempt, stopped at the end
+    tloop.start()
+    try:
+        deadline = time.monotonic() + 60
+        client = None
+        while client is None and time.monotonic() < deadline:
+            try:
+                client = Client(endpoint, timeout=2, tloop=tloop)
+                client.connect()
+            except Exception:
+                client = None
+                time.sleep(0.2)
+        assert client is not None, "the device serves OPC UA"
+        idx = client.get_namespace_index("urn:bouncer:line")
+        node = {n: client.nodes.objects.get_child([f"{idx}:Bouncer", f"{idx}:cam-u", f"{idx}:{n}"]) for n in
+                ("Verdict", "VerdictName", "Sequence", "Heartbeat", "Health", "GateVersion", "Accepted", "Reviewed",
+                 "Rejected")}  # fmt: skip
+        seen, beats = [], []
+        while len(seen) < 20 and time.monotonic() < deadline:
+            seen.append(node["Sequence"].read_value())
+            beats.append(node["Heartbeat"].read_value())
+            time.sleep(0.1)
+        assert seen == sorted(seen) and seen[-1] > seen[0] > 0 and len(set(beats)) > 3, (seen, beats)
+        assert node["Health"].read_value() is True and node["GateVersion"].read_value()
+        assert node["VerdictName"].read_value() in ("accept", "review", "reject")
+        total = sum(node[n].read_value() for n in ("Accepted", "Reviewed", "Rejected"))
+        assert abs(total - node["Sequence"].read_value()) <= 2  # counters add up (two reads apart)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        with pytest.raises(Exception):  # noqa: B017  # the session is gone: the client's rule says hold
+            for _ in range(30):
+                node["Heartbeat"].read_value()
+                time.sleep(0.1)
+        client.disconnect_socket()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        tloop.stop()
