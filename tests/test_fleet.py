@@ -45,7 +45,12 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
             for cam in (1, 2):
                 dev = f"{g}-cam{cam}"
                 frames = simulator.write_dataset(
-                    tmp_path / f"bolts-{dev}", ("bolt",), per_class=24, seed=100 + 2 * k + cam
+                    # 32 per camera: the hash split of the frame ids (new each run) leaves each group 8 or more
+                    # calibration frames of the new type (24 left 6 once in five runs)
+                    tmp_path / f"bolts-{dev}",
+                    ("bolt",),
+                    per_class=32,
+                    seed=100 + 2 * k + cam,
                 )
                 conf = toml(tmp_path / f"{dev}.toml", {
                     "device": {"id": dev, "group": g, "data_dir": str(tmp_path / f"flag-{dev}")},
