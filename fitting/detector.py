@@ -309,9 +309,10 @@ def box_drift_reference(task: DetectorTask, frames: DetectionFrames, classes: Se
 
 def certify(
     task: DetectorTask, frames: DetectionFrames, settings: FitSettings, say: Callable[[str], None]
-) -> tuple[Any, Acceptance]:
+) -> tuple[Any, Acceptance, Judged]:
     """Learn-then-Test on the frames that pass the input gate: the lowest certainty threshold whose accepted
-    frames have at most 1 - target with any box error, with probability 1 - delta."""
+    frames have at most 1 - target with any box error, with probability 1 - delta. Returns the selection, the
+    acceptance and the frames as judged (for the fit's figures)."""
     j = judge(task, frames)
     p = frames.passing
     sel = select_threshold(j.conf[p], j.correct[p], 1 - settings.target_accuracy, settings.delta)
@@ -320,7 +321,7 @@ def certify(
             "frames; this gate auto-accepts nothing, every frame goes to review")  # fmt: skip
     return sel, Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
                            sel.n_calibration, sel.n_accepted, sel.n_errors,
-                           frames_needed(1 - settings.target_accuracy, settings.delta))  # fmt: skip
+                           frames_needed(1 - settings.target_accuracy, settings.delta)), j  # fmt: skip
 
 
 def fit_detector_gate(
@@ -396,8 +397,7 @@ def fit_detector_from(
     ood_threshold = conformal_quantile(fused[q_ok] if q_ok.any() else fused, settings.ood_quantile)
     frames.passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
 
-    sel, acceptance = certify(task, frames.take(half_b), settings, say)
-    judged = judge(task, frames.take(half_b))
+    sel, acceptance, judged = certify(task, frames.take(half_b), settings, say)
     fit_metrics: dict[str, Any] = {
         "train_images": len(train_ex.paths),
         "calibration_images": len(calib_ex.paths),
@@ -489,8 +489,7 @@ def recalibrate(
     settings = FitSettings.of(champion)
     task, own = fit_calibration(platt, old.layout, champion.classes)
     task = replace(task, min_score=old.min_score, iou=old.iou, max_candidates=old.max_candidates)
-    sel, acceptance = certify(task, threshold, settings, say)
-    judged = judge(task, threshold)
+    sel, acceptance, judged = certify(task, threshold, settings, say)
     metrics = {
         **{k: v for k, v in champion.fit_metrics.items() if k in ("train_images", "drift_reference")},
         "calibration_images": len(platt) + len(threshold),

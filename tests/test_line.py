@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from helpers import device_toml, free_port, run_cli
+from helpers import device_toml, free_port, run_cli, wait_for_port
 
 from bouncer.sim import simulator
 
@@ -40,16 +40,7 @@ class Plc:
         device = SimDevice(id=1, simdata=SimData(0, count=100, values=0, datatype=DataType.REGISTERS))
         serve = StartAsyncTcpServer(context=device, address=("127.0.0.1", self.port), trace_pdu=trace)
         threading.Thread(target=lambda: asyncio.run(serve), daemon=True).start()
-        import socket
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the Modbus server did not start")
+        wait_for_port(self.port, "the Modbus server", 10.0)
 
     def verdicts(self) -> list[tuple[float, int, int]]:
         """(time, code, sequence) of every verdict write."""
