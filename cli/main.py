@@ -305,6 +305,23 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_line(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_line import bench_line
+
+    res = bench_line(args.model or default_model(), args.frames)
+    a = res["decision_alone"]
+    print(f"{'frame in to ...':<44} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'decision (no line output, same frames)':<44} {a['p50_ms']:>8.2f} {a['p99_ms']:>8.2f}")
+    for name, out in (("verdict written to the PLC (Modbus TCP)", res["modbus"]),
+                      ("verdict in the OPC UA address space", res["opcua"])):  # fmt: skip
+        if out.get("latency_ms_p50") is None:
+            raise BouncerError(f"bench line: no verdict reached {name} ({out})")
+        print(f"{name:<44} {out['latency_ms_p50']:>8.2f} {out['latency_ms_p99']:>8.2f}  "
+              f"({out['written']} written, {out['late']} late, {out['failed']} failed)")  # fmt: skip
+    _print_json_last(res)
+    return 0
+
+
 def cmd_sim_dataset(args: argparse.Namespace) -> int:
     from bouncer.sim import simulator
 
@@ -810,6 +827,10 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bh.add_argument("--rounds", type=_positive_int, default=5)
     bh.add_argument("--per-round", type=_positive_int, default=40)
+
+    bl = add("line", cmd_bench_line, "frame in to verdict written (Modbus PLC, OPC UA), p50/p99, vs decision", bsub)
+    bl.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    bl.add_argument("--frames", type=_positive_int, default=400)
 
     bd = add("device", cmd_bench_device, "guarded vs bare fps, outbox drain rate, peak memory", bsub)
     bd.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")

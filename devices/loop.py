@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from bouncer.devices import profiles
+from bouncer.devices.alerts import Alerts
 from bouncer.devices.gate_life import GateLife
 from bouncer.devices.metrics import DeviceMetrics
 from bouncer.devices.ota import GateSlots, OtaUpdater, Trial
@@ -49,8 +50,10 @@ class RunSummary:
     accepted: dict[str, int] = field(default_factory=dict)  # accepted frames by class
     skipped_done: int = 0
     events: int = 0
+    alerts: int = 0  # operator alerts sent (one per incident)
     undelivered: int = 0
     peak_rss_mb: float = 0.0
+    sparkplug: dict[str, Any] | None = None  # births and data messages sent, the last bdSeq
     line: dict[str, Any] | None = None  # verdicts written to the PLC, late ones, latency frame in -> written
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +157,15 @@ class Device:
             from bouncer.devices.opcua import OpcUaLine
 
             self.lines.append(OpcUaLine(c.opcua, self.id, self.guard.bundle.version, c.deadline_ms, c.heartbeat_s))
+        a = cfg.alerts
+        self.alerts = Alerts(self.send_alert, a.min_frames, a.window_s, a.quiet_s)
+        self.drift_alarms, self.camera_lost = 0, False
+        self.sparkplug = None
+        if cfg.sparkplug.group:
+            from bouncer.devices.sparkplug import SparkplugNode
+
+            sp = cfg.sparkplug
+            self.sparkplug = SparkplugNode(cfg.mqtt, sp.group, self.id, self.sparkplug_metrics, data, sp.every_s)
         self.summary = RunSummary()
         self._stop = threading.Event()
         self._audit_rate = cfg.outbox.audit_rate
@@ -194,8 +206,44 @@ class Device:
         self.outbox.put(json.loads(payload)["id"], schemas.topic(self.id, "events"), payload, "event")
         self.summary.events += 1
         log.info("event %s %s", kind, fields)
+        if kind in ("drift", "camera_lost", "camera_recovered"):  # the frame loop's own events: its thread
+            if kind == "drift":
+                self.drift_alarms += 1
+            self.camera_lost = kind == "camera_lost" or (self.camera_lost and kind != "camera_recovered")
+            self.alerts.event(time.time(), kind, fields)
         if self.observer is not None:
             self.observer.event(kind, fields)
+
+    def send_alert(self, alert: str, fields: dict[str, Any]) -> None:
+        """An operator alert, through the outbox like events (never evicted): one per incident."""
+        b = self.guard.bundle
+        payload = schemas.alert(self.id, alert, group=self.cfg.device.group, gate_version=b.version, **fields)
+        self.outbox.put(json.loads(payload)["id"], schemas.topic(self.id, "alerts"), payload, "alert")
+        self.summary.alerts += 1
+        log.warning("alert %s: %s", alert, fields["summary"])
+
+    def sparkplug_metrics(self) -> dict[str, tuple[str, Any]]:
+        """What SCADA/MES sees of this camera (docs/sparkplug.md); read on the Sparkplug thread."""
+        d = self.summary.decisions
+        rate = self.gates.flag_rate.rate()
+        out: dict[str, tuple[str, Any]] = {
+            "Frames": ("UInt64", self.summary.frames),
+            "Verdicts/Accept": ("UInt64", d.get("accept", 0)),
+            "Verdicts/Review": ("UInt64", d.get("review", 0)),
+            "Verdicts/Reject": ("UInt64", d.get("reject", 0)),
+            "Review Rate": ("Double", float(rate) if rate is not None else 0.0),
+            "Outbox Depth": ("UInt64", self.outbox.depth()),
+            "Alerts": ("UInt64", self.summary.alerts),
+            "Camera Lost": ("Boolean", self.camera_lost),
+            "Drift/Alarms": ("UInt64", self.drift_alarms),
+            "Gate/Version": ("String", self.guard.bundle.version),
+            "Gate/Serial": ("UInt64", self.serial),
+            "Properties/Group": ("String", self.cfg.device.group),
+            "Properties/Profile": ("String", self.profile.name),
+        }
+        for name, value in self.drift.statistics().items():
+            out[f"Drift/{name}"] = ("Double", float(value))
+        return out
 
     def on_command(self, payload: bytes) -> None:
         """Runs on the MQTT thread: validate, act, and answer bad commands with an event."""
@@ -239,8 +287,8 @@ class Device:
         outputs: dict[str, np.ndarray] | None,
         finite: bool,
         audit: bool = False,
-    ) -> None:
-        """Store a flagged (or audited) frame in the outbox; returns once it is on disk.
+    ) -> str:
+        """Store a flagged (or audited) frame in the outbox; returns its message id once it is on disk.
 
         The rest of the message (feature vectors, heatmap, JSON) is built on a helper thread while this one
         encodes the JPEG, which releases the GIL at once, so the two share the cores (the JPEG alone was 40%
@@ -280,6 +328,7 @@ class Device:
                 total_evicted=self.outbox.counter("evicted"),
                 order="oldest reject first, then oldest review",
             )
+        return msg.id
 
     def _explain(self, msg: schemas.FrameMessage, outputs: dict[str, np.ndarray] | None) -> bytes:
         """`msg` with what a flagged frame carries besides its JPEG: the vectors the station retrains from (every
@@ -336,10 +385,12 @@ class Device:
         audit = (
             decision.decision == Verdict.ACCEPT and self._audit_rate > 0 and self._audit_rng.random() < self._audit_rate
         )
+        frame_id = None
         if decision.decision != Verdict.ACCEPT or audit:
             t1 = time.perf_counter()
-            self.flag(item, decision, outputs, finite, audit)
+            frame_id = self.flag(item, decision, outputs, finite, audit)
             self._outbox_timer.observe(time.perf_counter() - t1)
+        self.alerts.frame(time.time(), decision.decision, decision.reasons, frame_id)
         return grey
 
     def stop(self) -> None:
@@ -360,6 +411,8 @@ class Device:
         self.metrics.serve(self.cfg.metrics.port)
         if self.link:
             self.link.start()
+        if self.sparkplug:
+            self.sparkplug.start()
         if self.ota:
             self.ota.start()
         max_fps = self.cfg.source.max_fps or (self.profile.max_fps if self.source.live else 0.0)
@@ -409,6 +462,9 @@ class Device:
                 self.summary.line = {line.name: line.report() for line in self.lines}
             if self.ota:
                 self.ota.stop()
+            if self.sparkplug:
+                self.sparkplug.stop()
+                self.summary.sparkplug = self.sparkplug.report()
             self.summary.undelivered = self.outbox.depth()
             self.summary.peak_rss_mb = peak_rss_mb()
             if self.link:

@@ -110,6 +110,23 @@ class LineSection:
 
 
 @dataclass
+class AlertsSection:
+    """Operator alerts, one per incident on `bouncer/v1/<device>/alerts` (devices/alerts.py)."""
+
+    min_frames: int = 3  # flagged frames with one cause within window_s that open an incident
+    window_s: float = 60.0
+    quiet_s: float = 300.0  # an incident closes after this long without its cause; the next one alerts again
+
+
+@dataclass
+class SparkplugSection:
+    """The camera as a Sparkplug B edge node for SCADA/MES (devices/sparkplug.py, docs/sparkplug.md)."""
+
+    group: str = ""  # Sparkplug group id; the edge node id is device.id; empty: off
+    every_s: float = 5.0  # NDATA at most this often, with the metrics that changed
+
+
+@dataclass
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     source: SourceSection = field(default_factory=SourceSection)
@@ -120,6 +137,8 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     ota: OtaSection = field(default_factory=OtaSection)
     line: LineSection = field(default_factory=LineSection)
+    alerts: AlertsSection = field(default_factory=AlertsSection)
+    sparkplug: SparkplugSection = field(default_factory=SparkplugSection)
 
     def validate(self) -> Config:
         from bouncer.runtime.schemas import SchemaError, check_device_id, gate_topic
@@ -139,6 +158,8 @@ class Config:
         if not self.gate.bundle:
             raise BouncerError("gate.bundle: required (a bundle made by `bouncer fit`)")
         self.mqtt.validate()
+        if self.sparkplug.group and not self.mqtt.broker:
+            raise BouncerError("sparkplug.group: needs mqtt.broker (Sparkplug B travels over MQTT)")
         checks = [
             ("outbox.max_mb", self.outbox.max_mb > 0),
             ("outbox.jpeg_quality", 1 <= self.outbox.jpeg_quality <= 100),
@@ -159,6 +180,10 @@ class Config:
             ("line.deadline_ms", self.line.deadline_ms > 0),
             ("line.heartbeat_s", self.line.heartbeat_s > 0),
             ("line.timeout_s", self.line.timeout_s > 0),
+            ("alerts.min_frames", self.alerts.min_frames >= 1),
+            ("alerts.window_s", self.alerts.window_s > 0),
+            ("alerts.quiet_s", self.alerts.quiet_s > 0),
+            ("sparkplug.every_s", self.sparkplug.every_s > 0),
         ]
         for key, ok in checks:
             if not ok:

@@ -35,7 +35,7 @@ class SchemaError(ValueError):
 
 
 def topic(device: str, kind: str) -> str:
-    """bouncer/v1/<device>/<kind>; kind is one of status, frames, events, stats, cmd."""
+    """bouncer/v1/<device>/<kind>; kind is one of KINDS."""
     return f"{PREFIX}/{device}/{kind}"
 
 
@@ -134,6 +134,26 @@ class EventWire(msgspec.Struct, kw_only=True):
     event: str
 
 
+ALERTS = ("new_defect_suspected", "quality", "drift", "camera_lost")
+
+
+class AlertWire(msgspec.Struct, kw_only=True):
+    """An operator alert (`alerts`): one per incident, sent when it opens (devices/alerts.py)."""
+
+    v: Literal[1]
+    id: str
+    device: DeviceId
+    ts: Number
+    alert: Literal["new_defect_suspected", "quality", "drift", "camera_lost"]
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    summary: str
+    since: Number
+    frames: Annotated[int, msgspec.Meta(ge=0)]
+    frame_ids: list[str]
+    group: str
+    gate_version: str
+
+
 class StatsWire(msgspec.Struct, kw_only=True):
     """Periodic device statistics (`stats`); more fields may follow."""
 
@@ -166,6 +186,7 @@ WIRE = {
     "frame": FrameWire,
     "status": StatusWire,
     "event": EventWire,
+    "alert": AlertWire,
     "stats": StatsWire,
     "command": CommandWire,
     "gate_announcement": GateAnnouncementWire,
@@ -331,7 +352,7 @@ class Command:
 
 # ---- parsing what arrives (the station side) -----------------------------------------------------
 
-KINDS = ("status", "frames", "events", "stats", "cmd")
+KINDS = ("status", "frames", "events", "alerts", "stats", "cmd")
 
 
 def parse_topic(name: str) -> tuple[str, str]:
@@ -351,6 +372,17 @@ def parse_status(payload: bytes) -> dict[str, Any]:
 def parse_event(payload: bytes) -> dict[str, Any]:
     o = decode(payload, "event")
     _convert(o, EventWire, "event")
+    return o
+
+
+def alert(device: str, alert: str, **fields: Any) -> bytes:
+    """An operator alert with an id and time (AlertWire names the fields)."""
+    return encode({"id": new_id(), "device": device, "ts": time.time(), "alert": alert, **fields})
+
+
+def parse_alert(payload: bytes) -> dict[str, Any]:
+    o = decode(payload, "alert")
+    _convert(o, AlertWire, "alert")
     return o
 
 

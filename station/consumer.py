@@ -52,6 +52,7 @@ class Consumer:
         return [
             (f"{shared}{schemas.PREFIX}/+/frames", 1),
             (f"{shared}{schemas.PREFIX}/+/events", 1),
+            (f"{shared}{schemas.PREFIX}/+/alerts", 1),
             (f"{schemas.PREFIX}/+/status", 1),  # retained; shared subscriptions get no retained messages
             (f"{schemas.PREFIX}/+/stats", 0),
         ]
@@ -97,6 +98,10 @@ class Consumer:
             if kind == "events":
                 ev = schemas.parse_event(payload)
                 self.store.add_event(ev)
+                self.counts["events"] += 1
+                return "event"
+            if kind == "alerts":  # kept with the device's events: the station groups frames itself
+                self.store.add_event({**schemas.parse_alert(payload), "event": "alert"})
                 self.counts["events"] += 1
                 return "event"
             if kind == "status":

@@ -88,9 +88,9 @@ class Mosquitto:
 
 
 class Collector:
-    """A subscriber with a persistent session (QoS 1): collects every message on bouncer/v1/#."""
+    """A subscriber with a persistent session (QoS 1): collects every message on `topic` (bouncer/v1/#)."""
 
-    def __init__(self, port: int, client_id: str = "test-collector") -> None:
+    def __init__(self, port: int, client_id: str = "test-collector", topic: str = "bouncer/v1/#") -> None:
         import threading
 
         import paho.mqtt.client as mqtt
@@ -101,7 +101,7 @@ class Collector:
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, protocol=mqtt.MQTTv311
         )
         self.client.reconnect_delay_set(0.1, 1)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("bouncer/v1/#", qos=1)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

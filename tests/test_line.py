@@ -184,3 +184,17 @@ def test_an_opc_ua_client_reads_each_verdict_and_holds_when_the_guard_dies(sim_g
             proc.kill()
             proc.wait(timeout=30)
         tloop.stop()
+
+
+def test_bench_line_prints_latency_beside_the_decision_alone(built_models, bouncer_home):
+    res = run_cli("bench", "line", "--frames", "60", env={"BOUNCER_HOME": str(bouncer_home)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 60
+    alone = out["decision_alone"]
+    for name in ("modbus", "opcua"):
+        o = out[name]
+        assert o["written"] == 60 and o["failed"] == 0 and o["late"] == 0, o
+        # the verdict is written after the decision, so its latency includes it
+        assert alone["p50_ms"] * 0.5 < o["latency_ms_p50"] <= o["latency_ms_p99"] < 1000, (alone, o)
+    assert "verdict written to the PLC (Modbus TCP)" in res.stdout

@@ -85,7 +85,8 @@ def _layer_table() -> dict[str, tuple[set[str] | None, set[str]]]:
         if builds_on == "(C++)":
             continue
         layers = None if builds_on == "all" else {x.strip() for x in builds_on.split(",") if x.strip() != "none"}
-        rows[package.removeprefix("bouncer.")] = (layers, {x.strip().strip("`") for x in third.split(",")})
+        third_party = {x.split("(")[0].strip().strip("`") for x in third.split(",")}  # "`google` (protobuf)"
+        rows[package.removeprefix("bouncer.")] = (layers, third_party)
     return rows
 
 

@@ -201,8 +201,12 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
             (schemas.topic("cam-2", "events"), b'{"v": 2, "event": "drift"}'),
             (schemas.topic("cam-2", "status"), b'{"v": 1, "device": "cam-2", "state": "dancing", "ts": 1}'),
             (schemas.topic("cam-2", "frames"), dataclasses.replace(frame_message("cam-2", 9), group="line-9").encode()),
+            (schemas.topic("cam-2", "alerts"), b'{"v": 1, "id": "a1", "device": "cam-2", "ts": 1, "alert": "fire"}'),
         ]
+        alert = schemas.alert("cam-2", "drift", key="drift:brightness", summary="slow drift in brightness down",
+                              since=1.0, frames=0, frame_ids=[], group="default", gate_version="v1")  # fmt: skip
         publish_all(broker.port, [(schemas.topic("cam-2", "frames"), good.encode())] * 3 + bad)
+        publish_all(broker.port, [(schemas.topic("cam-2", "alerts"), alert)] * 2)
         publish_all(broker.port, [(schemas.topic("cam-2", "frames"), frame_message("cam-2", 2).encode())])
         wait_until(lambda: c.counts["quarantined"] >= len(bad) and c.store.counts()["frames"] == 2, 30)
         counts = c.store.counts()
@@ -218,8 +222,11 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
             "schema version",
             "dancing",
             "group 'line-9' is not managed here",
+            "alert: ",
         ):
             assert needle in reasons, needle
+        alerts = wait_until(lambda: c.store.events("alert"), 30)
+        assert len(alerts) == 1 and alerts[0]["alert"] == "drift", alerts  # kept once, with the device's events
         stored = c.store.frame(good.id)
         assert stored is not None and stored.predicted == "gear" and stored.source == "/frames/1.png"
         assert c.store.image_path(good.id).read_bytes() == good.jpeg

@@ -19,6 +19,8 @@ GREY_W, GREY_H = 160, 120
 TILES = 4  # 4x4 grid for occlusion / low texture
 CLIP_DARK, CLIP_BRIGHT = 8, 247
 FROZEN_EPS = 0.01  # mean |difference| in grey levels: a frozen camera repeats the frame exactly
+# what the input check can say about a frame (an unreadable frame is rejected before it)
+REASONS = ("dark", "overexposed", "low_contrast", "blur", "noise", "occluded", "frozen", "unreadable")
 STAT_NAMES = ("mean", "std", "dark_frac", "bright_frac", "sharpness", "tile_std_min")
 
 
