@@ -269,10 +269,14 @@ def cmd_bench_hotpath(args: argparse.Namespace) -> int:
     from bouncer.cli.bench_hotpath import bench_hotpath
 
     with tempfile.TemporaryDirectory() as tmp:
-        res = bench_hotpath(args.model or default_model(), Path(tmp), args.rounds, args.per_round)
+        model = None if args.kernels_only else args.model or default_model()
+        res = bench_hotpath(model, Path(tmp), args.rounds, args.per_round, guard=not args.kernels_only)
     print(f"{'kernel':<58} {'numpy us':>10} {'C++ us':>10} {'speed-up':>9}")
     for name, k in res["kernels"].items():
         print(f"{name:<58} {k['numpy_us']:>10.2f} {k['cpp_us']:>10.2f} {k['speedup']:>8.1f}x")
+    if args.kernels_only:
+        _print_json_last({"kernels": res["kernels"]})
+        return 0
     print(
         f"guarded frame {res['guarded_frame_us']:.0f} us: backbone call {res['backbone_us']:.0f} us (alone: "
         f"{res['backbone_alone_us']:.0f} us) + guard {res['guard_us']:.0f} us = overhead {res['guard_overhead']:.1%} "
@@ -827,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bh.add_argument("--rounds", type=_positive_int, default=5)
     bh.add_argument("--per-round", type=_positive_int, default=40)
+    bh.add_argument("--kernels-only", action="store_true", help="skip the guard overhead (it fits a gate first)")
 
     bl = add("line", cmd_bench_line, "frame in to verdict written (Modbus PLC, OPC UA), p50/p99, vs decision", bsub)
     bl.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
