@@ -309,6 +309,18 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_station(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_station import bench_station, print_station
+
+    workers = tuple(int(w) for w in args.workers.split(","))
+    res = bench_station(args.messages, args.publishers, args.devices, args.size_kb, workers, not args.no_faults,
+                        say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    print_station(res)
+    _print_json_last(res)
+    bad = res["faults"] and (res["faults"]["lost"] or res["faults"]["objects"] < res["faults"]["stored"])
+    return 1 if bad else 0
+
+
 def cmd_bench_line(args: argparse.Namespace) -> int:
     from bouncer.cli.bench_line import bench_line
 
@@ -836,6 +848,15 @@ def build_parser() -> argparse.ArgumentParser:
     bl = add("line", cmd_bench_line, "frame in to verdict written (Modbus PLC, OPC UA), p50/p99, vs decision", bsub)
     bl.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     bl.add_argument("--frames", type=_positive_int, default=400)
+
+    bs = add("station", cmd_bench_station, "station ingest on PostgreSQL + S3 with 1/2/4 workers, and under faults",
+             bsub)  # fmt: skip
+    bs.add_argument("--messages", type=_positive_int, default=3000, help="frames per run")
+    bs.add_argument("--workers", default="1,2,4", help="ingest worker counts, comma-separated")
+    bs.add_argument("--publishers", type=_positive_int, default=2, help="publisher processes")
+    bs.add_argument("--devices", type=_positive_int, default=20, help="simulated cameras")
+    bs.add_argument("--size-kb", type=_positive_int, default=50, help="message size")
+    bs.add_argument("--no-faults", action="store_true", help="skip the run with faults injected")
 
     bd = add("device", cmd_bench_device, "guarded vs bare fps, outbox drain rate, peak memory", bsub)
     bd.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")

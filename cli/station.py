@@ -90,15 +90,18 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
     station = _station(args.config, args.data_dir, args.port, args.broker)
     token = resolve_token(station)
     app = create_app(station, token)
+    roles = station.cfg.station.roles
     station.start_mqtt()
     server = uvicorn.Server(
         uvicorn.Config(app, host=station.cfg.http.host, port=station.cfg.http.port, log_level="warning")
     )
-    threading.Thread(target=station.maintain_loop, name="tuf-refresh", daemon=True).start()
-    if station.cfg.retrain.every_s or station.cfg.retrain.min_new_labels:
-        threading.Thread(target=station.retrain_loop, name="retrain", daemon=True).start()
+    if "retrain" in roles:
+        threading.Thread(target=station.maintain_loop, name="tuf-refresh", daemon=True).start()
+        if station.cfg.retrain.every_s or station.cfg.retrain.min_new_labels:
+            threading.Thread(target=station.retrain_loop, name="retrain", daemon=True).start()
     groups = ", ".join(station.groups)
-    print(f"station on http://{station.cfg.http.host}:{station.cfg.http.port}/ (groups {groups})", flush=True)
+    where = f"on http://{station.cfg.http.host}:{station.cfg.http.port}/ " if "web" in roles else ""
+    print(f"station {where}(groups {groups}; roles {', '.join(roles)})", flush=True)
     stop = threading.Event()
 
     def handle(*_: object) -> None:
@@ -108,7 +111,10 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handle)
     try:
-        server.run()
+        if "web" in roles:
+            server.run()
+        else:
+            stop.wait()
     finally:
         station.stop()
     return 0

@@ -11,12 +11,25 @@ from bouncer.runtime.schemas import SchemaError, gate_topic
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+ROLES = ("ingest", "web", "retrain")
+
+
 @dataclass
 class StationSection:
     data_dir: str = "bouncer-station"
     groups: list[str] = field(default_factory=lambda: ["default"])  # lines / camera groups, one gate each
     share_group: str = "bouncer-station"  # $share/<share_group>/...: workers split the load; "" = no sharing
     worker: str = ""  # MQTT client id suffix, stable across restarts; empty: the host name (one worker per host)
+    # the rows' database: empty for SQLite in data_dir, or postgresql://USER@HOST:PORT/DB (password: PGPASSWORD
+    # or ~/.pgpass, as libpq reads them); frames and bundles stay files in data_dir
+    database: str = ""
+    # frames, heatmaps and quarantined payloads: empty for files in data_dir, or s3://BUCKET[/PREFIX][?endpoint=URL]
+    # (credentials as boto3 finds them: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)
+    objects: str = ""
+    # what this process does: ingest (MQTT -> store), web (UI, JSON API, TUF repository), retrain (retraining,
+    # approval, signing, publishing; one holder at a time across all workers on one database)
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
+    sweep_grace_s: float = 3600.0  # an object with no row, older than this, is removed (left by a crash)
 
 
 @dataclass
@@ -53,6 +66,17 @@ class StationConfig:
         if self.retrain.every_s < 0 or self.retrain.min_new_labels < 0:
             raise BouncerError("retrain.every_s, retrain.min_new_labels: must not be negative")
         self.mqtt.validate()
+        if self.station.database and not self.station.database.startswith(("postgresql://", "postgres://")):
+            raise BouncerError("station.database: empty (SQLite in station.data_dir) or postgresql://USER@HOST:PORT/DB")
+        if self.station.objects and not self.station.objects.startswith("s3://"):
+            raise BouncerError(
+                "station.objects: empty (files in station.data_dir) or s3://BUCKET[/PREFIX][?endpoint=URL]"
+            )
+        bad = [r for r in self.station.roles if r not in ROLES]
+        if bad or not self.station.roles:
+            raise BouncerError(f"station.roles: one or more of {', '.join(ROLES)}, got {self.station.roles}")
+        if self.station.sweep_grace_s < 60:
+            raise BouncerError("station.sweep_grace_s: at least 60 (a frame between its object and its row is younger)")
         if not 0 <= self.http.port <= 65535:
             raise BouncerError("http.port: value out of range")
         return self

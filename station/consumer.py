@@ -4,13 +4,21 @@ the load), status and stats of every device, and the retained gate announcements
 A message is acknowledged (manual PUBACK) only after it is in the store, so a station crash or a full disk
 means the broker delivers it again, never that it is lost; malformed messages are quarantined with their
 reason and acknowledged.
+
+paho's network thread only queues what arrives; one writer thread takes what has queued (up to BATCH
+messages), stores the frames among them in one go (objects in parallel, rows in one transaction) and then
+acknowledges them in the order they came. When the database or the object store is down, full or refusing, the
+writer logs it and retries the same batch with a growing pause: the messages stay unacknowledged until stored.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import sqlite3
 import threading
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -23,16 +31,29 @@ from bouncer.station.store import Store
 
 log = logging.getLogger("bouncer.station.mqtt")
 SESSION_EXPIRY_S = 7 * 24 * 3600
+BATCH = 64  # messages stored and acknowledged together
+RECEIVE_MAXIMUM = 256  # unacknowledged messages the broker may send this worker (MQTT 5)
+RETRY_MAX_S = 10.0
 
 
 class Consumer:
     def __init__(
-        self, cfg: MqttSection, store: Store, share_group: str, worker: str = "", groups: list[str] | None = None
+        self,
+        cfg: MqttSection,
+        store: Store,
+        share_group: str,
+        worker: str = "",
+        groups: list[str] | None = None,
+        subscribe: bool = True,
     ) -> None:
-        self.cfg, self.store, self.share = cfg, store, share_group
+        """`subscribe`: False for a worker without the ingest role (it only announces gates)."""
+        self.cfg, self.store, self.share, self.subscribe = cfg, store, share_group, subscribe
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._stopping = threading.Event()
+        self._writer: threading.Thread | None = None
         self.groups = set(groups) if groups else None  # None: accept frames of any group
         self.connected = threading.Event()
-        self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0}
+        self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0, "retries": 0}
         self.v5 = cfg.protocol == "v5"
         # stable across restarts: a restarted worker resumes its persistent session and receives what the
         # broker queued for it meanwhile (a new id per start would strand that share in the old session)
@@ -61,38 +82,99 @@ class Consumer:
         if reason_code.is_failure:
             log.warning("broker refused the station: %s", reason_code)
             return
-        client.subscribe(self.subscriptions())
+        if self.subscribe:
+            client.subscribe(self.subscriptions())
         self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:
-        try:
-            self.handle(msg.topic, msg.payload)
-        except OSError as exc:  # disk full, I/O error: leave it unacknowledged, the broker sends it again
-            self.counts["unstored"] += 1
-            log.error("could not store a message from %s: %s", msg.topic, exc)
-            return
-        except Exception as exc:  # a bug must not kill paho's network thread: keep the message aside
-            log.exception("unexpected error on a message from %s", msg.topic)
+        self._inbox.put(msg)  # the writer thread stores it; paho's thread stays free for the network
+
+    def _write_loop(self) -> None:
+        while not self._stopping.is_set():
             try:
-                self.store.quarantine(msg.topic, msg.payload, f"internal error: {type(exc).__name__}: {exc}")
-            except Exception:
-                return  # not stored anywhere: leave it unacknowledged
-            self.counts["quarantined"] += 1
-        if msg.qos:
-            client.ack(msg.mid, msg.qos)
+                first = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if self._store_batch(batch):
+                for msg in batch:  # in the order received, as MQTT asks
+                    if msg.qos:
+                        self.client.ack(msg.mid, msg.qos)
+
+    def _store_batch(self, batch: list[Any]) -> bool:
+        """Store every message of the batch, retrying while the stores are unavailable; False if stopped first."""
+        pause = 0.2
+        while True:
+            try:
+                self._store_once(batch)
+                return True
+            except (OSError, sqlite3.OperationalError) as exc:  # down, full, refused, locked: retry, do not ack
+                self.counts["unstored"] += len(batch)
+                self.counts["retries"] += 1
+                log.error("cannot store %d message(s) now, retrying in %.1f s (not acknowledged): %s",
+                          len(batch), pause, exc)  # fmt: skip
+                if self._stopping.wait(pause):
+                    return False
+                pause = min(pause * 2, RETRY_MAX_S)
+
+    def _store_once(self, batch: list[Any]) -> None:
+        frames: list[schemas.FrameMessage] = []
+        for msg in batch:  # frames are decoded here and stored together; the rest one by one
+            if msg.topic.rsplit("/", 1)[-1] == "frames":
+                try:
+                    frames.append(self._frame(msg.topic, msg.payload))
+                except schemas.SchemaError as exc:
+                    self._quarantine(msg.topic, msg.payload, str(exc))
+                continue
+            self._guarded(msg.topic, msg.payload)
+        if frames:
+            try:
+                new = self.store.add_frames(frames)
+            except schemas.SchemaError:  # one bad id: store them one by one so only it is quarantined
+                new = []
+                for f in frames:
+                    new.append(self._guarded(schemas.topic(f.device, "frames"), f.encode()) == "frame")
+            for n in new:
+                self.counts["frames" if n else "duplicates"] += 1
+
+    def _guarded(self, topic: str, payload: bytes) -> str:
+        try:
+            return self.handle(topic, payload)
+        except (OSError, sqlite3.OperationalError):
+            raise
+        except Exception as exc:  # a bug must not stop the writer: keep the message aside
+            log.exception("unexpected error on a message from %s", topic)
+            self._quarantine(topic, payload, f"internal error: {type(exc).__name__}: {exc}")
+            return "quarantined"
+
+    def _quarantine(self, topic: str, payload: bytes, reason: str) -> None:
+        self.store.quarantine(topic, payload, reason)
+        self.counts["quarantined"] += 1
+        log.warning("quarantined a message on %s: %s", topic, reason)
+
+    def _frame(self, topic: str, payload: bytes) -> schemas.FrameMessage:
+        device, _ = schemas.parse_topic(topic)
+        msg = schemas.FrameMessage.decode(payload)
+        if msg.device != device:
+            raise schemas.SchemaError(f"frame message: device {msg.device!r} on the topic of {device!r}")
+        if self.groups is not None and msg.group not in self.groups:
+            known = ", ".join(sorted(self.groups))
+            raise schemas.SchemaError(f"frame message: group {msg.group!r} is not managed here ({known})")
+        if not schemas.DEVICE_ID.match(msg.id):
+            raise schemas.SchemaError(f"frame message: id {msg.id!r} is not a plain identifier")
+        return msg
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Store one message; returns what happened (frame, duplicate, event, status, stats, quarantined)."""
         try:
-            device, kind = schemas.parse_topic(topic)
+            _, kind = schemas.parse_topic(topic)
             if kind == "frames":
-                msg = schemas.FrameMessage.decode(payload)
-                if msg.device != device:
-                    raise schemas.SchemaError(f"frame message: device {msg.device!r} on the topic of {device!r}")
-                if self.groups is not None and msg.group not in self.groups:
-                    known = ", ".join(sorted(self.groups))
-                    raise schemas.SchemaError(f"frame message: group {msg.group!r} is not managed here ({known})")
-                new = self.store.add_frame(msg)
+                new = self.store.add_frame(self._frame(topic, payload))
                 self.counts["frames" if new else "duplicates"] += 1
                 return "frame" if new else "duplicate"
             if kind == "events":
@@ -126,6 +208,7 @@ class Consumer:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S  # queued for us while the station restarts
+            props.ReceiveMaximum = RECEIVE_MAXIMUM  # enough in flight to fill a batch
         self.client.connect_async(
             self.host,
             self.port,
@@ -133,8 +216,14 @@ class Consumer:
             clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
+        self._writer = threading.Thread(target=self._write_loop, name="station-ingest", daemon=True)
+        self._writer.start()
         self.client.loop_start()
 
     def stop(self) -> None:
+        """Unacknowledged messages stay with the broker (the persistent session) for this worker's return."""
+        self._stopping.set()  # the writer finishes (and acknowledges) the batch in hand
+        if self._writer is not None:
+            self._writer.join(timeout=30)
         self.client.disconnect()
         self.client.loop_stop()

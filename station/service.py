@@ -10,6 +10,8 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +43,7 @@ class Station:
         self.cfg = cfg
         self.root = Path(cfg.station.data_dir)
         self.groups = list(cfg.station.groups)
-        self.store = Store(self.root)
+        self.store = Store(self.root, cfg.station.database, objects=cfg.station.objects)
         self.accounts = Accounts(self.store)
         self.repo = TufRepo(self.root)
         self.consumer: Consumer | None = None
@@ -154,9 +156,18 @@ class Station:
             ann = schemas.GateAnnouncement(group, bundle.version, serial, bundle.backbone_hash)
             self.consumer.announce(group, ann)
 
+    @contextmanager
+    def _publisher(self) -> Iterator[None]:
+        """Retraining, approval and publishing run in one process at a time across every worker on this database
+        (the `retrain` role lock), so two workers never sign and publish two gates."""
+        with self._retrain_lock, self.store.db.role("retrain") as held:
+            if not held:
+                raise BouncerError("another station worker is retraining or publishing now: try again later")
+            yield
+
     def retrain(self, group: str | None = None, log_fn=None) -> RetrainResult:
         group = self.check_group(group)
-        with self._retrain_lock:
+        with self._publisher():
             champion = self.champion(group)
             current = self.store.champion(group)
             started = time.time()  # labels labelled from now on are new to the next retraining, even mid-fit
@@ -209,10 +220,11 @@ class Station:
                 f"gate {version} is {g['role']}: only a pending gate that passed its checks can be approved"
                 + (f" (it failed: {why})" if why else "")
             )
-        bundle = GateBundle.load(Path(g["path"]))
-        self.store.audit(version, "approved", f"user:{user}", {"group": g["group"]})
-        seen = {"labels_until": labels_until(g)}
-        serial = self.publish(bundle, g["group"], Path(g["path"]), role_metrics=seen, serial=int(g["serial"]))
+        with self._publisher():
+            bundle = GateBundle.load(Path(g["path"]))
+            self.store.audit(version, "approved", f"user:{user}", {"group": g["group"]})
+            seen = {"labels_until": labels_until(g)}
+            serial = self.publish(bundle, g["group"], Path(g["path"]), role_metrics=seen, serial=int(g["serial"]))
         return {"version": version, "group": g["group"], "serial": serial}
 
     def due_for_retraining(self, group: str, now: float) -> bool:
@@ -231,12 +243,19 @@ class Station:
                     log.warning("scheduled retraining of %s failed: %s", group, exc)
 
     def maintain_loop(self, every_s: float = 3600.0) -> None:
-        """Keep the TUF metadata from expiring on a station that publishes nothing for a while."""
+        """Keep the TUF metadata from expiring on a station that publishes nothing for a while, and sweep objects
+        a crash left without a row."""
         while True:
-            with self._repo_lock:
-                roles = self.repo.refresh()
-            if roles:
-                log.info("re-signed TUF metadata: %s", ", ".join(roles))
+            try:
+                with self._repo_lock:
+                    roles = self.repo.refresh()
+                if roles:
+                    log.info("re-signed TUF metadata: %s", ", ".join(roles))
+                swept = self.store.sweep(self.cfg.station.sweep_grace_s)
+                if swept:
+                    log.info("removed %d object(s) no row points at", swept)
+            except OSError as exc:
+                log.error("maintenance failed, next try in %.0f s: %s", every_s, exc)
             if self._stop.wait(every_s):
                 return
 
@@ -310,9 +329,12 @@ class Station:
         from bouncer.station.consumer import Consumer
 
         self.consumer = Consumer(
-            self.cfg.mqtt, self.store, self.cfg.station.share_group, self.cfg.station.worker, self.groups
-        )
+            self.cfg.mqtt, self.store, self.cfg.station.share_group, self.cfg.station.worker, self.groups,
+            subscribe="ingest" in self.cfg.station.roles,
+        )  # fmt: skip
         self.consumer.start()
+        if "retrain" not in self.cfg.station.roles:
+            return  # announcing is the publisher's: its folder has the bundles
         for group in self.groups:  # re-announce each current gate (retained) in case the broker lost it
             g = self.store.champion(group)
             if g is not None:

@@ -3,8 +3,7 @@ gate versions and quarantined messages.
 
 Idempotent on the message id (`INSERT ... ON CONFLICT (id) DO NOTHING`): a frame re-sent after a device
 or broker restart is stored once. The SQL is the portable subset SQLite and PostgreSQL share (TEXT,
-DOUBLE PRECISION, BIGINT, ON CONFLICT; placeholders are the one thing `_sql` translates), so a
-PostgreSQL connection can go through the same code later.
+DOUBLE PRECISION, BIGINT, ON CONFLICT), so SQLite and PostgreSQL run the same code (station/db.py).
 """
 
 from __future__ import annotations
@@ -12,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sqlite3
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ import numpy as np
 
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
+from bouncer.station.db import connect
+from bouncer.station.objects import FolderObjects, open_objects
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -190,6 +190,12 @@ class QueueFilter:
         return " ".join(parts), tuple(args)
 
 
+def frame_key(frame_id: str, suffix: str) -> str:
+    """The object key of a frame's JPEG or heatmap: derived from the message id alone, so a redelivered message
+    writes the same object."""
+    return f"frames/{frame_id[:2]}/{frame_id}.{suffix}"
+
+
 def pack_features(features: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in features.items()})  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
@@ -201,17 +207,6 @@ def unpack_features(blob: bytes) -> dict[str, np.ndarray]:
         return {k: z[k].astype(np.float32) for k in z.files}
 
 
-# the audit log is append-only: the database itself refuses to change or delete a row
-APPEND_ONLY = """
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_replace BEFORE INSERT ON audit
-WHEN EXISTS (SELECT 1 FROM audit WHERE id = NEW.id)
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
-# (INSERT OR REPLACE deletes the old row without firing a delete trigger: the insert trigger refuses it first)
 AUDIT_FIELDS = ("id", "ts", "gate_version", "event", "actor", "device", "details")
 DEVICE_GATE_EVENTS = {"gate_commit": "applied", "gate_rollback": "rolled_back", "gate_update_rejected": "refused"}
 
@@ -221,114 +216,166 @@ def audit_hash(prev: str, rec: tuple) -> str:
     return hashlib.sha256(json.dumps([prev, *rec], separators=(",", ":")).encode()).hexdigest()
 
 
+# columns added after a station database could exist: (table, ((column, type), ...))
+LATER_COLUMNS = (
+    ("audit", (("prev_hash", "TEXT"), ("hash", "TEXT"))),  # the hash chain
+    ("frames", (("boxes", "TEXT"), ("size", "TEXT"), ("candidates", "BYTEA"))),  # detectors
+)
+
+
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, database: str = "", connect_timeout: float = 30.0, objects: str = "") -> None:
+        """`database`: empty for SQLite in `root` (the embedded default), or a postgresql:// URL. `objects`: empty
+        for frames, heatmaps and quarantined payloads as files under `root`, or s3://BUCKET/PREFIX."""
         self.root = Path(root)
-        self.images = self.root / "frames"
-        self.quarantine_dir = self.root / "quarantine"
-        for d in (self.images, self.quarantine_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        path = self.root / "station.sqlite"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.objects = open_objects(objects, self.root)
+        self._pool: ThreadPoolExecutor | None = None
+        self.db = connect(database, self.root, connect_timeout)
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(audit)")}
-            for col in ("prev_hash", "hash"):  # a station database from before the hash chain
-                if col not in columns:
-                    self._db.execute(f"ALTER TABLE audit ADD COLUMN {col} TEXT")
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(frames)")}
-            for col, kind in (("boxes", "TEXT"), ("size", "TEXT"), ("candidates", "BYTEA")):  # before detectors
-                if col not in columns:
-                    self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} {kind}")
-            self._db.executescript(APPEND_ONLY)
+            self.db.script(SCHEMA)
+            for table, added in LATER_COLUMNS:
+                have = self.db.columns(table)
+                for col, kind in added:
+                    if col not in have:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
+            self.db.append_only()
         except sqlite3.DatabaseError as exc:
-            raise BouncerError(f"{path}: unusable station database ({exc})") from None
+            raise BouncerError(f"{self.root / 'station.sqlite'}: unusable station database ({exc})") from None
 
-    @staticmethod
-    def _sql(statement: str) -> str:
-        return statement  # SQLite takes `?`; a PostgreSQL driver would get `%s` here
-
-    def _exec(self, statement: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(self._sql(statement), args)
+    def _exec(self, statement: str, args: tuple = ()) -> int:
+        """Runs one statement; returns the rows it changed."""
+        return self.db.execute(statement, args)
 
     def _all(self, statement: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(self._sql(statement), args).fetchall()
+        return self.db.all(statement, args)
 
     def script(self, sql: str) -> None:
         """Tables another station module keeps in this database (accounts)."""
-        with self._lock:
-            self._db.executescript(sql)
+        self.db.script(sql)
 
     def run(self, statement: str, args: tuple = ()) -> int:
-        return self._exec(statement, args).rowcount
+        return self._exec(statement, args)
 
     def rows(self, statement: str, args: tuple = ()) -> list[tuple]:
         return self._all(statement, args)
 
     # ---- incoming -------------------------------------------------------------------------------
 
-    def _write_file(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
     def add_frame(self, msg: schemas.FrameMessage) -> bool:
-        """Store a flagged frame once; returns False for a duplicate id. The JPEG is on disk first, so a
-        row never points at a missing file."""
-        if not schemas.DEVICE_ID.match(msg.id):
-            raise schemas.SchemaError(f"frame message: id {msg.id!r} is not a plain identifier")
-        if self._all("SELECT 1 FROM frames WHERE id = ?", (msg.id,)):
-            return False
-        jpeg = self.images / msg.id[:2] / f"{msg.id}.jpg"
-        self._write_file(jpeg, msg.jpeg)
-        heat = None
-        if msg.heatmap:
-            heat = self.images / msg.id[:2] / f"{msg.id}.heat.png"
-            self._write_file(heat, msg.heatmap)
-        cur = self._exec(
+        """Store a flagged frame once; returns False for a duplicate id."""
+        return self.add_frames([msg])[0]
+
+    def add_frames(self, msgs: list[schemas.FrameMessage]) -> list[bool]:
+        """Store flagged frames, each once: objects first (keys from the message id, written in parallel), then
+        the rows in one transaction (`ON CONFLICT DO NOTHING`); True for each frame that was new. A row never
+        points at a missing object; an object left without a row (a crash in between) is swept later."""
+        for msg in msgs:
+            if not schemas.DEVICE_ID.match(msg.id):
+                raise schemas.SchemaError(f"frame message: id {msg.id!r} is not a plain identifier")
+        known = self._known_ids([m.id for m in msgs])
+        fresh = [m for m in msgs if m.id not in known]
+        blobs: list[tuple[str, bytes]] = []
+        for m in fresh:
+            blobs.append((frame_key(m.id, "jpg"), m.jpeg))
+            if m.heatmap:
+                blobs.append((frame_key(m.id, "heat.png"), m.heatmap))
+        self._put_all(blobs)
+        now = time.time()
+        rows = [
+            (
+                m.id, m.group, m.device, m.ts, now, m.source, m.decision, m.label, m.confidence, m.ood_score,
+                json.dumps(m.reasons), json.dumps(m.details), json.dumps(m.quality), m.gate_version, m.backbone_hash,
+                frame_key(m.id, "jpg"), frame_key(m.id, "heat.png") if m.heatmap else None, int(m.audit),
+                pack_features(m.features) if m.features else None, None if m.boxes is None else json.dumps(m.boxes),
+                None if m.size is None else json.dumps(list(m.size)),
+                None if m.candidates is None else np.asarray(m.candidates, np.float32).tobytes(),
+            )
+            for m in fresh
+        ]  # fmt: skip
+        inserted = self.db.insert_new(
             "INSERT INTO frames (id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, "
             "reasons, details, quality, gate_version, backbone_hash, jpeg_path, heatmap_path, audit, features, "
             "boxes, size, candidates) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (
-                msg.id, msg.group, msg.device, msg.ts, time.time(), msg.source, msg.decision, msg.label, msg.confidence,
-                msg.ood_score, json.dumps(msg.reasons), json.dumps(msg.details), json.dumps(msg.quality),
-                msg.gate_version, msg.backbone_hash, str(jpeg.relative_to(self.root)),
-                str(heat.relative_to(self.root)) if heat else None, int(msg.audit),
-                pack_features(msg.features) if msg.features else None,
-                None if msg.boxes is None else json.dumps(msg.boxes),
-                None if msg.size is None else json.dumps(list(msg.size)),
-                None if msg.candidates is None else np.asarray(msg.candidates, np.float32).tobytes(),
-            ),
-        )  # fmt: skip
-        return cur.rowcount == 1
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING "
+            "RETURNING id",
+            rows,
+        )
+        seen: set[str] = set()
+        out = []
+        for m in msgs:  # the same id twice in one batch: the first is new, the second a duplicate
+            out.append(m.id in inserted and m.id not in seen)
+            seen.add(m.id)
+        return out
+
+    def _known_ids(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        marks = ", ".join("?" * len(ids))
+        return {r[0] for r in self._all(f"SELECT id FROM frames WHERE id IN ({marks})", tuple(ids))}
+
+    def _put_all(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Every object, or an ObjectStoreError: several at once to an object store (each PUT waits on the
+        network), one by one to a folder."""
+        if len(blobs) <= 1 or isinstance(self.objects, FolderObjects):
+            for key, data in blobs:
+                self.objects.put(key, data)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="objects")
+        for fut in [self._pool.submit(self.objects.put, key, data) for key, data in blobs]:
+            fut.result()
+
+    def image(self, frame_id: str, heatmap: bool = False) -> bytes | None:
+        """A frame's JPEG (or heatmap PNG) from the object store; None if the frame or its object is missing."""
+        column = "heatmap_path" if heatmap else "jpeg_path"
+        rows = self._all(f"SELECT {column} FROM frames WHERE id = ?", (frame_id,))
+        return self.objects.get(rows[0][0]) if rows and rows[0][0] else None
+
+    def sweep(self, grace_s: float = 3600.0) -> int:
+        """Remove frame objects no row points at that are older than `grace_s` (left by a crash between the
+        object write and the row); returns how many. Any worker may run it: deleting an orphan twice is harmless."""
+        now, removed = time.time(), 0
+        batch: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            nonlocal removed
+            known = self._known_ids(sorted({fid for fid, _ in batch}))
+            gone = [key for fid, key in batch if fid not in known]
+            if gone:
+                self.objects.delete(gone)
+                removed += len(gone)
+            batch.clear()
+
+        for key, modified in self.objects.list("frames/"):
+            if now - modified <= grace_s:
+                continue
+            batch.append((key.rsplit("/", 1)[-1].split(".", 1)[0], key))
+            if len(batch) >= 500:
+                flush()
+        if batch:
+            flush()
+        return removed
 
     def quarantine(self, topic: str, payload: bytes, reason: str) -> str:
-        """Keep a malformed message aside with its reason (the payload as a file, for a human to look at)."""
+        """Keep a malformed message aside with its reason (the payload as an object, for a human to look at)."""
         qid = schemas.new_id()
-        path = self.quarantine_dir / f"{qid}.bin"
-        self._write_file(path, payload[: schemas.MAX_PAYLOAD_BYTES])
+        key = f"quarantine/{qid}.bin"
+        self.objects.put(key, payload[: schemas.MAX_PAYLOAD_BYTES])
         self._exec(
             "INSERT INTO quarantine (id, received, topic, reason, size, path) VALUES (?, ?, ?, ?, ?, ?)",
-            (qid, time.time(), topic[:500], reason[:500], len(payload), str(path.relative_to(self.root))),
+            (qid, time.time(), topic[:500], reason[:500], len(payload), key),
         )
         return qid
 
     def add_event(self, ev: dict[str, Any]) -> bool:
-        cur = self._exec(
-            "INSERT INTO events (id, device, ts, kind, body) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            (ev["id"], ev["device"], float(ev["ts"]), ev["event"], json.dumps(ev)),
+        new = (
+            self._exec(
+                "INSERT INTO events (id, device, ts, kind, body) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (ev["id"], ev["device"], float(ev["ts"]), ev["event"], json.dumps(ev)),
+            )
+            == 1
         )
-        new = cur.rowcount == 1
         if new and ev["event"] in DEVICE_GATE_EVENTS:  # a gate's life on each device is part of its audit trail
             details = {k: v for k, v in ev.items() if k not in ("v", "id", "device", "ts", "event")}
             self.audit(str(ev.get("version") or "?"), DEVICE_GATE_EVENTS[ev["event"]], f"device:{ev['device']}",
@@ -341,27 +388,21 @@ class Store:
         """Append one gate lifecycle record: fitted, approved, rejected, published, applied, rolled_back.
 
         Each record carries the hash of the one before it (a chain), so a record rewritten or removed behind
-        the database's back, in the file itself, shows in `verify_audit`. BEGIN IMMEDIATE: two processes
-        (the station and a CLI retrain) never chain onto the same record."""
+        the database's back, in the file itself, shows in `verify_audit`. One writer at a time (db.exclusive):
+        two processes (the station and a CLI retrain, or two workers) never chain onto the same record."""
         rec = (schemas.new_id(), time.time(), gate_version, event, actor, device, json.dumps(details, default=str))
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                last = self._db.execute("SELECT hash FROM audit ORDER BY rowid DESC LIMIT 1").fetchone()
-                prev = (last[0] or "") if last else ""
-                self._db.execute(
-                    "INSERT INTO audit (id, ts, gate_version, event, actor, device, details, prev_hash, hash) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*rec, prev, audit_hash(prev, rec)),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.db.exclusive() as tx:
+            last = tx.all(f"SELECT hash FROM audit ORDER BY {self.db.audit_order} DESC LIMIT 1")
+            prev = (last[0][0] or "") if last else ""
+            tx.execute(
+                "INSERT INTO audit (id, ts, gate_version, event, actor, device, details, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*rec, prev, audit_hash(prev, rec)),
+            )
 
     def verify_audit(self) -> dict[str, Any]:
         """Walk the chain: every record's hash matches its content and the record before it."""
-        rows = self._all(f"SELECT {', '.join(AUDIT_FIELDS)}, prev_hash, hash FROM audit ORDER BY rowid")
+        rows = self._all(f"SELECT {', '.join(AUDIT_FIELDS)}, prev_hash, hash FROM audit ORDER BY {self.db.audit_order}")
         problems: list[str] = []
         prev, legacy = "", 0
         for r in rows:
@@ -437,11 +478,6 @@ class Store:
     def frame(self, frame_id: str) -> Frame | None:
         rows = self._all(f"SELECT {FRAME_COLUMNS} FROM frames WHERE id = ?", (frame_id,))
         return _frame(rows[0]) if rows else None
-
-    def image_path(self, frame_id: str, heatmap: bool = False) -> Path | None:
-        column = "heatmap_path" if heatmap else "jpeg_path"
-        rows = self._all(f"SELECT {column} FROM frames WHERE id = ?", (frame_id,))
-        return self.root / rows[0][0] if rows and rows[0][0] else None
 
     def set_label(self, frame_id: str, kind: str, label: str | None, user: str) -> None:
         self._exec(
@@ -563,5 +599,6 @@ class Store:
         return int(serial) + 1
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.db.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
@@ -271,17 +271,17 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.get("/api/frames/{frame_id}/image.jpg")
     def api_image(frame_id: str) -> Response:
-        path = station.store.image_path(frame_id)
-        if path is None or not path.is_file():
+        data = station.store.image(frame_id)
+        if data is None:
             raise HTTPException(404, f"no image for frame {frame_id}")
-        return FileResponse(path, media_type="image/jpeg")
+        return Response(data, media_type="image/jpeg")
 
     @app.get("/api/frames/{frame_id}/heatmap.png")
     def api_heatmap(frame_id: str) -> Response:
-        path = station.store.image_path(frame_id, heatmap=True)
-        if path is None or not path.is_file():
+        data = station.store.image(frame_id, heatmap=True)
+        if data is None:
             raise HTTPException(404, f"no heatmap for frame {frame_id}")
-        return FileResponse(path, media_type="image/png")
+        return Response(data, media_type="image/png")
 
     @app.post("/api/frames/{frame_id}/label")
     async def api_label(frame_id: str, request: Request) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import Mosquitto, run_cli, station_config
+from helpers import Mosquitto, Postgres, SeaweedFS, run_cli, station_config
 
 from bouncer.runtime import home
 
@@ -68,10 +68,68 @@ def broker(tmp_path):
     b.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL for the session, in a temporary folder of its own (outside pytest's, which only root
+    may enter: the server runs as `postgres`), stopped by its process id at the end."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bouncer-pg-"))
+    server = Postgres(work).start()
+    yield server
+    server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 @pytest.fixture()
-def station_dir(sim_gate, tmp_path) -> Path:
+def postgres(postgres_server) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL."""
+    return postgres_server.database()
+
+
+@pytest.fixture()
+def station_database(request) -> str:
+    """The station's database: SQLite (the default), or PostgreSQL where a test asks for it with
+    `@pytest.mark.parametrize("station_database", ["postgres"], indirect=True)`."""
+    if getattr(request, "param", "") == "postgres":
+        return request.getfixturevalue("postgres")
+    return ""
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 server for the session (SeaweedFS on loopback), stopped by its process id at the end. Its
+    access key is in the environment, where boto3 (in the tests and the station processes they start) finds it."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bouncer-s3-"))
+    server = SeaweedFS(work).start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ACCESS_KEY_ID=server.KEY, AWS_SECRET_ACCESS_KEY=server.SECRET)
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture()
+def station_objects(request, station_database) -> str:
+    """Where the station keeps frames: files in its folder beside SQLite; a fresh bucket on the session's S3
+    server beside PostgreSQL (the scaled-out station is PostgreSQL + S3)."""
+    return request.getfixturevalue("s3_server").bucket() if station_database else ""
+
+
+@pytest.fixture()
+def station_dir(sim_gate, tmp_path, station_database, station_objects) -> Path:
     """`bouncer station init` on the simulated line's gate and its training and calibration folders."""
-    cfg = station_config(tmp_path / "station.toml", tmp_path / "station")
+    cfg = station_config(tmp_path / "station.toml", tmp_path / "station", database=station_database,
+                         objects=station_objects)  # fmt: skip
     root = sim_gate.parent
     res = run_cli(
         "station", "init", str(cfg), "--gate", str(sim_gate), "--train", str(root / "train"), "--calib",

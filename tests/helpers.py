@@ -13,6 +13,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# the real servers the tests start (shared with `bouncer bench station`)
+from bouncer.cli.servers import Mosquitto, Postgres, SeaweedFS, free_port, wait_for_port  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,42 +52,6 @@ def tiny_classifier(path: Path, outputs: tuple[str, ...] = ("feat", "scores")) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
     return path
-
-
-class Mosquitto:
-    """A real Mosquitto broker on a free port, restartable; persistence on so queued messages survive."""
-
-    def __init__(self, workdir: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nautosave_interval 1\nmax_queued_messages 100000\n"
-            "message_size_limit 0\n" + ("user root\n" if os.geteuid() == 0 else "")
-            # as root, mosquitto drops to user "mosquitto", which cannot write the persistence file here
-        )
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for_port(self.port, "mosquitto", 15.0)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
 
 
 class Collector:
@@ -127,29 +94,6 @@ class Collector:
         self.client.disconnect()
 
 
-def wait_for_port(port: int, what: str, timeout: float) -> None:
-    """Return once something listens on 127.0.0.1:PORT (a server a test started), else raise naming it."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def station_user(config: Path, name: str, role: str, password: str | None = None) -> str:
     """`bouncer station user add` (password on stdin) then `user token`: the new account's API token."""
     res = subprocess.run([sys.executable, "-m", "bouncer", "station", "user", "add", str(config), name, "--role", role,
@@ -182,8 +126,9 @@ def http_json(url: str, body: object | None = None, token: str | None = None, me
 class StationProcess:
     """`bouncer station serve CONFIG` in a subprocess, up once /healthz answers."""
 
-    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
-        self.config, self.port, self.env = config, port, env
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, http: bool = True) -> None:
+        """`http`: False for a worker without the web role (ready when it prints its roles)."""
+        self.config, self.port, self.env, self.http = config, port, env, http
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -200,6 +145,11 @@ class StationProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"station exited: {self.config.with_suffix('.log').read_text()[-2000:]}")
+            if not self.http:  # a worker without the web role says when it runs
+                if "roles " in self.config.with_suffix(".log").read_text():
+                    return self
+                time.sleep(0.1)
+                continue
             try:
                 urllib.request.urlopen(f"{self.url}/healthz", timeout=1).close()
                 return self
@@ -217,8 +167,11 @@ class StationProcess:
         self.log.close()
 
 
-def station_config(path: Path, data_dir: Path, broker: str = "", **http: object) -> Path:
-    lines = ["[station]", f'data_dir = "{data_dir}"']
+def station_config(
+    path: Path, data_dir: Path, broker: str = "", database: str = "", objects: str = "", **http: object
+) -> Path:
+    lines = ["[station]", f'data_dir = "{data_dir}"'] + ([f'database = "{database}"'] if database else [])
+    lines += [f'objects = "{objects}"'] if objects else []
     if broker:
         lines += ["[mqtt]", f'broker = "{broker}"']
     if http:

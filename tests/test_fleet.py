@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import StationProcess, free_port, http_json, run_cli, wait_until
 
 from bouncer.sim import simulator
@@ -24,11 +25,16 @@ def toml(path: Path, sections: dict[str, dict[str, object]]) -> Path:
     return path
 
 
-def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_path, bouncer_home):
+@pytest.mark.parametrize("station_database", ["sqlite", "postgres"], indirect=True)
+def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_path, bouncer_home, station_database,
+                                                         station_objects):  # fmt: skip
+    """On SQLite + files with one station process, and on PostgreSQL + S3 with a second worker that only ingests
+    (sharing the subscription with the first)."""
     root = sim_gate.parent
     st_dir = tmp_path / "station"
-    cfg = toml(tmp_path / "station.toml", {"station": {"data_dir": str(st_dir), "groups": list(GROUPS)},
-                                           "mqtt": {"broker": broker.url}})  # fmt: skip
+    db = {"database": station_database, "objects": station_objects} if station_database else {}
+    cfg = toml(tmp_path / "station.toml", {"station": {"data_dir": str(st_dir), "groups": list(GROUPS), "worker": "w1",
+                                                       **db}, "mqtt": {"broker": broker.url}})  # fmt: skip
     for g in GROUPS:
         res = run_cli("station", "init", str(cfg), "--group", g, "--gate", str(sim_gate), "--train",
                       str(root / "train"), "--calib", str(root / "calib"))  # fmt: skip
@@ -37,6 +43,11 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
                     str(root / "train"), "--calib", str(root / "calib"))  # fmt: skip
     assert again.returncode == 2 and "already has a gate" in again.stderr
     station = StationProcess(cfg, free_port()).start()
+    workers = [station]
+    if station_database:  # a second, stateless worker: the same database and bucket, its own folder and client id
+        second = {"data_dir": str(tmp_path / "w2"), "groups": list(GROUPS), "worker": "w2", "roles": ["ingest"], **db}
+        cfg2 = toml(tmp_path / "station2.toml", {"station": second, "mqtt": {"broker": broker.url}})
+        workers.append(StationProcess(cfg2, free_port(), http=False).start())
     procs: list[subprocess.Popen] = []
     try:
         # two cameras per group flag a part type none of the gates knows
@@ -114,7 +125,8 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
-        station.stop()
+        for w in workers:
+            w.stop()
     for g in ("line-a", "line-b"):
         for c in (1, 2):
             assert done[f"{g}-cam{c}"] == versions[g], (g, done)
@@ -123,15 +135,15 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
     assert {e["version"] for e in line_c} <= {published["line-c"]["version"]}
     assert not [e for e in events if e.get("version") == versions["line-c"]]
     assert "publishes no gate for group 'line-z'" in stray[0]["reason"]
-    trail = http_json_offline(st_dir)
+    trail = http_json_offline(st_dir, station_database, station_objects)
     assert ("rejected", versions["line-c"]) in trail and ("published", versions["line-c"]) not in trail
 
 
-def http_json_offline(st_dir: Path) -> set[tuple[str, str]]:
+def http_json_offline(st_dir: Path, database: str, objects: str) -> set[tuple[str, str]]:
     """(event, gate version) pairs of the station's audit log, read from its database after the run."""
     from bouncer.station.store import Store
 
-    store = Store(st_dir)
+    store = Store(st_dir, database, objects=objects)
     try:
         return {(a["event"], a["gate_version"]) for a in store.audit_log()}
     finally:
