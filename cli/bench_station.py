@@ -49,9 +49,10 @@ def _template(device: str, size_kb: int) -> bytes:
     return msg.encode()
 
 
-def _publisher(port: int, name: str, devices: list[str], count: int, size_kb: int, started: Any, done: Any) -> None:
+def _publisher(port: int, name: str, devices: list[str], count: int, size_kb: int, started: Any, done: Any,
+               rate: float) -> None:  # fmt: skip
     """One publisher process: `count` frames round-robin over `devices`, QoS 1, a persistent session (so a
-    broker restart loses nothing it has not acknowledged)."""
+    broker restart loses nothing it has not acknowledged); `rate` frames/s, or 0 for as fast as it goes."""
     import paho.mqtt.client as mqtt
 
     templates = {d: _template(d, size_kb) for d in devices}
@@ -64,8 +65,10 @@ def _publisher(port: int, name: str, devices: list[str], count: int, size_kb: in
     client.loop_start()
     acked = threading.Semaphore(0)
     client.on_publish = lambda *a: acked.release()
-    started.value = time.time()
+    started.value = t0 = time.time()
     for i in range(count):
+        if rate and (wait := t0 + i / rate - time.time()) > 0:
+            time.sleep(wait)
         device = devices[i % len(devices)]
         payload = templates[device].replace(ID_MARK.encode(), f"{name}{i:08d}".ljust(32, "0").encode(), 1)
         payload = payload.replace(mark, f"{time.time():.6f}".encode(), 1)
@@ -79,6 +82,34 @@ def _publisher(port: int, name: str, devices: list[str], count: int, size_kb: in
     client.loop_stop()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, of the children it has reaped (PostgreSQL's ended backends) and of
+    those still running."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for i, p in enumerate([pid, *_children(pid)]):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11 : 15 if i == 0 else 13]) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class Bench:
     def __init__(self, work: Path, say: Any) -> None:
         self.work, self.say = work, say
@@ -88,6 +119,7 @@ class Bench:
         self.pg = Postgres(self.pg_dir)
         self.s3 = SeaweedFS(work / "s3")
         self.workers: dict[str, subprocess.Popen] = {}
+        self.worker_cpu = 0.0  # CPU seconds of the ingest workers stopped so far
 
     def start(self) -> None:
         self.broker.start()
@@ -103,25 +135,32 @@ class Bench:
         self.broker.stop()
         shutil.rmtree(self.pg_dir, ignore_errors=True)
 
-    def start_worker(self, name: str, database: str, objects: str) -> None:
+    def start_worker(self, name: str, database: str, objects: str, share: str) -> None:
         folder = self.work / "workers" / name
         folder.mkdir(parents=True, exist_ok=True)
         cfg = folder / "station.toml"
         cfg.write_text(
             f'[station]\ndata_dir = "{folder}"\ndatabase = "{database}"\nobjects = "{objects}"\nworker = "{name}"\n'
-            f'share_group = "bench"\nroles = ["ingest"]\n[mqtt]\nbroker = "{self.broker.url}"\nprotocol = "v5"\n'
+            f'share_group = "{share}"\nroles = ["ingest"]\n[mqtt]\nbroker = "{self.broker.url}"\nprotocol = "v5"\n'
             f"[http]\nport = {free_port()}\n"
         )
         log = open(folder / "station.log", "ab")  # noqa: SIM115  # the process keeps it
+        seen = log.tell()  # the log of earlier starts: wait for this start's line
         self.workers[name] = subprocess.Popen([sys.executable, "-m", "bouncer", "station", "serve", str(cfg)],
                                               stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 60
-        while b"roles " not in (folder / "station.log").read_bytes():
+        while b"roles " not in (folder / "station.log").read_bytes()[seen:]:
             if self.workers[name].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {name} did not start: {(folder / 'station.log').read_text()[-1500:]}")
             time.sleep(0.1)
+        self.worker_cpu -= _cpu_s(self.workers[name].pid)  # its start-up (imports, connections) is not ingest
+
+    def server_cpu(self) -> dict[str, float]:
+        pids = {"broker": self.broker.proc, "postgres": self.pg.proc, "object store": self.s3.proc}
+        return {k: _cpu_s(p.pid) for k, p in pids.items() if p is not None}
 
     def stop_worker(self, name: str, kill: bool = False) -> None:
+        self.worker_cpu += _cpu_s(self.workers[name].pid)
         proc = self.workers.pop(name)
         proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         proc.wait(timeout=60)
@@ -137,12 +176,16 @@ class Bench:
             return -1  # the server is being restarted
 
     def run(self, workers: int, messages: int, publishers: int, devices: int, size_kb: int,
-            faults: bool = False, timeout_s: float = 600.0) -> dict[str, Any]:  # fmt: skip
+            faults: bool = False, rate: float = 0.0, timeout_s: float = 600.0) -> dict[str, Any]:  # fmt: skip
+        """`rate`: total frames/s (0: as fast as they are taken, where latency is mostly queueing)."""
         database = self.pg.database()
         objects = self.s3.bucket()
         names = [f"w{i}" for i in range(workers)]
+        self.worker_cpu = 0.0
+        # a share group per run: Mosquitto keeps routing to a stopped member's persistent session (docs/station.md)
+        share = f"bench-{uuid.uuid4().hex[:6]}"
         for name in names:
-            self.start_worker(name, database, objects)
+            self.start_worker(name, database, objects, share)
         ctx = mp.get_context("spawn")
         per = messages // publishers
         starts = [ctx.Value("d", 0.0) for _ in range(publishers)]
@@ -151,10 +194,11 @@ class Bench:
         procs = [
             ctx.Process(target=_publisher, args=(
                 self.broker.port, f"{run_id}p{p}", [f"cam-{p:02d}-{d:03d}" for d in range(devices // publishers)],
-                per, size_kb, starts[p], ends[p]), daemon=True)
+                per, size_kb, starts[p], ends[p], rate / publishers), daemon=True)
             for p in range(publishers)
         ]  # fmt: skip
         total = per * publishers
+        cpu0, busy0, wall0 = self.server_cpu(), _busy_s(), time.monotonic()
         for p in procs:
             p.start()
         injected: list[dict[str, Any]] = []
@@ -169,7 +213,7 @@ class Bench:
             if plan and stored >= plan[0][0] * total:
                 _, what = plan.pop(0)
                 t0 = time.monotonic()
-                self._inject(what, names[0], database, objects)
+                self._inject(what, names[0], database, objects, share)
                 injected.append({"fault": what, "at_rows": stored, "down_s": round(time.monotonic() - t0, 2)})
                 self.say(f"  {what} at {stored} rows")
             if stored >= total and not any(p.is_alive() for p in procs):
@@ -179,13 +223,28 @@ class Bench:
             p.join(timeout=30)
         for name in list(self.workers):
             self.stop_worker(name)
-        return self._measure(database, objects, total, min(s.value for s in starts), workers, size_kb, injected)
+        cpu1, busy = self.server_cpu(), _busy_s() - busy0
+        # (a restarted server starts at 0; PostgreSQL's backends of stopped workers can end unreaped: no figure)
+        cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1 if not faults and cpu1[k] >= cpu0.get(k, 0.0)}
+        cpu["ingest workers"] = self.worker_cpu
+        cpu["everything"] = busy
+        wall = time.monotonic() - wall0
+        for name in names:  # retire the run's workers: their sessions would keep taking a copy of every frame
+            cfg = self.work / "workers" / name / "station.toml"
+            res = subprocess.run([sys.executable, "-m", "bouncer", "station", "drain", str(cfg), "--idle-s", "1"],
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+            if res.returncode:
+                raise BouncerError(f"bench station: draining worker {name} failed: {res.stderr.strip()[-800:]}")
+        out = self._measure(database, objects, total, min(s.value for s in starts), workers, size_kb, injected)
+        out["cpu_s_per_1000"] = {k: round(v / max(out["stored"], 1) * 1000, 2) for k, v in cpu.items()}
+        out["cores_busy"] = round(busy / wall, 2)
+        return out
 
-    def _inject(self, what: str, worker: str, database: str, objects: str) -> None:
+    def _inject(self, what: str, worker: str, database: str, objects: str, share: str) -> None:
         if what.startswith("worker"):
             self.stop_worker(worker, kill=True)
             time.sleep(1.0)
-            self.start_worker(worker, database, objects)  # same id: its persistent session resumes
+            self.start_worker(worker, database, objects, share)  # same id: its persistent session resumes
         elif what.startswith("PostgreSQL"):
             self.pg.stop()
             time.sleep(1.0)
@@ -252,6 +311,12 @@ def bench_station(
                 say(f"{n} ingest worker(s): {messages} frames of {size_kb} KB from {devices} devices")
                 runs.append(bench.run(n, messages, publishers, devices, size_kb))
                 say(f"  {runs[-1]}")
+            best = max(runs, key=lambda r: r["msgs_per_s"])
+            paced_rate = round(best["msgs_per_s"] / 2)
+            say(f"{best['workers']} ingest worker(s), paced at {paced_rate} frames/s (half the best): latency")
+            paced = bench.run(best["workers"], messages // 2, publishers, devices, size_kb, rate=paced_rate)
+            paced["rate"] = paced_rate
+            say(f"  {paced}")
             fault_run = None
             if faults:
                 say(f"2 ingest workers, faults injected: {messages} frames")
@@ -259,13 +324,22 @@ def bench_station(
                 say(f"  {fault_run}")
         finally:
             bench.stop()
-    return {"runs": runs, "faults": fault_run, "cores": os.cpu_count()}
+    return {"runs": runs, "paced": paced, "faults": fault_run, "cores": os.cpu_count()}
+
+
+def print_cpu(res: dict[str, Any]) -> None:
+    """Where the CPU went, per 1000 frames stored (the run with the most ingest workers)."""
+    r = max(res["runs"], key=lambda r: r["workers"])
+    parts = ", ".join(f"{k} {v} s" for k, v in r["cpu_s_per_1000"].items())
+    print(f"CPU per 1000 frames ({r['workers']} workers, {r['cores_busy']} of {res['cores']} cores busy): {parts}")
 
 
 def print_station(res: dict[str, Any]) -> None:
     print("| ingest workers | msgs/s | MB/s | p50 ms | p99 ms | published | stored | lost |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in res["runs"] + ([res["faults"]] if res["faults"] else []):
-        label = f"{r['workers']}" + (" + faults" if "faults" in r else "")
+    for r in res["runs"] + [res["paced"]] + ([res["faults"]] if res["faults"] else []):
+        label = (
+            f"{r['workers']}" + (" + faults" if "faults" in r else "") + (f" at {r['rate']}/s" if "rate" in r else "")
+        )
         print(f"| {label} | {r['msgs_per_s']} | {r['mb_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['published']} "
               f"| {r['stored']} | {r['lost']} |")  # fmt: skip

@@ -310,12 +310,13 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_station(args: argparse.Namespace) -> int:
-    from bouncer.cli.bench_station import bench_station, print_station
+    from bouncer.cli.bench_station import bench_station, print_cpu, print_station
 
     workers = tuple(int(w) for w in args.workers.split(","))
     res = bench_station(args.messages, args.publishers, args.devices, args.size_kb, workers, not args.no_faults,
                         say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     print_station(res)
+    print_cpu(res)
     _print_json_last(res)
     bad = res["faults"] and (res["faults"]["lost"] or res["faults"]["objects"] < res["faults"]["stored"])
     return 1 if bad else 0

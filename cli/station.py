@@ -1,5 +1,6 @@
 """`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`,
-`bouncer station audit verify CONFIG`, `bouncer station user add|remove|list|token CONFIG ...`."""
+`bouncer station audit verify CONFIG`, `bouncer station user add|remove|list|token CONFIG ...`,
+`bouncer station drain CONFIG --worker W`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-ACTIONS = ("serve", "init", "retrain", "audit", "user")
+ACTIONS = ("serve", "init", "retrain", "audit", "user", "drain")
 
 
 def _station(
@@ -34,7 +35,7 @@ def _station(
     overrides = {"station.data_dir": str(data_dir) if data_dir else None, "http.port": port, "mqtt.broker": broker}
     cfg = load_config(config, overrides, root=StationConfig)
     db = Path(cfg.station.data_dir) / "station.sqlite"
-    if existing and not db.is_file():
+    if existing and not cfg.station.database and not db.is_file():
         raise BouncerError(f"{db}: no station database here (run `bouncer station init` first)")
     return Station(cfg)
 
@@ -92,6 +93,8 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
     app = create_app(station, token)
     roles = station.cfg.station.roles
     station.start_mqtt()
+    if station.consumer is not None and "ingest" in roles and not station.consumer.subscribed.wait(15):
+        logging.getLogger("bouncer.station").warning("not subscribed yet: the broker has not answered in 15 s")
     server = uvicorn.Server(
         uvicorn.Config(app, host=station.cfg.http.host, port=station.cfg.http.port, log_level="warning")
     )
@@ -151,6 +154,23 @@ def _password(args: argparse.Namespace) -> str:
     return first
 
 
+def cmd_station_drain(args: argparse.Namespace) -> int:
+    """Retire an ingest worker: store what the broker queued for its session, then end the session."""
+    from bouncer.station.consumer import Consumer
+
+    station = _station(args.config, args.data_dir, existing=True)
+    try:
+        cfg = station.cfg
+        worker = args.worker or cfg.station.worker
+        consumer = Consumer(cfg.mqtt, station.store, cfg.station.share_group, worker, station.groups)
+        counts = consumer.drain(idle_s=args.idle_s)
+    finally:
+        station.stop()
+    what = ", ".join(f"{counts[k]} {k}" for k in ("frames", "duplicates", "events", "quarantined"))
+    print(f"worker {worker or '(host name)'} drained and its session ended: {what}")
+    return 0
+
+
 def cmd_station_user(args: argparse.Namespace) -> int:
     station = _station(args.config, args.data_dir, existing=True)
     try:
@@ -197,6 +217,10 @@ def add_station(sub, add, existing_dir) -> None:
     common(r)
     r.add_argument("--broker", help="override mqtt.broker (announces a published gate)")
     r.add_argument("--group", help="the group to retrain (default: the first of station.groups)")
+    d = add("drain", cmd_station_drain, "retire an ingest worker: store what its session holds, end the session", ssub)
+    common(d)
+    d.add_argument("--worker", help="the worker's id (default: station.worker of the config)")
+    d.add_argument("--idle-s", type=float, default=3.0, help="done after this long with nothing new")
     au = ssub.add_parser("audit", help="the gate audit log")
     asub = au.add_subparsers(dest="audit_command", required=True, parser_class=type(st))
     v = add("verify", cmd_station_audit_verify, "check the audit log's hash chain (exit 1 if broken)", asub)

@@ -30,6 +30,7 @@ class StationSection:
     # approval, signing, publishing; one holder at a time across all workers on one database)
     roles: list[str] = field(default_factory=lambda: list(ROLES))
     sweep_grace_s: float = 3600.0  # an object with no row, older than this, is removed (left by a crash)
+    wait_s: float = 60.0  # at start: how long to wait for the database and the object store, saying so
 
 
 @dataclass
@@ -75,6 +76,8 @@ class StationConfig:
         bad = [r for r in self.station.roles if r not in ROLES]
         if bad or not self.station.roles:
             raise BouncerError(f"station.roles: one or more of {', '.join(ROLES)}, got {self.station.roles}")
+        if self.station.wait_s < 0:
+            raise BouncerError("station.wait_s: must not be negative")
         if self.station.sweep_grace_s < 60:
             raise BouncerError("station.sweep_grace_s: at least 60 (a frame between its object and its row is younger)")
         if not 0 <= self.http.port <= 65535:

@@ -53,6 +53,7 @@ class Consumer:
         self._writer: threading.Thread | None = None
         self.groups = set(groups) if groups else None  # None: accept frames of any group
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker granted the subscriptions: routing to us has begun
         self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0, "retries": 0}
         self.v5 = cfg.protocol == "v5"
         # stable across restarts: a restarted worker resumes its persistent session and receives what the
@@ -65,6 +66,7 @@ class Consumer:
             manual_ack=True,
         )
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
 
@@ -219,6 +221,38 @@ class Consumer:
         self._writer = threading.Thread(target=self._write_loop, name="station-ingest", daemon=True)
         self._writer.start()
         self.client.loop_start()
+
+    def drain(self, idle_s: float = 3.0, timeout_s: float = 600.0) -> dict[str, int]:
+        """Retire this worker for good: resume its session, leave the shared subscriptions (nothing new is routed
+        to it), store what the broker had queued for it, then end the session (expiry 0). Mosquitto keeps routing
+        to a stopped member's persistent session, so a worker removed without this strands what it was sent."""
+        import time
+
+        self.subscribe = False
+        self.start()
+        if not self.connected.wait(30):
+            raise OSError(f"drain: broker {self.host}:{self.port} not reachable")
+        shared = [t for t, _ in self.subscriptions() if t.startswith("$share/")]
+        self.client.unsubscribe(shared)
+        last, seen = time.monotonic(), -1
+        deadline = last + timeout_s
+        while time.monotonic() < deadline:
+            done = sum(self.counts[k] for k in ("frames", "duplicates", "events", "quarantined"))
+            if done != seen or not self._inbox.empty():
+                last, seen = time.monotonic(), done
+            elif time.monotonic() - last >= idle_s:
+                break
+            time.sleep(0.1)
+        self._stopping.set()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0  # the broker forgets the session and its subscriptions
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+        return dict(self.counts)
 
     def stop(self) -> None:
         """Unacknowledged messages stay with the broker (the persistent session) for this worker's return."""

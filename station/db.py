@@ -10,8 +10,10 @@ append-only rule on it (SQLite and PostgreSQL triggers).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +42,9 @@ DROP TRIGGER IF EXISTS audit_no_truncate ON audit;
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
 FOR EACH STATEMENT EXECUTE FUNCTION bouncer_audit_append_only();
 """
+log = logging.getLogger("bouncer.station.db")
 AUDIT_LOCK = 0x626F756E  # the advisory lock key that orders audit writers across processes and machines
+SCHEMA_LOCK = 0x626F7500  # workers starting together create the tables one at a time
 ROLE_LOCKS = {"retrain": 0x626F7501}  # session advisory locks: one holder of each role across the fleet
 
 
@@ -166,11 +170,22 @@ class PostgresDb:
         self.url, self.timeout = url, timeout
         self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False,
                                    reconnect_timeout=24 * 3600)  # fmt: skip
-        try:
-            self.pool.open(wait=True, timeout=timeout)
-        except Exception as exc:  # psycopg_pool.PoolTimeout, and the driver's own errors
-            self.pool.close()
-            raise BouncerError(f"station.database: PostgreSQL at {_safe(url)} unreachable ({exc})") from None
+        deadline = time.monotonic() + timeout
+        while True:  # a database still starting (or restarting) at the worker's start: wait, saying so
+            try:
+                self.pool.open(wait=True, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                return
+            except Exception as exc:  # psycopg_pool.PoolTimeout, and the driver's own errors
+                self.pool.close()
+                if time.monotonic() >= deadline:
+                    raise BouncerError(
+                        f"station.database: PostgreSQL at {_safe(url)} unreachable for {timeout:.0f} s ({exc})"
+                    ) from None
+                log.warning("PostgreSQL at %s not reachable yet (%s), retrying for %.0f s more", _safe(url),
+                            exc, deadline - time.monotonic())  # fmt: skip
+                time.sleep(1.0)
+                self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs={"autocommit": True},
+                                           open=False, reconnect_timeout=24 * 3600)  # fmt: skip
 
     @staticmethod
     def _sql(sql: str) -> str:
@@ -198,8 +213,11 @@ class PostgresDb:
             return conn.execute(self._sql(sql), args).fetchall()
 
     def script(self, sql: str) -> None:
-        with self._connection() as conn:
-            conn.execute(sql.replace("BLOB", "BYTEA"))  # no parameters: several statements in one go
+        """Several statements in one go (no parameters), in one transaction under the schema lock: `CREATE TABLE
+        IF NOT EXISTS` from two workers at once would otherwise collide in PostgreSQL's catalog."""
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            conn.execute(sql.replace("BLOB", "BYTEA"))
 
     def insert_new(self, sql: str, rows: list[tuple]) -> set[str]:
         """Rows in one transaction, pipelined (one round trip for the batch, not one per row)."""

@@ -12,6 +12,7 @@ message unacknowledged and the broker delivers it again.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from bouncer.runtime.errors import BouncerError
+
+log = logging.getLogger("bouncer.station.objects")
 
 
 class ObjectStoreError(OSError):
@@ -102,8 +105,12 @@ class S3Objects:
             raise BouncerError(f"station.objects: unknown option(s) {', '.join(sorted(unknown))} (endpoint, region)")
         self.bucket, self.prefix = u.netloc, u.path.strip("/")
         self.where = f"s3://{self.bucket}/{self.prefix}" + (f" at {query['endpoint']}" if "endpoint" in query else "")
+        endpoint = query.get("endpoint", "https://")
+        # checksums only where S3 requires them, and over TLS (which protects the body) no payload signing: each
+        # costs CPU per PUT, and a station worker's PUTs are what bounds its ingest (docs/station.md)
         cfg = Config(connect_timeout=connect_timeout, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"},
-                     max_pool_connections=32)  # fmt: skip
+                     max_pool_connections=32, request_checksum_calculation="when_required",
+                     s3={"payload_signing_enabled": not endpoint.startswith("https://")})  # fmt: skip
         self._client: Any = boto3.session.Session().client(
             "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"), config=cfg
         )
@@ -114,21 +121,31 @@ class S3Objects:
     def _fail(self, what: str, exc: Exception) -> ObjectStoreError:
         return ObjectStoreError(f"object store {self.where}: {what} failed ({type(exc).__name__}: {exc})")
 
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it is missing (station init; a managed store's bucket usually exists)."""
+    def wait_ready(self, timeout: float) -> None:
+        """At a worker's start: the bucket answers, or a clear error. A store still starting is waited for (up to
+        `timeout` seconds, saying so); a missing bucket or refused credentials are errors at once."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-                raise self._fail("head_bucket", exc) from None
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                self._client.create_bucket(Bucket=self.bucket)
-            except (BotoCoreError, ClientError) as exc2:
-                raise self._fail("create_bucket", exc2) from None
-        except BotoCoreError as exc:
-            raise self._fail("head_bucket", exc) from None
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("404", "NoSuchBucket", "NotFound"):
+                    raise BouncerError(f"station.objects: bucket {self.bucket!r} does not exist at {self.where}: "
+                                       "create it first") from None  # fmt: skip
+                if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise BouncerError(f"station.objects: {self.where} refused the credentials ({code})") from None
+                error: Exception = exc
+            except BotoCoreError as exc:
+                error = exc
+            if time.monotonic() >= deadline:
+                raise BouncerError(f"station.objects: {self.where} unreachable for {timeout:.0f} s ({error})")
+            log.warning("object store %s not reachable yet (%s), retrying for %.0f s more", self.where, error,
+                        deadline - time.monotonic())  # fmt: skip
+            time.sleep(1.0)
 
     def put(self, key: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -174,12 +191,15 @@ class S3Objects:
             raise self._fail("list", exc) from None
 
 
-def open_objects(spec: str, root: Path) -> FolderObjects | S3Objects:
-    """`spec`: empty for the folder `root` (the embedded default), or s3://BUCKET[/PREFIX][?endpoint=URL]."""
+def open_objects(spec: str, root: Path, wait_s: float = 30.0) -> FolderObjects | S3Objects:
+    """`spec`: empty for the folder `root` (the embedded default), or s3://BUCKET[/PREFIX][?endpoint=URL] (waited
+    for up to `wait_s` seconds)."""
     if not spec:
         return FolderObjects(root)
     if spec.startswith("s3://"):
-        return S3Objects(spec)
+        store = S3Objects(spec)
+        store.wait_ready(wait_s)
+        return store
     raise BouncerError(f"station.objects: empty (files in the data folder) or s3://BUCKET/PREFIX, got {spec!r}")
 
 

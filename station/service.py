@@ -43,7 +43,7 @@ class Station:
         self.cfg = cfg
         self.root = Path(cfg.station.data_dir)
         self.groups = list(cfg.station.groups)
-        self.store = Store(self.root, cfg.station.database, objects=cfg.station.objects)
+        self.store = Store(self.root, cfg.station.database, cfg.station.wait_s, objects=cfg.station.objects)
         self.accounts = Accounts(self.store)
         self.repo = TufRepo(self.root)
         self.consumer: Consumer | None = None

@@ -229,7 +229,7 @@ class Store:
         for frames, heatmaps and quarantined payloads as files under `root`, or s3://BUCKET/PREFIX."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.objects = open_objects(objects, self.root)
+        self.objects = open_objects(objects, self.root, connect_timeout)
         self._pool: ThreadPoolExecutor | None = None
         self.db = connect(database, self.root, connect_timeout)
         try:
@@ -242,6 +242,11 @@ class Store:
             self.db.append_only()
         except sqlite3.DatabaseError as exc:
             raise BouncerError(f"{self.root / 'station.sqlite'}: unusable station database ({exc})") from None
+        except Exception as exc:  # the PostgreSQL driver's errors: a database this station cannot set up
+            if self.db.dialect == "sqlite" or isinstance(exc, OSError):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BouncerError(f"station.database: cannot set up the station's tables ({first})") from None
 
     def _exec(self, statement: str, args: tuple = ()) -> int:
         """Runs one statement; returns the rows it changed."""

@@ -256,6 +256,31 @@ def test_a_shared_subscription_splits_the_fleet_between_workers(broker, tmp_path
         b.stop()
 
 
+def test_a_worker_removed_for_good_is_drained_and_nothing_it_was_sent_is_stranded(broker, tmp_path):
+    """Mosquitto keeps routing a share of the fleet to a stopped worker's persistent session; `drain` resumes that
+    session, leaves the shared subscription, stores what was queued for it and ends the session, after which the
+    remaining worker gets every frame."""
+    from bouncer.runtime.config import MqttSection
+
+    a, b = consumer(broker, tmp_path / "a", "wa"), consumer(broker, tmp_path / "b", "wb")
+    b.stop()  # a clean stop: its session (and its share of the subscription) stays with the broker
+    try:
+        publish_all(broker.port, [(schemas.topic("cam-6", "frames"), frame_message("cam-6", i).encode())
+                                  for i in range(20)])  # fmt: skip
+        time.sleep(2)
+        stranded = 20 - a.store.counts()["frames"]
+        assert stranded > 0, "the broker routed a share to the stopped worker's session"
+        retired = Consumer(MqttSection(broker=broker.url), b.store, "workers", "wb", groups=["default"])
+        counts = retired.drain(idle_s=1.5)
+        assert counts["frames"] == stranded, counts
+        publish_all(broker.port, [(schemas.topic("cam-6", "frames"), frame_message("cam-6", i).encode())
+                                  for i in range(20, 30)])  # fmt: skip
+        wait_until(lambda: a.store.counts()["frames"] == 30 - stranded, 20)
+    finally:
+        a.stop()
+    assert a.store.counts()["frames"] + b.store.counts()["frames"] == 30
+
+
 # ---- labels and access -------------------------------------------------------------------------------
 
 

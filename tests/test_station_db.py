@@ -91,14 +91,21 @@ def test_frames_on_s3_object_first_then_row_and_orphans_swept(postgres, s3_serve
     store.close()
 
 
-def test_an_object_store_that_is_down_is_an_error_naming_it(postgres, tmp_path):
-    from bouncer.station.objects import ObjectStoreError
-
-    store = Store(tmp_path / "st", postgres, objects=f"s3://nobucket?endpoint=http://127.0.0.1:{free_port()}")
-    with pytest.raises(ObjectStoreError, match=r"object store s3://nobucket/ at http://127\.0\.0\.1:\d+: put"):
-        store.add_frame(frame(1))
-    assert store.counts()["frames"] == 0, "no row without its object"
-    store.close()
+def test_an_object_store_that_is_down_missing_or_refusing_is_an_error_naming_it(postgres, s3_server, tmp_path,
+                                                                               monkeypatch, caplog):  # fmt: skip
+    """At start the worker waits for the object store, saying so, then fails with one line naming it; a missing
+    bucket or refused credentials fail at once."""
+    down = f"s3://frames?endpoint=http://127.0.0.1:{free_port()}"
+    with pytest.raises(
+        BouncerError, match=r"station.objects: s3://frames/ at http://127\.0\.0\.1:\d+ unreachable for 2 s"
+    ):
+        Store(tmp_path / "st", postgres, connect_timeout=2.0, objects=down)
+    assert "not reachable yet" in caplog.text and "retrying" in caplog.text
+    with pytest.raises(BouncerError, match="bucket 'nosuchbucket' does not exist"):
+        Store(tmp_path / "st", postgres, objects=s3_server.url("nosuchbucket"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(BouncerError, match="refused the credentials"):
+        Store(tmp_path / "st", postgres, objects=s3_server.bucket())
     cfg = station_config(tmp_path / "s.toml", tmp_path / "st", objects="ftp://x")
     res = run_cli("station", "user", "list", str(cfg))
     assert res.returncode == 2 and "station.objects" in res.stderr and "Traceback" not in res.stderr
