@@ -46,7 +46,8 @@ def test_a_new_defect_type_goes_round_the_loop(broker, sim_gate, station_databas
                          objects=station_objects)  # fmt: skip
     station = StationProcess(cfg, free_port()).start()
     try:
-        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=45, seed=41)
+        # 70: the random ids split about 19 into calibration; 45 left fewer than the 8 needed in 1 run of 17
+        bolts = simulator.write_dataset(tmp_path / "bolts", ("bolt",), per_class=70, seed=41)
         res = run_cli(
             "run", "--source", str(bolts), "--gate", str(sim_gate), "--broker", broker.url, "--device-id", "cam-1",
             "--data-dir", str(tmp_path / "flagging"), "--once",
