@@ -216,7 +216,7 @@ class Bench:
                 self._inject(what, names[0], database, objects, share)
                 injected.append({"fault": what, "at_rows": stored, "down_s": round(time.monotonic() - t0, 2)})
                 self.say(f"  {what} at {stored} rows")
-            if stored >= total and not any(p.is_alive() for p in procs):
+            if stored >= total and not plan and not any(p.is_alive() for p in procs):
                 break
             time.sleep(0.25)
         for p in procs:
@@ -319,8 +319,9 @@ def bench_station(
             say(f"  {paced}")
             fault_run = None
             if faults:
-                say(f"2 ingest workers, faults injected: {messages} frames")
-                fault_run = bench.run(2, messages, publishers, devices, size_kb, faults=True)
+                say(f"2 ingest workers, faults injected: {messages} frames at {paced_rate}/s")
+                fault_run = bench.run(2, messages, publishers, devices, size_kb, faults=True, rate=paced_rate)
+                fault_run["rate"] = paced_rate
                 say(f"  {fault_run}")
         finally:
             bench.stop()
@@ -338,8 +339,7 @@ def print_station(res: dict[str, Any]) -> None:
     print("| ingest workers | msgs/s | MB/s | p50 ms | p99 ms | published | stored | lost |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["runs"] + [res["paced"]] + ([res["faults"]] if res["faults"] else []):
-        label = (
-            f"{r['workers']}" + (" + faults" if "faults" in r else "") + (f" at {r['rate']}/s" if "rate" in r else "")
-        )
+        label = f"{r['workers']}" + (" + faults" if "faults" in r else "")
+        label += f" paced at {r['rate']}/s" if "rate" in r else ""
         print(f"| {label} | {r['msgs_per_s']} | {r['mb_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['published']} "
               f"| {r['stored']} | {r['lost']} |")  # fmt: skip

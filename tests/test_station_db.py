@@ -162,3 +162,21 @@ def test_an_ingest_worker_waits_out_a_database_and_an_object_store_restart_and_l
         store.close()
     finally:
         s3.stop()
+
+
+def test_bench_station_stores_every_frame_once_through_every_fault(tmp_path):
+    """`bouncer bench station`, small: its own servers, one and two ingest workers, then a worker SIGKILLed and
+    PostgreSQL, the object store and the broker restarted; every frame published has one row and one object."""
+    import json
+
+    res = run_cli("bench", "station", "--messages", "240", "--workers", "1,2", "--publishers", "2", "--devices",
+                  "4", "--size-kb", "20", timeout=900)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for run in [*out["runs"], out["paced"], out["faults"]]:
+        assert run["stored"] == run["published"] and run["lost"] == 0 and run["objects"] == run["stored"], run
+        assert run["msgs_per_s"] > 0 and run["p50_ms"] <= run["p99_ms"], run
+    assert [f["fault"] for f in out["faults"]["faults"]] == [
+        "worker SIGKILLed", "PostgreSQL restarted", "object store restarted", "broker restarted"
+    ]  # fmt: skip
+    assert "| 2 + faults paced at" in res.stdout and "CPU per 1000 frames" in res.stdout
