@@ -20,9 +20,7 @@ class Mosquitto:
 
     def __init__(self, workdir: Path, extra: str = "") -> None:
         """`extra`: more mosquitto.conf lines."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
@@ -206,9 +204,6 @@ def _port_free(port: int) -> bool:
 
 def wait_for_port(port: int, what: str, timeout: float) -> None:
     """Return once something listens on 127.0.0.1:PORT (a server a test started), else raise naming it."""
-    import socket
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -220,8 +215,6 @@ def wait_for_port(port: int, what: str, timeout: float) -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

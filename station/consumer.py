@@ -134,14 +134,8 @@ class Consumer:
                     self._quarantine(msg.topic, msg.payload, str(exc))
                 continue
             self._guarded(msg.topic, msg.payload)
-        if frames:
-            try:
-                new = self.store.add_frames(frames)
-            except schemas.SchemaError:  # one bad id: store them one by one so only it is quarantined
-                new = []
-                for f in frames:
-                    new.append(self._guarded(schemas.topic(f.device, "frames"), f.encode()) == "frame")
-            for n in new:
+        if frames:  # each already checked by _frame: the store takes them all
+            for n in self.store.add_frames(frames):
                 self.counts["frames" if n else "duplicates"] += 1
 
     def _guarded(self, topic: str, payload: bytes) -> str:
@@ -243,21 +237,18 @@ class Consumer:
             elif time.monotonic() - last >= idle_s:
                 break
             time.sleep(0.1)
-        self._stopping.set()
-        if self._writer is not None:
-            self._writer.join(timeout=30)
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.DISCONNECT)
-            props.SessionExpiryInterval = 0  # the broker forgets the session and its subscriptions
-        self.client.disconnect(properties=props)
-        self.client.loop_stop()
+        self.stop(end_session=True)
         return dict(self.counts)
 
-    def stop(self) -> None:
-        """Unacknowledged messages stay with the broker (the persistent session) for this worker's return."""
+    def stop(self, end_session: bool = False) -> None:
+        """Unacknowledged messages stay with the broker (the persistent session) for this worker's return;
+        `end_session`: the broker forgets the session and its subscriptions (MQTT 5 session expiry 0)."""
         self._stopping.set()  # the writer finishes (and acknowledges) the batch in hand
         if self._writer is not None:
             self._writer.join(timeout=30)
-        self.client.disconnect()
+        props = None
+        if end_session and self.v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
         self.client.loop_stop()

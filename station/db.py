@@ -168,10 +168,10 @@ class PostgresDb:
                 "station.database on PostgreSQL needs psycopg: pip install 'bouncer[station-scale]'"
             ) from None
         self.url, self.timeout = url, timeout
-        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False,
-                                   reconnect_timeout=24 * 3600)  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:  # a database still starting (or restarting) at the worker's start: wait, saying so
+            self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False,
+                                       reconnect_timeout=24 * 3600)  # fmt: skip
             try:
                 self.pool.open(wait=True, timeout=max(1.0, min(5.0, deadline - time.monotonic())))
                 return
@@ -184,8 +184,6 @@ class PostgresDb:
                 log.warning("PostgreSQL at %s not reachable yet (%s), retrying for %.0f s more", _safe(url),
                             exc, deadline - time.monotonic())  # fmt: skip
                 time.sleep(1.0)
-                self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs={"autocommit": True},
-                                           open=False, reconnect_timeout=24 * 3600)  # fmt: skip
 
     @staticmethod
     def _sql(sql: str) -> str:

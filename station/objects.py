@@ -201,10 +201,3 @@ def open_objects(spec: str, root: Path, wait_s: float = 30.0) -> FolderObjects |
         store.wait_ready(wait_s)
         return store
     raise BouncerError(f"station.objects: empty (files in the data folder) or s3://BUCKET/PREFIX, got {spec!r}")
-
-
-def orphans(objects: Objects, prefix: str, known: set[str], grace_s: float, now: float | None = None) -> list[str]:
-    """Keys under `prefix` no row points at, older than the grace period (a write between object and row is
-    younger than that)."""
-    now = time.time() if now is None else now
-    return [k for k, modified in objects.list(prefix) if k not in known and now - modified > grace_s]
