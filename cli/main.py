@@ -312,7 +312,10 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
 def cmd_bench_station(args: argparse.Namespace) -> int:
     from bouncer.cli.bench_station import bench_station, print_cpu, print_station
 
-    workers = tuple(int(w) for w in args.workers.split(","))
+    try:
+        workers = tuple(_positive_int(w) for w in args.workers.split(","))
+    except BouncerError as exc:
+        raise BouncerError(f"--workers {args.workers}: worker counts such as 1,2,4 ({exc})") from None
     res = bench_station(args.messages, args.publishers, args.devices, args.size_kb, workers, not args.no_faults,
                         say=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     print_station(res)

@@ -151,6 +151,7 @@ def test_fit_says_what_head_selection_needs(tmp_path, built_models):
         (("bench", "gates", "--rotation", "--target-accuracy", "0.1"), "--target-accuracy must be in [0.5, 1)"),
         (("bench", "gates", "--rotation", "--elpv", "/nonexistent/elpv"), "/nonexistent/elpv"),
         (("bench", "detector", "--seeds", "0"), "0: must be at least 1"),
+        (("bench", "station", "--workers", "1,x"), "--workers 1,x: worker counts such as 1,2,4"),
         (
             ("sim", "detection", "--out", "/tmp/never-written", "--unknown", "unicorn"),
             "--unknown: unknown part(s) unicorn",
