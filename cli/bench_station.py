@@ -264,11 +264,9 @@ class Bench:
 
         with psycopg.connect(database) as conn:
             rows = conn.execute("SELECT ts, received FROM frames").fetchall()
-        bucket = objects.split("/")[2].split("?")[0]
-        n_objects = sum(
-            len(page.get("Contents", []))
-            for page in self.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        )
+        from bouncer.station.objects import S3Objects
+
+        n_objects = sum(1 for _ in S3Objects(objects).list(""))
         ts = np.array([r[0] for r in rows])
         received = np.array([r[1] for r in rows])
         span = float(received.max() - first) if len(rows) else float("nan")
@@ -286,7 +284,7 @@ class Bench:
 
 
 def bench_station(
-    messages: int = 3000,
+    messages: int = 10000,
     publishers: int = 2,
     devices: int = 20,
     size_kb: int = 50,

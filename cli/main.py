@@ -855,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = add("station", cmd_bench_station, "station ingest on PostgreSQL + S3 with 1/2/4 workers, and under faults",
              bsub)  # fmt: skip
-    bs.add_argument("--messages", type=_positive_int, default=3000, help="frames per run")
+    bs.add_argument("--messages", type=_positive_int, default=10000, help="frames per run")
     bs.add_argument("--workers", default="1,2,4", help="ingest worker counts, comma-separated")
     bs.add_argument("--publishers", type=_positive_int, default=2, help="publisher processes")
     bs.add_argument("--devices", type=_positive_int, default=20, help="simulated cameras")

@@ -156,27 +156,34 @@ class SeaweedFS:
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_for_port(p["s3"], "seaweedfs s3", 60.0)
-        client = self.client()
         deadline = time.monotonic() + 60
-        while True:  # the gateway answers before the filer and volumes are ready: until a bucket can be made
+        while True:  # the gateway answers before the filer and volumes are ready: until the shell lists buckets
             try:
-                client.list_buckets()
+                self._shell("s3.bucket.list")
                 return self
-            except Exception:
+            except (AssertionError, subprocess.TimeoutExpired):
                 if time.monotonic() > deadline:
                     raise AssertionError("seaweedfs did not become ready") from None
                 time.sleep(0.3)
 
-    def client(self):
-        import boto3
+    def _shell(self, command: str) -> str:
+        """One `weed shell` command (bucket administration: S3 clients such as obstore do not create buckets)."""
+        res = subprocess.run(
+            [self.weed, "shell", f"-master=127.0.0.1:{self.ports['master']}",
+             f"-filer=127.0.0.1:{self.ports['filer']}"],
+            input=command + "\n", capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if res.returncode or "error" in res.stdout.lower():
+            raise AssertionError(f"weed shell {command!r}: {(res.stdout + res.stderr).strip()[-500:]}")
+        return res.stdout
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.KEY,
-                            aws_secret_access_key=self.SECRET, region_name="us-east-1")  # fmt: skip
+    def create_bucket(self, name: str) -> None:
+        self._shell(f"s3.bucket.create -name {name}")
 
     def bucket(self) -> str:
         """A fresh bucket; returns the station's `objects` setting for it."""
         name = f"b{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
+        self.create_bucket(name)
         return self.url(name)
 
     def stop(self) -> None:

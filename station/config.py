@@ -24,7 +24,7 @@ class StationSection:
     # or ~/.pgpass, as libpq reads them); frames and bundles stay files in data_dir
     database: str = ""
     # frames, heatmaps and quarantined payloads: empty for files in data_dir, or s3://BUCKET[/PREFIX][?endpoint=URL]
-    # (credentials as boto3 finds them: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)
+    # (credentials from the environment: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a web identity, an instance role)
     objects: str = ""
     # what this process does: ingest (MQTT -> store), web (UI, JSON API, TUF repository), retrain (retraining,
     # approval, signing, publishing; one holder at a time across all workers on one database)

@@ -100,7 +100,7 @@ def station_database(request) -> str:
 @pytest.fixture(scope="session")
 def s3_server():
     """One real S3 server for the session (SeaweedFS on loopback), stopped by its process id at the end. Its
-    access key is in the environment, where boto3 (in the tests and the station processes they start) finds it."""
+    access key is in the environment, where obstore (in the tests and the station processes they start) finds it."""
     import shutil
     import tempfile
 

@@ -126,7 +126,7 @@ def test_an_ingest_worker_waits_out_a_database_and_an_object_store_restart_and_l
 
     s3 = SeaweedFS(tmp_path / "s3").start()
     try:
-        s3.client().create_bucket(Bucket="frames")
+        s3.create_bucket("frames")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.KEY)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.SECRET)
         db = postgres_server.database()
