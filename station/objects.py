@@ -71,7 +71,7 @@ class FolderObjects:
     def get(self, key: str) -> bytes | None:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
     def delete(self, keys: list[str]) -> None:

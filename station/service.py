@@ -49,6 +49,7 @@ class Station:
         self.consumer: Consumer | None = None
         self._retrain_lock = threading.Lock()
         self._repo_lock = threading.Lock()  # one writer of the TUF metadata at a time
+        self._tuf_pending = threading.Event()  # the object store missed the latest TUF files: retry soon
         self._stop = threading.Event()
 
     def check_group(self, group: str | None) -> str:
@@ -139,6 +140,7 @@ class Station:
                   "classes": bundle.classes, "group": group}  # fmt: skip
         with self._repo_lock:
             targets_version = self.repo.publish(dest, group, custom)
+            self._mirror_tuf()  # before the announcement below sends devices to fetch it
         self.store.audit(bundle.version, "published", "station", {"serial": serial, "group": group,
                                                                   "tuf_targets_version": targets_version})  # fmt: skip
         old = self.store.champion(group)
@@ -150,6 +152,23 @@ class Station:
         self._announce(group, bundle, serial)
         log.info("published gate %s (serial %d) for group %s", bundle.version, serial, group)
         return serial
+
+    def _mirror_tuf(self) -> None:
+        """With frames on an object store the TUF repository goes there too, so every web worker serves the same
+        repository whatever machine it runs on. An object store that is down delays it (retried every 30 s by
+        the maintenance loop) and does not undo the publication: devices keep the gate they have meanwhile."""
+        from bouncer.station.objects import FolderObjects
+
+        if isinstance(self.store.objects, FolderObjects):  # the folder is data_dir itself: already in place
+            return
+        try:
+            written = self.repo.mirror(self.store.objects)
+            self._tuf_pending.clear()
+            if written:
+                log.info("copied %d TUF file(s) to %s", written, self.store.objects.where)
+        except OSError as exc:
+            self._tuf_pending.set()
+            log.error("could not copy the TUF repository to the object store (retrying in 30 s): %s", exc)
 
     def _announce(self, group: str, bundle: GateBundle, serial: int) -> None:
         if self.consumer is not None:
@@ -249,6 +268,7 @@ class Station:
             try:
                 with self._repo_lock:
                     roles = self.repo.refresh()
+                    self._mirror_tuf()
                 if roles:
                     log.info("re-signed TUF metadata: %s", ", ".join(roles))
                 swept = self.store.sweep(self.cfg.station.sweep_grace_s)
@@ -256,7 +276,7 @@ class Station:
                     log.info("removed %d object(s) no row points at", swept)
             except OSError as exc:
                 log.error("maintenance failed, next try in %.0f s: %s", every_s, exc)
-            if self._stop.wait(every_s):
+            if self._stop.wait(min(every_s, 30.0) if self._tuf_pending.is_set() else every_s):
                 return
 
     def _load_version(self, path: str) -> GateBundle | None:

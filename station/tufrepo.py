@@ -52,6 +52,7 @@ class TufRepo:
         self.keys_dir = self.root / "keys"
         self.metadata_dir = self.root / "tuf" / "metadata"
         self.targets_dir = self.root / "tuf" / "targets"
+        self._mirrored: dict[str, str] | None = None  # object key -> sha256 of what mirror() last wrote there
 
     @property
     def exists(self) -> bool:
@@ -187,6 +188,30 @@ class TufRepo:
             self._sign_and_write(timestamp, "timestamp")
             return ["timestamp"]
         return []
+
+    def mirror(self, objects: Any) -> int:
+        """Copy the repository under `tuf/` to an object store, so that any web worker serves it from there (its
+        signatures, not its server, make it trustworthy). Targets first, then the versioned metadata, then
+        timestamp.json, so a client never finds metadata naming a file not yet there. Versioned files never
+        change and go once; timestamp.json whenever it changed. Returns the files written."""
+        if self._mirrored is None:  # what an earlier run of this station already copied
+            self._mirrored = {key: "" for key, _ in objects.list("tuf/")}
+        tuf = self.metadata_dir.parent
+        targets = sorted(p for p in self.targets_dir.rglob("*") if p.is_file() and p.suffix != ".tmp")
+        versioned = sorted(self.metadata_dir.glob("[0-9]*.json"), key=lambda p: (int(p.name.split(".")[0]), p.name))
+        written = 0
+        for path in [*targets, *versioned, self.metadata_dir / "timestamp.json"]:
+            if not path.is_file():
+                continue
+            key = f"tuf/{path.relative_to(tuf)}"
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if key in self._mirrored and (path.name != "timestamp.json" or self._mirrored[key] == digest):
+                continue
+            objects.put(key, data)
+            self._mirrored[key] = digest
+            written += 1
+        return written
 
     def current(self, group: str) -> dict[str, Any] | None:
         """The custom fields of the group's published gate, or None."""

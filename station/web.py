@@ -57,8 +57,21 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["iso"] = iso_time
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    station.repo.metadata_dir.parent.mkdir(parents=True, exist_ok=True)
-    app.mount("/tuf", StaticFiles(directory=str(station.repo.metadata_dir.parent), check_dir=False), name="tuf")
+
+    @app.get("/tuf/{path:path}", include_in_schema=False)
+    def tuf_file(path: str) -> Response:
+        """The TUF repository, from where the station keeps objects (data_dir, or the object store that the
+        retrain role copies it to): any web worker serves it, and its signatures make it trustworthy."""
+        try:
+            data = station.store.objects.get(f"tuf/{path}")
+        except ValueError:  # a key leaving the store
+            data = None
+        except OSError as exc:
+            raise HTTPException(503, f"the TUF repository is unavailable now: {exc}") from None
+        if data is None:
+            raise HTTPException(404, f"no TUF file {path!r}")
+        media = "application/json" if path.endswith(".json") else "application/octet-stream"
+        return Response(data, media_type=media)
 
     accounts = station.accounts
 

@@ -28,8 +28,9 @@ def toml(path: Path, sections: dict[str, dict[str, object]]) -> Path:
 @pytest.mark.parametrize("station_database", ["sqlite", "postgres"], indirect=True)
 def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_path, bouncer_home, station_database,
                                                          station_objects):  # fmt: skip
-    """On SQLite + files with one station process, and on PostgreSQL + S3 with a second worker that only ingests
-    (sharing the subscription with the first)."""
+    """On SQLite + files with one station process, and on PostgreSQL + S3 with a second, stateless worker that
+    ingests (sharing the subscription with the first) and serves the TUF repository to the cameras from the object
+    store, with nothing of it on its own disk."""
     root = sim_gate.parent
     st_dir = tmp_path / "station"
     db = {"database": station_database, "objects": station_objects} if station_database else {}
@@ -45,9 +46,10 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
     station = StationProcess(cfg, free_port()).start()
     workers = [station]
     if station_database:  # a second, stateless worker: the same database and bucket, its own folder and client id
-        second = {"data_dir": str(tmp_path / "w2"), "groups": list(GROUPS), "worker": "w2", "roles": ["ingest"], **db}
+        second = {"data_dir": str(tmp_path / "w2"), "groups": list(GROUPS), "worker": "w2", "roles": ["ingest", "web"],
+                  **db}  # fmt: skip
         cfg2 = toml(tmp_path / "station2.toml", {"station": second, "mqtt": {"broker": broker.url}})
-        workers.append(StationProcess(cfg2, free_port(), http=False).start())
+        workers.append(StationProcess(cfg2, free_port()).start())
     procs: list[subprocess.Popen] = []
     try:
         # two cameras per group flag a part type none of the gates knows
@@ -99,7 +101,7 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
         assert status == 404 and "not managed by this station" in body["detail"]
 
         # every camera runs with over-the-air updates; one more asks for a group the station does not have
-        ota = {"url": f"{station.url}/tuf", "root": str(st_dir / "tuf/metadata/1.root.json"), "trial_frames": 8,
+        ota = {"url": f"{workers[-1].url}/tuf", "root": str(st_dir / "tuf/metadata/1.root.json"), "trial_frames": 8,
                "poll_s": 2.0, "canary_size": 0}  # fmt: skip
         cams = [(f"{g}-cam{c}", g) for g in GROUPS for c in (1, 2)] + [("stray-cam", "line-z")]
         more = simulator.write_dataset(tmp_path / "more", ("bolt", "gear"), per_class=6, seed=7)
@@ -143,6 +145,13 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
     assert {e["version"] for e in line_c} <= {published["line-c"]["version"]}
     assert not [e for e in events if e.get("version") == versions["line-c"]]
     assert "publishes no gate for group 'line-z'" in stray[0]["reason"]
+    if station_database:  # the cameras updated through the second worker, which holds no TUF file itself
+        assert not (tmp_path / "w2" / "tuf").exists()
+        from bouncer.station.objects import S3Objects
+
+        keys = {k for k, _ in S3Objects(station_objects).list("tuf/")}
+        assert "tuf/metadata/timestamp.json" in keys and "tuf/metadata/1.root.json" in keys
+        assert sum(k.startswith("tuf/targets/gates/") for k in keys) >= 5, "3 first gates, 2 retrained"
     trail = http_json_offline(st_dir, station_database, station_objects)
     assert ("rejected", versions["line-c"]) in trail and ("published", versions["line-c"]) not in trail
 

@@ -330,6 +330,8 @@ def test_a_station_off_loopback_needs_a_token(station_dir, tmp_path):
         assert status == 200 and body["classes"] == ["bracket", "gear", "plate", "washer"]
         status, root = http_json(f"{station.url}/tuf/metadata/1.root.json")  # TUF is signed, not secret
         assert status == 200 and root["signed"]["_type"] == "root"
+        for path in ("%2e%2e/keys/root.pem", "..%2Fkeys%2Froot.pem", "metadata/9.root.json", "metadata"):
+            assert http_json(f"{station.url}/tuf/{path}")[0] == 404, path  # the keys beside it are never served
     finally:
         station.stop()
 

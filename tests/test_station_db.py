@@ -5,6 +5,7 @@ several writers at once, and a clear error for a database that is not there."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -180,3 +181,50 @@ def test_bench_station_stores_every_frame_once_through_every_fault(tmp_path):
         "worker SIGKILLed", "PostgreSQL restarted", "object store restarted", "broker restarted"
     ]  # fmt: skip
     assert "| 2 + faults paced at" in res.stdout and "CPU per 1000 frames" in res.stdout
+
+
+def test_the_tuf_repository_is_copied_to_the_object_store_in_order_and_once(s3_server, tmp_path):
+    """Targets, then versioned metadata, then timestamp.json; what is there already is not written again; a
+    new publication writes only its own four files; a device's TUF client trusts what the store holds."""
+    from tuf.api.exceptions import DownloadHTTPError
+    from tuf.ngclient import Updater
+    from tuf.ngclient.fetcher import FetcherInterface
+
+    from bouncer.station.objects import S3Objects
+    from bouncer.station.tufrepo import TufRepo
+
+    objects = S3Objects(s3_server.bucket())
+    repo = TufRepo(tmp_path / "station")
+    repo.init()
+    bundle = tmp_path / "g1.bouncer"
+    bundle.write_bytes(b"gate one")
+    repo.publish(bundle, "line-a", {"version": "g1", "serial": 1})
+    written: list[str] = []
+    put = objects.put
+    objects.put = lambda key, data: (written.append(key), put(key, data))[1]  # type: ignore[method-assign]
+    assert repo.mirror(objects) == len(written) == 7  # 1 target, root, 2 targets, 2 snapshots, timestamp
+    assert written[0].startswith("tuf/targets/gates/") and written[-1] == "tuf/metadata/timestamp.json"
+    assert repo.mirror(objects) == 0
+    bundle.write_bytes(b"gate two")
+    repo.publish(bundle, "line-a", {"version": "g2", "serial": 2})
+    assert repo.mirror(objects) == 4
+    assert TufRepo(tmp_path / "station").mirror(objects) == 1, "a restarted station rewrites timestamp.json only"
+    # what a device fetches, read straight from the store: the TUF client verifies it end to end
+    local = tmp_path / "device"
+    (local / "targets").mkdir(parents=True)
+    (local / "root.json").write_bytes(objects.get("tuf/metadata/1.root.json") or b"")
+
+    class StoreFetcher(FetcherInterface):  # what the web worker serves at /tuf/: the store's objects
+        def _fetch(self, url: str):
+            data = objects.get("tuf/" + url.split("/tuf/", 1)[1])
+            if data is None:
+                raise DownloadHTTPError(url, 404)
+            return iter([data])
+
+    fetcher = StoreFetcher()
+    up = Updater(str(local), "http://store/tuf/metadata/", str(local / "targets"), "http://store/tuf/targets/",
+                 fetcher=fetcher, bootstrap=None)  # fmt: skip
+    up.refresh()
+    info = up.get_targetinfo("gates/line-a.bouncer")
+    assert info is not None and info.custom["version"] == "g2"
+    assert Path(up.download_target(info)).read_bytes() == b"gate two"
