@@ -1,6 +1,6 @@
 """`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`,
 `bouncer station audit verify CONFIG`, `bouncer station user add|remove|list|token CONFIG ...`,
-`bouncer station drain CONFIG --worker W`."""
+`bouncer station drain CONFIG --worker W`, `bouncer station migrate CONFIG [--check]`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-ACTIONS = ("serve", "init", "retrain", "audit", "user", "drain")
+ACTIONS = ("serve", "init", "retrain", "audit", "user", "drain", "migrate")
 
 
 def _station(
@@ -171,6 +171,35 @@ def cmd_station_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_station_migrate(args: argparse.Namespace) -> int:
+    """The database to the newest schema revision (every station start does it too), or `--check`: exit 1 if it
+    is not there yet, changing nothing."""
+    from bouncer.runtime.config import load_config
+    from bouncer.runtime.errors import BouncerError
+
+    try:
+        from bouncer.station import schema
+        from bouncer.station.config import StationConfig
+    except ImportError as exc:
+        raise BouncerError(f"the station needs the [station] extra: pip install 'bouncer[station]' ({exc})") from None
+    overrides = {"station.data_dir": str(args.data_dir) if args.data_dir else None}
+    cfg = load_config(args.config, overrides, root=StationConfig)
+    root, database = Path(cfg.station.data_dir), cfg.station.database
+    if not database and not (root / "station.sqlite").is_file():
+        raise BouncerError(f"{root / 'station.sqlite'}: no station database here (run `bouncer station init` first)")
+    if database:
+        from bouncer.station.db import connect
+
+        connect(database, root, cfg.station.wait_s).close()  # waits for a PostgreSQL that is starting
+    if args.check:
+        now, newest = schema.current(database, root), schema.head()
+        print(f"station database at schema revision {now or '(none)'}; this bouncer's newest is {newest}")
+        return 0 if now == newest else 1
+    before, now = schema.upgrade(database, root)
+    print(f"station database at schema revision {now}" + (f" (was {before or '(none)'})" if before != now else ""))
+    return 0
+
+
 def cmd_station_user(args: argparse.Namespace) -> int:
     station = _station(args.config, args.data_dir, existing=True)
     try:
@@ -221,6 +250,9 @@ def add_station(sub, add, existing_dir) -> None:
     common(d)
     d.add_argument("--worker", help="the worker's id (default: station.worker of the config)")
     d.add_argument("--idle-s", type=float, default=3.0, help="done after this long with nothing new")
+    m = add("migrate", cmd_station_migrate, "bring the station database to the newest schema revision", ssub)
+    common(m)
+    m.add_argument("--check", action="store_true", help="only say where it is; exit 1 if not at the newest")
     au = ssub.add_parser("audit", help="the gate audit log")
     asub = au.add_subparsers(dest="audit_command", required=True, parser_class=type(st))
     v = add("verify", cmd_station_audit_verify, "check the audit log's hash chain (exit 1 if broken)", asub)

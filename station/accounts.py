@@ -27,26 +27,6 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SESSION_S = 12 * 3600  # a browser session lasts a shift
 MIN_PASSWORD = 8
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    pw_hash TEXT NOT NULL,
-    created DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_tokens (
-    hash TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    created DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    hash TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    csrf TEXT NOT NULL,
-    expires DOUBLE PRECISION NOT NULL
-);
-"""
-
 
 @dataclass(frozen=True)
 class Identity:
@@ -77,7 +57,6 @@ def _hasher():
 class Accounts:
     def __init__(self, store: Store) -> None:
         self.store = store
-        store.script(SCHEMA)
 
     def any(self) -> bool:
         return bool(self.store.rows("SELECT 1 FROM users LIMIT 1"))

@@ -3,9 +3,9 @@ PostgreSQL (`station.database = "postgresql://..."`: many workers, many machines
 the store's SQL is written once.
 
 The SQL is the subset both engines share; `?` placeholders become `%s` for psycopg. What differs is here: how a
-script runs, how columns are listed, how a writer takes the one lock that orders the audit chain (SQLite:
-BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped advisory lock), the row order of the audit table, and the
-append-only rule on it (SQLite and PostgreSQL triggers).
+writer takes the one lock that orders the audit chain (SQLite: BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped
+advisory lock) and the row order of the audit table. The tables themselves are alembic revisions
+(station/schema.py).
 """
 
 from __future__ import annotations
@@ -21,30 +21,9 @@ from typing import Any, Protocol
 
 from bouncer.runtime.errors import BouncerError
 
-# the audit log is append-only: the database itself refuses to change or delete a row
-SQLITE_APPEND_ONLY = """
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_replace BEFORE INSERT ON audit
-WHEN EXISTS (SELECT 1 FROM audit WHERE id = NEW.id)
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
-# (INSERT OR REPLACE deletes the old row without firing a delete trigger: the insert trigger refuses it first)
-POSTGRES_APPEND_ONLY = """
-CREATE OR REPLACE FUNCTION bouncer_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$;
-DROP TRIGGER IF EXISTS audit_no_change ON audit;
-CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit
-FOR EACH ROW EXECUTE FUNCTION bouncer_audit_append_only();
-DROP TRIGGER IF EXISTS audit_no_truncate ON audit;
-CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
-FOR EACH STATEMENT EXECUTE FUNCTION bouncer_audit_append_only();
-"""
 log = logging.getLogger("bouncer.station.db")
 AUDIT_LOCK = 0x626F756E  # the advisory lock key that orders audit writers across processes and machines
-SCHEMA_LOCK = 0x626F7500  # workers starting together create the tables one at a time
+SCHEMA_LOCK = 0x626F7500  # workers starting together migrate the schema one at a time
 ROLE_LOCKS = {"retrain": 0x626F7501}  # session advisory locks: one holder of each role across the fleet
 
 
@@ -61,13 +40,7 @@ class Database(Protocol):
 
     def all(self, sql: str, args: tuple = ()) -> list[tuple]: ...
 
-    def script(self, sql: str) -> None: ...
-
     def insert_new(self, sql: str, rows: list[tuple]) -> set[str]: ...
-
-    def columns(self, table: str) -> set[str]: ...
-
-    def append_only(self) -> None: ...
 
     def exclusive(self) -> Any: ...
 
@@ -97,10 +70,6 @@ class SqliteDb:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def script(self, sql: str) -> None:
-        with self._lock:
-            self._db.executescript(sql)
-
     def insert_new(self, sql: str, rows: list[tuple]) -> set[str]:
         """Rows in one transaction; `sql` ends in RETURNING id: the ids inserted (not those already there)."""
         if not rows:
@@ -116,12 +85,6 @@ class SqliteDb:
                 self._db.execute("ROLLBACK")
                 raise
         return new
-
-    def columns(self, table: str) -> set[str]:
-        return {r[1] for r in self.all(f"PRAGMA table_info({table})")}
-
-    def append_only(self) -> None:
-        self.script(SQLITE_APPEND_ONLY)
 
     @contextmanager
     def exclusive(self) -> Iterator[Any]:
@@ -179,9 +142,9 @@ class PostgresDb:
                 self.pool.close()
                 if time.monotonic() >= deadline:
                     raise BouncerError(
-                        f"station.database: PostgreSQL at {_safe(url)} unreachable for {timeout:.0f} s ({exc})"
+                        f"station.database: PostgreSQL at {safe_url(url)} unreachable for {timeout:.0f} s ({exc})"
                     ) from None
-                log.warning("PostgreSQL at %s not reachable yet (%s), retrying for %.0f s more", _safe(url),
+                log.warning("PostgreSQL at %s not reachable yet (%s), retrying for %.0f s more", safe_url(url),
                             exc, deadline - time.monotonic())  # fmt: skip
                 time.sleep(1.0)
 
@@ -200,7 +163,7 @@ class PostgresDb:
                 yield conn
         except (psycopg.OperationalError, PoolTimeout) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DatabaseUnavailable(f"PostgreSQL at {_safe(self.url)}: {first}") from None
+            raise DatabaseUnavailable(f"PostgreSQL at {safe_url(self.url)}: {first}") from None
 
     def execute(self, sql: str, args: tuple = ()) -> int:
         with self._connection() as conn:
@@ -209,13 +172,6 @@ class PostgresDb:
     def all(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._connection() as conn:
             return conn.execute(self._sql(sql), args).fetchall()
-
-    def script(self, sql: str) -> None:
-        """Several statements in one go (no parameters), in one transaction under the schema lock: `CREATE TABLE
-        IF NOT EXISTS` from two workers at once would otherwise collide in PostgreSQL's catalog."""
-        with self._connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            conn.execute(sql.replace("BLOB", "BYTEA"))
 
     def insert_new(self, sql: str, rows: list[tuple]) -> set[str]:
         """Rows in one transaction, pipelined (one round trip for the batch, not one per row)."""
@@ -229,13 +185,6 @@ class PostgresDb:
                 if not cur.nextset():
                     break
         return new
-
-    def columns(self, table: str) -> set[str]:
-        rows = self.all("SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,))
-        return {r[0] for r in rows}
-
-    def append_only(self) -> None:
-        self.script("ALTER TABLE audit ADD COLUMN IF NOT EXISTS seq BIGSERIAL;\n" + POSTGRES_APPEND_ONLY)
 
     @contextmanager
     def exclusive(self) -> Iterator[Any]:
@@ -272,7 +221,7 @@ class _Bound:
         return self._run(sql, args).fetchall()
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, for error messages."""
     from urllib.parse import urlsplit, urlunsplit
 
@@ -289,5 +238,5 @@ def connect(database: str, root: Path, timeout: float = 30.0) -> Database:
     if database.startswith(("postgresql://", "postgres://")):
         return PostgresDb(database, timeout=timeout)
     raise BouncerError(
-        f"station.database: empty (SQLite in the data folder) or postgresql://..., got {_safe(database)!r}"
+        f"station.database: empty (SQLite in the data folder) or postgresql://..., got {safe_url(database)!r}"
     )

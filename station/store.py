@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sqlite3
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,95 +21,11 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime import schemas
-from bouncer.runtime.errors import BouncerError
+from bouncer.station import schema
 from bouncer.station.db import connect
 from bouncer.station.objects import FolderObjects, open_objects
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS frames (
-    id TEXT PRIMARY KEY,
-    grp TEXT NOT NULL,
-    device TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    received DOUBLE PRECISION NOT NULL,
-    source TEXT,
-    decision TEXT NOT NULL,
-    predicted TEXT,
-    confidence DOUBLE PRECISION,
-    ood_score DOUBLE PRECISION,
-    reasons TEXT NOT NULL,
-    details TEXT NOT NULL,
-    quality TEXT NOT NULL,
-    gate_version TEXT NOT NULL,
-    backbone_hash TEXT NOT NULL,
-    jpeg_path TEXT NOT NULL,
-    heatmap_path TEXT,
-    audit BIGINT NOT NULL DEFAULT 0,
-    features BYTEA,
-    label_kind TEXT,
-    label TEXT,
-    labelled_by TEXT,
-    labelled_at DOUBLE PRECISION,
-    boxes TEXT,
-    size TEXT,
-    candidates BYTEA
-);
-CREATE INDEX IF NOT EXISTS frames_queue ON frames (grp, label_kind, received);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id TEXT PRIMARY KEY,
-    received DOUBLE PRECISION NOT NULL,
-    topic TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    size BIGINT NOT NULL,
-    path TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY,
-    device TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    kind TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    status TEXT NOT NULL,
-    stats TEXT
-);
-CREATE TABLE IF NOT EXISTS device_stats (
-    device TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    stats TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS device_stats_ts ON device_stats (device, ts);
-CREATE TABLE IF NOT EXISTS audit (
-    id TEXT PRIMARY KEY,
-    ts DOUBLE PRECISION NOT NULL,
-    gate_version TEXT NOT NULL,
-    event TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    device TEXT,
-    details TEXT NOT NULL,
-    prev_hash TEXT,
-    hash TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
-CREATE TABLE IF NOT EXISTS retrains (
-    grp TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    result TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS gates (
-    version TEXT PRIMARY KEY,
-    grp TEXT NOT NULL,
-    serial BIGINT NOT NULL,
-    created DOUBLE PRECISION NOT NULL,
-    role TEXT NOT NULL,
-    path TEXT NOT NULL,
-    metrics TEXT NOT NULL
-);
-"""
+log = logging.getLogger("bouncer.station.store")
 
 
 @dataclass
@@ -216,13 +132,6 @@ def audit_hash(prev: str, rec: tuple) -> str:
     return hashlib.sha256(json.dumps([prev, *rec], separators=(",", ":")).encode()).hexdigest()
 
 
-# columns added after a station database could exist: (table, ((column, type), ...))
-LATER_COLUMNS = (
-    ("audit", (("prev_hash", "TEXT"), ("hash", "TEXT"))),  # the hash chain
-    ("frames", (("boxes", "TEXT"), ("size", "TEXT"), ("candidates", "BYTEA"))),  # detectors
-)
-
-
 class Store:
     def __init__(self, root: Path, database: str = "", connect_timeout: float = 30.0, objects: str = "") -> None:
         """`database`: empty for SQLite in `root` (the embedded default), or a postgresql:// URL. `objects`: empty
@@ -231,22 +140,10 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.objects = open_objects(objects, self.root, connect_timeout)
         self._pool: ThreadPoolExecutor | None = None
-        self.db = connect(database, self.root, connect_timeout)
-        try:
-            self.db.script(SCHEMA)
-            for table, added in LATER_COLUMNS:
-                have = self.db.columns(table)
-                for col, kind in added:
-                    if col not in have:
-                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
-            self.db.append_only()
-        except sqlite3.DatabaseError as exc:
-            raise BouncerError(f"{self.root / 'station.sqlite'}: unusable station database ({exc})") from None
-        except Exception as exc:  # the PostgreSQL driver's errors: a database this station cannot set up
-            if self.db.dialect == "sqlite" or isinstance(exc, OSError):
-                raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BouncerError(f"station.database: cannot set up the station's tables ({first})") from None
+        self.db = connect(database, self.root, connect_timeout)  # waits for a PostgreSQL that is starting
+        before, now = schema.upgrade(database, self.root)
+        if before != now:
+            log.info("station database migrated from schema revision %s to %s", before or "(none)", now)
 
     def _exec(self, statement: str, args: tuple = ()) -> int:
         """Runs one statement; returns the rows it changed."""
@@ -254,10 +151,6 @@ class Store:
 
     def _all(self, statement: str, args: tuple = ()) -> list[tuple]:
         return self.db.all(statement, args)
-
-    def script(self, sql: str) -> None:
-        """Tables another station module keeps in this database (accounts)."""
-        self.db.script(sql)
 
     def run(self, statement: str, args: tuple = ()) -> int:
         return self._exec(statement, args)
