@@ -31,6 +31,9 @@ class StationSection:
     roles: list[str] = field(default_factory=lambda: list(ROLES))
     sweep_grace_s: float = 3600.0  # an object with no row, older than this, is removed (left by a crash)
     wait_s: float = 60.0  # at start: how long to wait for the database and the object store, saying so
+    # unlabelled frames, quarantined payloads and device stats older than this are deleted (0: kept for ever);
+    # labelled frames, gates, events and the audit log are always kept
+    retention_days: float = 0.0
 
 
 @dataclass
@@ -76,6 +79,8 @@ class StationConfig:
         bad = [r for r in self.station.roles if r not in ROLES]
         if bad or not self.station.roles:
             raise BouncerError(f"station.roles: one or more of {', '.join(ROLES)}, got {self.station.roles}")
+        if self.station.retention_days < 0:
+            raise BouncerError("station.retention_days: must not be negative (0 keeps everything)")
         if self.station.wait_s < 0:
             raise BouncerError("station.wait_s: must not be negative")
         if self.station.sweep_grace_s < 60:

@@ -262,8 +262,8 @@ class Station:
                     log.warning("scheduled retraining of %s failed: %s", group, exc)
 
     def maintain_loop(self, every_s: float = 3600.0) -> None:
-        """Keep the TUF metadata from expiring on a station that publishes nothing for a while, and sweep objects
-        a crash left without a row."""
+        """Keep the TUF metadata from expiring on a station that publishes nothing for a while, sweep objects a
+        crash left without a row, and apply the retention (station.retention_days)."""
         while True:
             try:
                 with self._repo_lock:
@@ -274,6 +274,11 @@ class Station:
                 swept = self.store.sweep(self.cfg.station.sweep_grace_s)
                 if swept:
                     log.info("removed %d object(s) no row points at", swept)
+                if self.cfg.station.retention_days:
+                    gone = self.store.expire(self.cfg.station.retention_days * 86400)
+                    if any(gone.values()):
+                        log.info("retention (%g days) removed %s", self.cfg.station.retention_days,
+                                 ", ".join(f"{n} {what}" for what, n in gone.items()))  # fmt: skip
             except OSError as exc:
                 log.error("maintenance failed, next try in %.0f s: %s", every_s, exc)
             if self._stop.wait(min(every_s, 30.0) if self._tuf_pending.is_set() else every_s):

@@ -255,6 +255,26 @@ class Store:
             flush()
         return removed
 
+    def expire(self, older_than_s: float) -> dict[str, int]:
+        """Retention: unlabelled frames, quarantined payloads and device stats older than `older_than_s`. Rows go
+        first (each DELETE returns what it removed, so a frame labelled meanwhile keeps its image), then their
+        objects; a crash between the two leaves orphans for `sweep`. Labelled frames, gates, events and the audit
+        log stay: they are what gates are fitted, judged and answered for on."""
+        cutoff = time.time() - older_than_s
+        gone = {"frames": 0, "quarantine": 0, "device_stats": 0}
+        batches = (
+            ("frames", "SELECT id FROM frames WHERE label_kind IS NULL AND received < ? LIMIT 500",
+             "label_kind IS NULL", "jpeg_path, heatmap_path"),
+            ("quarantine", "SELECT id FROM quarantine WHERE received < ? LIMIT 500", "1 = 1", "path"),
+        )  # fmt: skip
+        for table, pick, still, keys in batches:
+            while rows := self._all(f"DELETE FROM {table} WHERE id IN ({pick}) AND {still} RETURNING {keys}",
+                                    (cutoff,)):  # fmt: skip
+                self.objects.delete([k for row in rows for k in row if k])
+                gone[table] += len(rows)
+        gone["device_stats"] = self._exec("DELETE FROM device_stats WHERE ts < ?", (cutoff,))
+        return gone
+
     def quarantine(self, topic: str, payload: bytes, reason: str) -> str:
         """Keep a malformed message aside with its reason (the payload as an object, for a human to look at)."""
         qid = schemas.new_id()

@@ -228,3 +228,35 @@ def test_the_tuf_repository_is_copied_to_the_object_store_in_order_and_once(s3_s
     info = up.get_targetinfo("gates/line-a.bouncer")
     assert info is not None and info.custom["version"] == "g2"
     assert Path(up.download_target(info)).read_bytes() == b"gate two"
+
+
+@pytest.mark.parametrize("station_database", ["", "postgres"], indirect=True)
+def test_retention_removes_old_unlabelled_frames_with_their_objects_and_keeps_labelled_ones(
+    station_database, request, tmp_path
+):
+    """On SQLite + files and on PostgreSQL + S3: rows first, then objects; labelled frames, young frames and the
+    audit log stay; `station.retention_days` must not be negative."""
+    objects = request.getfixturevalue("s3_server").bucket() if station_database else ""
+    store = Store(tmp_path / "st", station_database, objects=objects)
+    store.add_frames([frame(i) for i in range(6)])
+    store.set_label("f0001", "class", "gear", "ann")
+    store.db.execute("UPDATE frames SET received = received - 40 * 86400 WHERE id IN ('f0000', 'f0001', 'f0002')")
+    qid = store.quarantine("bouncer/v1/cam-1/frames", b"garbage", "not JSON")
+    store.db.execute("UPDATE quarantine SET received = received - 40 * 86400")
+    store.set_stats({"device": "cam-1", "ts": 1000.0})
+    store.set_stats({"device": "cam-1"})
+    store.audit("v1", "fitted", "test", {})
+    before = {k for k, _ in store.objects.list("")}
+    assert store.expire(30 * 86400) == {"frames": 2, "quarantine": 1, "device_stats": 1}
+    assert store.frame("f0000") is None and store.image("f0000") is None and store.frame("f0002") is None
+    assert store.image("f0001") == b"\xff\xd8jpeg", "a labelled frame is kept however old"
+    assert all(store.image(f"f{i:04d}") for i in range(3, 6)), "young frames are kept"
+    after = {k for k, _ in store.objects.list("")}
+    assert len(before - after) == 3 and f"quarantine/{qid}.bin" in before - after
+    assert len(store.audit_log()) == 1
+    assert store.expire(30 * 86400) == {"frames": 0, "quarantine": 0, "device_stats": 0}
+    store.close()
+    cfg = station_config(tmp_path / "s.toml", tmp_path / "st")
+    cfg.write_text(cfg.read_text().replace("[station]\n", "[station]\nretention_days = -1\n"))
+    res = run_cli("station", "user", "list", str(cfg))
+    assert res.returncode == 2 and "station.retention_days" in res.stderr and "Traceback" not in res.stderr
