@@ -5,7 +5,6 @@ alone (frame in to decision, no line output) in the same run: what the line stag
 from __future__ import annotations
 
 import asyncio
-import socket
 import tempfile
 import threading
 import time
@@ -16,16 +15,11 @@ import cv2
 import numpy as np
 
 from bouncer.cli.bench_hotpath import camera_frame, small_gate
+from bouncer.cli.servers import free_port, wait_for_port
 from bouncer.runtime import backends
 from bouncer.runtime.config import load_config
 from bouncer.runtime.gates.guard import Guard
 from bouncer.sim import simulator
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _plc(port: int) -> None:
@@ -36,13 +30,7 @@ def _plc(port: int) -> None:
     device = SimDevice(id=1, simdata=SimData(0, count=100, values=0, datatype=DataType.REGISTERS))
     serve = StartAsyncTcpServer(context=device, address=("127.0.0.1", port))
     threading.Thread(target=lambda: asyncio.run(serve), daemon=True).start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("the Modbus server did not start")
+    wait_for_port(port, "the Modbus server", 10.0)
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -71,7 +59,7 @@ def bench_line(model: Path, frames: int = 400) -> dict[str, Any]:
             t0 = time.perf_counter()
             guard.score_frame(img, None)
             alone.append(time.perf_counter() - t0)
-        port = _free_port()
+        port = free_port()
         _plc(port)
         cfg = load_config(
             None,
@@ -83,7 +71,7 @@ def bench_line(model: Path, frames: int = 400) -> dict[str, Any]:
                 "gate.bundle": str(gate),
                 "gate.model": str(model),
                 "line.modbus": f"modbus://127.0.0.1:{port}",
-                "line.opcua": f"opc.tcp://127.0.0.1:{_free_port()}/bouncer/",
+                "line.opcua": f"opc.tcp://127.0.0.1:{free_port()}/bouncer/",
                 "line.deadline_ms": 1000.0,
             },
         )

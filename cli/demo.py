@@ -20,14 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bouncer.cli.servers import free_port
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.decision import VERDICTS, Verdict
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listen_socket(port: int) -> socket.socket:

@@ -163,7 +163,7 @@ def cmd_station_drain(args: argparse.Namespace) -> int:
         cfg = station.cfg
         worker = args.worker or cfg.station.worker
         consumer = Consumer(cfg.mqtt, station.store, cfg.station.share_group, worker, station.groups)
-        counts = consumer.drain(idle_s=args.idle_s)
+        counts = consumer.drain(idle_s=args.idle_s, connect_s=max(cfg.station.wait_s, 1.0))
     finally:
         station.stop()
     what = ", ".join(f"{counts[k]} {k}" for k in ("frames", "duplicates", "events", "quarantined"))

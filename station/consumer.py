@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from bouncer.runtime import schemas
 from bouncer.runtime.config import MqttSection
+from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.mqtt_client import new_client
 from bouncer.station.store import Store
 
@@ -216,16 +217,19 @@ class Consumer:
         self._writer.start()
         self.client.loop_start()
 
-    def drain(self, idle_s: float = 3.0, timeout_s: float = 600.0) -> dict[str, int]:
+    def drain(self, idle_s: float = 3.0, timeout_s: float = 600.0, connect_s: float = 30.0) -> dict[str, int]:
         """Retire this worker for good: resume its session, leave the shared subscriptions (nothing new is routed
         to it), store what the broker had queued for it, then end the session (expiry 0). Mosquitto keeps routing
-        to a stopped member's persistent session, so a worker removed without this strands what it was sent."""
+        to a stopped member's persistent session, so a worker removed without this strands what it was sent.
+        A broker that does not answer within `connect_s` is an error, and the session is left as it was."""
         import time
 
         self.subscribe = False
         self.start()
-        if not self.connected.wait(30):
-            raise OSError(f"drain: broker {self.host}:{self.port} not reachable")
+        if not self.connected.wait(connect_s):
+            self.stop()
+            raise BouncerError(f"drain: broker {self.host}:{self.port} not reachable for {connect_s:g} s; the "
+                               "worker's session is left as it was")  # fmt: skip
         shared = [t for t, _ in self.subscriptions() if t.startswith("$share/")]
         self.client.unsubscribe(shared)
         last, seen = time.monotonic(), -1

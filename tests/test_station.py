@@ -517,3 +517,14 @@ def test_the_audit_chain_shows_a_rewrite_behind_the_databases_back(tmp_path):
     # a station that was never set up is an error, not an empty chain that verifies
     res = run_cli("station", "audit", "verify", "--data-dir", str(tmp_path / "nowhere"))
     assert res.returncode == 2 and "no station database" in res.stderr and not (tmp_path / "nowhere").exists()
+
+
+def test_draining_against_a_broker_that_is_not_there_is_one_clear_error(tmp_path):
+    """After `station.wait_s` of trying, one line naming the broker; nothing was acknowledged or ended."""
+    from bouncer.station.store import Store
+
+    Store(tmp_path / "st").close()
+    cfg = station_config(tmp_path / "s.toml", tmp_path / "st", broker=f"mqtt://127.0.0.1:{free_port()}")
+    cfg.write_text(cfg.read_text().replace("[station]\n", "[station]\nwait_s = 2\n"))
+    res = run_cli("station", "drain", str(cfg), "--worker", "w9", timeout=60)
+    assert res.returncode == 2 and "not reachable for 2 s" in res.stderr and "Traceback" not in res.stderr
