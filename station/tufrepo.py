@@ -33,6 +33,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from bouncer.runtime.errors import BouncerError
+from bouncer.station.objects import Objects
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 7}
@@ -189,7 +190,7 @@ class TufRepo:
             return ["timestamp"]
         return []
 
-    def mirror(self, objects: Any) -> int:
+    def mirror(self, objects: Objects) -> int:
         """Copy the repository under `tuf/` to an object store, so that any web worker serves it from there (its
         signatures, not its server, make it trustworthy). Targets first, then the versioned metadata, then
         timestamp.json, so a client never finds metadata naming a file not yet there. Versioned files never
