@@ -290,17 +290,20 @@ class Station:
         except BouncerError:
             return None
 
-    def card_path(self, version: str) -> Path | None:
+    def card(self, version: str) -> str | None:
+        """The gate card, from where the station keeps objects (so any web worker serves it); KeyError for a
+        version the station does not have."""
         g = self.store.gate(version)
-        return None if g is None else self.gates_dir(g["group"]) / f"{version}.md"
+        if g is None:
+            raise KeyError(version)
+        data = self.store.objects.get(_card_key(g["group"], version))
+        return None if data is None else data.decode()
 
-    def write_card(self, bundle: GateBundle, group: str, previous: GateBundle | None) -> Path:
+    def write_card(self, bundle: GateBundle, group: str, previous: GateBundle | None) -> None:
         from bouncer.station.gatecard import gate_card
 
-        path = self.gates_dir(group) / f"{bundle.version}.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(gate_card(bundle, previous, self.store.audit_log(bundle.version)))
-        return path
+        text = gate_card(bundle, previous, self.store.audit_log(bundle.version))
+        self.store.objects.put(_card_key(group, bundle.version), text.encode())
 
     # ---- labels ---------------------------------------------------------------------------------
 
@@ -370,6 +373,11 @@ class Station:
         if self.consumer is not None:
             self.consumer.stop()
         self.store.close()
+
+
+def _card_key(group: str, version: str) -> str:
+    """Beside the bundle in data_dir (gates/<group>/) on the folder store, the same key on an object store."""
+    return f"gates/{group}/{version}.md"
 
 
 def _fit_summary(bundle: GateBundle, **extra: Any) -> dict[str, Any]:

@@ -365,12 +365,15 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.get("/api/gates/{version}/card.md")
     def api_gate_card(version: str) -> Response:
-        path = station.card_path(version)
-        if path is None:
-            raise HTTPException(404, f"no gate {version}")
-        if not path.is_file():
+        try:
+            text = station.card(version)
+        except KeyError:
+            raise HTTPException(404, f"no gate {version}") from None
+        except OSError as exc:
+            raise HTTPException(503, f"the gate card is unavailable now: {exc}") from None
+        if text is None:
             raise HTTPException(404, f"no card for gate {version}")
-        return Response(path.read_text(), media_type="text/markdown; charset=utf-8")
+        return Response(text, media_type="text/markdown; charset=utf-8")
 
     @app.post("/api/gates/{version}/approve")
     def api_approve(version: str, request: Request) -> dict[str, Any]:

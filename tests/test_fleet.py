@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,9 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
         for g in GROUPS:
             assert published[g]["group"] == g
             assert ("bolt" in published[g]["classes"]) == (g != "line-c")
+        # every web worker serves every gate's card (from the object store on PostgreSQL + S3)
+        with urllib.request.urlopen(f"{workers[-1].url}/api/gates/{versions['line-a']}/card.md") as r:
+            assert versions["line-a"] in r.read().decode()
 
         # bad input: approving the refused gate, an unknown group
         status, body = http_json(f"{station.url}/api/gates/{versions['line-c']}/approve", {"user": "eve"})
