@@ -79,7 +79,8 @@ def upgrade(database: str, root: Path) -> tuple[str | None, str]:
     from alembic.script import ScriptDirectory
 
     cfg = _config()
-    known = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+    script = ScriptDirectory.from_config(cfg)
+    known, newest = {rev.revision for rev in script.walk_revisions()}, str(script.get_current_head())
     engine = _engine(database, root)
     try:
         with _sqlite_lock(database, root), engine.begin() as conn:
@@ -87,11 +88,11 @@ def upgrade(database: str, root: Path) -> tuple[str | None, str]:
             if before is not None and before not in known:
                 raise BouncerError(
                     f"station database {_where(database, root)} is at schema revision {before}, which this bouncer "
-                    f"does not know (its newest is {head()}): it was migrated by a newer bouncer; upgrade this one"
+                    f"does not know (its newest is {newest}): it was migrated by a newer bouncer; upgrade this one"
                 )
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        return before, head()
+        return before, newest
     except BouncerError:
         raise
     except Exception as exc:
