@@ -482,7 +482,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         args.calib,
         target_accuracy=args.target_accuracy,
         delta=args.delta,
-        ood_quantile=args.ood_quantile,
+        review_budget=args.review_budget,
+        target_catch=args.target_catch,
+        defects_dir=args.defects,
         resize=args.resize,
         version=args.gate_version,
         heads=heads,
@@ -516,8 +518,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"{'named with --heads' if heads else 'frame-level' if 'platt_frames' in m else 'chosen on held-out classes'}; "
         f"reading "
         f"{' and '.join(bundle.selection.get('reads', ['model']))}), "
-        f"threshold {bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile})"
+        f"threshold {bundle.ood_threshold:.3f}"
     )
+    if bundle.operating:
+        from bouncer.fitting.operating import curve_plot, describe
+
+        png = curve_plot(bundle.operating, path.with_name(path.name + ".curve.png"))
+        print(f"{describe(bundle.operating)}; curve: {png}")
     bound = "not certified" if a.error_bound is None else f"{a.error_bound:.4f}"
     if a.threshold is None:
         print(f"acceptance: none (no threshold reaches accuracy {a.target_accuracy} at delta {a.delta})")
@@ -928,6 +935,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--copy", action="store_true", help="copy files instead of linking them")
 
+    from bouncer.fitting.operating import DEFAULT_BUDGET
+
     f = add("fit", cmd_fit, "fit a gate bundle from labelled training and calibration folders (ImageFolder layout)")
     f.add_argument("--train", type=_existing_dir, required=True, help="one sub-folder of images per class")
     f.add_argument("--calib", type=_existing_dir, required=True, help="held-out images of the same classes")
@@ -940,7 +949,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomaly models: good frames flagged at most this often (conformal)")  # fmt: skip
     f.add_argument("--target-accuracy", type=float, default=0.99, help="accuracy guaranteed on accepted frames")
     f.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability 1 - delta")
-    f.add_argument("--ood-quantile", type=float, default=0.99, help="calibration quantile of the OOD threshold")
+    f.add_argument("--review-budget", type=float, default=DEFAULT_BUDGET,
+                   help="share of good frames the line can afford to send to review as unfamiliar, certified at "
+                   f"--delta (default {DEFAULT_BUDGET}; docs/bundle.md, 'The operating point')")  # fmt: skip
+    f.add_argument(
+        "--target-catch",
+        type=float,
+        help="the lowest flag rate within the budget estimated to catch this share of never-seen defects",
+    )
+    f.add_argument(
+        "--defects",
+        type=Path,
+        help="a folder of labelled-bad frames (sub-folders allowed): they choose heads and the catch estimate",
+    )
     f.add_argument(
         "--heads",
         help="OOD heads, comma-separated maha:OUT, patch:MAP, knn:OUT, knn:MAP@max (default: chosen from the "

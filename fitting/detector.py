@@ -27,7 +27,7 @@ import numpy as np
 from bouncer.fitting.acceptance import select_threshold
 from bouncer.fitting.calibration import expected_calibration_error
 from bouncer.fitting.fit import Extracted, FitSettings, drift_reference, extract
-from bouncer.fitting.select import conformal_quantile
+from bouncer.fitting.operating import choose
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.backends.paired import PREFIX, PairedBackend
 from bouncer.runtime.errors import BouncerError
@@ -394,7 +394,8 @@ def fit_detector_from(
     raw = np.stack([h.score_vectors(head_input(h.input_key, calib_ex.outputs)) for h in ood_heads], 1)
     fusion = Fusion.fit(heads, raw[q_ok] if q_ok.sum() >= 10 else raw, settings.fusion or "max")
     fused = fusion.fuse(raw)
-    ood_threshold = conformal_quantile(fused[q_ok] if q_ok.any() else fused, settings.ood_quantile)
+    op = choose(fused[q_ok], [], settings.review_budget, None, settings.delta)  # no pseudo-unknowns here
+    ood_threshold = op.threshold
     frames.passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
 
     sel, acceptance, judged = certify(task, frames.take(half_b), settings, say)
@@ -428,12 +429,14 @@ def fit_detector_from(
         ood_heads=ood_heads,
         fusion=fusion,
         ood_threshold=ood_threshold,
-        ood_quantile=settings.ood_quantile,
+        ood_quantile=1 - op.rate,
         acceptance=acceptance,
         fit_metrics=fit_metrics,
         selection={"rule": rule_name, "chosen": {"heads": heads, "fusion": fusion.method}, "reads": reads},
         fit_settings=settings.to_dict(),
         sidecar=sidecar,
+        operating=op.record,
+        ood_reference=fused[q_ok],
     )
 
 

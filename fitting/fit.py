@@ -14,7 +14,8 @@ import numpy as np
 from bouncer.fitting.acceptance import Selection, select_threshold, window_exceedance
 from bouncer.fitting.calibration import expected_calibration_error, fit_temperature
 from bouncer.fitting.defects import synthesize
-from bouncer.fitting.select import candidate_specs, conformal_quantile, make_folds, select_heads
+from bouncer.fitting.operating import DEFAULT_BUDGET, FoldScores, check_budget, choose, describe
+from bouncer.fitting.select import candidate_specs, conformal_quantile, fold_scores, make_folds, select_heads
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.backends.paired import PREFIX
 from bouncer.runtime.errors import BouncerError, ImageError
@@ -230,7 +231,7 @@ def fit_gate(
     calib_dir: Path,
     target_accuracy: float = 0.99,
     delta: float = 0.1,
-    ood_quantile: float = 0.99,
+    review_budget: float = DEFAULT_BUDGET,
     heads: Sequence[str] | None = None,
     resize: str | None = None,
     version: str | None = None,
@@ -238,16 +239,20 @@ def fit_gate(
     fusion: str | None = None,
     seed: int = 0,
     false_alarm: float = 0.01,
+    target_catch: float | None = None,
+    defects_dir: Path | None = None,
 ) -> GateBundle:
     """Fit every part of a gate bundle. Calibration data only ever sets thresholds and the temperature.
     `heads=None` chooses the OOD heads from the line's own known classes (fitting/select.py). `backend` may be a
-    user's model paired with Bouncer's backbone (runtime/backends/paired.py)."""
+    user's model paired with Bouncer's backbone (runtime/backends/paired.py). `defects_dir`: labelled-bad frames
+    (any sub-folders), a pseudo-unknown fold for head selection and the operating point's catch estimate."""
     from bouncer.runtime.backends.paired import PairedBackend
 
     say = log or (lambda m: print(m, file=sys.stderr))
     # checked here, before minutes of feature extraction
-    settings = FitSettings(target_accuracy, delta, ood_quantile, None if heads is None else tuple(heads), fusion, seed,
-                           false_alarm)  # fmt: skip
+    settings = FitSettings(target_accuracy, delta, review_budget, None if heads is None else tuple(heads), fusion,
+                           seed, false_alarm, target_catch)  # fmt: skip
+    defect_paths = defect_images(defects_dir) if defects_dir is not None else None
     card = backend.card
     if card.task == "detector":
         from bouncer.fitting.detector import fit_detector_gate
@@ -276,16 +281,34 @@ def fit_gate(
     if ((counts < 2) & (counts > 0 if card.task == "classifier" else True)).any():
         thin = [c for c, n in zip(classes, counts, strict=True) if n < 2]
         raise BouncerError(f"{train_dir}: need at least 2 readable training images per class, short: {', '.join(thin)}")
-    pseudo = None
-    if heads is None:
-        pseudo = synthetic_defects(backend, pp, calib_ex.paths, sources, card.task_input, keys, seed)
-        say(f"made {len(pseudo)} synthetic defects from calibration images for head selection")
+    pseudo = synthetic_defects(backend, pp, calib_ex.paths, sources, card.task_input, keys, seed)
+    say(f"made {len(pseudo)} synthetic defects from calibration images for head selection and the operating point")
+    defects = None
+    if defect_paths is not None:
+        dex = extract(backend, pp, defect_paths, [-1] * len(defect_paths), sources, lambda m: say(f"defects: {m}"))
+        if len(dex.paths) == 0:
+            raise BouncerError(f"{defects_dir}: none of {len(defect_paths)} defect images is readable")
+        defects = to_features(dex, card.task_input, keys)
+        say(f"{len(defects)} real defective frames from {defects_dir}")
     bundle = fit_from_features(
         train, calib, classes, settings, backbone_hash=card.model_hash, backbone_name=card.name, preprocessing=pp,
         version=version, log=say, where=str(calib_dir), pseudo=pseudo, role=ModelRole.of_card(card, sidecar),
+        defects=defects,
     )  # fmt: skip
     bundle.fit_metrics["skipped_unreadable"] = len(train_ex.skipped) + len(calib_ex.skipped)
     return bundle
+
+
+def defect_images(root: Path) -> list[Path]:
+    """Every image under a folder of labelled-bad frames (its sub-folders may name defect types)."""
+    from bouncer.runtime.images import iter_image_paths
+
+    if not Path(root).is_dir():
+        raise BouncerError(f"--defects {root}: not a folder")
+    paths = sorted(iter_image_paths([str(root)]))
+    if not paths:
+        raise BouncerError(f"--defects {root}: no images in it")
+    return paths
 
 
 def gate_inputs(card: ModelCard, heads: Sequence[str] | None) -> list[str]:
@@ -350,16 +373,17 @@ class FitSettings:
 
     target_accuracy: float = 0.99
     delta: float = 0.1
-    ood_quantile: float = 0.99
+    # share of good frames the OOD gate may send to review, certified at delta (fitting/operating.py)
+    review_budget: float = DEFAULT_BUDGET
     heads: tuple[str, ...] | None = None  # None: chosen per line (fitting/select.py)
     fusion: str | None = None  # with named heads; default max
     seed: int = 0  # synthetic defects for head selection
     false_alarm: float = 0.01  # anomaly gates: good frames flagged at most this often (conformal)
+    target_catch: float | None = None  # the lowest flag rate within the budget estimated to catch this share
 
     def __post_init__(self) -> None:
         check_targets(self.target_accuracy, self.delta)
-        if not 0 < self.ood_quantile < 1:
-            raise BouncerError(f"--ood-quantile must be in (0, 1), got {self.ood_quantile}")
+        check_budget(self.review_budget, self.target_catch)
         if not 0 < self.false_alarm < 0.5:
             raise BouncerError(f"--false-alarm must be in (0, 0.5), got {self.false_alarm}")
 
@@ -369,10 +393,13 @@ class FitSettings:
     @classmethod
     def of(cls, bundle: GateBundle, heads: Sequence[str] | None = None) -> FitSettings:
         """A retraining's settings: the bundle's own (older bundles: from their acceptance), heads chosen again."""
-        s = {k: v for k, v in bundle.fit_settings.items() if k in {"target_accuracy", "delta", "seed", "false_alarm"}}
+        keep = {"target_accuracy", "delta", "seed", "false_alarm", "review_budget", "target_catch"}
+        s = {k: v for k, v in bundle.fit_settings.items() if k in keep}
         a = bundle.acceptance
-        return cls(**{"target_accuracy": a.target_accuracy, "delta": a.delta, **s},
-                   ood_quantile=bundle.ood_quantile, heads=None if heads is None else tuple(heads))  # fmt: skip
+        # gates made before the review budget flagged 1 - ood_quantile of good calibration frames
+        budget = round(min(max(1 - bundle.ood_quantile, 1e-4), 0.5), 6)
+        return cls(**{"target_accuracy": a.target_accuracy, "delta": a.delta, "review_budget": budget, **s},
+                   heads=None if heads is None else tuple(heads))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -536,12 +563,15 @@ def fit_from_features(
     where: str = "calibration set",
     pseudo: FeatureSet | None = None,
     role: ModelRole | None = None,
+    defects: FeatureSet | None = None,
 ) -> GateBundle:
     """The fit proper, from feature sets: `bouncer fit` after the model, and the station's retraining. `features`
     of the sets is what the task head reads (role.kind: backbone features, the user's scores or anomaly score);
-    an anomaly gate's calibration frames are labelled 0 (good) or -1 (defective)."""
+    an anomaly gate's calibration frames are labelled 0 (good) or -1 (defective). `pseudo` (synthetic defects) and
+    `defects` (real defective frames) are pseudo-unknowns: they choose heads and estimate the catch curve."""
     role = role or ModelRole()
-    target_accuracy, delta, ood_quantile = settings.target_accuracy, settings.delta, settings.ood_quantile
+    target_accuracy, delta = settings.target_accuracy, settings.delta
+    select_q = 1 - settings.review_budget  # heads are judged at the flag rate the gate will run at
     heads, fusion, pp = settings.heads, settings.fusion, preprocessing
     say = log or (lambda m: print(m, file=sys.stderr))
     calib_dir = where
@@ -563,7 +593,9 @@ def fit_from_features(
             side = {k for k in ood_train.vectors if k.startswith(PREFIX)}
             ood_train, calib_ok = ood_train.only(side), calib_ok.only(side)
             pseudo = None if pseudo is None else pseudo.only(side)
-        heads, method, selection = choose_heads(ood_train, calib_ok, ood_classes, pseudo, ood_quantile, say)
+            defects = None if defects is None else defects.only(side)
+        heads, method, selection, folds = choose_heads(ood_train, calib_ok, ood_classes, pseudo, select_q, say,
+                                                       defects)  # fmt: skip
         if restricted:
             selection.setdefault("notes", []).append(
                 "the user's classifier has seen every known class, so held-out-class folds cannot judge its "
@@ -572,6 +604,7 @@ def fit_from_features(
     else:
         method = fusion or "max"
         selection = {"rule": "named with --heads", "chosen": {"heads": list(heads), "fusion": method}}
+        folds = named_folds(ood_train, calib_ok, ood_classes, pseudo, defects, heads, method)
     missing = sorted({input_key(h) for h in heads} - set(train.vectors))
     if missing:
         raise BouncerError(f"OOD heads need input(s) {', '.join(missing)} the model does not give "
@@ -594,7 +627,9 @@ def fit_from_features(
     raw = np.stack([h.score_vectors(calib.vectors[h.input_key]) for h in ood_heads], 1)
     fusion_ = Fusion.fit(names, raw[ref] if ref.sum() >= 10 else raw[known], method)
     fused = fusion_.fuse(raw)
-    ood_threshold = conformal_quantile(fused[ref], ood_quantile) if ref.any() else float("inf")
+    op = choose(fused[ref], folds, settings.review_budget, settings.target_catch, delta)
+    ood_threshold, ood_quantile = op.threshold, 1 - op.rate
+    say(describe(op.record))
     tf = fit_task(role, train, calib, classes, q_ok)
     task, conf, correct = tf.task, tf.confidence, tf.correct
     passing = q_ok & ~rule(q_ok, conf, fused, ood_threshold, None).ood  # the input gate; confidence comes next
@@ -608,7 +643,8 @@ def fit_from_features(
         raise BouncerError(
             f"{calib_dir}: calibration set too small for accuracy {target_accuracy} at delta {delta}: "
             f"need at least {sel.frames_needed} calibration frames passing the input gate (more if some are "
-            f"misclassified), have {int(passing.sum())} of {len(calib)}"
+            f"misclassified), have {int(passing.sum())} of {len(calib)} ({int((~q_ok).sum())} rejected by the quality "
+            f"gate, {int((q_ok & ~passing).sum())} flagged at review budget {settings.review_budget})"
         )
     if sel.threshold is None:
         say(
@@ -643,7 +679,7 @@ def fit_from_features(
     baseline_threshold = None
     if baseline is not None:
         base_scores = baseline.score_vectors(calib.vectors[baseline.input_key])
-        baseline_threshold = conformal_quantile(base_scores[ref] if ref.any() else base_scores, ood_quantile)
+        baseline_threshold = conformal_quantile(base_scores[ref], ood_quantile)
     now = datetime.now(UTC)
     return GateBundle(
         version=version or now.strftime("%Y%m%d%H%M%S"),
@@ -666,6 +702,8 @@ def fit_from_features(
         explainer=explainer,
         fit_settings=settings.to_dict(),
         sidecar=role.sidecar,
+        operating=op.record,
+        ood_reference=fused[ref],
     )
 
 
@@ -686,11 +724,13 @@ def choose_heads(
     pseudo: FeatureSet | None,
     quantile: float,
     say: Callable[[str], None],
-) -> tuple[tuple[str, ...], str, dict[str, Any]]:
-    """Heads and fusion chosen on held-out known classes (and synthetic defects), from the inputs every set has."""
-    keys = (
-        set(train.vectors) & set(calib_ok.vectors) & (set(pseudo.vectors) if pseudo is not None else set(train.vectors))
-    )
+    defects: FeatureSet | None = None,
+) -> tuple[tuple[str, ...], str, dict[str, Any], list[FoldScores]]:
+    """Heads and fusion chosen on held-out known classes (and synthetic and real defects), from the inputs every
+    set has; with the chosen mix's fused fold scores."""
+    keys = set(train.vectors) & set(calib_ok.vectors)
+    for extra in (pseudo, defects):
+        keys &= set(extra.vectors) if extra is not None else keys
     folds, notes = make_folds(
         train.labels,
         train.vectors,
@@ -699,7 +739,30 @@ def choose_heads(
         classes,
         None if pseudo is None else pseudo.vectors,
         say,
+        None if defects is None else defects.vectors,
     )
-    heads, method, record = select_heads(folds, candidate_specs(sorted(keys)), quantile, say)
+    heads, method, record, scores = select_heads(folds, candidate_specs(sorted(keys)), quantile, say)
     record["notes"] = notes
-    return heads, method, record
+    return heads, method, record, scores
+
+
+def named_folds(
+    train: FeatureSet,
+    calib_ok: FeatureSet,
+    classes: Sequence[str],
+    pseudo: FeatureSet | None,
+    defects: FeatureSet | None,
+    heads: Sequence[str],
+    method: str,
+) -> list[FoldScores]:
+    """The pseudo-unknown folds' fused scores of heads named with --heads (empty when no fold can be made)."""
+    need = {input_key(h) for h in heads}
+    if any(need - set(x.vectors) for x in (train, calib_ok, *(e for e in (pseudo, defects) if e is not None))):
+        return []
+    try:
+        folds, _ = make_folds(train.labels, train.vectors, calib_ok.labels, calib_ok.vectors, classes,
+                              None if pseudo is None else pseudo.vectors, lambda m: None,
+                              None if defects is None else defects.vectors)  # fmt: skip
+    except BouncerError:
+        return []
+    return fold_scores(folds, heads, method)

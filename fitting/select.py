@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bouncer.fitting.operating import REAL, SYNTHETIC, FoldScores
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.heads import Fusion, fit_head, input_key
 
@@ -33,9 +34,9 @@ HEAD_BUDGET = 2_000_000
 MAHA_RANK = 256  # GaussianHead.fit's default rank
 RULE = (
     "hold each known class out in turn (plus one fold of synthetic defects made from the line's own "
-    "calibration frames); fit candidates on the rest, threshold at the gate's OOD quantile on the rest's "
-    "calibration frames; objective = (mean + worst) fold catch rate / 2; ties within 0.005 go to fewer heads, "
-    "then mean AUROC"
+    "calibration frames, and one of the real defective frames given at fit time); fit candidates on the rest, "
+    "threshold at the review budget's flag rate on the rest's calibration frames; objective = (mean + worst) "
+    "fold catch rate / 2; ties within 0.005 go to fewer heads, then mean AUROC"
 )
 
 
@@ -115,8 +116,10 @@ def make_folds(
     classes: Sequence[str],
     pseudo: dict[str, np.ndarray] | None,
     say: Callable[[str], None],
+    real: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[Fold], list[str]]:
-    """Held-out-class folds (and the synthetic-defect fold); the notes say which classes could not be a fold."""
+    """Held-out-class folds, the synthetic-defect fold and the real-defect fold (labelled-bad frames given at
+    fit time); the notes say which could not be a fold."""
     folds, notes = [], []
 
     def sub(d: dict[str, np.ndarray], m: np.ndarray) -> dict[str, np.ndarray]:
@@ -139,9 +142,15 @@ def make_folds(
     if pseudo is not None:
         n = _rows(pseudo)
         if n >= MIN_HELD_OUT and len(calib_labels) >= MIN_FOLD_CALIB:
-            folds.append(Fold("synthetic defects", train_labels, train, calib, pseudo))
+            folds.append(Fold(SYNTHETIC, train_labels, train, calib, pseudo))
         else:
             notes.append(f"synthetic-defect fold left out: {n} defects (need {MIN_HELD_OUT})")
+    if real is not None:
+        n = _rows(real)
+        if n >= MIN_HELD_OUT and len(calib_labels) >= MIN_FOLD_CALIB:
+            folds.append(Fold(REAL, train_labels, train, calib, real))
+        else:
+            notes.append(f"real-defect fold left out: {n} readable defective frames (need {MIN_HELD_OUT})")
     for note in notes:
         say(f"head selection: {note}")
     if not folds:
@@ -159,8 +168,9 @@ def select_heads(
     candidates: Sequence[str],
     quantile: float,
     say: Callable[[str], None],
-) -> tuple[tuple[str, ...], str, dict[str, Any]]:
-    """(heads, fusion method, the record for the bundle and gate card)."""
+) -> tuple[tuple[str, ...], str, dict[str, Any], list[FoldScores]]:
+    """(heads, fusion method, the record for the bundle and gate card, the chosen mix's fused fold scores: the
+    operating point's catch curve, fitting/operating.py)."""
     # raw scores of each candidate on each fold's calibration and held-out frames
     calib_s: dict[str, list[np.ndarray]] = {}
     unk_s: dict[str, list[np.ndarray]] = {}
@@ -177,16 +187,19 @@ def select_heads(
             calib_s[spec].append(head.score_vectors(f.calib[key]))
             unk_s[spec].append(head.score_vectors(f.unknown[key]))
 
-    def score(mix: tuple[str, ...], method: str) -> Scored:
-        tprs, aucs = [], []
-        for i in range(len(folds)):
+    def fused(mix: tuple[str, ...], method: str) -> list[FoldScores]:
+        out = []
+        for i, f in enumerate(folds):
             c = np.stack([calib_s[s][i] for s in mix], 1)
             u = np.stack([unk_s[s][i] for s in mix], 1)
             fusion = Fusion.fit(list(mix), c, method)
-            fc, fu = fusion.fuse(c), fusion.fuse(u)
-            tprs.append(float((fu > conformal_quantile(fc, quantile)).mean()))
-            aucs.append(auroc(fu, fc))
-        return Scored(mix, method, tprs, aucs, sum(cost[s] for s in mix))
+            out.append(FoldScores(f.name, fusion.fuse(c), fusion.fuse(u)))
+        return out
+
+    def score(mix: tuple[str, ...], method: str) -> Scored:
+        fs = fused(mix, method)
+        tprs = [float((f.unknown > conformal_quantile(f.calib, quantile)).mean()) for f in fs]
+        return Scored(mix, method, tprs, [auroc(f.unknown, f.calib) for f in fs], sum(cost[s] for s in mix))
 
     singles = sorted((score((s,), "max") for s in calib_s), key=lambda r: (-r.objective, r.mix))
     if not singles:
@@ -214,4 +227,16 @@ def select_heads(
         f"heads chosen: {', '.join(chosen.mix)} (fusion {chosen.method}): catches {c['mean_catch']:.1%} of held-out "
         f"frames on average, {c['worst_catch']:.1%} in the worst of {len(folds)} folds (AUROC {c['mean_auroc']:.3f})"
     )
-    return chosen.mix, chosen.method, record
+    return chosen.mix, chosen.method, record, fused(chosen.mix, chosen.method)
+
+
+def fold_scores(folds: Sequence[Fold], mix: Sequence[str], method: str) -> list[FoldScores]:
+    """Fused fold scores of a mix named by the user (--heads): its catch curve, as for a chosen one."""
+    out = []
+    for f in folds:
+        heads = [fit_head(s, f.train[input_key(s)], f.train_labels) for s in mix]
+        c = np.stack([h.score_vectors(f.calib[input_key(s)]) for h, s in zip(heads, mix, strict=True)], 1)
+        u = np.stack([h.score_vectors(f.unknown[input_key(s)]) for h, s in zip(heads, mix, strict=True)], 1)
+        fusion = Fusion.fit(list(mix), c, method)
+        out.append(FoldScores(f.name, fusion.fuse(c), fusion.fuse(u)))
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from bouncer.fitting.operating import curve_table, describe
 from bouncer.runtime.gates.bundle import GateBundle
 
 LIMITS = (
@@ -41,7 +42,10 @@ def _selection(bundle: GateBundle) -> list[str]:
     """How the heads were chosen: the rule, the winner and the runners-up with their held-out figures."""
     sel = bundle.selection
     out = [f"Heads {', '.join(f'`{n}`' for n in bundle.fusion.names)}, fusion `{bundle.fusion.method}`, threshold "
-           f"{bundle.ood_threshold:.3f} (calibration quantile {bundle.ood_quantile}).", ""]  # fmt: skip
+           f"{bundle.ood_threshold:.3f}.", ""]  # fmt: skip
+    op = bundle.operating
+    if op:
+        out += [f"{describe(op)}. Chosen by {op['rule']}.", "", *curve_table(op), ""]
     if not sel.get("candidates"):
         return [*out, f"Chosen: {sel.get('rule', 'not recorded')}."]
     out += [f"Chosen on held-out known classes: {sel['rule']}.", ""]

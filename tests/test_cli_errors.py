@@ -168,3 +168,23 @@ def test_the_example_detector_needs_a_detection_folder(tmp_path, sim_folder):
     res = run_cli("models", "example", "detector", "--train", str(sim_folder), "--out", str(tmp_path / "d.onnx"))
     assert_clean_error(res, "a detection folder needs images/, labels/ (YOLO rows) and classes.json")
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_fit_names_a_bad_review_budget_or_defects_folder(tmp_path, sim_folder, built_models):
+    """Each is one line, before minutes of feature extraction where it can be."""
+    args = ("fit", "--train", str(sim_folder), "--calib", str(sim_folder), "--out", str(tmp_path / "g.gate"))
+    for bad in ("0", "0.6", "-0.1"):
+        assert_clean_error(run_cli(*args, "--review-budget", bad), "--review-budget must be in (0, 0.5]", bad)
+    assert_clean_error(run_cli(*args, "--target-catch", "1.5"), "--target-catch must be in (0, 1]")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_cli(*args, "--defects", str(empty)), "--defects", "no images in it")
+    assert_clean_error(run_cli(*args, "--defects", str(tmp_path / "none")), "--defects", "not a folder")
+    junk = tmp_path / "junk" / "scratch"
+    junk.mkdir(parents=True)
+    for i in range(3):
+        (junk / f"{i}.png").write_bytes(b"not an image")
+    assert_clean_error(run_cli(*args, "--defects", str(tmp_path / "junk")), "none of 3 defect images is readable")
+    # 48 calibration frames cannot certify 1% (230 are needed): the line says how many
+    assert_clean_error(run_cli(*args, "--review-budget", "0.01"), "needs at least 230 good calibration frames")
+    assert not (tmp_path / "g.gate").exists()

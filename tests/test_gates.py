@@ -166,11 +166,14 @@ def test_bad_bundle_and_too_small_calibration(line, tmp_path, built_models):
     bad.write_bytes(b"PK\x03\x04garbage")
     res = run_cli("score", "--gate", str(bad), "--jsonl", str(tmp_path / "o.jsonl"), str(line / "test"))
     assert res.returncode == 2 and "corrupt gate bundle" in res.stderr and "Traceback" not in res.stderr
-    small = tmp_path / "small"
-    simulator.write_dataset(small, per_class=10, seed=3)
-    res = run_cli("fit", "--train", str(line / "train"), "--calib", str(small), "--out", str(tmp_path / "s.gate"))
-    assert res.returncode == 2 and "need at least 230 calibration frames" in res.stderr
-    assert not (tmp_path / "s.gate").exists()
+    # 40 calibration frames cannot certify the review budget (5% needs 45), 60 not the target accuracy (230)
+    for per_class, needle in ((10, "needs at least 45 good calibration frames"),
+                              (15, "need at least 230 calibration frames")):  # fmt: skip
+        small = tmp_path / f"small{per_class}"
+        simulator.write_dataset(small, per_class=per_class, seed=3)
+        res = run_cli("fit", "--train", str(line / "train"), "--calib", str(small), "--out", str(tmp_path / "s.gate"))
+        assert res.returncode == 2 and needle in res.stderr.strip().splitlines()[-1], res.stderr[-500:]
+        assert not (tmp_path / "s.gate").exists()
 
 
 def test_calibration_with_a_class_the_training_set_lacks(line, tmp_path):
@@ -198,6 +201,40 @@ def test_one_class_gate(line, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["ood_auroc"]["unknown"] >= 0.99
+
+
+def test_a_one_class_gate_set_by_its_review_budget_and_real_defects(line, tmp_path):
+    """Good gears only, plus a folder of frames the line knows are bad: the operating point spends the review
+    budget, says what its catch estimate rests on, draws the curve, and every scored frame carries its p-value."""
+    train, calib, bad = tmp_path / "train", tmp_path / "calib", tmp_path / "bad"
+    simulator.write_dataset(train, ("gear",), per_class=40, seed=41)
+    simulator.write_dataset(calib, ("gear",), per_class=300, seed=42)  # 230 must pass the 10% budget
+    simulator.write_dataset(bad, ("bolt", "washer"), per_class=15, seed=43)
+    out = tmp_path / "gear.gate"
+    res = run_cli("fit", "--train", str(train), "--calib", str(calib), "--out", str(out), "--defects", str(bad),
+                  "--review-budget", "0.1")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "30 real defective frames" in res.stderr
+    op = GateBundle.load(out).operating
+    assert op["budget"] == 0.1 and op["basis"] == "real defective frames given at fit time"
+    assert op["flag_bound"] <= 0.1 + 0.05 and op["good_calibration_frames"] >= 230
+    assert {f["name"] for f in op["folds"]} == {"synthetic defects", "real defects"}
+    assert (tmp_path / "gear.gate.curve.png").stat().st_size > 1000
+    assert "operating point: good frames flagged <=" in res.stdout
+    good, others = tmp_path / "good", tmp_path / "others"
+    simulator.write_dataset(good, ("gear",), per_class=100, seed=44)
+    simulator.write_dataset(others, ("bracket", "plate"), per_class=10, seed=45)
+    scored = tmp_path / "s.jsonl"
+    assert run_cli("score", "--gate", str(out), "--jsonl", str(scored), str(good), str(others)).returncode == 0
+    rows = [json.loads(r) for r in scored.read_text().splitlines()]
+    goods = [r for r in rows if "/good/" in r["path"]]
+    assert sum("ood" in r["reasons"] for r in goods) <= 15  # budget 10% of 100, with room for the draw
+    for r in rows:
+        assert r["decision"] == "reject" or 0 < r["ood_pvalue"] <= 1
+        for d in r["details"]:
+            if d["reason"] == "ood":
+                assert d["p_value"] == r["ood_pvalue"] and d["p_value"] <= op["rate"]
+    assert not [r for r in rows if "/others/" in r["path"] and r["decision"] == "accept"]  # parts it never saw
 
 
 @settings(max_examples=300, deadline=None)

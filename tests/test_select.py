@@ -41,7 +41,7 @@ def test_the_separating_input_is_chosen_and_recorded():
     rng = np.random.default_rng(0)
     train, calib = line(rng, 4, 40), line(rng, 4, 70)
     logs: list[str] = []
-    heads, method, record = choose_heads(train, calib, ["a", "b", "c", "d"], None, 0.99, logs.append)
+    heads, method, record, scores = choose_heads(train, calib, ["a", "b", "c", "d"], None, 0.99, logs.append)
     assert all(h.split(":")[1] in ("pool_b", "features") for h in heads), heads  # the inputs with the classes
     chosen = record["chosen"]
     assert chosen["heads"] == list(heads) and chosen["fusion"] == method
@@ -50,7 +50,10 @@ def test_the_separating_input_is_chosen_and_recorded():
     assert record["candidates"][0]["objective"] >= record["candidates"][-1]["objective"]
     assert any(line.startswith("heads chosen:") for line in logs)
     # deterministic: the same data gives the same choice and the same record
-    assert choose_heads(train, calib, ["a", "b", "c", "d"], None, 0.99, lambda m: None) == (heads, method, record)
+    assert choose_heads(train, calib, ["a", "b", "c", "d"], None, 0.99, lambda m: None)[:3] == (heads, method, record)
+    # the chosen mix's fused fold scores: what the operating point's catch curve is read from
+    assert [f.name for f in scores] == [f["name"] for f in record["folds"]]
+    assert all(len(f.unknown) == r["held_out"] for f, r in zip(scores, record["folds"], strict=True))
 
 
 def test_the_bundle_carries_the_choice():
@@ -74,9 +77,15 @@ def test_one_class_needs_synthetic_defects():
     # with defects made from its own frames (here: a shift in one input), the fold exists and drives the choice
     pseudo = line(rng, 1, 40)
     pseudo.vectors["pool_c"][:, :8] += 6.0
-    heads, _, record = choose_heads(train, calib, ["good"], pseudo, 0.99, lambda m: None)
+    heads, _, record, _ = choose_heads(train, calib, ["good"], pseudo, 0.99, lambda m: None)
     assert [f["name"] for f in record["folds"]] == ["synthetic defects"]
     assert all("pool_c" in h for h in heads)
+    # real defective frames given at fit time are a fold of their own, and choose the input where they differ
+    real = line(rng, 1, 30)
+    real.vectors["pool_a"][:, :8] += 6.0
+    heads, _, record, scores = choose_heads(train, calib, ["good"], pseudo, 0.99, lambda m: None, real)
+    assert [f["name"] for f in record["folds"]] == ["synthetic defects", "real defects"]
+    assert len(scores[1].unknown) == 30
 
 
 def test_classes_too_small_to_hold_out_are_named():

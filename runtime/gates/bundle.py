@@ -74,6 +74,26 @@ class GateBundle:
     fit_settings: dict[str, Any] = field(default_factory=dict)
     # Bouncer's backbone run beside a user's model for OOD heads (its outputs prefixed `sidecar.`): name, hash
     sidecar: dict[str, str] | None = None
+    # the OOD operating point from the line's review budget: certified flag rate, catch curve (fitting/operating.py)
+    operating: dict[str, Any] = field(default_factory=dict)
+    # sorted fused scores of the good calibration frames: each frame's conformal p-value is read against them
+    ood_reference: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.ood_reference is not None:
+            ref = np.sort(np.asarray(self.ood_reference, np.float64).ravel())
+            if not np.isfinite(ref).all():
+                raise ValueError("ood reference scores must be finite")
+            self.ood_reference = ref
+
+    def ood_pvalue(self, fused: float) -> float | None:
+        """(1 + #{good calibration scores >= fused}) / (n + 1): where the frame sits on the operating curve."""
+        ref = self.ood_reference
+        if ref is None or not len(ref):
+            return None
+        if fused != fused:  # NaN: as unusual as it gets
+            return 1 / (len(ref) + 1)
+        return (1 + len(ref) - int(np.searchsorted(ref, fused, side="left"))) / (len(ref) + 1)
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -85,6 +105,8 @@ class GateBundle:
             arrays |= self.baseline.arrays("baseline")
         if self.explainer is not None:
             arrays |= self.explainer.arrays("explain")
+        if self.ood_reference is not None:
+            arrays["ood.reference"] = np.asarray(self.ood_reference, np.float32)
         f = self.fusion
         arrays |= {"fusion.knots_x": f.knots_x, "fusion.knots_y": f.knots_y}
         arrays |= {"fusion.slope_lo": f.slope_lo, "fusion.slope_hi": f.slope_hi}
@@ -112,6 +134,7 @@ class GateBundle:
                 "threshold": self.ood_threshold,
                 "quantile": self.ood_quantile,
                 "selection": self.selection,
+                "operating": self.operating,
             },
             "baseline": None
             if self.baseline is None
@@ -217,6 +240,8 @@ class GateBundle:
             explainer=_explainer(meta.get("explain"), arrays),
             fit_settings=dict(meta.get("fit_settings") or {}),
             sidecar=None if side is None else {"name": str(side.get("name", "")), "hash": side["hash"]},
+            operating=dict(meta["ood"].get("operating") or {}),
+            ood_reference=arrays.get("ood.reference"),
         )
 
 

@@ -52,6 +52,9 @@ class Decision:
     label: str | None = None
     confidence: float | None = None
     ood_score: float | None = None
+    # conformal p-value of ood_score among the good calibration frames: where the frame sits on the gate's
+    # catch-versus-flag curve (flagged as ood when below the operating point's share of good frames flagged)
+    ood_pvalue: float | None = None
     reasons: list[str] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)  # what fired: stat, value, threshold
     quality: dict[str, float] = field(default_factory=dict)
@@ -72,6 +75,7 @@ class Decision:
             "label": self.label,
             "confidence": None if self.confidence is None else round(self.confidence, 6),
             "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
+            "ood_pvalue": None if self.ood_pvalue is None else round(self.ood_pvalue, 6),
             "reasons": self.reasons,
             "details": self.details,
             "quality": {k: round(v, 4) for k, v in self.quality.items()},

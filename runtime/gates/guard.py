@@ -61,6 +61,7 @@ class Guard:
         self._low = "anomaly" if isinstance(bundle.task, AnomalyScore) else "low_confidence"
         self._detector = bundle.task if isinstance(bundle.task, DetectorTask) else None
         self._scorers = [h.scorer() for h in bundle.ood_heads]
+        self._pvalue = bundle.ood_pvalue
         # The frame loop is sequential: OpenCV's worker pool would only wake threads that compete with
         # the backbone's for the same cores (docs/hotpath.md, "Measured choices").
         cv2.setNumThreads(1)
@@ -87,7 +88,8 @@ class Guard:
         conf = float(probs[k])
         thr = b.acceptance.threshold
         ood, low = rule_one(conf, float(fused), b.ood_threshold, thr)
-        d = Decision(Verdict.ACCEPT, label=b.classes[k], confidence=conf, ood_score=float(fused), quality=q)
+        d = Decision(Verdict.ACCEPT, label=b.classes[k], confidence=conf, ood_score=float(fused), quality=q,
+                     ood_pvalue=self._pvalue(float(fused)))  # fmt: skip
         if low and self._low == "anomaly":
             d.label = "anomaly"
         if ood:
@@ -97,7 +99,9 @@ class Guard:
         return d
 
     def _ood(self, fused: float) -> dict[str, Any]:
-        return {"reason": "ood", "value": round(fused, 4), "threshold": round(self.bundle.ood_threshold, 4)}
+        detail = {"reason": "ood", "value": round(fused, 4), "threshold": round(self.bundle.ood_threshold, 4)}
+        p = self._pvalue(fused)
+        return detail if p is None else detail | {"p_value": round(p, 6)}
 
     def decide_detections(self, det: Detections, fused: float, q: dict, size: tuple[int, int] | None) -> Decision:
         """A detector gate's frame: accepted when no candidate box is ambiguous (its certainty at least the
@@ -120,7 +124,7 @@ class Guard:
         if det.scores is not None:
             cands = np.column_stack([corners, det.classes, det.scores]).astype(np.float32).reshape(-1, 6)
         d = Decision(Verdict.ACCEPT, label=label, confidence=conf, ood_score=fused, quality=q, boxes=boxes,
-                     size=size or (pp.width, pp.height), candidates=cands)  # fmt: skip
+                     size=size or (pp.width, pp.height), candidates=cands, ood_pvalue=self._pvalue(fused))  # fmt: skip
         k = corners[kept]
         if len(k) and ((k[:, 2] - k[:, 0] < 1) | (k[:, 3] - k[:, 1] < 1)).any():  # clipped away: outside the frame
             d.flag(
