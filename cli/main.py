@@ -77,7 +77,8 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     from bouncer.quantize.pipeline import build_default_models
     from bouncer.quantize.report import format_report
 
-    report = build_default_models(calib_dir=args.calib, tflite=args.tflite, force=args.force)
+    report = build_default_models(calib_dir=args.calib, tflite=args.tflite, force=args.force,
+                                  activations=args.activations)  # fmt: skip
     if report.get("cached"):
         print(f"models already built in {home.models_dir()} (use --force to rebuild)")
     else:
@@ -762,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib", type=_existing_dir, help="calibration images of the camera's domain (default: simulator)")
     b.add_argument("--tflite", action="store_true", help="also make fp32 and int8 TFLite models (onnx2tf)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument("--activations", choices=["auto", "u8", "s8"], default="auto",
+                   help="int8 activation type (auto: u8 on CPUs with VNNI, s8 elsewhere; set it when the cameras' CPU "
+                   "differs from this one)")  # fmt: skip
     add("list", cmd_models_list, "list cached models", msub)
     ex = add("example", cmd_models_example, "make a model of the kind plants bring, to guard: a classifier trained "
              "on the known classes, a PaDiM-style anomaly model on good frames ([build] extra), or a YOLOv8n detector "

@@ -9,10 +9,10 @@ has some) the fit estimates the catch-versus-flag curve of the chosen heads, the
   conformal p-values", 2023): flagging the k highest of n good calibration scores keeps a new good frame's flag
   probability at most r with probability 1 - delta when P(Bin(n, r) <= k) <= delta (the flag probability of the
   (k+1)-th largest score is Beta(k+1, n-k));
-- within the budget it takes the highest estimated catch; where every fold (held-out classes, real and
-  synthetic defects) is caught as well at a lower rate, the lower rate (flagging more catches nothing more).
-  Synthetic defects alone never lower it: they are easier than real ones, so a plateau on them says little
-  about real escapes;
+- within the budget it takes the highest estimated catch; where the real evidence (held-out classes, real
+  defects) is caught as well at a lower rate, the lower rate (flagging more catches nothing more of what the
+  line has shown). Synthetic defects never decide it: they are a stand-in where nothing better exists, easier
+  than real defects in some ways and harder in others;
 - with a target catch rate, the lowest rate within the budget whose estimate reaches it.
 """
 
@@ -157,12 +157,12 @@ def choose(
         else:
             rule = f"target catch {target_catch} not reached within the budget: the budget"
     elif trusted:
-        full = {f.name: f.catch_at(at_budget["expected_flag_rate"]) for f in folds}
+        full = {f.name: f.catch_at(at_budget["expected_flag_rate"]) for f in trusted}
         for row in curve:
-            if all(f.catch_at(row["expected_flag_rate"]) >= full[f.name] - PLATEAU_TOL for f in folds):
+            if all(f.catch_at(row["expected_flag_rate"]) >= full[f.name] - PLATEAU_TOL for f in trusted):
                 pick = row
                 if row is not at_budget:
-                    rule = "the lowest flag rate catching every fold as well as the budget (more catches nothing more)"
+                    rule = "the lowest rate catching the held-out folds as well as the budget (more catches no more)"
                 break
     threshold = threshold_flagging(good, int(pick["flagged_calibration"]))
     flagged = int((np.asarray(good) > threshold).sum())

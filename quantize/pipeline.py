@@ -75,7 +75,9 @@ def default_calibration(per_class: int = 40) -> Path:
     return folder
 
 
-def build_default_models(calib_dir: Path | None = None, tflite: bool = False, force: bool = False) -> dict[str, Any]:
+def build_default_models(
+    calib_dir: Path | None = None, tflite: bool = False, force: bool = False, activations: str = "auto"
+) -> dict[str, Any]:
     """Export EfficientNet-Lite0 and quantize it into the cache; reuse what is already there."""
     models = home.models_dir()
     fp32 = models / home.FP32_ONNX
@@ -87,4 +89,4 @@ def build_default_models(calib_dir: Path | None = None, tflite: bool = False, fo
         return {"models": {"onnxruntime": {"fp32": str(fp32), "int8": str(int8)}}, "cached": True}
     if force or not fp32.exists():
         export_lite0(fp32)
-    return quantize_model(fp32, calib_dir or default_calibration(), out=int8, tflite=tflite)
+    return quantize_model(fp32, calib_dir or default_calibration(), out=int8, tflite=tflite, activations=activations)
