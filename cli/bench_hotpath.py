@@ -65,6 +65,9 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
     bank32 = unit(bank_rows, 192)
     bank8, scale8 = reference.quantize_bank(bank32)
     fmap = rng.random((1, 112, 14, 14), dtype=np.float32)
+    # the patch head (runtime/gates/patch.py): a frame's patches against a coreset bank, the user's costlier choice
+    patches8, patches16 = unit(784, 152), unit(196, 112)
+    coreset8, coreset16 = unit(1000, 152).astype(np.float16), unit(1000, 112).astype(np.float16)
     scores = rng.normal(size=(1, 3)).astype(np.float32)
     # three heads' conformal -log p curves of 48 knots each (what `bouncer fit` stores)
     fusion = Fusion.fit(["a", "b", "c"], rng.gamma(2.0, 1.0, (300, 3)), "max")
@@ -88,6 +91,14 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
         f"knn_score fp16 bank ({bank_rows} x 192)": ("knn_score", (tap, bank32.astype(np.float16), 1)),
         f"knn_score int8 bank ({bank_rows} x 192)": ("knn_score", (tap, bank8, 1, scale8)),
         "spatial_max (112 x 14 x 14)": ("spatial_max", (fmap,)),
+        "patchknn:map_s8+map_s16 (784 patches x 152 against a 1000-patch fp16 coreset)": (
+            "knn_score",
+            (patches8, coreset8, 1),
+        ),
+        "patchknn:map_s16 (196 patches x 112 against a 1000-patch fp16 coreset)": (
+            "knn_score",
+            (patches16, coreset16, 1),
+        ),
         "decode_boxes (YOLO 84 x 8400, 0.01 floor, at most 300)": ("decode_boxes", (raw, 0, 80, 0.01, 300)),
         f"nms ({len(cand_boxes)} candidates, 80 classes, IoU 0.7)": ("nms", (cand_boxes, cand_scores, 0.7)),
         f"fuse (3 heads, {fusion.knots_x.shape[1]} knots, max of -log p)": (

@@ -34,9 +34,10 @@ from bouncer.fitting.fit import (
 )
 from bouncer.fitting.operating import DEFAULT_BUDGET
 from bouncer.fitting.replay import replay
-from bouncer.fitting.select import auroc
+from bouncer.fitting.select import HEAD_BUDGET, auroc
 from bouncer.runtime import backends
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.heads import input_sources
 from bouncer.runtime.images import image_folder
 from bouncer.sim import simulator
 
@@ -47,15 +48,28 @@ BLOCK = 16  # consecutive image numbers that share a split (neighbouring solar c
 PER_CORRUPTION = 30
 PER_GARBAGE = 15
 BAD = ("unknown", "foreign", "garbage")
-# the configurations compared: heads (None: chosen per line), fusion, review budget (None: the default)
-CONFIGS: dict[str, tuple[tuple[str, ...] | None, str | None, float | None]] = {
-    "auto, budget 5% (default)": (None, None, None),
-    "auto, budget 3%": (None, None, 0.03),
-    "auto, budget 2%": (None, None, 0.02),
-    "auto, budget 1%": (None, None, 0.01),
-    "auto, budget 10%": (None, None, 0.10),
-    "knn:features, budget 5%": (("knn:features",), "max", None),
-    "maha:pool_s8+s16+s32, max, budget 5%": (("maha:pool_s8", "maha:pool_s16", "maha:pool_s32"), "max", None),
+# the configurations compared: heads (None: chosen per line), fusion, review budget (None: the default), head budget
+Config = tuple[tuple[str, ...] | None, str | None, float | None, int]
+CONFIGS: dict[str, Config] = {
+    "auto, budget 5% (default)": (None, None, None, HEAD_BUDGET),
+    "auto, budget 3%": (None, None, 0.03, HEAD_BUDGET),
+    "auto, budget 2%": (None, None, 0.02, HEAD_BUDGET),
+    "auto, budget 1%": (None, None, 0.01, HEAD_BUDGET),
+    "auto, budget 10%": (None, None, 0.10, HEAD_BUDGET),
+    "knn:features, budget 5%": (("knn:features",), "max", None, HEAD_BUDGET),
+    "maha:pool_s8+s16+s32, max, budget 5%": (
+        ("maha:pool_s8", "maha:pool_s16", "maha:pool_s32"),
+        "max",
+        None,
+        HEAD_BUDGET,
+    ),
+}
+# with --patch, on one-class splits: the patch heads as candidates (each map's grid; the joined grid is left out of
+# the cache to bound its memory), under a raised head budget
+PATCH_INPUTS = ("map_s8@patch", "map_s16@patch")
+PATCH_CONFIGS: dict[str, Config] = {
+    "auto, budget 5%, patch heads allowed (head budget 40M)": (None, None, None, 40_000_000),
+    "patchknn:map_s8, budget 5%": (("patchknn:map_s8",), "max", None, 40_000_000),
 }
 TILE_DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
 ELPV_SCENARIOS = {
@@ -98,10 +112,12 @@ def _block(path: Path) -> int:
     return int(hashlib.sha256(path.stem.encode()).hexdigest()[:8], 16)
 
 
-def build_cache(backend: backends.Backend, root: Path, foreign: Path | None, log: Callable[[str], None]) -> Cache:
+def build_cache(
+    backend: backends.Backend, root: Path, foreign: Path | None, log: Callable[[str], None], patch: bool = False
+) -> Cache:
     card, pp = backend.card, backend.card.preprocessing
-    keys = gate_inputs(card, None)
-    sources = {k.partition("@")[0] for k in keys}
+    keys = gate_inputs(card, None) + (list(PATCH_INPUTS) if patch else [])
+    sources = {s for k in keys for s in input_sources(k)}
     folders = image_folder(root)
     paths = [p for c in sorted(folders) for p in sorted(folders[c])]
     classes = [c for c in sorted(folders) for _ in folders[c]]
@@ -171,6 +187,7 @@ def run_split(
     target_accuracy: float,
     seed: int,
     log: Callable[[str], None],
+    configs: dict[str, Config] | None = None,
 ) -> dict[str, Any]:
     k = known_sets(cache, known, known, seed)
     fs, train, calib, pseudo, split, label = k.fs, k.train, k.calib, k.pseudo, k.split, k.fs.labels
@@ -186,10 +203,14 @@ def run_split(
     idx = np.flatnonzero(test_kind != "")
     test, tk, truth = fs.take(idx), test_kind[idx].astype(str), label[idx]
     out: dict[str, Any] = {}
-    for config, (heads, fusion, budget) in CONFIGS.items():
+    for config, (heads, fusion, budget, head_budget) in (configs or CONFIGS).items():
+        if config in PATCH_CONFIGS and len(known) > 1:
+            out[config] = {"skipped": "one-class splits only"}
+            continue
         try:
             settings = FitSettings(target_accuracy, heads=None if heads is None else tuple(heads), fusion=fusion,
-                                   review_budget=DEFAULT_BUDGET if budget is None else budget)  # fmt: skip
+                                   review_budget=DEFAULT_BUDGET if budget is None else budget,
+                                   head_budget=head_budget)  # fmt: skip
             bundle = fit_from_features(
                 train, calib, list(known), settings, backbone_hash=card_hash, backbone_name=card_name,
                 preprocessing=pp, version="bench", log=lambda m: None, pseudo=pseudo,
@@ -227,7 +248,7 @@ def run_split(
             "exceeds_bound": bool(clean_acc and bound is not None and clean_wrong / clean_acc > bound),
             "exceeds_target": bool(n_acc and (acc & wrong).sum() / n_acc > 1 - target_accuracy),
         }
-    fitted = {c: v for c, v in out.items() if "refused" not in v}
+    fitted = {c: v for c, v in out.items() if "refused" not in v and "skipped" not in v}
     log(
         f"  known {'+'.join(known)} | unknown {'+'.join(unknown)}: "
         + "; ".join(
@@ -264,19 +285,22 @@ def bench_rotation(
     target_accuracy: float = 0.99,
     max_splits: int = 10,
     seed: int = 0,
+    patch: bool = False,
 ) -> dict[str, Any]:
     backend = backends.load(model, 2)
     base = work or Path(tempfile.mkdtemp(prefix="bouncer-bench-rotation-"))
-    results: dict[str, Any] = {"target_accuracy": target_accuracy, "configs": list(CONFIGS), "datasets": {}}
+    configs = {**CONFIGS, **(PATCH_CONFIGS if patch else {})}
+    results: dict[str, Any] = {"target_accuracy": target_accuracy, "configs": list(configs), "datasets": {}}
     card = backend.card
     for name, root in {"simulator": None, **datasets}.items():
-        cache = cached(backend, name, root, base, log)
+        cache = cached(backend, name, root, base, log, patch)
         classes = sorted(set(cache.cls[cache.kind == "clean"].tolist()))
         rows = []
         for known, unknown in scenarios(name, classes, max_splits, seed):
             r = run_split(
-                cache, known, unknown, card.model_hash, card.name, card.preprocessing, target_accuracy, seed, log
-            )
+                cache, known, unknown, card.model_hash, card.name, card.preprocessing, target_accuracy, seed, log,
+                configs,
+            )  # fmt: skip
             rows.append({"known": list(known), "unknown": list(unknown), "results": r})
         results["datasets"][name] = rows
     results["summary"] = summarise(results)
@@ -293,15 +317,18 @@ def simulator_images(base: Path) -> Path:
     return sim
 
 
-def cached(backend: backends.Backend, name: str, root: Path | None, base: Path, log: Callable[[str], None]) -> Cache:
-    """The data set's backbone vectors, built once per backbone into `base/cache` (root None: the simulator)."""
+def cached(
+    backend: backends.Backend, name: str, root: Path | None, base: Path, log: Callable[[str], None], patch: bool = False
+) -> Cache:
+    """The data set's backbone vectors, built once per backbone into `base/cache` (root None: the simulator); with
+    `patch`, also the patch grids (a cache of its own: several GB in memory for the real sets)."""
     sim = simulator_images(base)
-    cache_dir = base / "cache" / f"{name}-{backend.card.model_hash[:12]}"
+    cache_dir = base / "cache" / f"{name}-{backend.card.model_hash[:12]}{'-patch' if patch else ''}"
     if (cache_dir / "frames.json").exists():
         cache = Cache.load(cache_dir)
     else:
         foreign = sim / "foreign" if root is None else _foreign_for_real(sim)
-        cache = build_cache(backend, root or sim / "known", foreign, log)
+        cache = build_cache(backend, root or sim / "known", foreign, log, patch)
         cache.save(cache_dir)
     log(f"{name}: {len(cache.kind)} frames cached")
     return cache
@@ -327,10 +354,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         everything: list[dict[str, Any]] = []
         by_kind: dict[str, list[dict[str, Any]]] = {"one-class": [], "multi-class": []}
         for name, rows in results["datasets"].items():
-            rs = [row["results"][config] for row in rows]
+            rs = [row["results"][config] for row in rows if "skipped" not in row["results"][config]]
             everything += rs
             for row in rows:
-                by_kind["one-class" if len(row["known"]) == 1 else "multi-class"].append(row["results"][config])
+                if "skipped" not in row["results"][config]:
+                    kind = "one-class" if len(row["known"]) == 1 else "multi-class"
+                    by_kind[kind].append(row["results"][config])
             per[name] = _agg(rs)
         per["all"] = _agg(everything)
         per |= {f"all {k}": _agg(v) for k, v in by_kind.items()}

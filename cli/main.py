@@ -210,8 +210,9 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
         elpv = _shared_dataset(args.elpv, "elpv", "--elpv")
         sets = {k: v for k, v in (("magnetic-tile", tile), ("elpv", elpv)) if v is not None}
         results = bench_rotation(
-            args.model or default_model(), sets, args.work, say, args.target_accuracy, args.max_splits, args.seed
-        )
+            args.model or default_model(), sets, args.work, say, args.target_accuracy, args.max_splits, args.seed,
+            args.patch,
+        )  # fmt: skip
         if args.work:
             (args.work / "rotation.json").write_text(json.dumps(results, indent=1))
         print_rotation(results)
@@ -486,6 +487,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         review_budget=args.review_budget,
         target_catch=args.target_catch,
         defects_dir=args.defects,
+        head_budget=args.head_budget,
         resize=args.resize,
         version=args.gate_version,
         heads=heads,
@@ -521,6 +523,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"{' and '.join(bundle.selection.get('reads', ['model']))}), "
         f"threshold {bundle.ood_threshold:.3f}"
     )
+    _print_costly_heads(bundle, backend)
     if bundle.operating:
         from bouncer.fitting.operating import curve_plot, describe
 
@@ -537,6 +540,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"of {a.n_calibration} calibration frames (coverage {m['calibration_coverage']:.1%})"
         )
     return 0
+
+
+def _print_costly_heads(bundle, backend) -> None:
+    """A patch head costs far more per frame than the pooled heads: say how much, measured here on one frame."""
+    import numpy as np
+
+    from bouncer.fitting.select import HEAD_BUDGET
+    from bouncer.runtime.gates.patch import PatchKnnHead
+
+    heads = [h for h in bundle.ood_heads if isinstance(h, PatchKnnHead)]
+    if not heads:
+        return
+    pp = bundle.preprocessing
+    outputs = backend.run(np.zeros((1, 3, pp.height, pp.width), np.float32))
+    t0 = time.perf_counter()
+    backend.run(np.zeros((1, 3, pp.height, pp.width), np.float32))
+    call = time.perf_counter() - t0
+    for h in heads:
+        cells = int(np.prod(h.vectors(outputs).shape[2:]))
+        t0 = time.perf_counter()
+        for _ in range(5):
+            h.score(outputs)
+        t = (time.perf_counter() - t0) / 5
+        print(f"cost: {h.kind}:{h.source} streams {h.cost(cells):,} elements per frame ({cells} patches x "
+              f"{h.bank.shape[0]} bank x {h.bank.shape[1]}; the default heads stay under {HEAD_BUDGET:,}): "
+              f"{t * 1e3:.2f} ms here, {t / call:.0%} of one backbone call")  # fmt: skip
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -839,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-splits", type=_positive_int, default=10, help="--rotation: known/unknown splits per data set"
     )
     bg.add_argument("--seed", type=int, default=0, help="--rotation: seed of the splits")
+    bg.add_argument(
+        "--patch", action="store_true", help="--rotation: also the patch heads on one-class splits (several GB)"
+    )
 
     bl = add("labels", cmd_bench_labels, "labels a new defect type needs: accepted share after each retrain", bsub)
     bl.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
@@ -972,6 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
         "line's own classes, each held out in turn)",
     )
     f.add_argument("--fusion", choices=["max", "sum", "mean"], help="with --heads: how head scores combine (max)")
+    f.add_argument("--head-budget", type=_positive_int, default=2_000_000,
+                   help="elements one frame's chosen heads may stream (default 2,000,000: the guard within 10%% of "
+                   "the backbone call); above it the patch heads (patchknn) become candidates, e.g. 150000000, at "
+                   "several ms a frame (fit prints what they cost)")  # fmt: skip
     f.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects used in head selection")
     f.add_argument("--resize", choices=["stretch", "letterbox"], help="override the model's resize mode")
     f.add_argument("--gate-version", help="version string (default: UTC timestamp)")

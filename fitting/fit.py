@@ -15,7 +15,14 @@ from bouncer.fitting.acceptance import Selection, select_threshold, window_excee
 from bouncer.fitting.calibration import expected_calibration_error, fit_temperature
 from bouncer.fitting.defects import synthesize
 from bouncer.fitting.operating import DEFAULT_BUDGET, FoldScores, check_budget, choose, describe
-from bouncer.fitting.select import candidate_specs, conformal_quantile, fold_scores, make_folds, select_heads
+from bouncer.fitting.select import (
+    HEAD_BUDGET,
+    candidate_specs,
+    conformal_quantile,
+    fold_scores,
+    make_folds,
+    select_heads,
+)
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.backends.paired import PREFIX
 from bouncer.runtime.errors import BouncerError, ImageError
@@ -30,6 +37,7 @@ from bouncer.runtime.gates.heads import (
     fit_head,
     head_input,
     input_key,
+    input_sources,
     l2n,
     softmax,
 )
@@ -241,6 +249,7 @@ def fit_gate(
     false_alarm: float = 0.01,
     target_catch: float | None = None,
     defects_dir: Path | None = None,
+    head_budget: int = HEAD_BUDGET,
 ) -> GateBundle:
     """Fit every part of a gate bundle. Calibration data only ever sets thresholds and the temperature.
     `heads=None` chooses the OOD heads from the line's own known classes (fitting/select.py). `backend` may be a
@@ -251,7 +260,7 @@ def fit_gate(
     say = log or (lambda m: print(m, file=sys.stderr))
     # checked here, before minutes of feature extraction
     settings = FitSettings(target_accuracy, delta, review_budget, None if heads is None else tuple(heads), fusion,
-                           seed, false_alarm, target_catch)  # fmt: skip
+                           seed, false_alarm, target_catch, head_budget)  # fmt: skip
     defect_paths = defect_images(defects_dir) if defects_dir is not None else None
     card = backend.card
     if card.task == "detector":
@@ -263,8 +272,8 @@ def fit_gate(
     if resize:
         pp = Preprocessing.from_dict({**pp.to_dict(), "resize": resize})
     classes, train_paths, train_labels, calib_paths, calib_labels = task_splits(card, train_dir, calib_dir, say)
-    keys = gate_inputs(card, heads)
-    sources = {k.partition("@")[0] for k in keys} | {card.task_input}
+    keys = gate_inputs(card, heads, head_budget)
+    sources = {s for k in keys for s in input_sources(k)} | {card.task_input}
     missing = sorted(s for s in sources if s not in card.output_names())
     if missing:
         raise BouncerError(
@@ -311,10 +320,16 @@ def defect_images(root: Path) -> list[Path]:
     return paths
 
 
-def gate_inputs(card: ModelCard, heads: Sequence[str] | None) -> list[str]:
+def gate_inputs(card: ModelCard, heads: Sequence[str] | None, head_budget: int = HEAD_BUDGET) -> list[str]:
     """Input keys a fit needs: every candidate's when the heads are chosen, else the named heads' (and the
-    task features, which the baseline head reads)."""
-    keys = candidate_inputs(card) if heads is None else [input_key(h) for h in heads]
+    task features, which the baseline head reads). Patch grids (each map alone and all joined) join the
+    candidates only where the head budget is raised above the default: they are large, and costly to score."""
+    if heads is None:
+        keys = candidate_inputs(card)
+        if head_budget > HEAD_BUDGET and card.maps:
+            keys += [f"{m}@patch" for m in card.maps] + ([f"{'+'.join(card.maps)}@patch"] if len(card.maps) > 1 else [])
+    else:
+        keys = [input_key(h) for h in heads]
     explain = [f"{m}@max" for m in card.maps]  # the heatmap's input (fit picks one)
     side = f"{PREFIX}features"  # the baseline head's input when the user's model has no features
     base = [card.features] if card.features else [side] if side in card.output_names() else []
@@ -380,10 +395,13 @@ class FitSettings:
     seed: int = 0  # synthetic defects for head selection
     false_alarm: float = 0.01  # anomaly gates: good frames flagged at most this often (conformal)
     target_catch: float | None = None  # the lowest flag rate within the budget estimated to catch this share
+    head_budget: int = HEAD_BUDGET  # elements one frame's chosen heads may stream (fitting/select.py)
 
     def __post_init__(self) -> None:
         check_targets(self.target_accuracy, self.delta)
         check_budget(self.review_budget, self.target_catch)
+        if self.head_budget < 1:
+            raise BouncerError(f"--head-budget must be a positive number of elements, got {self.head_budget}")
         if not 0 < self.false_alarm < 0.5:
             raise BouncerError(f"--false-alarm must be in (0, 0.5), got {self.false_alarm}")
 
@@ -393,7 +411,7 @@ class FitSettings:
     @classmethod
     def of(cls, bundle: GateBundle, heads: Sequence[str] | None = None) -> FitSettings:
         """A retraining's settings: the bundle's own (older bundles: from their acceptance), heads chosen again."""
-        keep = {"target_accuracy", "delta", "seed", "false_alarm", "review_budget", "target_catch"}
+        keep = {"target_accuracy", "delta", "seed", "false_alarm", "review_budget", "target_catch", "head_budget"}
         s = {k: v for k, v in bundle.fit_settings.items() if k in keep}
         a = bundle.acceptance
         # gates made before the review budget flagged 1 - ood_quantile of good calibration frames
@@ -595,7 +613,7 @@ def fit_from_features(
             pseudo = None if pseudo is None else pseudo.only(side)
             defects = None if defects is None else defects.only(side)
         heads, method, selection, folds = choose_heads(ood_train, calib_ok, ood_classes, pseudo, select_q, say,
-                                                       defects)  # fmt: skip
+                                                       defects, settings.head_budget)  # fmt: skip
         if restricted:
             selection.setdefault("notes", []).append(
                 "the user's classifier has seen every known class, so held-out-class folds cannot judge its "
@@ -725,6 +743,7 @@ def choose_heads(
     quantile: float,
     say: Callable[[str], None],
     defects: FeatureSet | None = None,
+    head_budget: int = HEAD_BUDGET,
 ) -> tuple[tuple[str, ...], str, dict[str, Any], list[FoldScores]]:
     """Heads and fusion chosen on held-out known classes (and synthetic and real defects), from the inputs every
     set has; with the chosen mix's fused fold scores."""
@@ -741,7 +760,7 @@ def choose_heads(
         say,
         None if defects is None else defects.vectors,
     )
-    heads, method, record, scores = select_heads(folds, candidate_specs(sorted(keys)), quantile, say)
+    heads, method, record, scores = select_heads(folds, candidate_specs(sorted(keys)), quantile, say, head_budget)
     record["notes"] = notes
     return heads, method, record, scores
 

@@ -97,14 +97,24 @@ def _rows(d: dict[str, np.ndarray]) -> int:
 
 
 def candidate_specs(keys: Sequence[str]) -> list[str]:
-    """Heads on each input: Mahalanobis and kNN on pooled vectors, kNN on a map's channel maxima."""
+    """Heads on each input: Mahalanobis and kNN on pooled vectors, kNN on a map's channel maxima, the patch head
+    on a patch grid (`MAP@patch`, there only when the head budget is raised: fitting/fit.py `gate_inputs`)."""
     out = []
     for k in keys:
-        out += [f"knn:{k}"] if "@" in k else [f"maha:{k}", f"knn:{k}"]
+        source, _, reduce = k.partition("@")
+        out += [f"patchknn:{source}"] if reduce == "patch" else [f"knn:{k}"] if reduce else [f"maha:{k}", f"knn:{k}"]
     return out
 
 
-def head_cost(spec: str, n_train: int, dim: int) -> int:
+def head_cost(spec: str, n_train: int, shape: Sequence[int]) -> int:
+    """Elements one frame streams through the head: kNN bank rows x dim, Mahalanobis dim x rank, a patch head
+    patches x coreset x channels. `shape`: one training vector's (a patch grid's C x H x W)."""
+    if spec.startswith("patchknn:"):
+        from bouncer.runtime.gates.patch import CORESET
+
+        c, cells = int(shape[0]), int(np.prod(shape[1:]))
+        return cells * min(CORESET, n_train * cells) * c
+    dim = int(np.prod(shape))
     return n_train * dim if spec.startswith("knn:") else dim * min(MAHA_RANK, dim)
 
 
@@ -168,6 +178,7 @@ def select_heads(
     candidates: Sequence[str],
     quantile: float,
     say: Callable[[str], None],
+    budget: int = HEAD_BUDGET,
 ) -> tuple[tuple[str, ...], str, dict[str, Any], list[FoldScores]]:
     """(heads, fusion method, the record for the bundle and gate card, the chosen mix's fused fold scores: the
     operating point's catch curve, fitting/operating.py)."""
@@ -178,8 +189,8 @@ def select_heads(
     for spec in candidates:
         key = input_key(spec)
         x0 = folds[0].train[key]
-        cost[spec] = head_cost(spec, len(x0), int(np.prod(x0.shape[1:])))
-        if cost[spec] > HEAD_BUDGET:
+        cost[spec] = head_cost(spec, len(x0), x0.shape[1:])
+        if cost[spec] > budget:
             continue
         calib_s[spec], unk_s[spec] = [], []
         for f in folds:
@@ -203,12 +214,12 @@ def select_heads(
 
     singles = sorted((score((s,), "max") for s in calib_s), key=lambda r: (-r.objective, r.mix))
     if not singles:
-        raise BouncerError(f"head selection: every candidate head exceeds the per-frame budget ({HEAD_BUDGET})")
+        raise BouncerError(f"head selection: every candidate head exceeds the per-frame budget ({budget:,})")
     top = [r.mix[0] for r in singles[:TOP_SINGLES]]
     results = list(singles)
     for size in range(2, MAX_MIX + 1):
         for mix in itertools.combinations(top, size):
-            if sum(cost[s] for s in mix) <= HEAD_BUDGET:
+            if sum(cost[s] for s in mix) <= budget:
                 results += [score(mix, m) for m in ("max", "sum", "mean")]
     best = max(r.objective for r in results)
     contenders = [r for r in results if r.objective >= best - TIE]
@@ -222,6 +233,7 @@ def select_heads(
         "candidates": [r.to_dict(folds) for r in ranked[:12]],
         "chosen": c,
         "over_budget": sorted(s for s in candidates if s not in calib_s),
+        "head_budget": budget,
     }
     say(
         f"heads chosen: {', '.join(chosen.mix)} (fusion {chosen.method}): catches {c['mean_catch']:.1%} of held-out "

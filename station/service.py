@@ -21,6 +21,7 @@ from bouncer.runtime.backends import Backend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.detector import DetectorTask
+from bouncer.runtime.gates.heads import input_sources
 from bouncer.station.accounts import Accounts
 from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
@@ -92,7 +93,7 @@ class Station:
             return {"group": group, "train": 0, "calib": len(calib), "root": str(self.repo.root_json)}
         # every input head selection may choose from, so that retraining can choose again
         keys = gate_inputs(backend.card, None)
-        sources = {k.partition("@")[0] for k in keys} | {backend.card.task_input}
+        sources = {s for k in keys for s in input_sources(k)} | {backend.card.task_input}
         sets, calib_paths = [], []
         if backend.card.task == "anomaly":  # good frames to train on; good and defective ones to calibrate
             _, tp, tl, cp, cl = task_splits(backend.card, train_dir, calib_dir, log.info)

@@ -49,26 +49,39 @@ def patches(fmap: np.ndarray) -> np.ndarray:
 
 
 def parse_head(spec: str) -> tuple[str, str, str | None]:
-    """`maha:OUT`, `patch:MAP`, `knn:OUT[@max]` or `orphan:DETECTIONS` -> (kind, source, reduce)."""
+    """`maha:OUT`, `patch:MAP`, `knn:OUT[@max]`, `patchknn:MAP[+MAP...]` or `orphan:DETECTIONS` -> (kind, source,
+    reduce)."""
     kind, _, rest = spec.partition(":")
     source, _, reduce = rest.partition("@")
-    known = ("maha", "patch", "knn", "orphan")
-    if kind not in known or not source or reduce not in ("", "max") or (reduce and kind != "knn"):
-        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT, knn:MAP@max or "
-                           "orphan:DETECTIONS (a detector gate's raw output)")  # fmt: skip
-    return kind, source, reduce or None
+    known = ("maha", "patch", "knn", "patchknn", "orphan")
+    joined = "+" in source and (kind != "patchknn" or not all(source.split("+")))
+    if kind not in known or not source or reduce not in ("", "max") or (reduce and kind != "knn") or joined:
+        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT, knn:MAP@max, "
+                           "patchknn:MAP[+MAP] or orphan:DETECTIONS (a detector gate's raw output)")  # fmt: skip
+    return kind, source, "patch" if kind == "patchknn" else reduce or None
 
 
 def input_key(spec: str) -> str:
-    """The per-frame vector a head reads: its source output, or `MAP@max` for a kNN head on a map's channel
-    maxima. Heads of different kinds on the same input share it (feature sets, the wire)."""
+    """The per-frame vector a head reads: its source output, `MAP@max` for a kNN head on a map's channel
+    maxima, `MAP+MAP@patch` for a patch head's joined grid. Heads of different kinds on the same input share it
+    (feature sets, the wire)."""
     _, source, reduce = parse_head(spec)
     return f"{source}@{reduce}" if reduce else source
 
 
+def input_sources(key: str) -> list[str]:
+    """The model outputs an input key is made from."""
+    return key.partition("@")[0].split("+")
+
+
 def head_input(key: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The vector behind an input key, from a backbone's outputs (float32, one row per frame)."""
+    """The vector behind an input key, from a backbone's outputs (float32, one row per frame; a patch head's
+    input is the joined, 3x3-averaged map grid, N x C x H x W)."""
     source, _, reduce = key.partition("@")
+    if reduce == "patch":
+        from bouncer.runtime.gates.patch import patch_grid
+
+        return patch_grid(outputs, tuple(source.split("+")))
     out = outputs[source]
     if reduce:
         if out.ndim != 4:
@@ -320,6 +333,10 @@ HEAD_KINDS: dict[str, type[OodHead]] = {h.kind: h for h in (GaussianHead, KnnHea
 def load_head(meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> OodHead:
     """A head saved by `arrays`/`meta`, by its kind."""
     kind = meta["kind"]
+    if kind == "patchknn":
+        from bouncer.runtime.gates.patch import PatchKnnHead
+
+        return PatchKnnHead.from_saved(meta, arrays, prefix)
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown OOD head kind {kind!r}")
     return HEAD_KINDS[kind].from_saved(meta, arrays, prefix)
@@ -414,6 +431,12 @@ def fit_head(spec: str, x: np.ndarray, labels: np.ndarray) -> OodHead:
                            "gate's fit makes them")  # fmt: skip
     if kind == "knn":
         return KnnHead.from_vectors(source, x, reduce=reduce)
+    if kind == "patchknn":
+        from bouncer.runtime.gates.patch import PatchKnnHead
+
+        if x.ndim != 4:
+            raise BouncerError(f"OOD head {spec!r}: {source} is not made of feature maps")
+        return PatchKnnHead.fit(source, x)
     if kind == "patch":
         if x.ndim != 4:
             raise BouncerError(f"OOD head {spec!r}: {source} is not a feature map")
