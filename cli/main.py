@@ -528,7 +528,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from bouncer.fitting.operating import curve_plot, describe
 
         png = curve_plot(bundle.operating, path.with_name(path.name + ".curve.png"))
-        print(f"{describe(bundle.operating)}; curve: {png}")
+        print(describe(bundle.operating) + (f"; curve: {png}" if png else ""))
     bound = "not certified" if a.error_bound is None else f"{a.error_bound:.4f}"
     if a.threshold is None:
         print(f"acceptance: none (no threshold reaches accuracy {a.target_accuracy} at delta {a.delta})")

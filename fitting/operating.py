@@ -227,10 +227,13 @@ def curve_table(record: dict[str, Any]) -> list[str]:
 
 
 def curve_plot(record: dict[str, Any], path: Any) -> Any:
-    """The curve as a PNG: estimated catch (and its interval) against the good frames' flag rate."""
+    """The curve as a PNG: estimated catch (and its interval) against the good frames' flag rate; None where
+    nothing estimated the catch."""
     from bouncer.fitting.plots import line_plot
 
     rows = [r for r in record.get("curve") or [] if r.get("catch") is not None]
+    if not rows:  # no pseudo-unknowns (a detector gate): no catch to draw
+        return None
     xs = [r["expected_flag_rate"] for r in rows]
     curves = {
         "estimated catch": (xs, [r["catch"] for r in rows]),

@@ -35,8 +35,8 @@ MAHA_RANK = 256  # GaussianHead.fit's default rank
 RULE = (
     "hold each known class out in turn (plus one fold of synthetic defects made from the line's own "
     "calibration frames, and one of the real defective frames given at fit time); fit candidates on the rest, "
-    "threshold at the review budget's flag rate on the rest's calibration frames; objective = (mean + worst) "
-    "fold catch rate / 2; ties within 0.005 go to fewer heads, then mean AUROC"
+    "threshold at the review budget's flag rate (at most 1%) on the rest's calibration frames; objective = "
+    "(mean + worst) fold catch rate / 2; ties within 0.005 go to fewer heads, then mean AUROC"
 )
 
 

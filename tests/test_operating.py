@@ -152,3 +152,10 @@ def test_the_curve_is_drawn_and_tabled(tmp_path):
 
     img = cv2.imread(str(png))
     assert img is not None and img.shape[0] > 100
+
+
+def test_no_pseudo_unknowns_means_no_curve_to_draw(tmp_path):
+    """A detector gate has no folds: the budget still sets the threshold, and there is no catch to plot."""
+    op = choose(np.random.default_rng(7).normal(size=300), [], 0.05, None, 0.1)
+    assert op.record["catch"] is None and op.record["basis"] == "no pseudo-unknowns: catch not estimated"
+    assert curve_plot(op.record, tmp_path / "c.png") is None and not (tmp_path / "c.png").exists()
