@@ -138,7 +138,7 @@ def test_a_new_tile_defect_goes_round_the_loop(activations, broker, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         before = json.loads(res.stdout.strip().splitlines()[-1])
         flagged = before["decisions"]["review"] + before["decisions"]["reject"]
-        # a defect type the line never showed is mostly flagged: 25-26 of 40 at the default 5% review budget on this
+        # a defect type the line never showed is mostly flagged: 25-27 of 40 at the default 5% review budget on this
         # split with u8 and s8 backbones (issue 28 left this open: the tiles' unknown types look like known ones)
         assert flagged >= 22, before
         queue = wait_until(lambda: (q := http_json(f"{station.url}/api/queue?limit=500")[1])["counts"]["frames"]
@@ -153,9 +153,13 @@ def test_a_new_tile_defect_goes_round_the_loop(activations, broker, tmp_path):
         ota = {"url": f"{station.url}/tuf", "root": str(station_dir / "tuf/metadata/1.root.json"),
                "trial_frames": 10, "poll_s": 2.0}  # fmt: skip
         if not result["published"]:
-            # the station says the labels are not yet enough, and how many more the new class needs
-            assert "labels not yet enough" in result["reason"] and NEW in result["reason"], result
-            assert m["pending_classes"][NEW]["labels_needed"] > 0, m
+            # the station says the labels are not yet enough, and how many more the new class needs; or its
+            # champion/challenger check refuses a challenger that accepts worse than allowed (seen with u8 activations)
+            if "challenger accepted error" in result["reason"]:
+                assert "> allowed" in result["reason"], result
+            else:
+                assert "labels not yet enough" in result["reason"] and NEW in result["reason"], result
+                assert m["pending_classes"][NEW]["labels_needed"] > 0, m
             gates = http_json(f"{station.url}/api/gates")[1]
             assert gates["last_retrain"]["reason"] == result["reason"] and len(gates["gates"]) == 1
             assert gates["published"]["version"] == base_version  # devices keep the gate they run
