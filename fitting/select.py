@@ -149,18 +149,15 @@ def make_folds(
             folds.append(
                 Fold(f"held out: {name}", train_labels[rest_t], sub(train, rest_t), sub(calib, rest_c), unknown)
             )
-    if pseudo is not None:
-        n = _rows(pseudo)
+    # pseudo-unknowns scored against every known class: synthetic defects, then real defective frames
+    for name, frames, what in ((SYNTHETIC, pseudo, "defects"), (REAL, real, "readable defective frames")):
+        if frames is None:
+            continue
+        n = _rows(frames)
         if n >= MIN_HELD_OUT and len(calib_labels) >= MIN_FOLD_CALIB:
-            folds.append(Fold(SYNTHETIC, train_labels, train, calib, pseudo))
+            folds.append(Fold(name, train_labels, train, calib, frames))
         else:
-            notes.append(f"synthetic-defect fold left out: {n} defects (need {MIN_HELD_OUT})")
-    if real is not None:
-        n = _rows(real)
-        if n >= MIN_HELD_OUT and len(calib_labels) >= MIN_FOLD_CALIB:
-            folds.append(Fold(REAL, train_labels, train, calib, real))
-        else:
-            notes.append(f"real-defect fold left out: {n} readable defective frames (need {MIN_HELD_OUT})")
+            notes.append(f"{name.replace(' defects', '-defect')} fold left out: {n} {what} (need {MIN_HELD_OUT})")
     for note in notes:
         say(f"head selection: {note}")
     if not folds:
