@@ -56,22 +56,17 @@ def certified_flags(n: int, rate: float, delta: float) -> int | None:
     return k
 
 
-def frames_for(rate: float, delta: float) -> int:
-    """Good calibration frames (passing the quality gate) a flag rate of `rate` at level delta needs."""
-    return frames_needed(rate, delta)
+def conformal_quantile(scores: np.ndarray, q: float) -> float:
+    """The ceil((n+1) q)-th smallest score: a clean frame exceeds it with probability at most 1 - q."""
+    s = np.sort(scores)
+    k = min(len(s), math.ceil((len(s) + 1) * q))
+    return float(s[k - 1])
 
 
 def threshold_flagging(scores_good: np.ndarray, k: int) -> float:
     """The threshold that flags (score strictly above it) the k highest good calibration scores."""
     s = np.sort(np.asarray(scores_good, np.float64))[::-1]
     return float(s[min(k, len(s) - 1)])
-
-
-def pvalues(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Conformal p-values of scores against sorted good calibration scores: (1 + #{ref >= s}) / (n + 1)."""
-    ref = np.asarray(reference, np.float64)
-    above = len(ref) - np.searchsorted(ref, np.asarray(scores, np.float64), side="left")
-    return (1 + above) / (len(ref) + 1)
 
 
 @dataclass
@@ -88,9 +83,7 @@ class FoldScores:
 
     def catch_at(self, rate: float) -> float:
         """Share of the fold's pseudo-unknowns above the threshold that flags `rate` of its calibration frames."""
-        c = np.sort(self.calib)
-        k = min(len(c), max(1, math.ceil((len(c) + 1) * (1 - rate))))
-        return float((self.unknown > c[k - 1]).mean())
+        return float((self.unknown > conformal_quantile(self.calib, 1 - rate)).mean())
 
 
 def _interval(hits: int, n: int, delta: float) -> tuple[float, float]:
@@ -132,7 +125,7 @@ def choose(
     n = len(good)
     if certified_flags(n, budget, delta) is None:
         raise BouncerError(
-            f"a review budget of {budget} at delta {delta} needs at least {frames_for(budget, delta)} good "
+            f"a review budget of {budget} at delta {delta} needs at least {frames_needed(budget, delta)} good "
             f"calibration frames passing the quality gate, have {n}: add calibration frames or raise --review-budget"
         )
     grid = sorted({r for r in GRID if r < budget and certified_flags(n, r, delta) is not None} | {budget})

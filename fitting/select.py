@@ -11,14 +11,13 @@ best mean plus worst-fold catch rate wins; within `TIE` of it, fewer heads, then
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bouncer.fitting.operating import REAL, SYNTHETIC, FoldScores
+from bouncer.fitting.operating import REAL, SYNTHETIC, FoldScores, conformal_quantile
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.heads import Fusion, fit_head, input_key
 
@@ -83,13 +82,6 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     below = np.searchsorted(neg, pos, "left")
     ties = np.searchsorted(neg, pos, "right") - below
     return float((below + 0.5 * ties).sum() / (len(pos) * len(neg)))
-
-
-def conformal_quantile(scores: np.ndarray, q: float) -> float:
-    """The ceil((n+1) q)-th smallest score: a clean frame exceeds it with probability at most 1 - q."""
-    s = np.sort(scores)
-    k = min(len(s), math.ceil((len(s) + 1) * q))
-    return float(s[k - 1])
 
 
 def _rows(d: dict[str, np.ndarray]) -> int:
@@ -184,25 +176,13 @@ def select_heads(
     unk_s: dict[str, list[np.ndarray]] = {}
     cost: dict[str, int] = {}
     for spec in candidates:
-        key = input_key(spec)
-        x0 = folds[0].train[key]
+        x0 = folds[0].train[input_key(spec)]
         cost[spec] = head_cost(spec, len(x0), x0.shape[1:])
-        if cost[spec] > budget:
-            continue
-        calib_s[spec], unk_s[spec] = [], []
-        for f in folds:
-            head = fit_head(spec, f.train[key], f.train_labels)
-            calib_s[spec].append(head.score_vectors(f.calib[key]))
-            unk_s[spec].append(head.score_vectors(f.unknown[key]))
+        if cost[spec] <= budget:
+            calib_s[spec], unk_s[spec] = _raw_scores(folds, spec)
 
     def fused(mix: tuple[str, ...], method: str) -> list[FoldScores]:
-        out = []
-        for i, f in enumerate(folds):
-            c = np.stack([calib_s[s][i] for s in mix], 1)
-            u = np.stack([unk_s[s][i] for s in mix], 1)
-            fusion = Fusion.fit(list(mix), c, method)
-            out.append(FoldScores(f.name, fusion.fuse(c), fusion.fuse(u)))
-        return out
+        return _fuse_folds(folds, mix, method, calib_s, unk_s)
 
     def score(mix: tuple[str, ...], method: str) -> Scored:
         fs = fused(mix, method)
@@ -239,13 +219,34 @@ def select_heads(
     return chosen.mix, chosen.method, record, fused(chosen.mix, chosen.method)
 
 
-def fold_scores(folds: Sequence[Fold], mix: Sequence[str], method: str) -> list[FoldScores]:
-    """Fused fold scores of a mix named by the user (--heads): its catch curve, as for a chosen one."""
-    out = []
+def _raw_scores(folds: Sequence[Fold], spec: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One head fitted on each fold's training frames: its raw scores on the fold's calibration and held-out frames."""
+    key, calib, unknown = input_key(spec), [], []
     for f in folds:
-        heads = [fit_head(s, f.train[input_key(s)], f.train_labels) for s in mix]
-        c = np.stack([h.score_vectors(f.calib[input_key(s)]) for h, s in zip(heads, mix, strict=True)], 1)
-        u = np.stack([h.score_vectors(f.unknown[input_key(s)]) for h, s in zip(heads, mix, strict=True)], 1)
+        head = fit_head(spec, f.train[key], f.train_labels)
+        calib.append(head.score_vectors(f.calib[key]))
+        unknown.append(head.score_vectors(f.unknown[key]))
+    return calib, unknown
+
+
+def _fuse_folds(
+    folds: Sequence[Fold],
+    mix: Sequence[str],
+    method: str,
+    calib_s: dict[str, list[np.ndarray]],
+    unk_s: dict[str, list[np.ndarray]],
+) -> list[FoldScores]:
+    """Per fold, the mix's fusion fitted on its calibration scores, applied to both sides."""
+    out = []
+    for i, f in enumerate(folds):
+        c = np.stack([calib_s[s][i] for s in mix], 1)
+        u = np.stack([unk_s[s][i] for s in mix], 1)
         fusion = Fusion.fit(list(mix), c, method)
         out.append(FoldScores(f.name, fusion.fuse(c), fusion.fuse(u)))
     return out
+
+
+def fold_scores(folds: Sequence[Fold], mix: Sequence[str], method: str) -> list[FoldScores]:
+    """Fused fold scores of a mix named by the user (--heads): its catch curve, as for a chosen one."""
+    raw = {s: _raw_scores(folds, s) for s in dict.fromkeys(mix)}
+    return _fuse_folds(folds, mix, method, {s: r[0] for s, r in raw.items()}, {s: r[1] for s, r in raw.items()})

@@ -19,9 +19,9 @@ from bouncer.fitting.operating import (
     choose,
     curve_plot,
     curve_table,
-    pvalues,
 )
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.bundle import conformal_pvalue
 from bouncer.runtime.gates.risk import binom_cdf
 
 
@@ -137,8 +137,8 @@ def test_a_budget_outside_its_range_is_refused(budget):
 @given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=200), st.floats(-2e3, 2e3))
 def test_pvalues_count_the_calibration_scores_at_or_above(ref, s):
     ref_s = np.sort(np.array(ref))
-    p = pvalues(ref_s, np.array([s]))[0]
-    assert p == pytest.approx((1 + sum(r >= s for r in ref)) / (len(ref) + 1))
+    assert conformal_pvalue(ref_s, s) == pytest.approx((1 + sum(r >= s for r in ref)) / (len(ref) + 1))
+    assert conformal_pvalue(ref_s, float("nan")) == pytest.approx(1 / (len(ref) + 1))
 
 
 def test_the_curve_is_drawn_and_tabled(tmp_path):

@@ -46,6 +46,15 @@ class Acceptance:
     frames_needed: int
 
 
+def conformal_pvalue(reference: np.ndarray, score: float) -> float:
+    """(1 + #{reference scores >= score}) / (n + 1) against sorted good calibration scores; NaN is as unusual as it
+    gets."""
+    n = len(reference)
+    if score != score:
+        return 1 / (n + 1)
+    return (1 + n - int(np.searchsorted(reference, score, side="left"))) / (n + 1)
+
+
 @dataclass
 class GateBundle:
     version: str
@@ -87,13 +96,9 @@ class GateBundle:
             self.ood_reference = ref
 
     def ood_pvalue(self, fused: float) -> float | None:
-        """(1 + #{good calibration scores >= fused}) / (n + 1): where the frame sits on the operating curve."""
+        """Where the frame sits on the operating curve (None for a bundle made before the reference was kept)."""
         ref = self.ood_reference
-        if ref is None or not len(ref):
-            return None
-        if fused != fused:  # NaN: as unusual as it gets
-            return 1 / (len(ref) + 1)
-        return (1 + len(ref) - int(np.searchsorted(ref, fused, side="left"))) / (len(ref) + 1)
+        return None if ref is None or not len(ref) else conformal_pvalue(ref, fused)
 
     # ---- writing -------------------------------------------------------------------------------
 

@@ -93,15 +93,16 @@ class Guard:
         if low and self._low == "anomaly":
             d.label = "anomaly"
         if ood:
-            d.flag(self._ood(float(fused)))
+            d.flag(self._ood(d))
         if low:
             d.flag({"reason": self._low, "value": round(conf, 6), "threshold": thr})
         return d
 
-    def _ood(self, fused: float) -> dict[str, Any]:
-        detail = {"reason": "ood", "value": round(fused, 4), "threshold": round(self.bundle.ood_threshold, 4)}
-        p = self._pvalue(fused)
-        return detail if p is None else detail | {"p_value": round(p, 6)}
+    def _ood(self, d: Decision) -> dict[str, Any]:
+        """The `ood` detail of a decision whose fused score and p-value are set."""
+        assert d.ood_score is not None
+        detail = {"reason": "ood", "value": round(d.ood_score, 4), "threshold": round(self.bundle.ood_threshold, 4)}
+        return detail if d.ood_pvalue is None else detail | {"p_value": round(d.ood_pvalue, 6)}
 
     def decide_detections(self, det: Detections, fused: float, q: dict, size: tuple[int, int] | None) -> Decision:
         """A detector gate's frame: accepted when no candidate box is ambiguous (its certainty at least the
@@ -131,7 +132,7 @@ class Guard:
                 {"reason": "invalid_output", "value": "a kept box lies outside the frame (under a pixel once clipped)"}
             )
         if ood:
-            d.flag(self._ood(fused))
+            d.flag(self._ood(d))
         if low:
             i = int(np.argmin(np.maximum(det.probs, 1 - det.probs))) if len(det.probs) else 0
             unsure: dict[str, Any] = {"reason": "ambiguous_box", "value": round(conf, 6),
