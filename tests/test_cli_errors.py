@@ -176,6 +176,8 @@ def test_fit_names_a_bad_review_budget_or_defects_folder(tmp_path, sim_folder, b
     for bad in ("0", "0.6", "-0.1"):
         assert_clean_error(run_cli(*args, "--review-budget", bad), "--review-budget must be in (0, 0.5]", bad)
     assert_clean_error(run_cli(*args, "--target-catch", "1.5"), "--target-catch must be in (0, 1]")
+    assert_clean_error(run_cli(*args, "--head-budget", "0"), "0: must be at least 1")
+    assert_clean_error(run_cli(*args, "--heads", "patchknn:map_s8+"), "OOD head 'patchknn:map_s8+'")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_clean_error(run_cli(*args, "--defects", str(empty)), "--defects", "no images in it")
