@@ -8,7 +8,6 @@ import logging
 import signal
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from bouncer.devices import profiles
 from bouncer.devices.alerts import Alerts
 from bouncer.devices.gate_life import GateLife
+from bouncer.devices.ids import device_key, message_id
 from bouncer.devices.metrics import DeviceMetrics
 from bouncer.devices.ota import GateSlots, OtaUpdater, Trial
 from bouncer.devices.systemd import Notifier
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from bouncer.devices.plc import LineOutput
 
 log = logging.getLogger("bouncer.device")
-ID_NAMESPACE = uuid.UUID("6f1c2f4e-3b1a-4c55-9d0e-6a8f1f0b7c21")
 
 
 @dataclass
@@ -72,11 +71,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def message_id(device: str, source: str, key: str, finite: bool) -> str:
-    """Finite sources get ids derived from the frame (a re-run after a crash re-sends the same id)."""
-    return uuid.uuid5(ID_NAMESPACE, f"{device}|{source}|{key}").hex if finite else uuid.uuid4().hex
 
 
 def encode_jpeg(frame: np.ndarray, max_side: int, quality: int) -> bytes:
@@ -123,6 +117,7 @@ class Device:
             backend = PairedBackend(backend, backends.load(side, profile.threads, list(profile.providers) or None))
         guard = Guard(bundle, backend)
         self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
+        self._id_key = device_key(data)
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="bouncer-explain")
         self.metrics = DeviceMetrics()
         # label lookups cost microseconds per frame: resolve the per-stage timers once
@@ -295,7 +290,7 @@ class Device:
         of a flagged frame's cost). The other way round, the helper waited for the GIL before it could start."""
         b = self.guard.bundle
         msg = schemas.FrameMessage(
-            id=message_id(self.id, self.source_uri, item.key, finite),
+            id=message_id(self._id_key, self.id, self.source_uri, item.key, finite),
             device=self.id,
             ts=time.time(),
             source=item.source,

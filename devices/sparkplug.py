@@ -30,13 +30,13 @@ TYPES = {"UInt64": 8, "Double": 10, "Boolean": 11, "String": 12}
 _FIELD = {8: "long_value", 10: "double_value", 11: "boolean_value", 12: "string_value"}
 REBIRTH = "Node Control/Rebirth"
 # group and edge node ids: no MQTT wildcards or separators (the specification), and short
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 Metrics = dict[str, tuple[str, Any]]  # name -> (Sparkplug type name, value)
 
 
 def check_id(value: str, what: str) -> str:
-    if not ID.match(value or ""):
+    if not isinstance(value, str) or not ID.fullmatch(value):
         raise BouncerError(f"{what}: 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric, got {value!r}")
     return value
 

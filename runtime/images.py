@@ -25,7 +25,12 @@ def read_bgr(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # validateInputImageSize: the header claims more than OPENCV_IO_MAX_IMAGE_PIXELS
+        if "MAX_IMAGE" in str(exc):
+            raise ImageError(f"{path}: image too large (its header claims more than {MAX_PIXELS} pixels)") from None
+        raise ImageError(f"{path}: not a decodable image ({str(exc).strip()[-120:]})") from None
     if img is None:
         raise ImageError(f"{path}: not a decodable image")
     return to_bgr(img, str(path))

@@ -26,8 +26,20 @@ from bouncer.runtime.gates.decision import Verdict
 VERSION = 1
 PREFIX = f"bouncer/v{VERSION}"
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def whole(body: str) -> re.Pattern[str]:
+    """A pattern the whole string must match: `$` alone also matches before a trailing newline, so the
+    lookahead refuses "cam-1\\n" (the same pattern serves msgspec, which searches, and JSON Schema)."""
+    return re.compile(f"^{body}$(?!\\n)")
+
+
+DEVICE_ID = whole(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 GROUP = DEVICE_ID  # group names follow the device-id rules (both are topic segments)
+FEATURE_NAME = whole(r"[A-Za-z0-9][A-Za-z0-9_.:+@-]{0,63}")  # a head's input key: pooled, map_s8+map_s16@patch
+EARLIEST_TS, LATEST_TS = 0.0, 4102444800.0  # 1970 .. 2100: a time the pages and the store can show
+MAX_FEATURES = 32
+MAX_TEXT = 1024  # a source, a reason, a version string
 
 
 class SchemaError(ValueError):
@@ -40,7 +52,7 @@ def topic(device: str, kind: str) -> str:
 
 
 def check_device_id(device: str) -> str:
-    if not DEVICE_ID.match(device or ""):
+    if not isinstance(device, str) or not DEVICE_ID.match(device):
         raise SchemaError(f"device id {device!r}: 1-64 characters of A-Z a-z 0-9 _ . -, starting alphanumeric")
     return device
 
@@ -53,30 +65,62 @@ def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps({"v": VERSION, **obj}, separators=(",", ":")).encode()
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unicode(obj: Any, what: str) -> None:
+    """JSON's \\uD800 escapes decode to lone surrogates, which no UTF-8 store or page can hold."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o)
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+        elif isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SchemaError(f"{what}: a string holds a lone surrogate ({o[:40]!r}), not text") from None
+
+
 def decode(payload: bytes, what: str) -> dict[str, Any]:
+    if not isinstance(payload, bytes | bytearray):
+        raise SchemaError(f"{what}: expected bytes")
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise SchemaError(f"{what}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise SchemaError(f"{what}: payload is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise SchemaError(f"{what}: not JSON ({exc.msg} at {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # NaN / Infinity, or nesting deeper than the parser allows
+        raise SchemaError(f"{what}: not JSON ({str(exc)[:80]})") from None
     if not isinstance(obj, dict):
         raise SchemaError(f"{what}: expected a JSON object")
+    if b"\\u" in payload or b"\\U" in payload:  # only escapes can make a lone surrogate
+        _unicode(obj, what)
     if obj.get("v") != VERSION:
         raise SchemaError(f"{what}: schema version {obj.get('v')!r}, this side speaks {VERSION}")
     return obj
 
 
 DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern, description="A-Z a-z 0-9 _ . -, 1-64")]
+MessageId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern, description="A-Z a-z 0-9 _ . -, 1-64")]
+FeatureName = Annotated[str, msgspec.Meta(pattern=FEATURE_NAME.pattern, description="A-Z a-z 0-9 _ . : + @ -, 1-64")]
 Number = Annotated[float, msgspec.Meta(description="a JSON number")]
+Timestamp = Annotated[float, msgspec.Meta(ge=EARLIEST_TS, le=LATEST_TS, description="Unix seconds, 1970..2100")]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Dim = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
 
 
 class FeatureWire(msgspec.Struct, forbid_unknown_fields=True):
     """One named vector: its shape and its float16 bytes (base64)."""
 
-    shape: list[int]
+    shape: Annotated[list[Dim], msgspec.Meta(min_length=1, max_length=4)]
     fp16: bytes
 
 
@@ -92,21 +136,21 @@ class FrameWire(msgspec.Struct, kw_only=True):
     """A flagged frame (`bouncer/v1/<device>/frames`): docs/mqtt.md explains each field."""
 
     v: Literal[1]
-    id: str
+    id: MessageId
     device: DeviceId
-    ts: Number
-    source: str | None = None
+    ts: Timestamp
+    source: Text | None = None
     decision: Verdict
-    label: str | None = None
+    label: Text | None = None
     confidence: Number | None = None
     ood_score: Number | None = None
-    reasons: list[str]
+    reasons: list[Text]
     details: list[dict[str, Any]]
-    quality: dict[str, Number]
-    gate_version: str
-    backbone_hash: str
+    quality: dict[Text, Number]
+    gate_version: Text
+    backbone_hash: Text
     jpeg: bytes
-    features: dict[str, FeatureWire]
+    features: Annotated[dict[FeatureName, FeatureWire], msgspec.Meta(max_length=MAX_FEATURES)]
     group: str | None = None  # null or missing: "default"
     heatmap: bytes | None = None
     audit: bool = False
@@ -120,7 +164,7 @@ class StatusWire(msgspec.Struct, kw_only=True):
 
     v: Literal[1]
     device: DeviceId
-    ts: Number
+    ts: Timestamp
     state: Literal["online", "offline"]
 
 
@@ -128,10 +172,10 @@ class EventWire(msgspec.Struct, kw_only=True):
     """An event (`events`); the fields each kind adds are in docs/mqtt.md."""
 
     v: Literal[1]
-    id: str
+    id: MessageId
     device: DeviceId
-    ts: Number
-    event: str
+    ts: Timestamp
+    event: Annotated[str, msgspec.Meta(pattern=whole(r"[a-z][a-z0-9_]{0,63}").pattern)]
 
 
 ALERTS = ("new_defect_suspected", "quality", "drift", "camera_lost")
@@ -141,17 +185,17 @@ class AlertWire(msgspec.Struct, kw_only=True):
     """An operator alert (`alerts`): one per incident, sent when it opens (devices/alerts.py)."""
 
     v: Literal[1]
-    id: str
+    id: MessageId
     device: DeviceId
-    ts: Number
+    ts: Timestamp
     alert: Literal["new_defect_suspected", "quality", "drift", "camera_lost"]
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-    summary: str
-    since: Number
+    summary: Text
+    since: Timestamp
     frames: Annotated[int, msgspec.Meta(ge=0)]
-    frame_ids: list[str]
-    group: str
-    gate_version: str
+    frame_ids: Annotated[list[MessageId], msgspec.Meta(max_length=1000)]
+    group: DeviceId
+    gate_version: Text
 
 
 class StatsWire(msgspec.Struct, kw_only=True):
@@ -424,7 +468,7 @@ class GateAnnouncement:
 # ---- operator labels (station HTTP API) ---------------------------------------------------------
 
 CORRECT, GARBAGE, NEW_PREFIX = "correct", "garbage", "new:"
-CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
+CLASS_NAME = whole(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 
 
 def parse_label(value: Any, classes: list[str], predicted: str | None) -> tuple[str, str | None]:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
 
 if TYPE_CHECKING:
     from bouncer.station.store import Store
 
 ROLES = ("operator", "approver", "admin")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NAME = schemas.whole(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 SESSION_S = 12 * 3600  # a browser session lasts a shift
 MIN_PASSWORD = 8
 
@@ -62,7 +63,7 @@ class Accounts:
         return bool(self.store.rows("SELECT 1 FROM users LIMIT 1"))
 
     def add(self, name: str, role: str, password: str) -> None:
-        if not NAME.match(name or ""):
+        if not isinstance(name, str) or not NAME.match(name):
             raise BouncerError(f"user name {name!r}: 1-64 letters, digits, _ . @ -, starting with a letter or digit")
         if role not in ROLES:
             raise BouncerError(f"role {role!r}: one of {', '.join(ROLES)}")
@@ -139,6 +140,45 @@ class Accounts:
 
     def end_session(self, sid: str) -> None:
         self.store.run("DELETE FROM sessions WHERE hash = ?", (_sha(sid),))
+
+
+class LoginThrottle:
+    """Failed logins per user name and per client: after FREE_TRIES failures each further try must wait twice as
+    long as the last (up to MAX_WAIT_S) since the latest failure; a success clears the user and the client. Kept
+    in memory per web worker, at most MAX_KEYS keys (the oldest go first), so a flood costs bounded memory."""
+
+    FREE_TRIES = 5
+    MAX_WAIT_S = 900.0
+    MAX_KEYS = 10_000
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures, time of the latest)
+        self._lock = threading.Lock()
+
+    def wait_s(self, *keys: str) -> float:
+        """Seconds before any of `keys` may try again (0: now)."""
+        now, wait = self.clock(), 0.0
+        with self._lock:
+            for key in keys:
+                n, last = self._failures.get(key, (0, 0.0))
+                if n >= self.FREE_TRIES:
+                    wait = max(wait, last + min(2.0 ** (n - self.FREE_TRIES), self.MAX_WAIT_S) - now)
+        return max(wait, 0.0)
+
+    def failed(self, *keys: str) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                n, _ = self._failures.pop(key, (0, 0.0))
+                self._failures[key] = (n + 1, now)  # re-inserted: the dict's order is the latest failure's
+            while len(self._failures) > self.MAX_KEYS:
+                del self._failures[next(iter(self._failures))]
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
 
 
 def same(a: str | None, b: str | None) -> bool:

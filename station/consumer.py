@@ -18,6 +18,7 @@ import queue
 import socket
 import sqlite3
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,6 +36,23 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 BATCH = 64  # messages stored and acknowledged together
 RECEIVE_MAXIMUM = 256  # unacknowledged messages the broker may send this worker (MQTT 5)
 RETRY_MAX_S = 10.0
+STRIKES = 3  # failed tries of a batch before its messages are tried one by one
+STALL_S = 60.0  # messages waiting and nothing stored for this long: ingest is unhealthy
+RETRYABLE = (OSError, sqlite3.OperationalError)  # the stores' outages (DatabaseUnavailable, ObjectStoreError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, schemas.SchemaError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _own(device: str, message: dict[str, Any], what: str) -> dict[str, Any]:
+    """A device speaks only for itself: the payload's device must be the topic's (the broker's ACL lets each
+    device publish under its own id only)."""
+    if message["device"] != device:
+        raise schemas.SchemaError(f"{what}: device {message['device']!r} on the topic of {device!r}")
+    return message
 
 
 class Consumer:
@@ -55,6 +73,7 @@ class Consumer:
         self.groups = set(groups) if groups else None  # None: accept frames of any group
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker granted the subscriptions: routing to us has begun
+        self.last_stored = self.last_idle = time.monotonic()
         self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0, "retries": 0}
         self.v5 = cfg.protocol == "v5"
         # stable across restarts: a restarted worker resumes its persistent session and receives what the
@@ -104,19 +123,34 @@ class Consumer:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            if self._store_batch(batch):
+            try:
+                stored = self._store_batch(batch)
+            except Exception:  # a bug here must not end ingest: the batch stays unacknowledged for the next start
+                log.exception("ingest: unexpected error on a batch of %d message(s); not acknowledged", len(batch))
+                self.counts["retries"] += 1
+                self._stopping.wait(1.0)
+                continue
+            if stored:
+                self.last_stored = time.monotonic()
                 for msg in batch:  # in the order received, as MQTT asks
                     if msg.qos:
                         self.client.ack(msg.mid, msg.qos)
 
     def _store_batch(self, batch: list[Any]) -> bool:
-        """Store every message of the batch, retrying while the stores are unavailable; False if stopped first."""
-        pause = 0.2
+        """Store (or quarantine) every message of the batch; False if stopped first. While the stores are down,
+        full or refusing, retry with a growing pause and acknowledge nothing. After STRIKES failed tries the
+        messages are tried one by one: one that still fails while others are stored is the cause, and is
+        quarantined (a message that fails for itself must not hold up the rest, nor be redelivered forever)."""
+        pause, tries = 0.2, 0
         while True:
             try:
-                self._store_once(batch)
+                if tries < STRIKES:
+                    self._store_once(batch)
+                else:
+                    self._store_singly(batch)
                 return True
-            except (OSError, sqlite3.OperationalError) as exc:  # down, full, refused, locked: retry, do not ack
+            except RETRYABLE as exc:  # down, full, refused, locked: retry, do not ack
+                tries += 1
                 self.counts["unstored"] += len(batch)
                 self.counts["retries"] += 1
                 log.error("cannot store %d message(s) now, retrying in %.1f s (not acknowledged): %s",
@@ -126,31 +160,77 @@ class Consumer:
                 pause = min(pause * 2, RETRY_MAX_S)
 
     def _store_once(self, batch: list[Any]) -> None:
-        frames: list[schemas.FrameMessage] = []
+        frames: list[tuple[Any, schemas.FrameMessage]] = []
         for msg in batch:  # frames are decoded here and stored together; the rest one by one
             if msg.topic.rsplit("/", 1)[-1] == "frames":
                 try:
-                    frames.append(self._frame(msg.topic, msg.payload))
-                except schemas.SchemaError as exc:
-                    self._quarantine(msg.topic, msg.payload, str(exc))
+                    frames.append((msg, self._frame(msg.topic, msg.payload)))
+                except Exception as exc:
+                    self._quarantine(msg.topic, msg.payload, _reason(exc))
                 continue
             self._guarded(msg.topic, msg.payload)
-        if frames:  # each already checked by _frame: the store takes them all
-            for n in self.store.add_frames(frames):
+        if not frames:
+            return
+        stored: list[bool | None]
+        try:
+            stored = list(self.store.add_frames([f for _, f in frames]))
+        except RETRYABLE:
+            raise
+        except Exception:
+            log.exception("ingest: a batch of %d frame(s) failed; storing them one by one", len(frames))
+            stored = [self._frame_alone(msg, f) for msg, f in frames]
+        for n in stored:
+            if n is not None:
                 self.counts["frames" if n else "duplicates"] += 1
+
+    def _frame_alone(self, msg: Any, frame: schemas.FrameMessage) -> bool | None:
+        try:
+            return self.store.add_frame(frame)
+        except RETRYABLE:
+            raise
+        except Exception as exc:
+            self._quarantine(msg.topic, msg.payload, _reason(exc))
+            return None
+
+    def _store_singly(self, batch: list[Any]) -> None:
+        """Each message on its own; raises (retry all) only if none could be stored: then the stores are down."""
+        failed: list[tuple[Any, Exception]] = []
+        for msg in batch:
+            try:
+                self._store_once([msg])
+            except RETRYABLE as err:
+                failed.append((msg, err))
+        if failed and len(failed) == len(batch):
+            raise failed[0][1]
+        for msg, why in failed:
+            self._quarantine(msg.topic, msg.payload, f"failed {STRIKES} times while others were stored: "
+                             f"{_reason(why)}")  # fmt: skip
 
     def _guarded(self, topic: str, payload: bytes) -> str:
         try:
             return self.handle(topic, payload)
-        except (OSError, sqlite3.OperationalError):
+        except RETRYABLE:
             raise
-        except Exception as exc:  # a bug must not stop the writer: keep the message aside
+        except Exception as exc:
             log.exception("unexpected error on a message from %s", topic)
-            self._quarantine(topic, payload, f"internal error: {type(exc).__name__}: {exc}")
+            self._quarantine(topic, payload, _reason(exc))
             return "quarantined"
 
-    def _quarantine(self, topic: str, payload: bytes, reason: str) -> None:
-        self.store.quarantine(topic, payload, reason)
+    def health(self, stall_s: float = STALL_S) -> dict[str, Any]:
+        """Ingest is healthy while its writer runs and, with messages waiting, has stored one within `stall_s`."""
+        alive = self._writer is not None and self._writer.is_alive()
+        waiting = self._inbox.qsize()
+        stalled = waiting > 0 and time.monotonic() - max(self.last_stored, self.last_idle) > stall_s
+        if waiting == 0:
+            self.last_idle = time.monotonic()
+        ok = alive and not stalled and not self._stopping.is_set()
+        return {"ok": ok, "writer_alive": alive, "waiting": waiting, "stalled": stalled, **self.counts,
+                "conflicts": self.store.conflicts}  # fmt: skip
+
+    def _quarantine(self, topic: str, payload: Any, reason: str) -> None:
+        topic = topic.encode("utf-8", "backslashreplace").decode()
+        reason = reason.encode("utf-8", "backslashreplace").decode()
+        self.store.quarantine(topic, bytes(payload or b""), reason)
         self.counts["quarantined"] += 1
         log.warning("quarantined a message on %s: %s", topic, reason)
 
@@ -162,38 +242,33 @@ class Consumer:
         if self.groups is not None and msg.group not in self.groups:
             known = ", ".join(sorted(self.groups))
             raise schemas.SchemaError(f"frame message: group {msg.group!r} is not managed here ({known})")
-        if not schemas.DEVICE_ID.match(msg.id):
-            raise schemas.SchemaError(f"frame message: id {msg.id!r} is not a plain identifier")
         return msg
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Store one message; returns what happened (frame, duplicate, event, status, stats, quarantined)."""
         try:
-            _, kind = schemas.parse_topic(topic)
+            device, kind = schemas.parse_topic(topic)
             if kind == "frames":
                 new = self.store.add_frame(self._frame(topic, payload))
                 self.counts["frames" if new else "duplicates"] += 1
                 return "frame" if new else "duplicate"
             if kind == "events":
-                ev = schemas.parse_event(payload)
-                self.store.add_event(ev)
+                self.store.add_event(_own(device, schemas.parse_event(payload), "event"))
                 self.counts["events"] += 1
                 return "event"
             if kind == "alerts":  # kept with the device's events: the station groups frames itself
-                self.store.add_event({**schemas.parse_alert(payload), "event": "alert"})
+                self.store.add_event({**_own(device, schemas.parse_alert(payload), "alert"), "event": "alert"})
                 self.counts["events"] += 1
                 return "event"
             if kind == "status":
-                self.store.set_status(schemas.parse_status(payload))
+                self.store.set_status(_own(device, schemas.parse_status(payload), "status"))
                 return "status"
             if kind == "stats":
-                self.store.set_stats(schemas.parse_stats(payload))
+                self.store.set_stats(_own(device, schemas.parse_stats(payload), "stats"))
                 return "stats"
             raise schemas.SchemaError(f"topic {topic!r}: the station does not consume {kind}")
         except schemas.SchemaError as exc:
-            self.store.quarantine(topic, payload, str(exc))
-            self.counts["quarantined"] += 1
-            log.warning("quarantined a message on %s: %s", topic, exc)
+            self._quarantine(topic, payload, str(exc))
             return "quarantined"
 
     def announce(self, group: str, ann: schemas.GateAnnouncement) -> None:
@@ -222,8 +297,6 @@ class Consumer:
         to it), store what the broker had queued for it, then end the session (expiry 0). Mosquitto keeps routing
         to a stopped member's persistent session, so a worker removed without this strands what it was sent.
         A broker that does not answer within `connect_s` is an error, and the session is left as it was."""
-        import time
-
         self.subscribe = False
         self.start()
         if not self.connected.wait(connect_s):

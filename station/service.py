@@ -369,6 +369,12 @@ class Station:
             if g is not None:
                 self._announce(group, GateBundle.load(Path(g["path"])), int(g["serial"]))
 
+    def ingest_health(self) -> dict[str, Any] | None:
+        """The MQTT ingest's liveness (Consumer.health); None where this worker does not ingest."""
+        if self.consumer is None or not self.consumer.subscribe:
+            return None
+        return self.consumer.health()
+
     def stop(self) -> None:
         self._stop.set()
         if self.consumer is not None:

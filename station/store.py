@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +114,13 @@ def frame_key(frame_id: str, suffix: str) -> str:
 
 
 def pack_features(features: dict[str, np.ndarray]) -> bytes:
+    """An .npz that `np.load` reads, written member by member: `np.savez(**features)` takes a feature named
+    `file` or `allow_pickle` for its own argument."""
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in features.items()})  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, v in features.items():
+            with z.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(v, np.float16), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -140,6 +146,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self.objects = open_objects(objects, self.root, connect_timeout)
         self._pool: ThreadPoolExecutor | None = None
+        self.conflicts = 0  # frames refused because their id was stored with other content
         self.db = connect(database, self.root, connect_timeout)  # waits for a PostgreSQL that is starting
         before, now = schema.upgrade(database, self.root)
         if before != now:
@@ -169,9 +176,12 @@ class Store:
         the rows in one transaction (`ON CONFLICT DO NOTHING`); True for each frame that was new. A row never
         points at a missing object; an object left without a row (a crash in between) is swept later."""
         for msg in msgs:
-            if not schemas.DEVICE_ID.match(msg.id):
+            if not isinstance(msg.id, str) or not schemas.DEVICE_ID.match(msg.id):
                 raise schemas.SchemaError(f"frame message: id {msg.id!r} is not a plain identifier")
-        known = self._known_ids([m.id for m in msgs])
+        known = self._known_frames([m.id for m in msgs])
+        for m in msgs:
+            if m.id in known:
+                self._check_conflict(m, *known[m.id])
         fresh = [m for m in msgs if m.id not in known]
         blobs: list[tuple[str, bytes]] = []
         for m in fresh:
@@ -205,6 +215,25 @@ class Store:
             out.append(m.id in inserted and m.id not in seen)
             seen.add(m.id)
         return out
+
+    def _known_frames(self, ids: list[str]) -> dict[str, tuple[str, float, str]]:
+        """id -> (device, ts, JPEG key) of those already stored."""
+        if not ids:
+            return {}
+        marks = ", ".join("?" * len(ids))
+        rows = self._all(f"SELECT id, device, ts, jpeg_path FROM frames WHERE id IN ({marks})", tuple(ids))
+        return {r[0]: (r[1], float(r[2]), r[3]) for r in rows}
+
+    def _check_conflict(self, m: schemas.FrameMessage, device: str, ts: float, jpeg_key: str) -> None:
+        """A redelivery repeats the message; the same id with other content is someone else's (a guessed id, a
+        second device under one name): kept out, but said aloud, as a `frame_conflict` event and a count."""
+        if device == m.device and ts == m.ts and self.objects.get(jpeg_key) == m.jpeg:
+            return
+        self.conflicts += 1
+        log.warning("frame %s from %s conflicts with the stored one (from %s at %s): not stored", m.id, m.device,
+                    device, ts)  # fmt: skip
+        self.add_event({"id": schemas.new_id(), "device": m.device, "ts": time.time(), "event": "frame_conflict",
+                        "frame_id": m.id, "stored_device": device, "stored_ts": ts})  # fmt: skip
 
     def _known_ids(self, ids: list[str]) -> set[str]:
         if not ids:

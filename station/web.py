@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -23,7 +27,7 @@ from fastapi.templating import Jinja2Templates
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.detector import DetectorTask
-from bouncer.station.accounts import SESSION_S, Identity, same
+from bouncer.station.accounts import SESSION_S, Identity, LoginThrottle, same
 from bouncer.station.config import LOOPBACK
 from bouncer.station.service import GroupError, Station
 from bouncer.station.store import QueueFilter
@@ -33,6 +37,44 @@ log = logging.getLogger("bouncer.station.web")
 PUBLIC = ("/tuf/", "/static/", "/healthz", "/login", "/api/login")
 SHARED = Identity("station-token", "admin", "token")  # the station's one token ($BOUNCER_STATION_TOKEN): scripts
 OPEN = Identity("local", "admin", "open")
+LOCAL_PATH = re.compile(r"/(?![/\\])[^\\\s]*")  # a path on this station: not //host, no backslash (/\host)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+ARGON2_AT_ONCE = 2  # password checks in flight: a login flood must not take the workers the API and OTA need
+
+
+def csp(nonce: str, path: str) -> str:
+    """Scripts only from here and the page's own inline scripts (by nonce); /api/docs loads Swagger UI."""
+    scripts = f"'self' 'nonce-{nonce}'"
+    if path.startswith("/api/docs"):
+        scripts = "'self' 'unsafe-inline' https://cdn.jsdelivr.net"
+    return (f"default-src 'self'; script-src {scripts}; style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "img-src 'self' data: blob: https://fastapi.tiangolo.com; object-src 'none'; base-uri 'none'; "
+            "form-action 'self'; frame-ancestors 'none'")  # fmt: skip
+
+
+def local_path(next_path: str) -> str:
+    """Where to go after logging in: a path on this station only (an open redirect otherwise)."""
+    return next_path if LOCAL_PATH.fullmatch(next_path or "") else "/queue"
+
+
+async def json_body(request: Request, example: str) -> dict[str, Any]:
+    """The request's JSON object, or a 400 naming what was expected."""
+    try:
+        body = await request.json()
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise HTTPException(400, f"expected a JSON body like {example}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, f"expected a JSON object like {example}")
+    return body
+
+
+def same_origin(request: Request) -> bool:
+    """A browser names the page that sent a request in Origin; it must be this station (none: not a browser)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
 
 
 def resolve_token(station: Station) -> str | None:
@@ -75,45 +117,67 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     accounts = station.accounts
 
+    throttle = LoginThrottle()
+    argon2_slots = anyio.CapacityLimiter(ARGON2_AT_ONCE)
+
     def identify(request: Request) -> Identity | None:
+        """A bearer token (scripts, people's API tokens) or a browser session; no token in a URL or a cookie of
+        its own (a link or a page elsewhere must not act for anyone)."""
         header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token")
-        if given:
+        if header.lower().startswith("bearer "):
+            given = header[7:]
             if token is not None and same(given, token):
                 return SHARED
             return accounts.by_token(given)
         sid = request.cookies.get("bouncer_session")
         if sid and (who := accounts.by_session(sid)) is not None:
             return who
-        legacy = request.cookies.get("bouncer_token")
-        if token is not None and same(legacy, token):
-            return SHARED
         if token is None and not accounts.any():
             return OPEN  # loopback, no token, no accounts: the demo and a single line on one machine
         return None
 
+    def refuse_change(request: Request, who: Identity | None) -> str | None:
+        """Why a state change is refused before any work: a page elsewhere can send a form (text/plain, urlencoded)
+        to this station, with its cookies, but not a JSON request without asking first (CORS, which is off)."""
+        if request.method in SAFE_METHODS:
+            return None
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return "state changes take Content-Type: application/json"
+        if not same_origin(request):
+            return f"request from another origin ({request.headers.get('origin')!r})"
+        if who is not None and who.via == "session" and not same(request.headers.get("x-csrf-token"), who.csrf):
+            return "missing or wrong CSRF token (header X-CSRF-Token)"
+        return None
+
     @app.middleware("http")
     async def auth(request: Request, call_next):
+        request.state.nonce = secrets.token_urlsafe(16)
+        response = await guarded(request, call_next)
+        response.headers["Content-Security-Policy"] = csp(request.state.nonce, request.url.path)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        return response
+
+    async def guarded(request: Request, call_next):
         path = request.url.path
         if path.startswith(PUBLIC):
+            if path.startswith("/api/login") and (why := refuse_change(request, None)):
+                log.warning("%s %s refused: %s", request.method, path, why)
+                return JSONResponse({"detail": why}, status_code=403)
             return await call_next(request)
         who = identify(request)
         if who is None:
             if request.method == "GET" and not path.startswith("/api/"):
-                return RedirectResponse(f"/login?next={path}", status_code=303)
+                return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
             return JSONResponse({"error": "log in (POST /api/login) or give a token (Authorization: Bearer TOKEN)"},
                                 status_code=401)  # fmt: skip
-        if (
-            who.via == "session"
-            and request.method not in ("GET", "HEAD")
-            and not same(request.headers.get("x-csrf-token"), who.csrf)
-        ):
-            return JSONResponse({"error": "missing or wrong CSRF token (header X-CSRF-Token)"}, status_code=403)
+        if why := refuse_change(request, who):
+            log.warning("%s %s refused for %s: %s", request.method, path, who.name, why)
+            return JSONResponse({"error": why, "detail": why}, status_code=403)
         request.state.who = who
-        response = await call_next(request)
-        if request.query_params.get("token") and who is SHARED:
-            response.set_cookie("bouncer_token", token or "", httponly=True, samesite="strict")
-        return response
+        return await call_next(request)
 
     def need(request: Request, role: str) -> Identity:
         """The request's person, if their role allows `role`'s work (403 otherwise)."""
@@ -128,26 +192,29 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request, next: str = "/queue") -> HTMLResponse:
-        target = next if next.startswith("/") and not next.startswith("//") else "/queue"
         return templates.TemplateResponse(request, "login.html", {"groups": station.groups, "group": None,
-                                                                  "next": target, "csrf": ""})  # fmt: skip
+                                                                  "next": local_path(next), "csrf": "",
+                                                                  "nonce": request.state.nonce})  # fmt: skip
 
     @app.post("/api/login")
     async def api_login(request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if (
-            not isinstance(body, dict)
-            or not isinstance(body.get("name"), str)
-            or not isinstance(body.get("password"), str)
-        ):
-            raise HTTPException(400, 'expected {"name": ..., "password": ...}')
-        who = accounts.check_password(body["name"], body["password"])
+        body = await json_body(request, '{"name": ..., "password": ...}')
+        name, password = body.get("name"), body.get("password")
+        if not isinstance(name, str) or not isinstance(password, str) or len(name) > 64 or len(password) > 1024:
+            raise HTTPException(400, 'expected {"name": ..., "password": ...} (a name of at most 64 characters)')
+        client = f"client:{request.client.host if request.client else '-'}"
+        keys = (f"user:{name}", client)
+        if (wait := throttle.wait_s(*keys)) > 0:
+            log.warning("login for %r from %s throttled: %.0f s to wait", name, client, wait)
+            raise HTTPException(429, f"too many failed logins: try again in {wait:.0f} s",
+                                headers={"Retry-After": str(max(1, round(wait)))})  # fmt: skip
+        # argon2 is slow on purpose: in a worker thread, a few at a time, so the event loop keeps serving
+        who = await anyio.to_thread.run_sync(accounts.check_password, name, password, limiter=argon2_slots)
         if who is None:
-            log.warning("login refused for %r", body["name"][:64])
+            throttle.failed(*keys)
+            log.warning("login refused for %r from %s", name, client)
             raise HTTPException(401, "wrong name or password")
+        throttle.succeeded(*keys)
         sid, csrf = accounts.new_session(who)
         response = JSONResponse({"name": who.name, "role": who.role, "csrf": csrf})
         response.set_cookie("bouncer_session", sid, httponly=True, samesite="strict", max_age=SESSION_S)
@@ -175,9 +242,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     @app.post("/api/users")
     async def api_add_user(request: Request) -> dict[str, Any]:
         who = need(request, "admin")
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise HTTPException(400, 'expected {"name": ..., "role": ..., "password": ...}')
+        body = await json_body(request, '{"name": ..., "role": ..., "password": ...}')
         try:
             accounts.add(str(body.get("name") or ""), str(body.get("role") or ""), str(body.get("password") or ""))
         except BouncerError as exc:
@@ -203,8 +268,8 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     def page(request: Request, name: str, **ctx: Any) -> HTMLResponse:
         """ctx holds `group` (the group the page shows) and the page's data."""
         who: Identity = request.state.who
-        return templates.TemplateResponse(request, name, {"groups": station.groups, "who": who,
-                                                          "csrf": who.csrf or "", **ctx})  # fmt: skip
+        return templates.TemplateResponse(request, name, {"groups": station.groups, "who": who, "csrf": who.csrf or "",
+                                                          "nonce": request.state.nonce, **ctx})  # fmt: skip
 
     # ---- review queue ---------------------------------------------------------------------------
 
@@ -212,8 +277,26 @@ def create_app(station: Station, token: str | None) -> FastAPI:
         return station.champion(group).classes
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"ok": True}
+    def healthz() -> JSONResponse:
+        """503 while ingest is down: its writer thread ended, or messages wait and nothing was stored lately."""
+        ingest = station.ingest_health()
+        ok = ingest is None or ingest["ok"]
+        return JSONResponse({"ok": ok, "ingest": ingest}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text: ingest liveness and what it stored or set aside (this worker, since it started)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+        reg = CollectorRegistry()
+        ingest = station.ingest_health() or {}
+        Gauge("bouncer_station_ingest_healthy", "1 while MQTT ingest stores what arrives", registry=reg).set(
+            1.0 if ingest.get("ok", True) else 0.0
+        )
+        counts = Gauge("bouncer_station_ingest_messages", "messages by outcome", ["outcome"], registry=reg)
+        for outcome in ("frames", "duplicates", "conflicts", "events", "quarantined", "retries", "waiting"):
+            counts.labels(outcome).set(float(ingest.get(outcome, 0)))
+        return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
     def index() -> RedirectResponse:
@@ -249,11 +332,8 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.post("/api/incidents/label")
     async def api_label_incident(request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(400, 'expected a JSON body like {"frames": [...], "label": "gear"}') from None
-        ids = body.get("frames") if isinstance(body, dict) else None
+        body = await json_body(request, '{"frames": [...], "label": "gear"}')
+        ids = body.get("frames")
         if not isinstance(ids, list) or not ids or len(ids) > 5000 or not all(isinstance(i, str) for i in ids):
             raise HTTPException(422, "frames: a list of 1 to 5000 frame ids (an incident's frame_ids)")
         try:
@@ -298,12 +378,7 @@ def create_app(station: Station, token: str | None) -> FastAPI:
 
     @app.post("/api/frames/{frame_id}/label")
     async def api_label(frame_id: str, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(400, 'expected a JSON body like {"label": "gear"} (or {"boxes": [...]})') from None
-        if not isinstance(body, dict):
-            raise HTTPException(400, "expected a JSON object")
+        body = await json_body(request, '{"label": "gear"} (or {"boxes": [...]})')
         try:
             done = station.label(frame_id, body.get("label"), need(request, "operator").name, body.get("boxes"))
         except KeyError:

@@ -28,6 +28,14 @@ FORMAT = "bouncer-gate"
 FORMAT_VERSION = 3  # 3: task heads of other kinds (the user's classifier or anomaly model), the sidecar
 READS = (2, 3)
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+MAX_INFLATED_BYTES = 256 * 1024 * 1024  # the members' declared sizes together (zipfile reads no more than those)
+
+
+def _check_inflated(z: zipfile.ZipFile, what: str) -> None:
+    """Refuse a zip bomb from its directory, before inflating anything."""
+    total = sum(i.file_size for i in z.infolist())
+    if total > MAX_INFLATED_BYTES:
+        raise BundleError(f"{what}: its members would inflate to {total} bytes (at most {MAX_INFLATED_BYTES})")
 
 
 class BundleError(BouncerError):
@@ -181,9 +189,13 @@ class GateBundle:
             raise BundleError(f"{path}: too large for a gate bundle ({path.stat().st_size} bytes)")
         try:
             with zipfile.ZipFile(path) as z:
+                _check_inflated(z, str(path))
                 meta = json.loads(z.read("gate.json"))
-                with np.load(io.BytesIO(z.read("arrays.npz")), allow_pickle=False) as npz:
-                    arrays = {k: npz[k] for k in npz.files}
+                inner = io.BytesIO(z.read("arrays.npz"))
+            with zipfile.ZipFile(inner) as members:
+                _check_inflated(members, f"{path} arrays.npz")
+            with np.load(inner, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
         # zlib.error: damaged deflate data; NotImplementedError: a flipped compression-method field
         except (zipfile.BadZipFile, zlib.error, NotImplementedError, KeyError, ValueError, OSError, EOFError) as exc:
             raise BundleError(f"{path}: corrupt gate bundle ({type(exc).__name__}: {exc})") from None
