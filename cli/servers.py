@@ -18,14 +18,18 @@ from pathlib import Path
 class Mosquitto:
     """A real Mosquitto broker on a free port, restartable; persistence on so queued messages survive."""
 
-    def __init__(self, workdir: Path, extra: str = "") -> None:
-        """`extra`: more mosquitto.conf lines."""
+    def __init__(self, workdir: Path, extra: str = "", auth_dir: Path | None = None) -> None:
+        """`extra`: more mosquitto.conf lines. `auth_dir`: the `passwd` and `acl` a station writes
+        (station/broker_auth.py); then no anonymous client may connect."""
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
+        auth = "allow_anonymous true\n"
+        if auth_dir is not None:
+            auth = f"allow_anonymous false\npassword_file {auth_dir}/passwd\nacl_file {auth_dir}/acl\n"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\n{auth}persistence true\n"
             f"persistence_location {workdir}/\nautosave_interval 1\nmax_queued_messages 100000\n"
             "message_size_limit 0\n" + extra + ("user root\n" if os.geteuid() == 0 else "")
             # as root, mosquitto drops to user "mosquitto", which cannot write the persistence file here
@@ -41,6 +45,13 @@ class Mosquitto:
             ["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port, "mosquitto", 15.0)
+
+    def reload(self) -> None:
+        """Re-read the password file and the ACL (SIGHUP), as `systemctl reload mosquitto` does."""
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -1,5 +1,6 @@
 """`bouncer station [serve] CONFIG`, `bouncer station init CONFIG ...`, `bouncer station retrain CONFIG`,
 `bouncer station audit verify CONFIG`, `bouncer station user add|remove|list|token CONFIG ...`,
+`bouncer station device add|remove|list CONFIG ...` (broker identities),
 `bouncer station drain CONFIG --worker W`, `bouncer station migrate CONFIG [--check]`."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-ACTIONS = ("serve", "init", "retrain", "audit", "user", "drain", "migrate")
+ACTIONS = ("serve", "init", "retrain", "audit", "user", "device", "drain", "migrate")
 
 
 def _station(
@@ -220,6 +221,27 @@ def cmd_station_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_station_device(args: argparse.Namespace) -> int:
+    station = _station(args.config, args.data_dir, existing=True)
+    try:
+        ids = station.broker_identities
+        where = ids.out_dir
+        if args.device_command == "add":
+            kind = "station" if args.station else "device"
+            password = ids.add(args.name, kind)
+            print(f"broker identity {args.name} ({kind}) added; its password (shown once):\n{password}")
+            print(f"{where}/passwd and {where}/acl rewritten: reload the broker (systemctl reload mosquitto)")
+        elif args.device_command == "remove":
+            ids.remove(args.name)
+            print(f"broker identity {args.name} removed; {where}/passwd and acl rewritten: reload the broker")
+        else:
+            for i in ids.list():
+                print(f"{i['name']}\t{i['kind']}")
+    finally:
+        station.stop()
+    return 0
+
+
 def add_station(sub, add, existing_dir) -> None:
     st = sub.add_parser("station", help="the review station: store, review UI, retraining, signed gate updates")
     ssub = st.add_subparsers(dest="station_command", required=True, parser_class=type(st))
@@ -272,6 +294,17 @@ def add_station(sub, add, existing_dir) -> None:
     ut.add_argument("name")
     ul = add("list", cmd_station_user, "list the accounts and their roles", usub)
     common(ul)
+    dv = ssub.add_parser("device", help="broker identities: each device's (and the station's) MQTT user and ACL")
+    dsub = dv.add_subparsers(dest="device_command", required=True, parser_class=type(st))
+    da = add("add", cmd_station_device, "issue a broker identity; prints its password once", dsub)
+    common(da)
+    da.add_argument("name", help="the device id (its MQTT user name), or the station's user with --station")
+    da.add_argument("--station", action="store_true", help="an identity for a station worker, not a device")
+    dr = add("remove", cmd_station_device, "revoke a broker identity (reload the broker after)", dsub)
+    common(dr)
+    dr.add_argument("name")
+    dl = add("list", cmd_station_device, "list the broker identities", dsub)
+    common(dl)
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.runtime.gates.heads import input_sources
 from bouncer.station.accounts import Accounts
+from bouncer.station.broker_auth import BrokerIdentities
 from bouncer.station.config import RetrainSection, StationConfig
 from bouncer.station.retrain import BaseData, RetrainResult, retrain
 from bouncer.station.store import Frame, QueueFilter, Store
@@ -46,6 +47,7 @@ class Station:
         self.groups = list(cfg.station.groups)
         self.store = Store(self.root, cfg.station.database, cfg.station.wait_s, objects=cfg.station.objects)
         self.accounts = Accounts(self.store)
+        self.broker_identities = BrokerIdentities(self.store, self.root / "broker")
         self.repo = TufRepo(self.root)
         self.consumer: Consumer | None = None
         self._retrain_lock = threading.Lock()
