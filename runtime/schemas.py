@@ -101,7 +101,7 @@ def decode(payload: bytes, what: str) -> dict[str, Any]:
         raise SchemaError(f"{what}: not JSON ({str(exc)[:80]})") from None
     if not isinstance(obj, dict):
         raise SchemaError(f"{what}: expected a JSON object")
-    if b"\\u" in payload or b"\\U" in payload:  # only escapes can make a lone surrogate
+    if payload.find(b"\\") >= 0:  # only escapes can make a lone surrogate (one byte: memchr, 70 KB in 2 us)
         _unicode(obj, what)
     if obj.get("v") != VERSION:
         raise SchemaError(f"{what}: schema version {obj.get('v')!r}, this side speaks {VERSION}")

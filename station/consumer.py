@@ -47,6 +47,10 @@ def _reason(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+def _kind(topic: str) -> str:
+    return topic.rsplit("/", 1)[-1]
+
+
 def _own(device: str, message: dict[str, Any], what: str) -> dict[str, Any]:
     """A device speaks only for itself: the payload's device must be the topic's (the broker's ACL lets each
     device publish under its own id only)."""
@@ -74,6 +78,7 @@ class Consumer:
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker granted the subscriptions: routing to us has begun
         self.last_stored = self.last_idle = time.monotonic()
+        self._in_hand = 0
         self.counts = {"frames": 0, "duplicates": 0, "events": 0, "quarantined": 0, "unstored": 0, "retries": 0}
         self.v5 = cfg.protocol == "v5"
         # stable across restarts: a restarted worker resumes its persistent session and receives what the
@@ -116,6 +121,7 @@ class Consumer:
             try:
                 first = self._inbox.get(timeout=0.2)
             except queue.Empty:
+                self.last_idle = time.monotonic()  # nothing waits: not stalled, however long since the last store
                 continue
             batch = [first]
             while len(batch) < BATCH:
@@ -123,6 +129,7 @@ class Consumer:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
+            self._in_hand = len(batch)
             try:
                 stored = self._store_batch(batch)
             except Exception:  # a bug here must not end ingest: the batch stays unacknowledged for the next start
@@ -131,6 +138,7 @@ class Consumer:
                 self._stopping.wait(1.0)
                 continue
             if stored:
+                self._in_hand = 0
                 self.last_stored = time.monotonic()
                 for msg in batch:  # in the order received, as MQTT asks
                     if msg.qos:
@@ -162,7 +170,7 @@ class Consumer:
     def _store_once(self, batch: list[Any]) -> None:
         frames: list[tuple[Any, schemas.FrameMessage]] = []
         for msg in batch:  # frames are decoded here and stored together; the rest one by one
-            if msg.topic.rsplit("/", 1)[-1] == "frames":
+            if _kind(msg.topic) == "frames":
                 try:
                     frames.append((msg, self._frame(msg.topic, msg.payload)))
                 except Exception as exc:
@@ -193,15 +201,19 @@ class Consumer:
             return None
 
     def _store_singly(self, batch: list[Any]) -> None:
-        """Each message on its own; raises (retry all) only if none could be stored: then the stores are down."""
+        """Each message on its own. One that fails while others of its kind are stored is at fault; if every
+        message of a kind fails, that kind's store is down (frames need the object store, status only the
+        database): raise, and the batch is retried."""
         failed: list[tuple[Any, Exception]] = []
+        stored: set[str] = set()
         for msg in batch:
             try:
                 self._store_once([msg])
+                stored.add(_kind(msg.topic))
             except RETRYABLE as err:
                 failed.append((msg, err))
-        if failed and len(failed) == len(batch):
-            raise failed[0][1]
+        for _, err in (f for f in failed if _kind(f[0].topic) not in stored):
+            raise err
         for msg, why in failed:
             self._quarantine(msg.topic, msg.payload, f"failed {STRIKES} times while others were stored: "
                              f"{_reason(why)}")  # fmt: skip
@@ -219,10 +231,8 @@ class Consumer:
     def health(self, stall_s: float = STALL_S) -> dict[str, Any]:
         """Ingest is healthy while its writer runs and, with messages waiting, has stored one within `stall_s`."""
         alive = self._writer is not None and self._writer.is_alive()
-        waiting = self._inbox.qsize()
+        waiting = self._inbox.qsize() + self._in_hand  # the batch being retried waits too
         stalled = waiting > 0 and time.monotonic() - max(self.last_stored, self.last_idle) > stall_s
-        if waiting == 0:
-            self.last_idle = time.monotonic()
         ok = alive and not stalled and not self._stopping.is_set()
         return {"ok": ok, "writer_alive": alive, "waiting": waiting, "stalled": stalled, **self.counts,
                 "conflicts": self.store.conflicts}  # fmt: skip

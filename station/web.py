@@ -39,6 +39,7 @@ SHARED = Identity("station-token", "admin", "token")  # the station's one token 
 OPEN = Identity("local", "admin", "open")
 LOCAL_PATH = re.compile(r"/(?![/\\])[^\\\s]*")  # a path on this station: not //host, no backslash (/\host)
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+MAX_BODY_BYTES = 4 * 1024 * 1024  # the largest change: 5,000 frame ids, or 500 boxes, with room to spare
 ARGON2_AT_ONCE = 2  # password checks in flight: a login flood must not take the workers the API and OTA need
 
 
@@ -136,18 +137,23 @@ def create_app(station: Station, token: str | None) -> FastAPI:
             return OPEN  # loopback, no token, no accounts: the demo and a single line on one machine
         return None
 
-    def refuse_change(request: Request, who: Identity | None) -> str | None:
+    def refuse_change(request: Request, who: Identity | None) -> tuple[int, str] | None:
         """Why a state change is refused before any work: a page elsewhere can send a form (text/plain, urlencoded)
         to this station, with its cookies, but not a JSON request without asking first (CORS, which is off)."""
         if request.method in SAFE_METHODS:
             return None
+        length = request.headers.get("content-length")
+        if length is None and request.headers.get("transfer-encoding"):
+            return 411, "state changes give their Content-Length (no chunked bodies)"
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return 413, f"a body of at most {MAX_BODY_BYTES} bytes"
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
-            return "state changes take Content-Type: application/json"
+            return 403, "state changes take Content-Type: application/json"
         if not same_origin(request):
-            return f"request from another origin ({request.headers.get('origin')!r})"
+            return 403, f"request from another origin ({request.headers.get('origin')!r})"
         if who is not None and who.via == "session" and not same(request.headers.get("x-csrf-token"), who.csrf):
-            return "missing or wrong CSRF token (header X-CSRF-Token)"
+            return 403, "missing or wrong CSRF token (header X-CSRF-Token)"
         return None
 
     @app.middleware("http")
@@ -163,9 +169,9 @@ def create_app(station: Station, token: str | None) -> FastAPI:
     async def guarded(request: Request, call_next):
         path = request.url.path
         if path.startswith(PUBLIC):
-            if path.startswith("/api/login") and (why := refuse_change(request, None)):
-                log.warning("%s %s refused: %s", request.method, path, why)
-                return JSONResponse({"detail": why}, status_code=403)
+            if path.startswith("/api/login") and (refused := refuse_change(request, None)):
+                log.warning("%s %s refused: %s", request.method, path, refused[1])
+                return JSONResponse({"detail": refused[1]}, status_code=refused[0])
             return await call_next(request)
         who = identify(request)
         if who is None:
@@ -173,9 +179,9 @@ def create_app(station: Station, token: str | None) -> FastAPI:
                 return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
             return JSONResponse({"error": "log in (POST /api/login) or give a token (Authorization: Bearer TOKEN)"},
                                 status_code=401)  # fmt: skip
-        if why := refuse_change(request, who):
-            log.warning("%s %s refused for %s: %s", request.method, path, who.name, why)
-            return JSONResponse({"error": why, "detail": why}, status_code=403)
+        if refused := refuse_change(request, who):
+            log.warning("%s %s refused for %s: %s", request.method, path, who.name, refused[1])
+            return JSONResponse({"error": refused[1], "detail": refused[1]}, status_code=refused[0])
         request.state.who = who
         return await call_next(request)
 

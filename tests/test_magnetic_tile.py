@@ -161,7 +161,9 @@ def test_a_new_tile_defect_goes_round_the_loop(activations, broker, tmp_path):
                 assert "labels not yet enough" in result["reason"] and NEW in result["reason"], result
                 assert m["pending_classes"][NEW]["labels_needed"] > 0, m
             gates = http_json(f"{station.url}/api/gates")[1]
-            assert gates["last_retrain"]["reason"] == result["reason"] and len(gates["gates"]) == 1
+            assert gates["last_retrain"]["reason"] == result["reason"], (gates["last_retrain"], result)
+            champions = [g["version"] for g in gates["gates"] if g["role"] == "champion"]
+            assert champions == [base_version], gates["gates"]  # a refused challenger is kept, as rejected
             assert gates["published"]["version"] == base_version  # devices keep the gate they run
             return
 
@@ -201,6 +203,7 @@ def test_a_new_tile_defect_goes_round_the_loop(activations, broker, tmp_path):
             assert wrong <= old_wrong, (after, old, support)
         else:  # kept although its calibration frames showed mistakes, because it makes fewer (fitting/support.py)
             assert wrong < old_wrong, (after, old, support)
-        assert after["accepted"].get(NEW, 0) > 0, (after, support)
+        if support["accepted"]:  # its calibration frames were accepted as breaks: so are some fresh ones
+            assert after["accepted"].get(NEW, 0) > 0, (after, support)
     finally:
         station.stop()

@@ -90,6 +90,44 @@ def test_poison_messages_are_quarantined_and_storage_goes_on(broker, tmp_path):
     assert not c.health()["ok"], "a stopped consumer is not healthy"
 
 
+def test_ingest_that_stores_nothing_while_messages_wait_is_unhealthy_until_it_recovers(broker, tmp_path):
+    c = consumer(broker, tmp_path / "st", "w1")
+    try:
+        frames = tmp_path / "st" / "frames"
+        frames.mkdir(parents=True, exist_ok=True)
+        frames.rmdir()
+        frames.write_text("a file where the frames' folder should be: every object write fails (OSError)")
+        msg = frame_message("cam-1", 1)
+        publish_all(broker.port, [(schemas.topic("cam-1", "frames"), msg.encode())])
+        health = wait_until(lambda: (h := c.health(stall_s=1.0))["stalled"] and h, 30)
+        assert not health["ok"] and health["waiting"] == 1 and health["writer_alive"], health
+        frames.unlink()
+        wait_until(lambda: c.store.frame(msg.id) is not None, 30)
+        assert c.health(stall_s=1.0)["ok"], "stored again: healthy again"
+        assert c.counts["quarantined"] == 0, "an outage quarantines nothing"
+    finally:
+        c.stop()
+
+
+def test_a_message_that_fails_three_times_while_others_are_stored_is_quarantined_not_redelivered_forever(tmp_path):
+    store = Store(tmp_path / "st")
+    c = Consumer(MqttSection(broker="mqtt://127.0.0.1:1"), store, "workers", "w1", groups=["default"])
+    try:
+        good, bad = frame_message("cam-1", 1), frame_message("cam-1", 2)
+        good.id, bad.id = "aa" + good.id, "zz" + bad.id
+        (tmp_path / "st" / "frames").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "st" / "frames" / "zz").write_text(
+            "a file where zz/ should be: this frame's object cannot be written"
+        )
+        batch = [message(schemas.topic("cam-1", "frames"), m.encode(), i) for i, m in enumerate((good, bad))]
+        assert c._store_batch(batch)
+        assert store.frame(good.id) is not None and store.frame(bad.id) is None
+        assert c.counts["retries"] == 3 and c.counts["quarantined"] == 1, c.counts
+        assert "failed 3 times while others were stored" in store.quarantined()[0]["reason"]
+    finally:
+        store.close()
+
+
 def test_a_frame_the_database_refuses_is_set_aside_and_the_rest_of_its_batch_is_stored(broker, postgres, tmp_path):
     """PostgreSQL text cannot hold NUL, SQLite can: a store error that is no outage quarantines that frame alone."""
     store = Store(tmp_path / "pg", database=postgres)
@@ -273,6 +311,9 @@ def test_the_web_side_refuses_forged_requests_and_throttles_logins(station_dir, 
         assert status == 400 and b"expected a JSON body" in body, body
         status, _, _ = raw(f"{url}/api/users", b"[1]", {"Content-Type": "application/json"})
         assert status == 400
+        status, _, body = raw(f"{url}/api/users", b"{}", {"Content-Type": "application/json",
+                                                          "Content-Length": str(64 << 20)})  # fmt: skip
+        assert status == 413 and b"at most" in body, "a 64 MB body is refused before it is read"
         assert http_json(f"{url}/api/users", {"name": "ops\n", "role": "admin", "password": "long-enough"})[0] == 422
         assert http_json(f"{url}/api/users", {"name": "ops", "role": "admin", "password": "long-enough"})[0] == 200
 
