@@ -11,7 +11,13 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bouncer.station.service import Station
 
 ACTIONS = ("serve", "init", "retrain", "audit", "user", "device", "drain", "migrate")
 
@@ -39,6 +45,16 @@ def _station(
     if existing and not cfg.station.database and not db.is_file():
         raise BouncerError(f"{db}: no station database here (run `bouncer station init` first)")
     return Station(cfg)
+
+
+@contextmanager
+def _existing(args: argparse.Namespace) -> Iterator[Station]:
+    """The station of an existing setup (`args.config`, `args.data_dir`), stopped when done with."""
+    station = _station(args.config, args.data_dir, existing=True)
+    try:
+        yield station
+    finally:
+        station.stop()
 
 
 def cmd_station_init(args: argparse.Namespace) -> int:
@@ -126,11 +142,8 @@ def cmd_station_serve(args: argparse.Namespace) -> int:
 
 def cmd_station_audit_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the audit chain is intact, 1 with what is wrong otherwise."""
-    station = _station(args.config, args.data_dir, existing=True)
-    try:
+    with _existing(args) as station:
         report = station.store.verify_audit()
-    finally:
-        station.stop()
     for problem in report["problems"]:
         print(problem, file=sys.stderr)
     state = "intact" if report["ok"] else f"BROKEN ({len(report['problems'])} problems)"
@@ -159,14 +172,11 @@ def cmd_station_drain(args: argparse.Namespace) -> int:
     """Retire an ingest worker: store what the broker queued for its session, then end the session."""
     from bouncer.station.consumer import Consumer
 
-    station = _station(args.config, args.data_dir, existing=True)
-    try:
+    with _existing(args) as station:
         cfg = station.cfg
         worker = args.worker or cfg.station.worker
         consumer = Consumer(cfg.mqtt, station.store, cfg.station.share_group, worker, station.groups)
         counts = consumer.drain(idle_s=args.idle_s, connect_s=max(cfg.station.wait_s, 1.0))
-    finally:
-        station.stop()
     what = ", ".join(f"{counts[k]} {k}" for k in ("frames", "duplicates", "events", "quarantined"))
     print(f"worker {worker or '(host name)'} drained and its session ended: {what}")
     return 0
@@ -202,8 +212,7 @@ def cmd_station_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_station_user(args: argparse.Namespace) -> int:
-    station = _station(args.config, args.data_dir, existing=True)
-    try:
+    with _existing(args) as station:
         accounts = station.accounts
         if args.user_command == "add":
             accounts.add(args.name, args.role, _password(args))
@@ -216,14 +225,11 @@ def cmd_station_user(args: argparse.Namespace) -> int:
         else:
             for u in accounts.list():
                 print(f"{u['name']}\t{u['role']}\t{u['api_tokens']} API token(s)")
-    finally:
-        station.stop()
     return 0
 
 
 def cmd_station_device(args: argparse.Namespace) -> int:
-    station = _station(args.config, args.data_dir, existing=True)
-    try:
+    with _existing(args) as station:
         ids = station.broker_identities
         where = ids.out_dir
         if args.device_command == "add":
@@ -237,8 +243,6 @@ def cmd_station_device(args: argparse.Namespace) -> int:
         else:
             for i in ids.list():
                 print(f"{i['name']}\t{i['kind']}")
-    finally:
-        station.stop()
     return 0
 
 

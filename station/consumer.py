@@ -212,8 +212,9 @@ class Consumer:
                 stored.add(_kind(msg.topic))
             except RETRYABLE as err:
                 failed.append((msg, err))
-        for _, err in (f for f in failed if _kind(f[0].topic) not in stored):
-            raise err
+        down = [cause for msg, cause in failed if _kind(msg.topic) not in stored]
+        if down:
+            raise down[0]
         for msg, why in failed:
             self._quarantine(msg.topic, msg.payload, f"failed {STRIKES} times while others were stored: "
                              f"{_reason(why)}")  # fmt: skip
