@@ -68,6 +68,9 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
     # the patch head (runtime/gates/patch.py): a frame's patches against a coreset bank, the user's costlier choice
     patches8, patches16 = unit(784, 152), unit(196, 112)
     coreset8, coreset16 = unit(1000, 152).astype(np.float16), unit(1000, 112).astype(np.float16)
+    # a tile head (runtime/tiles.py): 12 tiles' pooled vectors against a coreset of training tiles (beside the
+    # 12 backbone calls the tiles cost, which dominate: `bouncer fit` prints those)
+    tiles320, tilebank = unit(12, 320), unit(1000, 320).astype(np.float16)
     scores = rng.normal(size=(1, 3)).astype(np.float32)
     # three heads' conformal -log p curves of 48 knots each (what `bouncer fit` stores)
     fusion = Fusion.fit(["a", "b", "c"], rng.gamma(2.0, 1.0, (300, 3)), "max")
@@ -98,6 +101,10 @@ def kernel_cases(classes: int = 16, bank_rows: int = 10_000) -> dict[str, tuple[
         "patchknn:map_s16 (196 patches x 112 against a 1000-patch fp16 coreset)": (
             "knn_score",
             (patches16, coreset16, 1),
+        ),
+        "knn:pool_s32b@tiles (12 tiles x 320 against a 1000-tile fp16 coreset)": (
+            "knn_score",
+            (tiles320, tilebank, 1),
         ),
         "decode_boxes (YOLO 84 x 8400, 0.01 floor, at most 300)": ("decode_boxes", (raw, 0, 80, 0.01, 300)),
         f"nms ({len(cand_boxes)} candidates, 80 classes, IoU 0.7)": ("nms", (cand_boxes, cand_scores, 0.7)),

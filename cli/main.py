@@ -488,6 +488,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         target_catch=args.target_catch,
         defects_dir=args.defects,
         head_budget=args.head_budget,
+        tiles=args.tiles,
         resize=args.resize,
         version=args.gate_version,
         heads=heads,
@@ -550,9 +551,20 @@ def _print_costly_heads(bundle, backend) -> None:
     from bouncer.runtime.gates.patch import PatchKnnHead
 
     heads = [h for h in bundle.ood_heads if isinstance(h, PatchKnnHead)]
+    pp = bundle.preprocessing
+    if bundle.tiling is not None:
+        one, tiles = (np.zeros((n, 3, pp.height, pp.width), np.float32) for n in (1, bundle.tiling.count))
+        backend.run(tiles)
+        t0 = time.perf_counter()
+        backend.run(one)
+        t1 = time.perf_counter()
+        backend.run(tiles)
+        t2 = time.perf_counter()
+        n, full, alone = bundle.tiling.count, (t2 - t0) * 1e3, (t1 - t0) * 1e3
+        print(f"cost: tiles {bundle.tiling} ({n} tiles): {1 + n} backbone calls per frame, {full:.1f} ms here "
+              f"against {alone:.1f} ms for the whole frame alone (--tiles off: none)")  # fmt: skip
     if not heads:
         return
-    pp = bundle.preprocessing
     outputs = backend.run(np.zeros((1, 3, pp.height, pp.width), np.float32))
     t0 = time.perf_counter()
     backend.run(np.zeros((1, 3, pp.height, pp.width), np.float32))
@@ -1000,7 +1012,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--heads",
-        help="OOD heads, comma-separated maha:OUT, patch:MAP, knn:OUT, knn:MAP@max (default: chosen from the "
+        help="OOD heads, comma-separated maha:OUT, patch:MAP, knn:OUT, knn:MAP@max, knn:OUT@tiles (default: chosen "
+        "from the "
         "line's own classes, each held out in turn)",
     )
     f.add_argument("--fusion", choices=["max", "sum", "mean"], help="with --heads: how head scores combine (max)")
@@ -1008,6 +1021,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="elements one frame's chosen heads may stream (default 2,000,000: the guard within 10%% of "
                    "the backbone call); above it the patch heads (patchknn) become candidates, e.g. 150000000, at "
                    "several ms a frame (fit prints what they cost)")  # fmt: skip
+    f.add_argument("--tiles", default="off",
+                   help="tile heads for small defects on large frames: off (default), auto (a grid for the line's "
+                   "frame size, where they are at least twice the backbone input on both sides) or ROWSxCOLS; tile "
+                   "heads are then candidates, and chosen ones cost one backbone call per tile (fit prints "
+                   "it)")  # fmt: skip
     f.add_argument("--seed", type=int, default=0, help="seed of the synthetic defects used in head selection")
     f.add_argument("--resize", choices=["stretch", "letterbox"], help="override the model's resize mode")
     f.add_argument("--gate-version", help="version string (default: UTC timestamp)")

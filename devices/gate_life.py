@@ -71,7 +71,7 @@ class GateLife:
             t.flagged += flagged
             t.seconds += spent_s
             # a frame the new gate rejected before the backbone counts as flagged by both
-            old = t.old.decide_outputs(decision.quality, outputs) if outputs is not None else decision
+            old = t.old.decide_outputs(decision.quality, outputs, frame=frame) if outputs is not None else decision
             t.old_flagged += old.decision != Verdict.ACCEPT
         elif frame is not None:
             self.ota.canary.offer(frame, decision.decision)

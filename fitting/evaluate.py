@@ -57,7 +57,7 @@ class Mix:
         probs_l, plain, fused, raw, base = [], [], [], [], []
         for i in range(0, len(self.frames), 16):
             batch = np.concatenate([preprocess(f, b.preprocessing) for f in self.frames[i : i + 16]])
-            out = g.backend.run(batch)
+            out = g.backend.run(batch) | g.tile_outputs(self.frames[i : i + 16])
             x = out[g.backend.card.task_input]
             probs_l.append(b.task.probs(x))
             plain.append(uncalibrated_probs(b.task, x))

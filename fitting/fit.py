@@ -40,6 +40,7 @@ from bouncer.runtime.gates.heads import (
     input_sources,
     l2n,
     softmax,
+    tile_output,
 )
 from bouncer.runtime.gates.quality import QualityGate, quality_stats
 from bouncer.runtime.gates.risk import clopper_pearson_upper, frames_needed
@@ -47,6 +48,7 @@ from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, TaskHead, Us
 from bouncer.runtime.images import image_folder, read_bgr
 from bouncer.runtime.modelcard import ModelCard
 from bouncer.runtime.preprocess import Preprocessing, preprocess
+from bouncer.runtime.tiles import Tiling, resolve_tiling
 
 # The OOD heads and their fusion are chosen per line from its own known classes (fitting/select.py);
 # `--heads` names them instead.
@@ -79,11 +81,16 @@ def extract(
     sources: set[str],
     warn: Callable[[str], None] | None = None,
     alter: Callable[[np.ndarray], np.ndarray] | None = None,
+    tiling: Tiling | None = None,
+    tile_sources: Iterable[str] = (),
 ) -> Extracted:
     """Run the backbone over images in batches, keeping only the outputs the heads need. `alter` changes each
-    image first (synthetic defects)."""
+    image first (synthetic defects). With a tiling, each image's tiles go through the backbone too, and
+    `tiles:OUTPUT` (N x tiles x ...) holds the `tile_sources` outputs on them."""
     kept, kept_labels, stats, skipped, sizes = [], [], [], [], []
     chunks: dict[str, list[np.ndarray]] = {s: [] for s in sources}
+    tiled = sorted(tile_sources) if tiling is not None else []
+    tile_chunks: dict[str, list[np.ndarray]] = {s: [] for s in tiled}
     pending: list[np.ndarray] = []
 
     def flush() -> None:
@@ -106,12 +113,18 @@ def extract(
         stats.append(quality_stats(img)[0])
         sizes.append((img.shape[1], img.shape[0]))
         pending.append(preprocess(img, pp))
+        if tiled:
+            assert tiling is not None
+            out = backend.run(np.concatenate([preprocess(c, pp) for c in tiling.crops(img)]))
+            for s in tiled:
+                tile_chunks[s].append(out[s][None])
         kept.append(Path(path))
         kept_labels.append(label)
         if len(pending) == BATCH:
             flush()
     flush()
     outputs = {s: np.concatenate(v) if v else np.zeros((0,)) for s, v in chunks.items()}
+    outputs |= {tile_output(s): np.concatenate(v) if v else np.zeros((0, 1, 1)) for s, v in tile_chunks.items()}
     return Extracted(kept, np.asarray(kept_labels, np.int64), outputs, stats, skipped, sizes)
 
 
@@ -250,6 +263,7 @@ def fit_gate(
     target_catch: float | None = None,
     defects_dir: Path | None = None,
     head_budget: int = HEAD_BUDGET,
+    tiles: str = "off",
 ) -> GateBundle:
     """Fit every part of a gate bundle. Calibration data only ever sets thresholds and the temperature.
     `heads=None` chooses the OOD heads from the line's own known classes (fitting/select.py). `backend` may be a
@@ -260,7 +274,7 @@ def fit_gate(
     say = log or (lambda m: print(m, file=sys.stderr))
     # checked here, before minutes of feature extraction
     settings = FitSettings(target_accuracy, delta, review_budget, None if heads is None else tuple(heads), fusion,
-                           seed, false_alarm, target_catch, head_budget)  # fmt: skip
+                           seed, false_alarm, target_catch, head_budget, tiles)  # fmt: skip
     defect_paths = defect_images(defects_dir) if defects_dir is not None else None
     card = backend.card
     if card.task == "detector":
@@ -272,7 +286,19 @@ def fit_gate(
     if resize:
         pp = Preprocessing.from_dict({**pp.to_dict(), "resize": resize})
     classes, train_paths, train_labels, calib_paths, calib_labels = task_splits(card, train_dir, calib_dir, say)
-    keys = gate_inputs(card, heads, head_budget)
+    sizes = frame_sizes(train_paths)
+    tiling = resolve_tiling(tiles, sizes, pp.width, pp.height)
+    keys = gate_inputs(card, heads, head_budget, tiling is not None)
+    tile_sources = {s for k in keys if k.endswith("@tiles") for s in input_sources(k)}
+    if tiling is not None:
+        say(f"tiles {tiling}: tile heads are candidates, {tiling.count} tiles per frame, one backbone call each, "
+            "should head selection choose them")  # fmt: skip
+    elif tiles == "off" and (grid := resolve_tiling("auto", sizes, pp.width, pp.height)) is not None:
+        say(f"the line's frames are at least twice the backbone input on both sides: defects a few pixels wide may "
+            f"vanish when a frame is shrunk whole; --tiles auto makes tile heads ({grid}) candidates, at "
+            f"{grid.count} more backbone calls per frame")  # fmt: skip
+    elif tiles == "auto" and tiling is None:
+        say("tiles: none (the line's frames are less than twice the backbone input on a side; --tiles ROWSxCOLS)")
     sources = {s for k in keys for s in input_sources(k)} | {card.task_input}
     missing = sorted(s for s in sources if s not in card.output_names())
     if missing:
@@ -282,19 +308,24 @@ def fit_gate(
         )
 
     say(f"extracting features of {len(train_paths)} training and {len(calib_paths)} calibration images")
-    train_ex = extract(backend, pp, train_paths, train_labels, sources, lambda m: say(f"train: {m}"))
-    calib_ex = extract(backend, pp, calib_paths, calib_labels, sources, lambda m: say(f"calib: {m}"))
+
+    def run(paths: Sequence[Path], labels: Sequence[int], what: str) -> Extracted:
+        return extract(backend, pp, paths, labels, sources, lambda m: say(f"{what}: {m}"), tiling=tiling,
+                       tile_sources=tile_sources)  # fmt: skip
+
+    train_ex = run(train_paths, train_labels, "train")
+    calib_ex = run(calib_paths, calib_labels, "calib")
     train = to_features(train_ex, card.task_input, keys)
     calib = to_features(calib_ex, card.task_input, keys)
     counts = np.bincount(train.labels, minlength=len(classes))
     if ((counts < 2) & (counts > 0 if card.task == "classifier" else True)).any():
         thin = [c for c, n in zip(classes, counts, strict=True) if n < 2]
         raise BouncerError(f"{train_dir}: need at least 2 readable training images per class, short: {', '.join(thin)}")
-    pseudo = synthetic_defects(backend, pp, calib_ex.paths, sources, card.task_input, keys, seed)
+    pseudo = synthetic_defects(backend, pp, calib_ex.paths, sources, card.task_input, keys, seed, tiling, tile_sources)
     say(f"made {len(pseudo)} synthetic defects from calibration images for head selection and the operating point")
     defects = None
     if defect_paths is not None:
-        dex = extract(backend, pp, defect_paths, [-1] * len(defect_paths), sources, lambda m: say(f"defects: {m}"))
+        dex = run(defect_paths, [-1] * len(defect_paths), "defects")
         if len(dex.paths) == 0:
             raise BouncerError(f"{defects_dir}: none of {len(defect_paths)} defect images is readable")
         defects = to_features(dex, card.task_input, keys)
@@ -302,7 +333,7 @@ def fit_gate(
     bundle = fit_from_features(
         train, calib, classes, settings, backbone_hash=card.model_hash, backbone_name=card.name, preprocessing=pp,
         version=version, log=say, where=str(calib_dir), pseudo=pseudo, role=ModelRole.of_card(card, sidecar),
-        defects=defects,
+        defects=defects, tiling=tiling,
     )  # fmt: skip
     bundle.fit_metrics["skipped_unreadable"] = len(train_ex.skipped) + len(calib_ex.skipped)
     return bundle
@@ -320,16 +351,24 @@ def defect_images(root: Path) -> list[Path]:
     return paths
 
 
-def gate_inputs(card: ModelCard, heads: Sequence[str] | None, head_budget: int = HEAD_BUDGET) -> list[str]:
+def gate_inputs(
+    card: ModelCard, heads: Sequence[str] | None, head_budget: int = HEAD_BUDGET, tiled: bool = False
+) -> list[str]:
     """Input keys a fit needs: every candidate's when the heads are chosen, else the named heads' (and the
     task features, which the baseline head reads). Patch grids (each map alone and all joined) join the
-    candidates only where the head budget is raised above the default: they are large, and costly to score."""
+    candidates only where the head budget is raised above the default: they are large, and costly to score.
+    With a tiling, the pooled inputs on each tile are candidates too (`OUTPUT@tiles`)."""
     if heads is None:
         keys = candidate_inputs(card)
+        if tiled:
+            keys += [f"{k}@tiles" for k in keys if "@" not in k]
         if head_budget > HEAD_BUDGET and card.maps:
             keys += [f"{m}@patch" for m in card.maps] + ([f"{'+'.join(card.maps)}@patch"] if len(card.maps) > 1 else [])
     else:
         keys = [input_key(h) for h in heads]
+        if any(k.endswith("@tiles") for k in keys) and not tiled:
+            raise BouncerError("tile heads (@tiles) need a tiling: --tiles ROWSxCOLS, or auto on frames at least "
+                               "twice the backbone input")  # fmt: skip
     explain = [f"{m}@max" for m in card.maps]  # the heatmap's input (fit picks one)
     side = f"{PREFIX}features"  # the baseline head's input when the user's model has no features
     base = [card.features] if card.features else [side] if side in card.output_names() else []
@@ -372,13 +411,41 @@ def synthetic_defects(
     features: str,
     keys: Sequence[str],
     seed: int,
+    tiling: Tiling | None = None,
+    tile_sources: Iterable[str] = (),
 ) -> FeatureSet:
-    """Backbone vectors of synthetic local defects on (up to SYNTHETIC_MAX of) the line's calibration images."""
+    """Backbone vectors of synthetic local defects on (up to SYNTHETIC_MAX of) the line's calibration images.
+    With a tiling, every other defect is made at a tile's scale, inside one tile: the small defects a large frame
+    hides when it is shrunk whole (without them, selection could not see what the tiles are for)."""
     rng = np.random.default_rng(seed)
     pick = sorted(rng.permutation(len(paths))[:SYNTHETIC_MAX].tolist())
     chosen = [paths[i] for i in pick]
-    ex = extract(backend, pp, chosen, [-1] * len(chosen), sources, alter=lambda img: synthesize(img, rng))
+    made = iter(range(len(chosen) * 2))
+
+    def alter(img: np.ndarray) -> np.ndarray:
+        if tiling is None or next(made) % 2 == 0:
+            return synthesize(img, rng)
+        x1, y1, x2, y2 = tiling.rects(img.shape[1], img.shape[0])[int(rng.integers(tiling.count))]
+        out = img.copy()
+        out[y1:y2, x1:x2] = synthesize(np.ascontiguousarray(img[y1:y2, x1:x2]), rng)
+        return out
+
+    ex = extract(backend, pp, chosen, [-1] * len(chosen), sources, alter=alter, tiling=tiling,
+                 tile_sources=tile_sources)  # fmt: skip
     return to_features(ex, features, keys)
+
+
+def frame_sizes(paths: Sequence[Path], n: int = 25) -> list[tuple[int, int]]:
+    """Width and height of up to n of the images (spread over the list), for choosing a tiling."""
+    step = max(1, len(paths) // n)
+    sizes = []
+    for p in list(paths)[::step][:n]:
+        try:
+            img = read_bgr(p)
+        except ImageError:
+            continue
+        sizes.append((img.shape[1], img.shape[0]))
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -396,8 +463,12 @@ class FitSettings:
     false_alarm: float = 0.01  # anomaly gates: good frames flagged at most this often (conformal)
     target_catch: float | None = None  # the lowest flag rate within the budget estimated to catch this share
     head_budget: int = HEAD_BUDGET  # elements one frame's chosen heads may stream (fitting/select.py)
+    tiles: str = "off"  # off, auto or ROWSxCOLS: tile heads as candidates (runtime/tiles.py)
 
     def __post_init__(self) -> None:
+        from bouncer.runtime.tiles import parse_tiles
+
+        parse_tiles(self.tiles)
         check_targets(self.target_accuracy, self.delta)
         check_budget(self.review_budget, self.target_catch)
         if self.head_budget < 1:
@@ -582,6 +653,7 @@ def fit_from_features(
     pseudo: FeatureSet | None = None,
     role: ModelRole | None = None,
     defects: FeatureSet | None = None,
+    tiling: Tiling | None = None,
 ) -> GateBundle:
     """The fit proper, from feature sets: `bouncer fit` after the model, and the station's retraining. `features`
     of the sets is what the task head reads (role.kind: backbone features, the user's scores or anomaly score);
@@ -630,6 +702,9 @@ def fit_from_features(
     if missing:
         raise BouncerError(f"OOD heads need input(s) {', '.join(missing)} the model does not give "
                            f"(has: {', '.join(sorted(train.vectors))})")  # fmt: skip
+    if tiling is not None and any(input_key(h).endswith("@tiles") for h in heads):
+        say(f"tile heads chosen: each frame costs {tiling.count} more backbone calls ({tiling} tiles)")
+        selection["tiles"] = {**tiling.to_dict(), "backbone_calls_per_frame": 1 + tiling.count}
     selection["reads"] = sorted({"sidecar" if input_key(h).startswith(PREFIX) else "model" for h in heads})
     ood_heads = [fit_head(h, train.vectors[input_key(h)], ood_labels) for h in heads]
     # the explainer: kNN on the channel maxima of the map with the most channels
@@ -725,6 +800,7 @@ def fit_from_features(
         sidecar=role.sidecar,
         operating=op.record,
         ood_reference=fused[ref],
+        tiling=tiling if any(input_key(h).endswith("@tiles") for h in heads) else None,
     )
 
 

@@ -100,12 +100,18 @@ def candidate_specs(keys: Sequence[str]) -> list[str]:
 
 def head_cost(spec: str, n_train: int, shape: Sequence[int]) -> int:
     """Elements one frame streams through the head: kNN bank rows x dim, Mahalanobis dim x rank, a patch head
-    patches x coreset x channels. `shape`: one training vector's (a patch grid's C x H x W)."""
+    patches x coreset x channels, a tile head coreset x dim per tile. `shape`: one training vector's (a patch
+    grid's C x H x W, a tile input's tiles x D)."""
     if spec.startswith("patchknn:"):
         from bouncer.runtime.gates.patch import CORESET
 
         c, cells = int(shape[0]), int(np.prod(shape[1:]))
         return cells * min(CORESET, n_train * cells) * c
+    if spec.endswith("@tiles"):
+        # per tile, beside that tile's own backbone call: the share of the work the budget bounds
+        from bouncer.runtime.gates.patch import CORESET
+
+        return min(CORESET, n_train * int(shape[0])) * int(np.prod(shape[1:]))
     dim = int(np.prod(shape))
     return n_train * dim if spec.startswith("knn:") else dim * min(MAHA_RANK, dim)
 

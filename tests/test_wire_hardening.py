@@ -235,7 +235,10 @@ def test_names_and_ids_are_matched_whole():
 
 def peak_mb(code: str) -> tuple[float, str]:
     """Run `code` in a fresh interpreter; its peak memory and its output."""
-    wrapped = code + "\nimport resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    # VmHWM belongs to the new address space; ru_maxrss carries the parent's peak across fork and exec.
+    wrapped = code + (
+        "\nimport re; print('PEAK', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) / 1024)"
+    )
     res = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=300)
     peak = float(res.stdout.rsplit("PEAK", 1)[1]) if "PEAK" in res.stdout else float("inf")
     return peak, res.stdout + res.stderr

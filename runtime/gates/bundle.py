@@ -23,6 +23,7 @@ from bouncer.runtime.gates.heads import FUSION_METHODS, Fusion, GaussianHead, Kn
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.gates.tasks import TaskHead, load_task, task_arrays, task_meta
 from bouncer.runtime.preprocess import Preprocessing
+from bouncer.runtime.tiles import Tiling
 
 FORMAT = "bouncer-gate"
 FORMAT_VERSION = 3  # 3: task heads of other kinds (the user's classifier or anomaly model), the sidecar
@@ -95,6 +96,8 @@ class GateBundle:
     operating: dict[str, Any] = field(default_factory=dict)
     # sorted fused scores of the good calibration frames: each frame's conformal p-value is read against them
     ood_reference: np.ndarray | None = None
+    # the grid the tile heads (`knn:OUTPUT@tiles`) read, or None: runtime/tiles.py
+    tiling: Tiling | None = None
 
     def __post_init__(self) -> None:
         if self.ood_reference is not None:
@@ -102,6 +105,9 @@ class GateBundle:
             if not np.isfinite(ref).all():
                 raise ValueError("ood reference scores must be finite")
             self.ood_reference = ref
+        tiled = any(h.input_key.endswith("@tiles") for h in self.ood_heads)
+        if tiled != (self.tiling is not None):
+            raise ValueError("tile heads and the tiling must come together")
 
     def ood_pvalue(self, fused: float) -> float | None:
         """Where the frame sits on the operating curve (None for a bundle made before the reference was kept)."""
@@ -134,6 +140,7 @@ class GateBundle:
             "backbone": {"hash": self.backbone_hash, "name": self.backbone_name},
             "classes": self.classes,
             "preprocessing": self.preprocessing.to_dict(),
+            "tiling": None if self.tiling is None else self.tiling.to_dict(),
             "quality": self.quality.to_dict(),
             "task": task_meta(self.task),
             "sidecar": self.sidecar,
@@ -201,7 +208,7 @@ class GateBundle:
             raise BundleError(f"{path}: corrupt gate bundle ({type(exc).__name__}: {exc})") from None
         try:
             return cls._from(meta, arrays)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, BouncerError) as exc:
             raise BundleError(f"{path}: invalid gate bundle ({type(exc).__name__}: {exc})") from None
 
     @classmethod
@@ -259,6 +266,7 @@ class GateBundle:
             sidecar=None if side is None else {"name": str(side.get("name", "")), "hash": side["hash"]},
             operating=dict(meta["ood"].get("operating") or {}),
             ood_reference=arrays.get("ood.reference"),
+            tiling=None if meta.get("tiling") is None else Tiling.from_dict(meta["tiling"]),
         )
 
 

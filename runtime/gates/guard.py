@@ -14,6 +14,7 @@ from bouncer.runtime.backends import Backend
 from bouncer.runtime.gates.bundle import BundleError, GateBundle
 from bouncer.runtime.gates.decision import Decision, Verdict, rule_one
 from bouncer.runtime.gates.detector import Detections, DetectorTask
+from bouncer.runtime.gates.heads import KnnHead, input_sources, tile_output
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
 from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, task_meta
 from bouncer.runtime.preprocess import input_to_frame, preprocess
@@ -62,11 +63,43 @@ class Guard:
         self._detector = bundle.task if isinstance(bundle.task, DetectorTask) else None
         self._scorers = [h.scorer() for h in bundle.ood_heads]
         self._pvalue = bundle.ood_pvalue
+        self._tiling = bundle.tiling
+        self._tile_sources = sorted({s for h in bundle.ood_heads if h.input_key.endswith("@tiles")
+                                     for s in input_sources(h.input_key)})  # fmt: skip
         # The frame loop is sequential: OpenCV's worker pool would only wake threads that compete with
         # the backbone's for the same cores (docs/hotpath.md, "Measured choices").
         cv2.setNumThreads(1)
 
     # ---- heads on backbone outputs (vectorised; the per-frame reference) ----------------------
+
+    def tile_outputs(self, frames: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The tile heads' inputs of full-resolution frames: each frame's tiles through the backbone as one
+        batch, `tiles:OUTPUT` as N x tiles x ... (nothing when the gate has no tile heads)."""
+        if self._tiling is None or not frames:
+            return {}
+        pp = self.bundle.preprocessing
+        x = np.concatenate([preprocess(c, pp) for f in frames for c in self._tiling.crops(f)])
+        out = self.backend.run(x)
+        t = self._tiling.count
+        return {tile_output(s): out[s].reshape(len(frames), t, *out[s].shape[1:]) for s in self._tile_sources}
+
+    def with_tiles(self, outputs: dict[str, np.ndarray], frame: np.ndarray | None) -> dict[str, np.ndarray]:
+        """`outputs` with this gate's tile inputs added where they are missing (another gate ran the frame)."""
+        if self._tiling is None or all(tile_output(s) in outputs for s in self._tile_sources):
+            return outputs
+        if frame is None:
+            raise BundleError(f"gate {self.bundle.version} scores tiles: it needs the frame, not only its outputs")
+        return {**outputs, **self.tile_outputs([frame])}
+
+    def worst_tile(self, outputs: dict[str, np.ndarray], size: tuple[int, int]) -> list[int] | None:
+        """The frame rectangle (x1, y1, x2, y2) of the tile the first tile head finds most unusual."""
+        if self._tiling is None:
+            return None
+        for h in self.bundle.ood_heads:
+            if h.input_key.endswith("@tiles") and isinstance(h, KnnHead):
+                t = int(h.tile_scores(h.vectors(outputs))[0].argmax())
+                return list(self._tiling.rects(*size)[t])
+        return None
 
     def head_scores(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """N x H raw OOD head scores."""
@@ -157,23 +190,36 @@ class Guard:
         x = preprocess(base, pp, out=self._input)
         t0 = time.perf_counter()
         outputs = self.backend.run(x)
+        if self._tiling is not None:
+            outputs = {**outputs, **self.tile_outputs([frame])}
         self.last_backbone_s = time.perf_counter() - t0  # lets benchmarks separate the guard's own time
         return self.decide_outputs(stats, outputs, (frame.shape[1], frame.shape[0])), outputs, grey
 
     def decide_outputs(
-        self, stats: dict[str, float], outputs: dict[str, np.ndarray], size: tuple[int, int] | None = None
+        self,
+        stats: dict[str, float],
+        outputs: dict[str, np.ndarray],
+        size: tuple[int, int] | None = None,
+        frame: np.ndarray | None = None,
     ) -> Decision:
         """This gate's decision on a frame another gate on the same backbone has run (an OTA trial compares
-        the old gate with the new one on the same frames without a second backbone call). `size`: the frame's
-        width and height, where a detector gate reports its boxes (else in model-input pixels)."""
+        the old gate with the new one on the same frames without a second backbone call; a tiled gate runs the
+        tiles the other did not, from `frame`). `size`: the frame's width and height, where a detector gate
+        reports its boxes (else in model-input pixels)."""
         issues = self.bundle.quality.check(stats)
         if issues:
             return self.decide(issues, None, None, stats)
+        outputs = self.with_tiles(outputs, frame)
         if self._detector is not None:
             det = self._detector.detect(outputs[self._features][0])
             return self.decide_detections(det, float(self._fuse(self.head_scores(outputs))[0]), stats, size)
         probs, fused = self.heads(outputs)
-        return self.decide([], probs[0], float(fused[0]), stats)
+        d = self.decide([], probs[0], float(fused[0]), stats)
+        if self._tiling is not None and size is not None:
+            for detail in d.details:
+                if detail.get("reason") == "ood":
+                    detail["tile"] = self.worst_tile(outputs, size)
+        return d
 
     # ---- frames -------------------------------------------------------------------------------
 

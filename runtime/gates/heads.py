@@ -49,21 +49,23 @@ def patches(fmap: np.ndarray) -> np.ndarray:
 
 
 def parse_head(spec: str) -> tuple[str, str, str | None]:
-    """`maha:OUT`, `patch:MAP`, `knn:OUT[@max]`, `patchknn:MAP[+MAP...]` or `orphan:DETECTIONS` -> (kind, source,
-    reduce)."""
+    """`maha:OUT`, `patch:MAP`, `knn:OUT[@max]`, `knn:OUT@tiles`, `patchknn:MAP[+MAP...]` or `orphan:DETECTIONS`
+    -> (kind, source, reduce)."""
     kind, _, rest = spec.partition(":")
     source, _, reduce = rest.partition("@")
     known = ("maha", "patch", "knn", "patchknn", "orphan")
     joined = "+" in source and (kind != "patchknn" or not all(source.split("+")))
-    if kind not in known or not source or reduce not in ("", "max") or (reduce and kind != "knn") or joined:
+    if kind not in known or not source or reduce not in ("", "max", "tiles") or (reduce and kind != "knn") or joined:
         raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT, knn:MAP@max, "
-                           "patchknn:MAP[+MAP] or orphan:DETECTIONS (a detector gate's raw output)")  # fmt: skip
+                           "knn:OUTPUT@tiles, patchknn:MAP[+MAP] or orphan:DETECTIONS (a detector gate's raw "
+                           "output)")  # fmt: skip
     return kind, source, "patch" if kind == "patchknn" else reduce or None
 
 
 def input_key(spec: str) -> str:
     """The per-frame vector a head reads: its source output, `MAP@max` for a kNN head on a map's channel
-    maxima, `MAP+MAP@patch` for a patch head's joined grid. Heads of different kinds on the same input share it
+    maxima, `OUT@tiles` for the output on each tile of the frame (runtime/tiles.py), `MAP+MAP@patch` for a patch
+    head's joined grid. Heads of different kinds on the same input share it
     (feature sets, the wire)."""
     _, source, reduce = parse_head(spec)
     return f"{source}@{reduce}" if reduce else source
@@ -76,8 +78,13 @@ def input_sources(key: str) -> list[str]:
 
 def head_input(key: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
     """The vector behind an input key, from a backbone's outputs (float32, one row per frame; a patch head's
-    input is the joined, 3x3-averaged map grid, N x C x H x W)."""
+    input is the joined, 3x3-averaged map grid, N x C x H x W; a tile head's, N x tiles x D)."""
     source, _, reduce = key.partition("@")
+    if reduce == "tiles":
+        tiled = outputs.get(tile_output(source))
+        if tiled is None:
+            raise BouncerError(f"OOD input {key!r}: the frame was not tiled (no {tile_output(source)} output)")
+        return np.asarray(tiled, np.float32).reshape(len(tiled), tiled.shape[1], -1)
     if reduce == "patch":
         from bouncer.runtime.gates.patch import patch_grid
 
@@ -88,6 +95,11 @@ def head_input(key: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
             raise BouncerError(f"OOD input {key!r}: {source} is not a feature map")
         return kernels.spatial_max(np.ascontiguousarray(out, np.float32))
     return np.asarray(out, np.float32)
+
+
+def tile_output(source: str) -> str:
+    """The outputs key of a backbone output on a frame's tiles (N x tiles x ...)."""
+    return f"tiles:{source}"
 
 
 def candidate_inputs(card: ModelCard) -> list[str]:
@@ -264,7 +276,9 @@ class GaussianHead(OodHead):
 class KnnHead(OodHead):
     """Cosine distance to the k-th nearest training vector. `reduce="max"` first takes each channel's
     maximum over the feature map: a small local defect barely moves an average but sets a maximum, so
-    patch-level evidence survives in one vector (the magnetic-tile measurements in docs/bundle.md)."""
+    patch-level evidence survives in one vector (the magnetic-tile measurements in docs/bundle.md).
+    `reduce="tiles"` scores each tile of the frame against a coreset of the training frames' tiles and keeps the
+    most unusual tile (runtime/tiles.py)."""
 
     kind: ClassVar[str] = "knn"
     source: str
@@ -293,6 +307,14 @@ class KnnHead(OodHead):
     @classmethod
     def from_vectors(cls, source: str, vectors: np.ndarray, k: int = 1, reduce: str | None = None) -> KnnHead:
         """A bank from vectors already reduced (what devices send the station with a flagged frame)."""
+        if reduce == "tiles":
+            from bouncer.runtime.gates.patch import CORESET, greedy_coreset
+
+            if vectors.ndim < 3:
+                raise BouncerError(f"OOD head knn:{source}@tiles: expected frames x tiles x features")
+            rows = _f32(vectors.reshape(-1, int(np.prod(vectors.shape[2:]))))
+            bank = l2n(rows[greedy_coreset(rows, CORESET)]).astype(np.float16)
+            return cls(source=source, bank=bank, k=1, reduce=reduce)
         flat = _f32(vectors.reshape(len(vectors), -1))
         return cls(source=source, bank=l2n(flat).astype(np.float16), k=min(k, len(vectors)), reduce=reduce)
 
@@ -300,12 +322,21 @@ class KnnHead(OodHead):
         # after the backbone call every attribute and object the interpreter touches is a cache miss: bind
         # everything once (docs/hotpath.md, "Measured choices")
         source, bank, k, knn, smax = self.source, self.bank, self.k, kernels.knn_score, kernels.spatial_max
+        if self.reduce == "tiles":
+            return lambda outputs: self.tile_scores(outputs[tile_output(source)]).max(1)
         if self.reduce == "max":
             return lambda outputs: knn(smax(_f32(outputs[source])), bank, k)
         return lambda outputs: knn(_f32(outputs[source].reshape(len(outputs[source]), -1)), bank, k)
 
     def score_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        if self.reduce == "tiles":
+            return self.tile_scores(vectors).max(1)
         return kernels.knn_score(_f32(vectors.reshape(len(vectors), -1)), self.bank, self.k)
+
+    def tile_scores(self, vectors: np.ndarray) -> np.ndarray:
+        """N x tiles: each tile's distance (a tile head's; its maximum is the frame's score)."""
+        n, t = vectors.shape[:2]
+        return kernels.knn_score(_f32(vectors.reshape(n * t, -1)), self.bank, self.k).reshape(n, t)
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.bank": self.bank}
@@ -316,7 +347,7 @@ class KnnHead(OodHead):
     @classmethod
     def from_saved(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> KnnHead:
         reduce = meta.get("reduce")
-        if reduce not in (None, "max"):
+        if reduce not in (None, "max", "tiles"):
             raise ValueError(f"{prefix} head: unknown reduce {reduce!r}")
         bank = arrays[f"{prefix}.bank"]
         if bank.ndim != 2 or len(bank) == 0:
