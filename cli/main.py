@@ -224,6 +224,16 @@ def cmd_bench_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_tiles(args: argparse.Namespace) -> int:
+    from bouncer.cli.bench_tiles import bench_tiles, print_tiles
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    elpv = _shared_dataset(args.elpv, "elpv", "--elpv")
+    tile = _shared_dataset(args.magnetic_tile, "magnetic-tile", "--magnetic-tile")
+    print_tiles(bench_tiles(args.model or default_model(), elpv, tile, args.work, say))
+    return 0
+
+
 def cmd_bench_user(args: argparse.Namespace) -> int:
     from bouncer.cli.bench_user import bench_user, print_user
 
@@ -883,6 +893,13 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument(
         "--patch", action="store_true", help="--rotation: also the patch heads on one-class splits (several GB)"
     )
+
+    bt = add("tiles", cmd_bench_tiles, "whole-frame against tile heads on large frames with small defects (the "
+             "simulator, elpv module strips, magnetic-tile mosaics): catch, flags, AUROC, time", bsub)  # fmt: skip
+    bt.add_argument("--elpv", type=_existing_dir, help="the elpv solar-cell data set (default: ../shared)")
+    bt.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (default: ../shared)")
+    bt.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    bt.add_argument("--work", type=Path, help="keep the frames here (default: a temp folder)")
 
     bl = add("labels", cmd_bench_labels, "labels a new defect type needs: accepted share after each retrain", bsub)
     bl.add_argument("--magnetic-tile", type=_existing_dir, help="the magnetic-tile data set (ImageFolder)")
