@@ -15,6 +15,7 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ def _mosaics(root: Path, good: list[Path], bad: list[Path]) -> None:
     pools["defect"] = pools["test"]
 
     def cell(p: Path) -> np.ndarray:
-        return cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (300, 300), interpolation=cv2.INTER_AREA)
+        img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise SystemExit(f"bench tiles: cannot read {p}")
+        return cv2.resize(img, (300, 300), interpolation=cv2.INTER_AREA)
 
     for split, count in COUNTS.items():
         d = root / split / "good"
@@ -88,7 +92,7 @@ def _score(guard: Guard, folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
 def bench_tiles(model: Path, elpv: Path | None, tile: Path | None, work: Path | None, log) -> dict[str, Any]:
     backend = backends.load(model, 2)
     base = work or Path(tempfile.mkdtemp(prefix="bouncer-bench-tiles-"))
-    lines = {"simulator washers 960x720, pits": (_washers, ())}
+    lines: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {"simulator washers 960x720, pits": (_washers, ())}
     if elpv is not None:
         lines["elpv strips 1200x600, one defective cell"] = (
             _mosaics, (list((elpv / "poly_ok").glob("*.jpg")), list((elpv / "poly_defective").glob("*.jpg")))
