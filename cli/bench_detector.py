@@ -38,7 +38,7 @@ from bouncer.runtime.backends.paired import PairedBackend
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.detector import DetectorTask
 from bouncer.runtime.gates.guard import Guard
-from bouncer.runtime.gates.heads import input_key
+from bouncer.runtime.gates.heads import input_key, input_sources
 from bouncer.runtime.images import read_bgr
 from bouncer.runtime.preprocess import input_to_frame, preprocess
 from bouncer.sim.detection import write_detection_dataset
@@ -83,7 +83,7 @@ def bench_detector(
     assert card.detections is not None
     classes, pp = list(card.classes), card.preprocessing
     heads = default_heads(card, sidecar=True)
-    sources = {input_key(h).partition("@")[0] for h in heads}
+    sources = {s for h in heads for s in input_sources(input_key(h))}
     ex = {}
     for name in ("train", "pool", "unknown", "corrupted"):
         paths = _images(folders[name])

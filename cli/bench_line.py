@@ -76,7 +76,7 @@ def bench_line(model: Path, frames: int = 400) -> dict[str, Any]:
             },
         )
         summary = Device(cfg).run(once=True, handle_signals=False)
-    line = summary.line or {}
+    line = summary.outputs.get("line", {})
     return {
         "frames": summary.frames,
         "decision_alone": _pct(alone),

@@ -43,6 +43,7 @@ from bouncer.quantize.user_models import make_anomaly, make_classifier
 from bouncer.runtime import backends
 from bouncer.runtime.backends.paired import PREFIX, PairedBackend
 from bouncer.runtime.gates.guard import Guard
+from bouncer.runtime.gates.heads import input_sources
 from bouncer.runtime.gates.tasks import AnomalyScore
 from bouncer.runtime.images import image_folder, read_bgr
 from bouncer.runtime.preprocess import preprocess
@@ -66,7 +67,7 @@ def _sets(backend: backends.Backend, root: Path, classes: list[str], foreign: li
     """Feature sets of every split (unknown and foreign frames labelled -1), and synthetic defects."""
     card = backend.card
     keys = gate_inputs(card, None)
-    sources = {k.partition("@")[0] for k in keys} | {card.task_input}
+    sources = {s for k in keys for s in input_sources(k)} | {card.task_input}
     out: dict[str, FeatureSet] = {}
     for split in ("train", "calib", "test"):
         _, paths, labels = load_split(root / split, classes)
@@ -156,7 +157,7 @@ def anomaly_rows(name: str, data: Path, work: Path, foreign: list[Path], sidecar
     paired = PairedBackend(backends.load(model, 2), backends.load(sidecar, 2))
     card = paired.card
     keys = gate_inputs(card, None)
-    sources = {k.partition("@")[0] for k in keys} | {card.task_input}
+    sources = {s for k in keys for s in input_sources(k)} | {card.task_input}
 
     def feats(paths: list[Path], labels: list[int]) -> FeatureSet:
         return to_features(extract(paired, card.preprocessing, paths, labels, sources), card.task_input, keys)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bouncer.cli.servers import free_port
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.decision import VERDICTS, Verdict
 
@@ -86,8 +87,8 @@ class EmbeddedBroker:
 
 
 @dataclass
-class Tally:
-    """Ground truth against decisions for one simulated camera (the devices' Observer)."""
+class Tally(Output):
+    """Ground truth against decisions for one simulated camera: an output the demo adds to each device."""
 
     device: str
     total: int
@@ -100,7 +101,8 @@ class Tally:
     false_drift: list[str] = field(default_factory=list)  # brightness / sharpness alarms before the bulb
     gate_events: list[str] = field(default_factory=list)
 
-    def frame(self, item, decision) -> None:
+    def frame(self, done: FrameDone) -> None:
+        item, decision = done.item, done.decision
         i = self.frames
         self.frames += 1
         self.decisions[decision.decision] += 1
@@ -227,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             drift=DriftSection(warmup=args.warmup),
         ).validate()
         tally = Tally(dev_id, frames, plan)
-        device = Device(cfg, observer=tally)
+        device = Device(cfg, extra=[tally])
         tallies.append(tally)
         devices.append(device)
     if detector:  # one more camera: the detection line's incidents, through the detector's gate
@@ -241,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ).validate()  # fmt: skip
         tally = Tally("demo-cam-det", frames, plan)
         tallies.append(tally)
-        devices.append(Device(cfg, observer=tally))
+        devices.append(Device(cfg, extra=[tally]))
 
     def run_device(d: Device, key: str) -> None:
         try:
@@ -329,14 +331,13 @@ def _detector_gate(model: Path, backbone: Path, demo: Path, console) -> Detector
     """The detector camera's gate: the user's detector (`bouncer models example detector` makes one) with the
     backbone beside it, fitted on the simulated line's detection folders (cached beside the demo's gate)."""
     from bouncer.fitting.fit import fit_gate
-    from bouncer.runtime import backends
-    from bouncer.runtime.backends.paired import PairedBackend
+    from bouncer.runtime.gates.loading import open_backend
     from bouncer.sim.detection import write_detection_dataset
 
     if not model.is_file():
         raise BouncerError(f"--detector {model}: no such model (`bouncer models example detector --train DIR --out "
                            "M.onnx` trains one on the simulated line)")  # fmt: skip
-    backend = PairedBackend(backends.load(model, threads=2), backends.load(backbone, threads=2))
+    backend = open_backend(model, backbone, paired=True, threads=2)
     if backend.card.task != "detector":
         raise BouncerError(f"--detector {model}: its card says task = {backend.card.task!r}, not 'detector'")
     root = demo / "detector"

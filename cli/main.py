@@ -455,30 +455,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _load_guard(gate: Path, model: Path | None, threads: int, sidecar: Path | None = None):
-    from bouncer.runtime import backends
-    from bouncer.runtime.backends.paired import PairedBackend
-    from bouncer.runtime.gates.bundle import GateBundle
-    from bouncer.runtime.gates.guard import Guard
+    from bouncer.runtime.gates.loading import open_guard
 
-    bundle = GateBundle.load(gate)  # validate the bundle before building any model
-    backend = backends.load(model or default_model(), threads)
-    if bundle.sidecar is not None:
-        backend = PairedBackend(backend, backends.load(sidecar or default_model(), threads))
-    return Guard(bundle, backend)
+    return open_guard(gate, model, sidecar, threads=threads, default=default_model)
 
 
 def _fit_backend(model: Path | None, sidecar: str | None, threads: int):
     """The model to fit a gate on: a user's classifier or anomaly model gets Bouncer's backbone beside it (its
     mid-level taps tell the unfamiliar apart where a fine-tuned embedding no longer does), unless --sidecar none."""
-    from bouncer.runtime import backends
-    from bouncer.runtime.backends.paired import PairedBackend
+    from bouncer.runtime.gates.loading import open_backend
 
-    backend = backends.load(model or default_model(), threads)
-    if backend.card.task == "features" or sidecar == "none":
-        if sidecar not in (None, "none"):
-            raise BouncerError("--sidecar goes with a user's classifier or anomaly model (card task), not a backbone")
-        return backend
-    return PairedBackend(backend, backends.load(Path(sidecar) if sidecar else default_model(), threads))
+    side = Path(sidecar) if sidecar not in (None, "none") else None
+    paired = False if sidecar == "none" else None
+    backend = open_backend(model, side, paired=paired, threads=threads, default=default_model)
+    if backend.card.task == "features" and sidecar not in (None, "none"):
+        raise BouncerError("--sidecar goes with a user's classifier or anomaly model (card task), not a backbone")
+    return backend
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

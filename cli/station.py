@@ -59,17 +59,12 @@ def _existing(args: argparse.Namespace) -> Iterator[Station]:
 
 def cmd_station_init(args: argparse.Namespace) -> int:
     from bouncer.cli.main import default_model
-    from bouncer.runtime import backends
-    from bouncer.runtime.gates.bundle import GateBundle
+    from bouncer.runtime.gates.loading import open_guard
 
     station = _station(args.config, args.data_dir)
-    bundle = GateBundle.load(args.gate)  # a broken bundle is reported before any model is loaded or built
-    backend = backends.load(args.model or default_model(), threads=args.threads)
-    if bundle.sidecar is not None:  # a gate around the user's model: its sidecar backbone beside it
-        from bouncer.runtime.backends.paired import PairedBackend
-
-        backend = PairedBackend(backend, backends.load(args.sidecar or default_model(), threads=args.threads))
-    out = station.init(args.gate, backend, args.train, args.calib, args.group)
+    # a broken bundle is reported before any model is loaded or built
+    guard = open_guard(args.gate, args.model, args.sidecar, threads=args.threads, default=default_model)
+    out = station.init(args.gate, guard.backend, args.train, args.calib, args.group)
     print(
         f"station ready in {station.root}, group {out['group']}: {out['train']} training and {out['calib']} "
         f"calibration frames as base features; gate published; give devices {out['root']} as ota.root"

@@ -10,13 +10,16 @@ camera: when it is back), so the next occurrence alerts again.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.gates.quality import REASONS as QUALITY_REASONS
 
+LOOP_EVENTS = ("drift", "camera_lost", "camera_recovered")
 MAX_IDS = 5  # frame ids an alert carries, so the operator can open the first frames at the station
 
 
@@ -39,8 +42,11 @@ SUMMARY = {
 }
 
 
-class Alerts:
-    """Feed it every decision and event; it calls `send(alert, fields)` once per incident."""
+class Alerts(Output):
+    """Feed it every decision and event; it calls `send(alert, fields)` once per incident. As the loop's output it
+    hears the frame loop's own events only (drift, the camera), on the loop's thread."""
+
+    name = "alerts"
 
     def __init__(
         self,
@@ -54,7 +60,15 @@ class Alerts:
         self._recent: dict[str, deque[tuple[float, str | None]]] = {}
         self.sent = 0
 
-    def frame(self, ts: float, decision: str, reasons: list[str], frame_id: str | None) -> None:
+    def frame(self, done: FrameDone) -> None:
+        d = done.decision
+        self.note(time.time(), d.decision, d.reasons, done.frame_id)
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind in LOOP_EVENTS:
+            self.note_event(time.time(), kind, fields)
+
+    def note(self, ts: float, decision: str, reasons: list[str], frame_id: str | None) -> None:
         self._expire(ts)
         if decision == "accept":
             return
@@ -64,7 +78,7 @@ class Alerts:
         elif "ood" in reasons:
             self._evidence("new_defect_suspected", "ood", "ood", ts, frame_id)
 
-    def event(self, ts: float, kind: str, fields: dict[str, Any]) -> None:
+    def note_event(self, ts: float, kind: str, fields: dict[str, Any]) -> None:
         self._expire(ts)
         if kind == "drift":
             signal = str(fields.get("signal", "?"))

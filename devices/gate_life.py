@@ -10,12 +10,17 @@ from typing import Any
 import numpy as np
 
 from bouncer.devices.ota import Candidate, FlagRate, OtaUpdater, Trial
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.decision import Decision, Verdict
 from bouncer.runtime.gates.guard import Guard
 
 
-class GateLife:
+class GateLife(Output):
+    """Also an output: each decided frame counts towards the flag rate, the running trial or the canary."""
+
+    name = "gate_life"
+
     def __init__(self, guard: Guard, serial: int, show: Callable[[GateBundle], None], emit: Callable[..., None]):
         self.guard, self.serial = guard, serial
         self.ota: OtaUpdater | None = None  # set by `attach`: the updater needs this object's callbacks
@@ -55,6 +60,9 @@ class GateLife:
             self.guard, self.serial = trial.old, trial.old_serial
             self._show(trial.old.bundle)
         self.ota.finish(trial, verdict)
+
+    def frame(self, done: FrameDone) -> None:
+        self.observe(done.item.frame, done.decision, done.outputs, done.spent_s)
 
     def observe(
         self, frame: np.ndarray | None, decision: Decision, outputs: dict[str, Any] | None, spent_s: float

@@ -13,9 +13,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime import schemas
 from bouncer.runtime.config import MqttSection
 from bouncer.runtime.mqtt_client import new_client
@@ -133,3 +135,30 @@ class MqttLink:
         self._thread.join(timeout=2.0)
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class LinkOutput(Output):
+    """The link's life in the frame loop: connected at start; per frame the broker gauge and, every `every_s`, the
+    stats; at the stop the last stats and a clean "offline"."""
+
+    name = "mqtt"
+
+    def __init__(self, link: MqttLink, stats: Callable[[], bytes], every_s: float, gauge: Any) -> None:
+        self.link, self.stats, self.every_s, self.gauge = link, stats, every_s, gauge
+        self._topic = schemas.topic(link.device, "stats")
+        self._next = 0.0
+
+    def start(self) -> None:
+        self.link.start()
+        self._next = time.monotonic() + self.every_s
+
+    def frame(self, done: FrameDone) -> None:
+        self.gauge.set(1 if self.link.connected.is_set() else 0)
+        if time.monotonic() > self._next:
+            self.link.send_volatile(self._topic, self.stats())
+            self._next = time.monotonic() + self.every_s
+
+    def stop(self) -> None:
+        self.link.send_volatile(self._topic, self.stats())
+        time.sleep(0.1)
+        self.link.stop()

@@ -1,5 +1,6 @@
-"""`bouncer run`: the camera loop. Source -> guard -> decision -> outbox (-> MQTT link), with drift
-monitoring, stats and metrics. The loop never waits on the network: it only writes to the outbox."""
+"""`bouncer run`: the camera loop. Source -> guard -> decision -> each output (devices/outputs.py: the line, the
+outbox and its MQTT link, alerts, metrics, the updater, Sparkplug), with drift monitoring. The loop never waits on
+the network: outputs hand over to their own threads, and flagged frames only go to the outbox on disk."""
 
 from __future__ import annotations
 
@@ -8,36 +9,35 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 
 from bouncer.devices import profiles
-from bouncer.devices.alerts import Alerts
+from bouncer.devices.assembly import build_outputs
 from bouncer.devices.gate_life import GateLife
-from bouncer.devices.ids import device_key, message_id
+from bouncer.devices.ids import device_key
 from bouncer.devices.metrics import DeviceMetrics
-from bouncer.devices.ota import GateSlots, OtaUpdater, Trial
+from bouncer.devices.ota import GateSlots, Trial
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.devices.systemd import Notifier
-from bouncer.runtime import backends, home, schemas
-from bouncer.runtime.backends.paired import PairedBackend
+from bouncer.runtime import schemas
 from bouncer.runtime.config import Config
 from bouncer.runtime.drift import DriftMonitor
 from bouncer.runtime.errors import BouncerError
-from bouncer.runtime.gates import explain
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.runtime.gates.decision import VERDICTS, Decision, Verdict, unreadable
+from bouncer.runtime.gates.decision import VERDICTS, Verdict, unreadable
 from bouncer.runtime.gates.guard import Guard
-from bouncer.runtime.gates.heads import frame_vectors
+from bouncer.runtime.gates.loading import open_guard
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.sources.streams import FrameItem, open_source
 
 if TYPE_CHECKING:
-    from bouncer.devices.plc import LineOutput
+    from bouncer.devices.link import MqttLink
+    from bouncer.devices.ota import OtaUpdater
 
 log = logging.getLogger("bouncer.device")
 
@@ -52,11 +52,17 @@ class RunSummary:
     alerts: int = 0  # operator alerts sent (one per incident)
     undelivered: int = 0
     peak_rss_mb: float = 0.0
-    sparkplug: dict[str, Any] | None = None  # births and data messages sent, the last bdSeq
-    line: dict[str, Any] | None = None  # verdicts written to the PLC, late ones, latency frame in -> written
+    outputs: dict[str, Any] = field(default_factory=dict)  # the outputs' reports: sparkplug, line (by protocol)
+
+    def add(self, out: Output, report: dict[str, Any]) -> None:
+        if out.section:
+            self.outputs.setdefault(out.section, {})[out.name] = report
+        else:
+            self.outputs[out.name] = report
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        d = {k: v for k, v in self.__dict__.items() if k != "outputs"}
+        return {**d, **self.outputs}
 
 
 def peak_rss_mb() -> float:
@@ -73,102 +79,44 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def encode_jpeg(frame: np.ndarray, max_side: int, quality: int) -> bytes:
-    h, w = frame.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    if scale < 1.0:
-        frame = cv2.resize(frame, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise BouncerError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-class Observer(Protocol):
-    """Something watching a device from inside its process (the demo's ground-truth tally)."""
-
-    def frame(self, item: FrameItem, decision: Decision) -> None: ...
-
-    def event(self, kind: str, fields: dict[str, Any]) -> None: ...
-
-
 class Device:
-    def __init__(self, cfg: Config, observer: Observer | None = None) -> None:
+    """One camera's guard: the frame loop and its outputs (devices/assembly.py builds them from the config)."""
+
+    def __init__(self, cfg: Config, extra: Sequence[Output] = ()) -> None:
         self.cfg = cfg
-        self.observer = observer
         self.id = cfg.device.id
         profile = profiles.detect() if cfg.device.profile == "auto" else profiles.get(cfg.device.profile)
         self.profile = profile
         data = Path(cfg.device.data_dir)
         serial = 0
-        if cfg.ota.url:
-            # a committed over-the-air gate wins over the configured one (see devices/ota.py)
+        bundle: GateBundle | Path = Path(cfg.gate.bundle)
+        if cfg.ota.url:  # a committed over-the-air gate wins over the configured one (see devices/ota.py)
             bundle, serial = GateSlots(data / "gates").boot(Path(cfg.gate.bundle))
-        else:
-            bundle = GateBundle.load(Path(cfg.gate.bundle))
-        if cfg.gate.model:
-            model = Path(cfg.gate.model)
-        else:  # the profile's runtime picks the cached backbone (LiteRT on a Raspberry Pi)
-            model = home.cached_model("litert" if profile.runtime == "litert" else "onnxruntime")
-        backend = backends.load(model, profile.threads, list(profile.providers) or None)
-        if bundle.sidecar is not None:  # a gate around the user's model reads Bouncer's backbone beside it
-            side = Path(cfg.gate.sidecar) if cfg.gate.sidecar else home.cached_model(
-                "litert" if profile.runtime == "litert" else "onnxruntime")  # fmt: skip
-            backend = PairedBackend(backend, backends.load(side, profile.threads, list(profile.providers) or None))
-        guard = Guard(bundle, backend)
+        # the profile's runtime picks the cached backbone (LiteRT on a Raspberry Pi)
+        guard = open_guard(bundle, Path(cfg.gate.model) if cfg.gate.model else None,
+                           Path(cfg.gate.sidecar) if cfg.gate.sidecar else None, threads=profile.threads,
+                           providers=list(profile.providers) or None,
+                           runtime="litert" if profile.runtime == "litert" else "onnxruntime")  # fmt: skip
+        self.outputs: list[Output] = []
         self.outbox = Outbox(data / "outbox.sqlite", int(cfg.outbox.max_mb * 1024 * 1024))
-        self._id_key = device_key(data)
-        self._helper = ThreadPoolExecutor(1, thread_name_prefix="bouncer-explain")
-        self.metrics = DeviceMetrics()
-        # label lookups cost microseconds per frame: resolve the per-stage timers once
-        self._guard_timer = self.metrics.stage.labels("guard")
-        self._outbox_timer = self.metrics.stage.labels("outbox")
-        self._decision_counters: dict[tuple[str, str], Any] = {}
+        self.id_key = device_key(data)
+        self.metrics = DeviceMetrics(cfg.metrics.port)
         self.gates = GateLife(guard, serial, self._show_gate, self.emit_event)
-        ref = bundle.fit_metrics.get("drift_reference", {})
+        ref = guard.bundle.fit_metrics.get("drift_reference", {})
         d = cfg.drift
         self.drift = DriftMonitor(ref, warmup=d.warmup, k=d.k, h=d.h, rate_h=d.rate_h)
-        self.link = None
+        self.link: MqttLink | None = None  # set by the assembly when a broker is configured
+        self.ota: OtaUpdater | None = None  # and the updater when ota.url is
         self.paused = threading.Event()
-        self.ota: OtaUpdater | None = None
-        if cfg.ota.url:
-            g = self.gates
-            self.ota = OtaUpdater(cfg.ota, data, g.serving, g.offer, self.emit_event, g.flag_rate.rate,
-                                  group=cfg.device.group)  # fmt: skip
-            g.attach(self.ota)
-        if cfg.mqtt.broker:
-            from bouncer.devices.link import MqttLink
-
-            extra = {schemas.gate_topic(cfg.device.group): self._on_announce} if self.ota else {}
-            self.link = MqttLink(cfg.mqtt, self.id, self.outbox, on_command=self.on_command, subscriptions=extra)
-        self.lines: list[LineOutput] = []  # the verdict to the line's controller (docs/line.md)
-        self._line_gate = self.guard.bundle.version  # the gate the outputs last showed
-        c = cfg.line
-        if c.modbus:
-            from bouncer.devices.plc import ModbusLine
-
-            self.lines.append(ModbusLine(c.modbus, c.unit, c.register, c.deadline_ms, c.heartbeat_s, c.timeout_s))
-        if c.opcua:
-            from bouncer.devices.opcua import OpcUaLine
-
-            self.lines.append(OpcUaLine(c.opcua, self.id, self.guard.bundle.version, c.deadline_ms, c.heartbeat_s))
-        a = cfg.alerts
-        self.alerts = Alerts(self.send_alert, a.min_frames, a.window_s, a.quiet_s)
         self.drift_alarms, self.camera_lost = 0, False
-        self.sparkplug = None
-        if cfg.sparkplug.group:
-            from bouncer.devices.sparkplug import SparkplugNode
-
-            sp = cfg.sparkplug
-            self.sparkplug = SparkplugNode(cfg.mqtt, sp.group, self.id, self.sparkplug_metrics, data, sp.every_s)
         self.summary = RunSummary()
         self._stop = threading.Event()
-        self._audit_rate = cfg.outbox.audit_rate
-        self._audit_rng = np.random.default_rng()
+        self.source_uri = cfg.source.uri
+        self.outputs = build_outputs(cfg, self) + list(extra)
 
     # ---- gate updates -----------------------------------------------------------------------------
 
-    def _on_announce(self, payload: bytes) -> None:
+    def on_announce(self, payload: bytes) -> None:
         try:
             ann = schemas.GateAnnouncement.decode(payload)
         except schemas.SchemaError as exc:
@@ -201,13 +149,12 @@ class Device:
         self.outbox.put(json.loads(payload)["id"], schemas.topic(self.id, "events"), payload, "event")
         self.summary.events += 1
         log.info("event %s %s", kind, fields)
-        if kind in ("drift", "camera_lost", "camera_recovered"):  # the frame loop's own events: its thread
-            if kind == "drift":
-                self.drift_alarms += 1
-            self.camera_lost = kind == "camera_lost" or (self.camera_lost and kind != "camera_recovered")
-            self.alerts.event(time.time(), kind, fields)
-        if self.observer is not None:
-            self.observer.event(kind, fields)
+        if kind == "drift":
+            self.drift_alarms += 1
+        elif kind in ("camera_lost", "camera_recovered"):
+            self.camera_lost = kind == "camera_lost"
+        for out in self.outputs:
+            out.event(kind, fields)
 
     def send_alert(self, alert: str, fields: dict[str, Any]) -> None:
         """An operator alert, through the outbox like events (never evicted): one per incident."""
@@ -275,117 +222,32 @@ class Device:
             }
         )
 
-    def flag(
-        self,
-        item: FrameItem,
-        decision: Decision,
-        outputs: dict[str, np.ndarray] | None,
-        finite: bool,
-        audit: bool = False,
-    ) -> str:
-        """Store a flagged (or audited) frame in the outbox; returns its message id once it is on disk.
-
-        The rest of the message (feature vectors, heatmap, JSON) is built on a helper thread while this one
-        encodes the JPEG, which releases the GIL at once, so the two share the cores (the JPEG alone was 40%
-        of a flagged frame's cost). The other way round, the helper waited for the GIL before it could start."""
-        b = self.guard.bundle
-        msg = schemas.FrameMessage(
-            id=message_id(self._id_key, self.id, self.source_uri, item.key, finite),
-            device=self.id,
-            ts=time.time(),
-            source=item.source,
-            decision=decision.decision,
-            label=decision.label,
-            confidence=decision.confidence,
-            ood_score=decision.ood_score,
-            reasons=decision.reasons,
-            details=decision.details,
-            boxes=decision.boxes,
-            size=decision.size if decision.boxes is not None else None,
-            candidates=decision.candidates,
-            quality={k: round(v, 4) for k, v in decision.quality.items()},
-            gate_version=b.version,
-            backbone_hash=b.backbone_hash,
-            jpeg=b"",
-            group=self.cfg.device.group,
-            audit=audit,
-        )
-        job = self._helper.submit(self._explain, msg, outputs)
-        ob = self.cfg.outbox
-        jpeg = b"" if item.frame is None else encode_jpeg(item.frame, ob.jpeg_max_side, ob.jpeg_quality)
-        payload = msg.with_jpeg(job.result(), jpeg)
-        evicted = self.outbox.put(msg.id, schemas.topic(self.id, "frames"), payload, decision.decision)
-        if evicted:
-            self.metrics.evictions.inc(len(evicted))
-            self.emit_event(
-                "eviction",
-                evicted=len(evicted),
-                total_evicted=self.outbox.counter("evicted"),
-                order="oldest reject first, then oldest review",
-            )
-        return msg.id
-
-    def _explain(self, msg: schemas.FrameMessage, outputs: dict[str, np.ndarray] | None) -> bytes:
-        """`msg` with what a flagged frame carries besides its JPEG: the vectors the station retrains from (every
-        input head selection can choose from) and the heatmap PNG; encoded without the JPEG."""
-        if outputs is not None:
-            b = self.guard.bundle
-            msg.features = frame_vectors(self.guard.backend.card, outputs)
-            if self.cfg.outbox.explain:
-                h = explain.heatmap(b, outputs, msg.features, self.guard.backend.card.anomaly_map)
-                msg.heatmap = None if h is None else explain.heatmap_png(h)
-        return msg.encode_head()
-
     # ---- the loop ---------------------------------------------------------------------------------
 
     def process(self, item: FrameItem, prev: np.ndarray | None, finite: bool) -> np.ndarray | None:
-        m = self.metrics
+        """Decide one frame and hand it to every output; returns its grey image, the next frame's `prev`."""
         if item.event:
             self.emit_event(item.event.pop("event"), **item.event)
             return prev
         t0 = time.perf_counter()
-        outputs = None
-        grey = None
+        outputs = grey = None
         if item.frame is None:
             decision = unreadable(item.error or "unreadable frame")
         else:
             decision, outputs, grey = self.guard.score_frame(item.frame, prev)
-        spent = time.perf_counter() - t0
-        for line in self.lines:  # the part in front of the camera: its verdict to the line first
-            line.verdict(decision.decision, self.summary.frames + 1, t0)
-            if self.guard.bundle.version != self._line_gate:
-                line.set_gate(self.guard.bundle.version)
-        if self.lines:
-            self._line_gate = self.guard.bundle.version
-        self._guard_timer.observe(spent)
-        self.gates.observe(item.frame, decision, outputs, spent)
-        self.summary.frames += 1
-        self.summary.decisions[decision.decision] += 1
-        if self.observer is not None:
-            self.observer.frame(item, decision)
+        s = self.summary
+        s.frames += 1
+        done = FrameDone(item, decision, outputs, s.frames, t0, time.perf_counter() - t0, self.guard.bundle.version,
+                         self.source_uri, finite)  # fmt: skip
+        for out in self.outputs:
+            out.frame(done)
+        s.decisions[decision.decision] += 1
         if decision.decision == Verdict.ACCEPT and decision.label is not None:
-            self.summary.accepted[decision.label] = self.summary.accepted.get(decision.label, 0) + 1
-        m.frames.inc()
-        for reason in decision.reasons or ["-"]:
-            key = (decision.decision, reason)
-            counter = self._decision_counters.get(key)
-            if counter is None:
-                counter = self._decision_counters[key] = m.decisions.labels(*key)
-            counter.inc()
+            s.accepted[decision.label] = s.accepted.get(decision.label, 0) + 1
         for ev in self.drift.update(
             decision.quality, decision.ood_score, decision.decision, decision.label, decision.boxes
         ):
-            m.drift.labels(ev["signal"]).set(1)
             self.emit_event(ev.pop("event"), **ev)
-        audit = (
-            decision.decision == Verdict.ACCEPT and self._audit_rate > 0 and self._audit_rng.random() < self._audit_rate
-        )
-        frame_id = None
-        if decision.decision != Verdict.ACCEPT or audit:
-            t1 = time.perf_counter()
-            frame_id = self.flag(item, decision, outputs, finite, audit)
-            self._outbox_timer.observe(time.perf_counter() - t1)
-        self.alerts.frame(time.time(), decision.decision, decision.reasons, frame_id)
         return grey
 
     def stop(self) -> None:
@@ -403,24 +265,19 @@ class Device:
             raise BouncerError(f"--once needs a finite source (a folder or video file), not {self.source.uri}")
         finite = self.source.finite
         done = self.outbox.done(self.source.uri) if finite else set()
-        self.metrics.serve(self.cfg.metrics.port)
-        if self.link:
-            self.link.start()
-        if self.sparkplug:
-            self.sparkplug.start()
-        if self.ota:
-            self.ota.start()
         max_fps = self.cfg.source.max_fps or (self.profile.max_fps if self.source.live else 0.0)
         period = 1.0 / max_fps if max_fps else 0.0
         prev = None
-        next_stats = time.monotonic() + self.cfg.metrics.stats_every_s
-
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         notify = Notifier.from_env()  # under systemd: ready now, then the watchdog fed once per frame
-        notify.ready(f"guarding {self.source.uri} with gate {self.guard.bundle.version}")
+        started: list[Output] = []
         try:
+            for out in self.outputs:
+                out.start()
+                started.append(out)
+            notify.ready(f"guarding {self.source.uri} with gate {self.guard.bundle.version}")
             for item in self.source:
                 notify.alive()
                 if self._stop.is_set():
@@ -436,13 +293,6 @@ class Device:
                 prev = self.process(item, prev if self.source.stream else None, finite)
                 if finite:
                     self.outbox.mark_done(self.source.uri, item.key)
-                self.metrics.outbox_depth.set(self.outbox.depth())  # in memory: no query per frame
-                self.metrics.outbox_bytes.set(self.outbox.bytes)
-                if self.link:
-                    self.metrics.connected.set(1 if self.link.connected.is_set() else 0)
-                    if time.monotonic() > next_stats:
-                        self.link.send_volatile(schemas.topic(self.id, "stats"), self.stats_payload())
-                        next_stats = time.monotonic() + self.cfg.metrics.stats_every_s
                 if period:
                     time.sleep(max(0.0, period - (time.monotonic() - t0)))
             if once and self.link:
@@ -451,21 +301,15 @@ class Device:
                     time.sleep(0.05)
         finally:
             notify.stopping()
-            for line in self.lines:
-                line.close()
-            if self.lines:
-                self.summary.line = {line.name: line.report() for line in self.lines}
-            if self.ota:
-                self.ota.stop()
-            if self.sparkplug:
-                self.sparkplug.stop()
-                self.summary.sparkplug = self.sparkplug.report()
             self.summary.undelivered = self.outbox.depth()
             self.summary.peak_rss_mb = peak_rss_mb()
-            if self.link:
-                self.link.send_volatile(schemas.topic(self.id, "stats"), self.stats_payload())
-                time.sleep(0.1)
-                self.link.stop()
-            self._helper.shutdown()
+            for out in started:
+                try:
+                    out.stop()
+                except Exception:  # one output failing to stop must not keep the others (or the outbox) open
+                    log.exception("stopping output %s", out.name)
+                report = out.report()
+                if report is not None:
+                    self.summary.add(out, report)
             self.outbox.close()
         return self.summary

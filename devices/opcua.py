@@ -58,7 +58,6 @@ class OpcUaLine(LineOutput):
         except OSError as exc:
             self.tloop.stop()
             raise BouncerError(f"line.opcua: cannot serve {endpoint} ({exc})") from None
-        self.start()
 
     def _set(self, values: dict[str, Any]) -> bool:
         V = self.ua.VariantType

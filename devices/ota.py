@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bouncer.devices.outputs import Output
 from bouncer.runtime.config import OtaSection
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
@@ -177,9 +178,11 @@ def expected_flag_rate(bundle: GateBundle) -> float:
     return 1.0 - float(bundle.fit_metrics.get("calibration_coverage", 0.0) or 0.0)
 
 
-class OtaUpdater:
+class OtaUpdater(Output):
     """Polls the station's TUF repository (and wakes on the retained MQTT announcement); hands a verified,
     warmed, canary-checked gate to the frame loop, which swaps it in between two frames."""
+
+    name = "ota"
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.errors import BouncerError
 
 log = logging.getLogger("bouncer.line")
@@ -39,12 +40,13 @@ def parse_modbus_url(url: str) -> tuple[str, int]:
         raise BouncerError(f"line.modbus: bad port in {url!r}") from None
 
 
-class LineOutput:
+class LineOutput(Output):
     """What every way of telling the line shares: the hand-over from the frame loop (never blocking), the deadline,
     the writer thread with its heartbeat, the hold on the way out, the figures. A subclass says how a verdict, a
     heartbeat and the final hold are written (`_verdict`, `_beat`, `_final`), each returning whether it worked."""
 
     name = "line"
+    section = "line"
 
     def __init__(self, deadline_ms: float, heartbeat_s: float) -> None:
         self.deadline_s, self.heartbeat_s = deadline_ms / 1000, heartbeat_s
@@ -52,6 +54,7 @@ class LineOutput:
         self.latencies: list[float] = []  # seconds from frame in to verdict written
         self.written = self.late = self.failed = self.dropped = 0
         self._beat_n = 0
+        self._gate: str | None = None  # the gate version last shown
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     def start(self) -> None:
@@ -70,13 +73,24 @@ class LineOutput:
         except queue.Full:
             self.dropped += 1
 
+    def frame(self, done: FrameDone) -> None:
+        self.verdict(done.decision.decision, done.sequence, done.t_in)
+        if done.gate_version != self._gate:
+            if self._gate is not None:
+                self.set_gate(done.gate_version)
+            self._gate = done.gate_version
+
     def set_gate(self, version: str) -> None:
         """The gate now deciding (a swap over the air); outputs that show it override this."""
 
+    def stop(self) -> None:
+        self.close()
+
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued, then leave the line on hold (health 0)."""
-        self._q.put(None)
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._q.put(None)
+            self._thread.join(timeout)
         self._final()
 
     def report(self) -> dict[str, Any]:
@@ -132,7 +146,6 @@ class ModbusLine(LineOutput):
         self.unit, self.base = unit, register
         self.client = ModbusTcpClient(self.host, port=self.port, timeout=timeout_s, retries=0)
         self._ok: bool | None = None  # the PLC's state as last logged
-        self.start()
 
     def _verdict(self, code: int, sequence: int) -> bool:
         return self._write(self.base, [code, sequence & 0xFFFF])

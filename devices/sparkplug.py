@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bouncer.devices import sparkplug_b_pb2 as pb
+from bouncer.devices.outputs import Output
 from bouncer.runtime.config import MqttSection
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.mqtt_client import new_client
@@ -91,9 +92,11 @@ class BdSeq:
         return value
 
 
-class SparkplugNode:
+class SparkplugNode(Output):
     """Births, data and deaths for one camera. `snapshot` returns the metrics now; it runs on this class's
     thread every `every_s` and must only read."""
+
+    name = "sparkplug"
 
     def __init__(
         self,

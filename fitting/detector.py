@@ -34,7 +34,7 @@ from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import Acceptance, GateBundle
 from bouncer.runtime.gates.decision import rule
 from bouncer.runtime.gates.detector import Detections, DetectorTask, OrphanHead, _logit, iou_matrix
-from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key, parse_head
+from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key, input_sources, parse_head
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.gates.risk import frames_needed
 from bouncer.runtime.images import IMAGE_SUFFIXES, iter_image_paths
@@ -339,7 +339,7 @@ def fit_detector_gate(
     sidecar = backend.sidecar.card if isinstance(backend, PairedBackend) else None
     heads = list(settings.heads or default_heads(card, sidecar is not None))
     keys = list(dict.fromkeys(input_key(h) for h in heads))
-    sources = {k.partition("@")[0] for k in keys} | {card.detections}
+    sources = {s for k in keys for s in input_sources(k)} | {card.detections}
     missing = sorted(s for s in sources if s not in backend.card.output_names())
     if missing:
         raise BouncerError(f"{backend.path}: OOD heads need output(s) {', '.join(missing)} the models do not give "
@@ -470,7 +470,7 @@ def detection_frames(bundle: GateBundle, backend: Backend, folder: Path) -> Dete
     the line's calibration frames this way, to recalibrate from with the operators' labels)."""
     card, pp, task = backend.card, bundle.preprocessing, bundle.task
     assert isinstance(task, DetectorTask) and card.detections is not None and pp is not None
-    sources = {h.input_key.partition("@")[0] for h in bundle.ood_heads} | {card.detections}
+    sources = {s for h in bundle.ood_heads for s in input_sources(h.input_key)} | {card.detections}
     paths = detection_images(folder, bundle.classes)
     ex = extract(backend, pp, paths, [0] * len(paths), sources)
     check_layout(card, ex.outputs[card.detections].shape, backend.path)
@@ -524,7 +524,7 @@ def evaluate_detector(
     box error and the frame coverage, beside accepting every frame with its boxes over 0.5; on folders of
     frames that should not pass (unknown objects, foreign photos), how many the gate accepts."""
     classes, pp = bundle.classes, bundle.preprocessing
-    sources = {h.input_key.partition("@")[0] for h in bundle.ood_heads} | {detections}
+    sources = {s for h in bundle.ood_heads for s in input_sources(h.input_key)} | {detections}
     paths = detection_images(known, classes)
     ex = extract(backend, pp, paths, [0] * len(paths), sources)
     check_layout(backend.card, ex.outputs[detections].shape, backend.path)

@@ -20,6 +20,7 @@ import numpy as np
 from bouncer.fitting.operating import REAL, SYNTHETIC, FoldScores, conformal_quantile
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.heads import Fusion, fit_head, input_key
+from bouncer.runtime.gates.specs import InputKey
 
 MIN_FOLD_CALIB = 20  # clean calibration frames of the other classes a fold's threshold needs
 MIN_HELD_OUT = 5  # frames of the held-out class (or synthetic defects) a fold needs
@@ -93,7 +94,8 @@ def candidate_specs(keys: Sequence[str]) -> list[str]:
     on a patch grid (`MAP@patch`, there only when the head budget is raised: fitting/fit.py `gate_inputs`)."""
     out = []
     for k in keys:
-        source, _, reduce = k.partition("@")
+        key = InputKey.parse(k)
+        source, reduce = key.source, key.reduce
         out += [f"patchknn:{source}"] if reduce == "patch" else [f"knn:{k}"] if reduce else [f"maha:{k}", f"knn:{k}"]
     return out
 

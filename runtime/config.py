@@ -12,11 +12,20 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from bouncer.runtime.errors import BouncerError
+
+# Ranges live on the fields: msgspec checks them when a file is read and `validate` checks them again for a config
+# built in code; an error names the key and the bound ("line.unit: Expected `int` <= 247").
+Positive = Annotated[float, Meta(gt=0)]
+NonNegative = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Count = Annotated[int, Meta(ge=0)]
 
 
 @dataclass
@@ -31,7 +40,7 @@ class DeviceSection:
 class SourceSection:
     uri: str = ""  # folder path, video file, camera index, rtsp://..., http://..., or sim:SEED
     loop: bool = False  # folders: start again at the end
-    max_fps: float = 0.0  # 0: the device profile's rate for live sources, unlimited for files
+    max_fps: NonNegative = 0.0  # 0: the device profile's rate for live sources, unlimited for files
     skip_under_load: bool = True  # live sources only: drop frames rather than fall behind
 
 
@@ -51,8 +60,8 @@ class MqttSection:
     ca: str = ""
     cert: str = ""
     key: str = ""
-    keepalive: int = 30
-    max_inflight: int = 100
+    keepalive: Annotated[int, Meta(ge=5)] = 30
+    max_inflight: Annotated[int, Meta(ge=1)] = 100
 
     def validate(self) -> None:
         """Shared by the device's and the station's configs."""
@@ -64,36 +73,38 @@ class MqttSection:
 
 @dataclass
 class OutboxSection:
-    max_mb: float = 512.0
-    jpeg_quality: int = 85
-    jpeg_max_side: int = 640
-    audit_rate: float = 0.0  # fraction of accepted frames also sent (with their explanation) for spot checks
+    max_mb: Positive = 512.0
+    jpeg_quality: Annotated[int, Meta(ge=1, le=100)] = 85
+    jpeg_max_side: Annotated[int, Meta(ge=16)] = 640
+    audit_rate: Fraction = 0.0  # fraction of accepted frames also sent (with their explanation) for spot checks
     explain: bool = True  # attach a heatmap of where a flagged frame is unusual
 
 
 @dataclass
 class DriftSection:
-    warmup: int = 500  # frames that set each signal's baseline (rates: at least 1000)
-    k: float = 0.5  # CUSUM slack, in baseline standard deviations
-    h: float = 20.0  # CUSUM alarm threshold, in baseline standard deviations
-    rate_h: float = 14.0  # log-likelihood threshold for the review/reject rate tests
+    warmup: Annotated[int, Meta(ge=10)] = 500  # frames that set each signal's baseline (rates: at least 1000)
+    k: NonNegative = 0.5  # CUSUM slack, in baseline standard deviations
+    h: Positive = 20.0  # CUSUM alarm threshold, in baseline standard deviations
+    rate_h: Positive = 14.0  # log-likelihood threshold for the review/reject rate tests
 
 
 @dataclass
 class OtaSection:
     url: str = ""  # the station's TUF repository, e.g. http://station:8080/tuf; empty: no over-the-air updates
     root: str = ""  # the trusted root.json written by `bouncer station init` (copied to the device once)
-    poll_s: float = 300.0  # also checks at once when the station's retained announcement arrives
-    canary_size: int = 32  # accepted frames kept on the device to try a new gate on before the swap
-    canary_every: int = 25  # keep every n-th accepted frame
-    trial_frames: int = 100  # live frames after the swap before the new gate is committed
-    first_check_s: float = 5.0  # at start, the first frame waits this long at most for the first update check
+    poll_s: Positive = 300.0  # also checks at once when the station's retained announcement arrives
+    canary_size: Annotated[int, Meta(ge=0)] = (
+        32  # accepted frames kept on the device to try a new gate on before the swap
+    )
+    canary_every: Annotated[int, Meta(ge=1)] = 25  # keep every n-th accepted frame
+    trial_frames: Count = 100  # live frames after the swap before the new gate is committed
+    first_check_s: NonNegative = 5.0  # at start, the first frame waits this long at most for the first update check
 
 
 @dataclass
 class MetricsSection:
-    port: int = 0  # Prometheus endpoint on this port; 0: off
-    stats_every_s: float = 10.0
+    port: Port = 0  # Prometheus endpoint on this port; 0: off
+    stats_every_s: Positive = 10.0
 
 
 @dataclass
@@ -102,20 +113,22 @@ class LineSection:
 
     modbus: str = ""  # modbus://HOST[:PORT] of the PLC (Modbus TCP); empty: off
     opcua: str = ""  # opc.tcp://HOST:PORT/PATH this device serves its verdicts on (OPC UA server); empty: off
-    unit: int = 1  # the PLC's unit (device) id
-    register: int = 0  # first of four holding registers: verdict, sequence, heartbeat, health
-    deadline_ms: float = 200.0  # a verdict decided later than this after its frame came in is written as hold
-    heartbeat_s: float = 0.5
-    timeout_s: float = 0.5  # per write; a slow PLC is a failed write, never a slow frame loop
+    unit: Annotated[int, Meta(ge=0, le=247)] = 1  # the PLC's unit (device) id
+    register: Annotated[int, Meta(ge=0, le=65532)] = (
+        0  # first of four holding registers: verdict, sequence, heartbeat, health
+    )
+    deadline_ms: Positive = 200.0  # a verdict decided later than this after its frame came in is written as hold
+    heartbeat_s: Positive = 0.5
+    timeout_s: Positive = 0.5  # per write; a slow PLC is a failed write, never a slow frame loop
 
 
 @dataclass
 class AlertsSection:
     """Operator alerts, one per incident on `bouncer/v1/<device>/alerts` (devices/alerts.py)."""
 
-    min_frames: int = 3  # flagged frames with one cause within window_s that open an incident
-    window_s: float = 60.0
-    quiet_s: float = 300.0  # an incident closes after this long without its cause; the next one alerts again
+    min_frames: Annotated[int, Meta(ge=1)] = 3  # flagged frames with one cause within window_s that open an incident
+    window_s: Positive = 60.0
+    quiet_s: Positive = 300.0  # an incident closes after this long without its cause; the next one alerts again
 
 
 @dataclass
@@ -123,7 +136,7 @@ class SparkplugSection:
     """The camera as a Sparkplug B edge node for SCADA/MES (devices/sparkplug.py, docs/sparkplug.md)."""
 
     group: str = ""  # Sparkplug group id; the edge node id is device.id; empty: off
-    every_s: float = 5.0  # NDATA at most this often, with the metrics that changed
+    every_s: Positive = 5.0  # NDATA at most this often, with the metrics that changed
 
 
 @dataclass
@@ -143,6 +156,7 @@ class Config:
     def validate(self) -> Config:
         from bouncer.runtime.schemas import SchemaError, check_device_id, gate_topic
 
+        check_fields(self)
         try:
             check_device_id(self.device.id)
         except SchemaError as exc:
@@ -160,34 +174,6 @@ class Config:
         self.mqtt.validate()
         if self.sparkplug.group and not self.mqtt.broker:
             raise BouncerError("sparkplug.group: needs mqtt.broker (Sparkplug B travels over MQTT)")
-        checks = [
-            ("outbox.max_mb", self.outbox.max_mb > 0),
-            ("outbox.jpeg_quality", 1 <= self.outbox.jpeg_quality <= 100),
-            ("outbox.jpeg_max_side", self.outbox.jpeg_max_side >= 16),
-            ("outbox.audit_rate", 0.0 <= self.outbox.audit_rate <= 1.0),
-            ("source.max_fps", self.source.max_fps >= 0),
-            ("drift.warmup", self.drift.warmup >= 10),
-            ("drift.h", self.drift.h > 0),
-            ("mqtt.keepalive", self.mqtt.keepalive >= 5),
-            ("metrics.port", 0 <= self.metrics.port <= 65535),
-            ("ota.poll_s", self.ota.poll_s > 0),
-            ("ota.canary_size", self.ota.canary_size >= 0),
-            ("ota.canary_every", self.ota.canary_every >= 1),
-            ("ota.trial_frames", self.ota.trial_frames >= 0),
-            ("ota.first_check_s", self.ota.first_check_s >= 0),
-            ("line.unit", 0 <= self.line.unit <= 247),
-            ("line.register", 0 <= self.line.register <= 65532),
-            ("line.deadline_ms", self.line.deadline_ms > 0),
-            ("line.heartbeat_s", self.line.heartbeat_s > 0),
-            ("line.timeout_s", self.line.timeout_s > 0),
-            ("alerts.min_frames", self.alerts.min_frames >= 1),
-            ("alerts.window_s", self.alerts.window_s > 0),
-            ("alerts.quiet_s", self.alerts.quiet_s > 0),
-            ("sparkplug.every_s", self.sparkplug.every_s > 0),
-        ]
-        for key, ok in checks:
-            if not ok:
-                raise BouncerError(f"{key}: value out of range")
         return self
 
 
@@ -213,7 +199,14 @@ def _convert(root: type, data: dict[str, Any]) -> Any:
         return msgspec.convert(data, type=root)
     except msgspec.ValidationError as exc:  # "Expected `float`, got `str` - at `$.outbox.max_mb`"
         found = re.fullmatch(r"(.*) - at `\$\.(.+)`", str(exc))
-        raise BouncerError(f"{found[2]}: {found[1]}" if found else f"config: {exc}") from None
+        if not found:
+            raise BouncerError(f"config: {exc}") from None
+        raise BouncerError(f"{found[2]}: {found[1]}") from None
+
+
+def check_fields(config: Any) -> None:
+    """The fields' types and ranges, for a config built in code as for one read from a file."""
+    _convert(type(config), msgspec.to_builtins(config))
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None, root: type = Config) -> Any:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from bouncer.runtime.config import MqttSection
+from msgspec import Meta
+
+from bouncer.runtime.config import MqttSection, NonNegative, Port, check_fields
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.schemas import SchemaError, gate_topic
 
@@ -29,24 +32,25 @@ class StationSection:
     # what this process does: ingest (MQTT -> store), web (UI, JSON API, TUF repository), retrain (retraining,
     # approval, signing, publishing; one holder at a time across all workers on one database)
     roles: list[str] = field(default_factory=lambda: list(ROLES))
-    sweep_grace_s: float = 3600.0  # an object with no row, older than this, is removed (left by a crash)
-    wait_s: float = 60.0  # at start: how long to wait for the database and the object store, saying so
+    # an object with no row, older than this, is removed (left by a crash; a live one is younger than 60 s)
+    sweep_grace_s: Annotated[float, Meta(ge=60)] = 3600.0
+    wait_s: NonNegative = 60.0  # at start: how long to wait for the database and the object store, saying so
     # unlabelled frames, quarantined payloads and device stats older than this are deleted (0: kept for ever);
     # labelled frames, gates, events and the audit log are always kept
-    retention_days: float = 0.0
+    retention_days: NonNegative = 0.0
 
 
 @dataclass
 class HttpSection:
     host: str = "127.0.0.1"  # anything but loopback needs a token
-    port: int = 8080
+    port: Port = 8080
     token_env: str = "BOUNCER_STATION_TOKEN"  # the API token is read from this environment variable
 
 
 @dataclass
 class RetrainSection:
-    every_s: float = 0.0  # retrain each group on this schedule if labels arrived since its last gate (0: off)
-    min_new_labels: int = 0  # ... or as soon as a group has this many new labels (0: off)
+    every_s: NonNegative = 0.0  # retrain each group on this schedule if labels arrived since its last gate (0: off)
+    min_new_labels: Annotated[int, Meta(ge=0)] = 0  # ... or as soon as a group has this many new labels (0: off)
     approval: str = "auto"  # auto: publish a challenger that passes its checks; manual: wait for an operator
 
 
@@ -58,6 +62,7 @@ class StationConfig:
     retrain: RetrainSection = field(default_factory=RetrainSection)
 
     def validate(self) -> StationConfig:
+        check_fields(self)
         if not self.station.groups or len(set(self.station.groups)) != len(self.station.groups):
             raise BouncerError("station.groups: one or more distinct group names")
         for g in self.station.groups:
@@ -67,8 +72,6 @@ class StationConfig:
                 raise BouncerError(f"station.groups: {exc}") from None
         if self.retrain.approval not in ("auto", "manual"):
             raise BouncerError(f"retrain.approval: 'auto' or 'manual', got {self.retrain.approval!r}")
-        if self.retrain.every_s < 0 or self.retrain.min_new_labels < 0:
-            raise BouncerError("retrain.every_s, retrain.min_new_labels: must not be negative")
         self.mqtt.validate()
         if self.station.database and not self.station.database.startswith(("postgresql://", "postgres://")):
             raise BouncerError("station.database: empty (SQLite in station.data_dir) or postgresql://USER@HOST:PORT/DB")
@@ -79,12 +82,4 @@ class StationConfig:
         bad = [r for r in self.station.roles if r not in ROLES]
         if bad or not self.station.roles:
             raise BouncerError(f"station.roles: one or more of {', '.join(ROLES)}, got {self.station.roles}")
-        if self.station.retention_days < 0:
-            raise BouncerError("station.retention_days: must not be negative (0 keeps everything)")
-        if self.station.wait_s < 0:
-            raise BouncerError("station.wait_s: must not be negative")
-        if self.station.sweep_grace_s < 60:
-            raise BouncerError("station.sweep_grace_s: at least 60 (a frame between its object and its row is younger)")
-        if not 0 <= self.http.port <= 65535:
-            raise BouncerError("http.port: value out of range")
         return self

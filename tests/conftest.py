@@ -10,6 +10,30 @@ from helpers import Mosquitto, Postgres, SeaweedFS, run_cli, station_config
 
 from bouncer.runtime import home
 
+# The fast tier (`scripts/test --fast`) leaves out every test that needs a trained model, a real server or the
+# packaged install: those that use these fixtures, are marked slow or heavy, or run the type check or a wheel build.
+HEAVY_FIXTURES = {"bouncer_home", "built_models", "sim_gate", "broker", "postgres_server", "s3_server", "detector",
+                  "detection_line", "station_dir"}  # fmt: skip
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true", help="only tests that need no trained model or real server")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "heavy: needs a trained model, a real server or a build (not in --fast)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--fast"):
+        return
+    keep, drop = [], []
+    for item in items:
+        heavy = HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow")
+        (drop if heavy or item.get_closest_marker("heavy") else keep).append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)
+
 
 @pytest.fixture(scope="session")
 def bouncer_home(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -153,29 +153,29 @@ def test_sparkplug_needs_a_broker_and_a_valid_group(sim_gate, tmp_path):
 def test_one_alert_per_incident_not_per_frame():
     sent: list[tuple[str, dict]] = []
     a = Alerts(lambda kind, fields: sent.append((kind, fields)), min_frames=3, window_s=60, quiet_s=300)
-    a.frame(0.0, "review", ["ood"], "f0")
-    a.frame(100.0, "review", ["ood"], "f1")  # two OOD frames 100 s apart: noise, no incident
-    a.frame(101.0, "review", ["ood"], "f2")
+    a.note(0.0, "review", ["ood"], "f0")
+    a.note(100.0, "review", ["ood"], "f1")  # two OOD frames 100 s apart: noise, no incident
+    a.note(101.0, "review", ["ood"], "f2")
     assert sent == []
-    a.frame(102.0, "review", ["ood"], "f3")
+    a.note(102.0, "review", ["ood"], "f3")
     assert [k for k, _ in sent] == ["new_defect_suspected"] and sent[0][1]["frame_ids"] == ["f1", "f2", "f3"]
     for t in range(103, 390):
-        a.frame(float(t), "review", ["ood"], f"g{t}")  # the incident goes on: silent
-        a.frame(float(t) + 0.5, "accept", [], None)
+        a.note(float(t), "review", ["ood"], f"g{t}")  # the incident goes on: silent
+        a.note(float(t) + 0.5, "accept", [], None)
     assert len(sent) == 1
     for t in range(400, 403):  # a blurred lens: its own incident
-        a.frame(float(t), "reject", ["blur", "dark"], f"b{t}")
+        a.note(float(t), "reject", ["blur", "dark"], f"b{t}")
     assert sent[-1][0] == "quality" and sent[-1][1]["key"] == "quality:blur" and len(sent) == 2
-    a.event(410.0, "drift", {"signal": "brightness", "direction": "down"})
-    a.event(411.0, "drift", {"signal": "brightness", "direction": "down"})  # the same alarm again: same incident
-    a.event(412.0, "camera_lost", {"uri": "rtsp://cam"})
-    a.event(413.0, "camera_lost", {"uri": "rtsp://cam"})
+    a.note_event(410.0, "drift", {"signal": "brightness", "direction": "down"})
+    a.note_event(411.0, "drift", {"signal": "brightness", "direction": "down"})  # the same alarm again: same incident
+    a.note_event(412.0, "camera_lost", {"uri": "rtsp://cam"})
+    a.note_event(413.0, "camera_lost", {"uri": "rtsp://cam"})
     assert [k for k, _ in sent[2:]] == ["drift", "camera_lost"]
-    a.event(414.0, "camera_recovered", {"uri": "rtsp://cam"})
-    a.event(415.0, "camera_lost", {"uri": "rtsp://cam"})  # lost again after it came back: a new incident
+    a.note_event(414.0, "camera_recovered", {"uri": "rtsp://cam"})
+    a.note_event(415.0, "camera_lost", {"uri": "rtsp://cam"})  # lost again after it came back: a new incident
     assert [k for k, _ in sent].count("camera_lost") == 2
     for t in (1000.0, 1001.0, 1002.0):  # 300 s quiet closed the OOD incident: the next one alerts again
-        a.frame(t, "review", ["ood"], None)
+        a.note(t, "review", ["ood"], None)
     assert [k for k, _ in sent].count("new_defect_suspected") == 2
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from bouncer.runtime import kernels
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.specs import HeadSpec, InputKey
 from bouncer.runtime.modelcard import ModelCard
 
 EPS = 1e-6
@@ -49,37 +50,26 @@ def patches(fmap: np.ndarray) -> np.ndarray:
 
 
 def parse_head(spec: str) -> tuple[str, str, str | None]:
-    """`maha:OUT`, `patch:MAP`, `knn:OUT[@max]`, `knn:OUT@tiles`, `patchknn:MAP[+MAP...]` or `orphan:DETECTIONS`
-    -> (kind, source, reduce)."""
-    kind, _, rest = spec.partition(":")
-    source, _, reduce = rest.partition("@")
-    known = ("maha", "patch", "knn", "patchknn", "orphan")
-    joined = "+" in source and (kind != "patchknn" or not all(source.split("+")))
-    if kind not in known or not source or reduce not in ("", "max", "tiles") or (reduce and kind != "knn") or joined:
-        raise BouncerError(f"OOD head {spec!r}: expected maha:OUTPUT, patch:MAP, knn:OUTPUT, knn:MAP@max, "
-                           "knn:OUTPUT@tiles, patchknn:MAP[+MAP] or orphan:DETECTIONS (a detector gate's raw "
-                           "output)")  # fmt: skip
-    return kind, source, "patch" if kind == "patchknn" else reduce or None
+    """A head spec -> (kind, source, reduce): runtime/gates/specs.py parses it."""
+    h = HeadSpec.parse(spec)
+    return h.kind, h.source, h.reduce
 
 
 def input_key(spec: str) -> str:
-    """The per-frame vector a head reads: its source output, `MAP@max` for a kNN head on a map's channel
-    maxima, `OUT@tiles` for the output on each tile of the frame (runtime/tiles.py), `MAP+MAP@patch` for a patch
-    head's joined grid. Heads of different kinds on the same input share it
-    (feature sets, the wire)."""
-    _, source, reduce = parse_head(spec)
-    return f"{source}@{reduce}" if reduce else source
+    """The per-frame vector a head reads (runtime/gates/specs.py)."""
+    return str(HeadSpec.parse(spec).input)
 
 
 def input_sources(key: str) -> list[str]:
     """The model outputs an input key is made from."""
-    return key.partition("@")[0].split("+")
+    return list(InputKey.parse(key).sources)
 
 
 def head_input(key: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
     """The vector behind an input key, from a backbone's outputs (float32, one row per frame; a patch head's
     input is the joined, 3x3-averaged map grid, N x C x H x W; a tile head's, N x tiles x D)."""
-    source, _, reduce = key.partition("@")
+    k = InputKey.parse(key)
+    source, reduce = k.source, k.reduce
     if reduce == "tiles":
         tiled = outputs.get(tile_output(source))
         if tiled is None:
@@ -113,7 +103,7 @@ def frame_vectors(card: ModelCard, outputs: dict[str, np.ndarray]) -> dict[str, 
     # a detector's raw output is not a vector to retrain from (and large): its kept boxes travel instead
     task = [] if card.task == "detector" else [card.task_input]
     keys = dict.fromkeys([*task, *candidate_inputs(card)])
-    return {k: np.atleast_1d(head_input(k, outputs)[0]) for k in keys if k.partition("@")[0] in outputs}
+    return {k: np.atleast_1d(head_input(k, outputs)[0]) for k in keys if InputKey.parse(k).source in outputs}
 
 
 class OodHead:
