@@ -165,6 +165,7 @@ def test_an_ingest_worker_waits_out_a_database_and_an_object_store_restart_and_l
         s3.stop()
 
 
+@pytest.mark.heavy  # real servers, a minute
 def test_bench_station_stores_every_frame_once_through_every_fault(tmp_path):
     """`bouncer bench station`, small: its own servers, one and two ingest workers, then a worker SIGKILLed and
     PostgreSQL, the object store and the broker restarted; every frame published has one row and one object."""

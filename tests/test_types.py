@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 
+@pytest.mark.heavy  # mypy over the package
 def test_the_package_type_checks(tmp_path):
     # the checkout is the package `bouncer` (pyproject's package-dir): give mypy that layout through a link
     root = tmp_path / "root"
