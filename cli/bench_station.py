@@ -29,6 +29,7 @@ import numpy as np
 from bouncer.cli.servers import Mosquitto, Postgres, SeaweedFS, free_port
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.decision import Verdict
 
 TS_MARK = 1111111111.111111  # a publish time placeholder of the same width as time.time() with 6 decimals
 ID_MARK = "f" * 32
@@ -42,9 +43,9 @@ def _template(device: str, size_kb: int) -> bytes:
     img = rng.integers(0, 255, (side, side, 3), np.uint8)
     jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 75])[1].tobytes()
     msg = schemas.FrameMessage(
-        id=ID_MARK, device=device, ts=TS_MARK, source="/bench/frame.png", decision="review", label="gear",
+        v=1, id=ID_MARK, device=device, ts=TS_MARK, source="/bench/frame.png", decision=Verdict.REVIEW, label="gear",
         confidence=0.61, ood_score=3.2, reasons=["ood"], details=[], quality={"mean": 100.0}, gate_version="bench",
-        backbone_hash="b" * 64, jpeg=jpeg, features={"features": rng.normal(size=1280).astype(np.float32)},
+        backbone_hash="b" * 64, jpeg=jpeg, features=schemas.features_to_wire({"features": rng.normal(size=1280)}),
     )  # fmt: skip
     return msg.encode()
 

@@ -84,21 +84,12 @@ class Flagger(Output):
         of a flagged frame's cost). The other way round, the helper waited for the GIL before it could start."""
         guard = self.guard()
         b = guard.bundle
-        msg = schemas.FrameMessage(
+        msg = schemas.FrameMessage.of_decision(
+            decision,
             id=message_id(self._id_key, self.device, source_uri, item.key, finite),
             device=self.device,
             ts=time.time(),
             source=item.source,
-            decision=decision.decision,
-            label=decision.label,
-            confidence=decision.confidence,
-            ood_score=decision.ood_score,
-            reasons=decision.reasons,
-            details=decision.details,
-            boxes=decision.boxes,
-            size=decision.size if decision.boxes is not None else None,
-            candidates=decision.candidates,
-            quality={k: round(v, 4) for k, v in decision.quality.items()},
             gate_version=b.version,
             backbone_hash=b.backbone_hash,
             jpeg=b"",
@@ -123,8 +114,9 @@ class Flagger(Output):
         """`msg` with what a flagged frame carries besides its JPEG: the vectors the station retrains from (every
         input head selection can choose from) and the heatmap PNG; encoded without the JPEG."""
         if outputs is not None:
-            msg.features = frame_vectors(guard.backend.card, outputs)
+            vectors = frame_vectors(guard.backend.card, outputs)
+            msg.features = schemas.features_to_wire(vectors)
             if self.cfg.explain:
-                h = explain.heatmap(guard.bundle, outputs, msg.features, guard.backend.card.anomaly_map)
+                h = explain.heatmap(guard.bundle, outputs, vectors, guard.backend.card.anomaly_map)
                 msg.heatmap = None if h is None else explain.heatmap_png(h)
         return msg.encode_head()

@@ -15,13 +15,13 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
 
-from bouncer.runtime.gates.decision import Verdict
+from bouncer.runtime.gates.decision import Decision, Verdict
 
 VERSION = 1
 PREFIX = f"bouncer/v{VERSION}"
@@ -110,6 +110,7 @@ def decode(payload: bytes, what: str) -> dict[str, Any]:
 
 DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern, description="A-Z a-z 0-9 _ . -, 1-64")]
 MessageId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern, description="A-Z a-z 0-9 _ . -, 1-64")]
+GroupName = Annotated[str, msgspec.Meta(pattern=GROUP.pattern, description="A-Z a-z 0-9 _ . -, 1-64")]
 FeatureName = Annotated[str, msgspec.Meta(pattern=FEATURE_NAME.pattern, description="A-Z a-z 0-9 _ . : + @ -, 1-64")]
 Number = Annotated[float, msgspec.Meta(description="a JSON number")]
 Timestamp = Annotated[float, msgspec.Meta(ge=EARLIEST_TS, le=LATEST_TS, description="Unix seconds, 1970..2100")]
@@ -123,6 +124,18 @@ class FeatureWire(msgspec.Struct, forbid_unknown_fields=True):
     shape: Annotated[list[Dim], msgspec.Meta(min_length=1, max_length=4)]
     fp16: bytes
 
+    def __post_init__(self) -> None:
+        if len(self.fp16) != 2 * math.prod(self.shape):
+            raise ValueError(f"{len(self.fp16)} bytes are not float16 of shape {self.shape}")
+
+    @classmethod
+    def of(cls, a: np.ndarray) -> FeatureWire:
+        h = np.ascontiguousarray(a, np.float16)
+        return cls(shape=list(h.shape), fp16=h.tobytes())
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.fp16, np.float16).reshape(tuple(self.shape)).astype(np.float32)
+
 
 class BoxWire(msgspec.Struct, forbid_unknown_fields=True):
     """One box a detector gate kept: its class, calibrated probability, corners in frame pixels."""
@@ -132,8 +145,15 @@ class BoxWire(msgspec.Struct, forbid_unknown_fields=True):
     cls: str = msgspec.field(name="class")
 
 
-class FrameWire(msgspec.Struct, kw_only=True):
-    """A flagged frame (`bouncer/v1/<device>/frames`): docs/mqtt.md explains each field."""
+Side = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class FrameMessage(msgspec.Struct, kw_only=True):
+    """A flagged frame (`bouncer/v1/<device>/frames`): docs/mqtt.md explains each field.
+
+    The one record of a flagged frame: the device builds it from the decision (`of_decision`), it is the wire's
+    JSON as it is (the documented schema is generated from it), the station decodes into it and stores it by
+    field name. `jpeg` is the last field: a device encodes the rest while the JPEG is being encoded."""
 
     v: Literal[1]
     id: MessageId
@@ -149,14 +169,67 @@ class FrameWire(msgspec.Struct, kw_only=True):
     quality: dict[Text, Number]
     gate_version: Text
     backbone_hash: Text
-    jpeg: bytes
     features: Annotated[dict[FeatureName, FeatureWire], msgspec.Meta(max_length=MAX_FEATURES)]
-    group: str | None = None  # null or missing: "default"
-    heatmap: bytes | None = None
-    audit: bool = False
+    group: GroupName | None = None  # null or missing: "default" (read `group` after decoding: never null)
+    heatmap: bytes | None = None  # PNG: where the frame is unusual (runtime/gates/explain.py)
+    audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
     boxes: list[BoxWire] | None = None  # a detector gate's kept boxes
-    size: list[int] | None = None  # a detector gate's frame width and height: the boxes' pixel space
+    size: Annotated[list[Side], msgspec.Meta(min_length=2, max_length=2)] | None = None  # their pixel space: w, h
     candidates: list[list[Number]] | None = None  # a detector's candidates after NMS: x1 y1 x2 y2 class score
+    jpeg: bytes
+
+    def __post_init__(self) -> None:
+        if self.group is None:
+            self.group = "default"
+        if self.candidates is not None:
+            check_candidates(self.candidates)
+
+    @classmethod
+    def of_decision(
+        cls,
+        d: Decision,
+        *,
+        features: dict[str, np.ndarray] | None = None,
+        **fields: Any,
+    ) -> FrameMessage:
+        """A flagged frame from the guard's decision; `fields` are the rest (id, device, ts, source, gate...)."""
+        return cls(
+            v=1, decision=d.decision, label=d.label, confidence=d.confidence, ood_score=d.ood_score,
+            reasons=d.reasons, details=d.details, quality={k: round(float(v), 4) for k, v in d.quality.items()},
+            features=features_to_wire(features or {}), boxes=boxes_to_wire(d.boxes),
+            size=None if d.boxes is None or d.size is None else [int(v) for v in d.size],
+            candidates=None if d.candidates is None else candidates_to_wire(d.candidates), **fields,
+        )  # fmt: skip
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    def encode_head(self) -> bytes:
+        """The message with an empty JPEG, for `with_jpeg`."""
+        return msgspec.json.encode(msgspec.structs.replace(self, jpeg=b""))
+
+    @staticmethod
+    def with_jpeg(head: bytes, jpeg: bytes) -> bytes:
+        """`encode_head`'s JSON with the JPEG put in. Its base64 is spliced in as it is: the alphabet needs no JSON
+        escaping, and encoding ~30 KB again was a third of the message's cost on the camera loop."""
+        if not head.endswith(b',"jpeg":""}'):
+            raise ValueError("not a frame message head")
+        return head[:-2] + base64.b64encode(jpeg) + b'"}'
+
+    @classmethod
+    def decode(cls, payload: bytes) -> FrameMessage:
+        what = "frame message"
+        return _convert(decode(payload, what), cls, what)
+
+    def feature_arrays(self) -> dict[str, np.ndarray]:
+        return {name: f.array() for name, f in self.features.items()}
+
+    def candidate_array(self) -> np.ndarray | None:
+        return None if self.candidates is None else np.asarray(self.candidates, np.float32).reshape(-1, 6)
+
+    def box_dicts(self) -> list[dict[str, Any]] | None:
+        """The kept boxes as the store and the pages read them: class, p, box."""
+        return None if self.boxes is None else [{"class": b.cls, "p": b.p, "box": b.box} for b in self.boxes]
 
 
 class StatusWire(msgspec.Struct, kw_only=True):
@@ -227,7 +300,7 @@ class GateAnnouncementWire(msgspec.Struct, kw_only=True):
 
 
 WIRE = {
-    "frame": FrameWire,
+    "frame": FrameMessage,
     "status": StatusWire,
     "event": EventWire,
     "alert": AlertWire,
@@ -249,98 +322,15 @@ def _convert(obj: dict[str, Any], kind: type[Any], what: str) -> Any:
         raise SchemaError(f"{what}: {exc}") from None
 
 
-def features_to_wire(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Named feature vectors as fp16 base64 with their shapes (the station retrains from these)."""
-    out = {}
-    for name, a in arrays.items():
-        h = np.ascontiguousarray(a, np.float16)
-        out[name] = {"shape": list(h.shape), "fp16": base64.b64encode(h.tobytes()).decode()}
-    return out
+def features_to_wire(arrays: dict[str, np.ndarray]) -> dict[str, FeatureWire]:
+    """Named feature vectors as float16 with their shapes (the station retrains from these)."""
+    return {name: FeatureWire.of(a) for name, a in arrays.items()}
 
 
-@dataclass
-class FrameMessage:
-    """A flagged frame: what the guard decided, why, the JPEG, and the features to retrain from."""
-
-    id: str
-    device: str
-    ts: float
-    source: str | None
-    decision: str
-    label: str | None
-    confidence: float | None
-    ood_score: float | None
-    reasons: list[str]
-    details: list[dict[str, Any]]
-    quality: dict[str, float]
-    gate_version: str
-    backbone_hash: str
-    jpeg: bytes
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-    group: str = "default"  # the device's line / camera group: which gate it follows
-    heatmap: bytes | None = None  # PNG: where the frame is unusual (runtime/gates/explain.py)
-    audit: bool = False  # an accepted frame sampled for spot checks, not a flagged one
-    boxes: list[dict[str, Any]] | None = None  # a detector gate's kept boxes: class, p, box (frame pixels)
-    size: tuple[int, int] | None = None  # the frame's width and height (a detector's boxes are in its pixels)
-    candidates: np.ndarray | None = None  # M x 6: corners, class index, raw score (the station recalibrates)
-
-    def encode(self) -> bytes:
-        return self.with_jpeg(self.encode_head(), self.jpeg)
-
-    def encode_head(self) -> bytes:
-        """The message without its JPEG (a device builds it while the JPEG is being encoded)."""
-        return encode(
-            {
-                "id": self.id,
-                "device": self.device,
-                "ts": self.ts,
-                "source": self.source,
-                "decision": self.decision,
-                "label": self.label,
-                "confidence": self.confidence,
-                "ood_score": self.ood_score,
-                "reasons": self.reasons,
-                "details": self.details,
-                "quality": self.quality,
-                "gate_version": self.gate_version,
-                "backbone_hash": self.backbone_hash,
-                "features": features_to_wire(self.features),
-                "group": self.group,
-                "heatmap": None if self.heatmap is None else base64.b64encode(self.heatmap).decode(),
-                "audit": self.audit,
-                **({} if self.boxes is None else {"boxes": self.boxes}),
-                **({} if self.size is None else {"size": [int(v) for v in self.size]}),
-                **({} if self.candidates is None else {"candidates": candidates_to_wire(self.candidates)}),
-            }
-        )
-
-    @staticmethod
-    def with_jpeg(head: bytes, jpeg: bytes) -> bytes:
-        """`encode_head`'s JSON with the JPEG field added. Its base64 is appended as it is: the alphabet needs no
-        JSON escaping, and the encoder's scan of ~30 KB was a third of the message's cost on the camera loop."""
-        return head[:-1] + b',"jpeg":"' + base64.b64encode(jpeg) + b'"}'
-
-    @classmethod
-    def decode(cls, payload: bytes) -> FrameMessage:
-        what = "frame message"
-        w: FrameWire = _convert(decode(payload, what), FrameWire, what)
-        check_device_id(w.device)
-        features = {}
-        for name, f in w.features.items():
-            try:
-                features[name] = np.frombuffer(f.fp16, np.float16).reshape(tuple(f.shape)).astype(np.float32)
-            except ValueError as exc:
-                raise SchemaError(f"{what}: feature {name!r} malformed ({exc})") from None
-        return cls(
-            id=w.id, device=w.device, ts=float(w.ts), source=w.source, decision=w.decision, label=w.label,
-            confidence=w.confidence, ood_score=w.ood_score, reasons=w.reasons, details=w.details,
-            quality=w.quality, gate_version=w.gate_version, backbone_hash=w.backbone_hash, jpeg=w.jpeg,
-            features=features, group=_group(w.group or "default", what), heatmap=w.heatmap, audit=w.audit,
-            boxes=None if w.boxes is None else [{"class": b.cls, "p": float(b.p), "box": [float(v) for v in b.box]}
-                                                for b in w.boxes],
-            size=None if w.size is None else _size(w.size, what),
-            candidates=None if w.candidates is None else candidates_from_wire(w.candidates, what),
-        )  # fmt: skip
+def boxes_to_wire(boxes: list[dict[str, Any]] | None) -> list[BoxWire] | None:
+    if boxes is None:
+        return None
+    return [BoxWire(box=[float(v) for v in b["box"]], p=float(b["p"]), cls=str(b["class"])) for b in boxes]
 
 
 def candidates_to_wire(c: np.ndarray) -> list[list[float]]:
@@ -348,27 +338,14 @@ def candidates_to_wire(c: np.ndarray) -> list[list[float]]:
     return [[*(round(float(v), 1) for v in r[:4]), int(r[4]), round(float(r[5]), 6)] for r in np.asarray(c)]
 
 
-def candidates_from_wire(rows: list[list[Any]], what: str) -> np.ndarray:
+def check_candidates(rows: list[list[Any]]) -> None:
     c = np.asarray(rows, np.float64).reshape(-1, 6) if all(len(r) == 6 for r in rows) else None
     if c is None or not np.isfinite(c).all():
-        raise SchemaError(f"{what}: candidates are rows of 6 finite numbers (x1 y1 x2 y2 class score)")
+        raise ValueError("candidates are rows of 6 finite numbers (x1 y1 x2 y2 class score)")
     if (c[:, 4] < 0).any() or (c[:, 4] % 1).any() or (c[:, 5] < 0).any() or (c[:, 5] > 1).any():
-        raise SchemaError(f"{what}: a candidate's class is not an index or its score is outside 0..1")
+        raise ValueError("a candidate's class is not an index or its score is outside 0..1")
     if (c[:, 2] < c[:, 0]).any() or (c[:, 3] < c[:, 1]).any():
-        raise SchemaError(f"{what}: a candidate's corners are not x1 <= x2, y1 <= y2")
-    return c.astype(np.float32)
-
-
-def _size(size: list[int], what: str) -> tuple[int, int]:
-    if len(size) != 2 or not all(isinstance(v, int) and 0 < v <= 65535 for v in size):
-        raise SchemaError(f"{what}: size is [width, height] in pixels, got {size!r}")
-    return size[0], size[1]
-
-
-def _group(group: str, what: str) -> str:
-    if not GROUP.match(group):
-        raise SchemaError(f"{what}: group {group!r} is not 1-64 characters of A-Z a-z 0-9 _ . -")
-    return group
+        raise ValueError("a candidate's corners are not x1 <= x2, y1 <= y2")
 
 
 def event(device: str, kind: str, **fields: Any) -> bytes:

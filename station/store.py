@@ -63,17 +63,35 @@ class Frame:
         return d
 
 
-FRAME_COLUMNS = (
-    "id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, reasons, details, quality, "
-    "gate_version, label_kind, label, heatmap_path, audit, boxes, size, labelled_by"
-)
+# The frames table's columns a `Frame` is read from, by name (the table's `grp` is the record's `group`)
+FRAME_FIELDS = ("id", "grp", "device", "ts", "received", "source", "decision", "predicted", "confidence", "ood_score",
+                "reasons", "details", "quality", "gate_version", "label_kind", "label", "heatmap_path", "audit",
+                "boxes", "size", "labelled_by")  # fmt: skip
+FRAME_COLUMNS = ", ".join(FRAME_FIELDS)
+JSON_FIELDS = {"reasons", "details", "quality", "boxes", "size"}
 
 
 def _frame(row: tuple) -> Frame:
-    values = list(row)
-    for i in (10, 11, 12, 18, 19):
-        values[i] = None if values[i] is None else json.loads(values[i])
-    return Frame(*values)
+    values = dict(zip(FRAME_FIELDS, row, strict=True))
+    for k in JSON_FIELDS:
+        values[k] = None if values[k] is None else json.loads(values[k])
+    values["group"] = values.pop("grp")
+    return Frame(**values)
+
+
+def frame_row(m: schemas.FrameMessage, received: float) -> dict[str, Any]:
+    """A frame message as the frames table's row, column by name."""
+    boxes = m.box_dicts()
+    return {
+        "id": m.id, "grp": m.group, "device": m.device, "ts": m.ts, "received": received, "source": m.source,
+        "decision": m.decision, "predicted": m.label, "confidence": m.confidence, "ood_score": m.ood_score,
+        "reasons": json.dumps(m.reasons), "details": json.dumps(m.details), "quality": json.dumps(m.quality),
+        "gate_version": m.gate_version, "backbone_hash": m.backbone_hash, "jpeg_path": frame_key(m.id, "jpg"),
+        "heatmap_path": frame_key(m.id, "heat.png") if m.heatmap else None, "audit": int(m.audit),
+        "features": pack_features(m.feature_arrays()) if m.features else None,
+        "boxes": None if boxes is None else json.dumps(boxes), "size": None if m.size is None else json.dumps(m.size),
+        "candidates": None if (c := m.candidate_array()) is None else c.tobytes(),
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,24 +208,12 @@ class Store:
                 blobs.append((frame_key(m.id, "heat.png"), m.heatmap))
         self._put_all(blobs)
         now = time.time()
-        rows = [
-            (
-                m.id, m.group, m.device, m.ts, now, m.source, m.decision, m.label, m.confidence, m.ood_score,
-                json.dumps(m.reasons), json.dumps(m.details), json.dumps(m.quality), m.gate_version, m.backbone_hash,
-                frame_key(m.id, "jpg"), frame_key(m.id, "heat.png") if m.heatmap else None, int(m.audit),
-                pack_features(m.features) if m.features else None, None if m.boxes is None else json.dumps(m.boxes),
-                None if m.size is None else json.dumps(list(m.size)),
-                None if m.candidates is None else np.asarray(m.candidates, np.float32).tobytes(),
-            )
-            for m in fresh
-        ]  # fmt: skip
+        rows = [frame_row(m, now) for m in fresh]
+        columns = list(rows[0]) if rows else []
         inserted = self.db.insert_new(
-            "INSERT INTO frames (id, grp, device, ts, received, source, decision, predicted, confidence, ood_score, "
-            "reasons, details, quality, gate_version, backbone_hash, jpeg_path, heatmap_path, audit, features, "
-            "boxes, size, candidates) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING "
-            "RETURNING id",
-            rows,
+            f"INSERT INTO frames ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id",
+            [tuple(r[c] for c in columns) for r in rows],
         )
         seen: set[str] = set()
         out = []

@@ -237,12 +237,9 @@ def device_messages(sim_gate: Path, model: Path, folder: Path, device: str, grou
         if d.decision == "accept" or out is None:
             continue
         features = frame_vectors(guard.backend.card, out)
-        msgs.append(schemas.FrameMessage(
-            id=f"{device}-{i:05d}", device=device, ts=time.time(), source=str(path), decision=d.decision,
-            label=d.label, confidence=d.confidence, ood_score=d.ood_score, reasons=d.reasons, details=d.details,
-            quality=d.quality, gate_version=b.version, backbone_hash=b.backbone_hash,
-            jpeg=cv2.imencode(".jpg", frame)[1].tobytes(), features=features, group=group,
-            heatmap=None if (h := explain.heatmap(b, out)) is None else explain.heatmap_png(h), boxes=d.boxes,
-            size=d.size if d.boxes is not None else None, candidates=d.candidates,
+        msgs.append(schemas.FrameMessage.of_decision(
+            d, id=f"{device}-{i:05d}", device=device, ts=time.time(), source=str(path), gate_version=b.version,
+            backbone_hash=b.backbone_hash, jpeg=cv2.imencode(".jpg", frame)[1].tobytes(), features=features,
+            group=group, heatmap=None if (h := explain.heatmap(b, out)) is None else explain.heatmap_png(h),
         ))  # fmt: skip
     return msgs

@@ -66,8 +66,9 @@ def test_once_delivers_every_flagged_frame_per_schema(broker, sim_gate, tmp_path
     img = cv2.imdecode(np.frombuffer(m.jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert img is not None and img.shape[2] == 3
     # every input head selection can choose from, so that the station can choose again when it retrains
-    assert m.features["features"].shape == (1280,) and m.features["pool_s32"].shape == (192,)
-    assert m.features["pool_s2"].shape == (16,) and m.features["map_s16@max"].shape == (112,)
+    f = m.feature_arrays()
+    assert f["features"].shape == (1280,) and f["pool_s32"].shape == (192,)
+    assert f["pool_s2"].shape == (16,) and f["map_s16@max"].shape == (112,)
     assert m.gate_version and len(m.backbone_hash) == 64 and m.device == "cam-1"
     # a plain mosquitto_sub sees a well-formed JSON payload
     out, _ = plain.communicate(timeout=10)

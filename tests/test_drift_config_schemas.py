@@ -193,14 +193,15 @@ def test_box_labels_parse_or_say_why(value, boxes):
 def test_detector_frames_carry_size_and_candidates_on_the_wire():
     cands = np.array([[1, 2, 30, 40, 0, 0.91], [50, 60, 70, 80.5, 1, 0.02]], np.float32)
     m = schemas.FrameMessage(
-        id="a" * 32, device="cam-1", ts=1.5, source=None, decision="review", label="1 gear", confidence=0.6,
+        v=1, id="a" * 32, device="cam-1", ts=1.5, source=None, decision="review", label="1 gear", confidence=0.6,
         ood_score=1.0, reasons=["ambiguous_box"], details=[], quality={}, gate_version="1", backbone_hash="b" * 64,
-        jpeg=b"j", boxes=[{"class": "gear", "p": 0.9, "box": [1.0, 2.0, 30.0, 40.0]}], size=(320, 240),
-        candidates=cands,
+        jpeg=b"j", boxes=schemas.boxes_to_wire([{"class": "gear", "p": 0.9, "box": [1.0, 2.0, 30.0, 40.0]}]),
+        size=[320, 240], candidates=schemas.candidates_to_wire(cands), features={},
     )  # fmt: skip
     back = schemas.FrameMessage.decode(m.encode())
-    assert back.size == (320, 240) and back.boxes == m.boxes
-    np.testing.assert_allclose(back.candidates, cands, atol=0.05)
+    assert back.size == [320, 240] and back.boxes == m.boxes
+    assert back.box_dicts() == [{"class": "gear", "p": 0.9, "box": [1.0, 2.0, 30.0, 40.0]}]
+    np.testing.assert_allclose(back.candidate_array(), cands, atol=0.05)
     for bad, why in (('"size":[320,240]', '"size":[320]'), ('[50.0,60.0,70.0,80.5,1,0.02]', '[50.0,60.0,70.0]'),
                      ('[50.0,60.0,70.0,80.5,1,0.02]', '[50.0,60.0,7.0,80.5,1,0.02]'),
                      ('[50.0,60.0,70.0,80.5,1,0.02]', '[50.0,60.0,70.0,80.5,1.5,0.02]')):  # fmt: skip
@@ -213,6 +214,7 @@ def test_detector_frames_carry_size_and_candidates_on_the_wire():
 def test_frame_message_round_trip():
     feats = {"features": np.arange(8, dtype=np.float32)}
     m = schemas.FrameMessage(
+        v=1,
         id="a" * 32,
         device="cam-1",
         ts=1.5,
@@ -227,11 +229,12 @@ def test_frame_message_round_trip():
         gate_version="1",
         backbone_hash="b" * 64,
         jpeg=b"\xff\xd8jpeg",
-        features=feats,
+        features=schemas.features_to_wire(feats),
     )
     back = schemas.FrameMessage.decode(m.encode())
-    assert back.id == m.id and back.jpeg == m.jpeg and back.reasons == ["ood"]
-    np.testing.assert_array_equal(back.features["features"], feats["features"])
+    assert back == m and back.group == "default"
+    np.testing.assert_array_equal(back.feature_arrays()["features"], feats["features"])
+    assert schemas.FrameMessage.with_jpeg(m.encode_head(), m.jpeg) == m.encode()
     with pytest.raises(schemas.SchemaError, match="decision"):
         schemas.FrameMessage.decode(m.encode().replace(b'"review"', b'"maybe"'))
 
@@ -270,7 +273,7 @@ def test_the_documented_json_schemas_are_the_parsers_own():
     assert sorted(p.stem for p in docs.glob("*.json")) == sorted(generated), "run scripts/gen_schemas"
     for name, schema in generated.items():
         assert json.loads((docs / f"{name}.json").read_text()) == schema, f"docs/schemas/{name}.json is stale"
-    frame = generated["frame"]["$defs"]["FrameWire"]
+    frame = generated["frame"]["$defs"]["FrameMessage"]
     assert {"id", "device", "decision", "jpeg", "features"} <= set(frame["required"])
     assert frame["properties"]["decision"] == {"$ref": "#/$defs/Verdict"}
 

@@ -4,7 +4,6 @@ type to a device accepting it, shared subscriptions, quarantine, labels and the 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from helpers import (
     station_config,
     wait_until,
 )
+from msgspec.structs import replace as restruct
 
 from bouncer.runtime import schemas
 from bouncer.sim import simulator
@@ -178,10 +178,10 @@ def frame_message(device: str, i: int, decision: str = "review") -> schemas.Fram
     img = np.full((48, 64, 3), i % 255, np.uint8)
     rng = np.random.default_rng(i)
     return schemas.FrameMessage(
-        id=f"{device}-{i:05d}", device=device, ts=time.time(), source=f"/frames/{i}.png", decision=decision,
+        v=1, id=f"{device}-{i:05d}", device=device, ts=time.time(), source=f"/frames/{i}.png", decision=decision,
         label="gear", confidence=0.7, ood_score=3.2, reasons=["ood"], details=[], quality={"mean": 100.0},
         gate_version="g1", backbone_hash="b" * 64, jpeg=cv2.imencode(".jpg", img)[1].tobytes(),
-        features={"features": rng.normal(size=1280).astype(np.float32), "pool_s32": rng.normal(size=192)},
+        features=schemas.features_to_wire({"features": rng.normal(size=1280), "pool_s32": rng.normal(size=192)}),
     )  # fmt: skip
 
 
@@ -207,7 +207,7 @@ def test_malformed_messages_are_quarantined_and_duplicates_stored_once(broker, t
             (schemas.topic("cam-3", "frames"), good.encode()),  # a device speaking for another
             (schemas.topic("cam-2", "events"), b'{"v": 2, "event": "drift"}'),
             (schemas.topic("cam-2", "status"), b'{"v": 1, "device": "cam-2", "state": "dancing", "ts": 1}'),
-            (schemas.topic("cam-2", "frames"), dataclasses.replace(frame_message("cam-2", 9), group="line-9").encode()),
+            (schemas.topic("cam-2", "frames"), restruct(frame_message("cam-2", 9), group="line-9").encode()),
             (schemas.topic("cam-2", "alerts"), b'{"v": 1, "id": "a1", "device": "cam-2", "ts": 1, "alert": "fire"}'),
         ]
         alert = schemas.alert("cam-2", "drift", key="drift:brightness", summary="slow drift in brightness down",

@@ -18,9 +18,9 @@ from bouncer.station.store import Store
 
 def frame(i: int) -> schemas.FrameMessage:
     return schemas.FrameMessage(
-        id=f"f{i:04d}", device="cam-1", ts=1000.0 + i, source=f"/frames/{i}.png", decision="review", label="gear",
+        v=1, id=f"f{i:04d}", device="cam-1", ts=1000.0 + i, source=f"/frames/{i}.png", decision="review", label="gear",
         confidence=0.7, ood_score=1.0, reasons=["low_confidence"], details=[], quality={"mean": 100.0},
-        gate_version="v1", backbone_hash="b" * 64, jpeg=b"\xff\xd8jpeg", group="default",
+        gate_version="v1", backbone_hash="b" * 64, jpeg=b"\xff\xd8jpeg", group="default", features={},
     )  # fmt: skip
 
 

@@ -298,8 +298,9 @@ def test_a_camera_runs_the_users_classifier_with_its_sidecar_and_flags_what_it_d
     assert len(strange) == 6 and all(m.decision == "review" for m in strange)
     m = strange[0]
     # what the station needs to recalibrate and choose heads again: the user's scores and every candidate input
-    assert m.features["probs"].shape == (4,) and m.features["embedding"].shape == (128,)
-    assert m.features["sidecar.pool_s32"].shape == (192,) and m.backbone_hash == GateBundle.load(gate).backbone_hash
+    f = m.feature_arrays()
+    assert f["probs"].shape == (4,) and f["embedding"].shape == (128,)
+    assert f["sidecar.pool_s32"].shape == (192,) and m.backbone_hash == GateBundle.load(gate).backbone_hash
     collector.close()
 
 
