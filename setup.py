@@ -12,13 +12,14 @@ from setuptools import setup
 
 # -ffp-contract=off: no fused multiply-adds the numpy reference does not do (aarch64's GCC fuses by default, and
 # x * 0.5 then x - h rounds differently fused: the kernels must match the reference exactly where it is exact)
-flags = ["-O3", "-fopenmp-simd", "-fvisibility=hidden", "-ffp-contract=off"]
+flags = ["-O3", "-fopenmp-simd", "-fvisibility=hidden", "-ffp-contract=off", "-pthread"]
 if os.environ.get("BOUNCER_ASAN"):
     flags = [
         "-O1",
         "-g",
         "-fopenmp-simd",
         "-ffp-contract=off",
+        "-pthread",
         "-fno-omit-frame-pointer",
         "-fsanitize=address,undefined",
         "-DBOUNCER_NO_CLONES",
@@ -32,7 +33,7 @@ ext = Pybind11Extension(
     ["cpp_ext/hotpath.cpp"],
     cxx_std=17,
     extra_compile_args=flags,
-    extra_link_args=["-fsanitize=address,undefined"] if os.environ.get("BOUNCER_ASAN") else [],
+    extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"] if os.environ.get("BOUNCER_ASAN") else []),
     optional=not os.environ.get("BOUNCER_REQUIRE_HOTPATH"),
 )
 

@@ -37,6 +37,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -736,7 +737,7 @@ py::array_t<float> mahalanobis(const py::array &x, const py::array &means, const
 
 // Eight queries against one bank row at once: the row is loaded once for eight dot products instead of once each,
 // which is what made many queries (a patch head's 784 per frame) slower than numpy's matrix product. Rows of x8
-// are the eight queries, d apart. Without FMA contraction (-ffp-contract=off) this runs at the multiply-add limit.
+// are the eight queries, d apart. The portable path of `knn_many` (x86-64 with AVX2 and FMA uses block4x16).
 BOUNCER_CLONES void dot8_f32(const float *row, const float *x8, py::ssize_t d, float *s) {
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, a4 = 0.f, a5 = 0.f, a6 = 0.f, a7 = 0.f;
     const float *x0 = x8, *x1 = x8 + d, *x2 = x8 + 2 * d, *x3 = x8 + 3 * d;
@@ -770,6 +771,111 @@ inline void keep_top(float *top, int k, float s) {
         --pos;
     }
     top[pos] = s;
+}
+
+// A part's worth of multiply-adds below which another thread costs more than it saves (~1 ms of work: a
+// second thread waits for a core the backbone's or BLAS's spinning threads may still hold)
+constexpr py::ssize_t kThreadWork = 40000000;
+
+// Many queries against a float bank, as a matrix product is done: a chunk of bank rows (widened once if float16)
+// stays in cache while every query passes it, eight queries at a time. Writes 1 - the k-th similarity per query.
+#if defined(BOUNCER_X86)
+// Four queries against sixteen bank rows held transposed (cT: d x 16), in sixteen-lane FMA registers: the GEMM
+// micro-kernel numpy's BLAS uses, without its horizontal sums per dot product. s: 4 x 16 similarities.
+__attribute__((target("avx2,fma"))) void block4x16(const float *cT, const float *x, py::ssize_t d, float *s) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0;
+    for (py::ssize_t t = 0; t < d; ++t) {
+        const __m256 lo = _mm256_loadu_ps(cT + t * 16), hi = _mm256_loadu_ps(cT + t * 16 + 8);
+        const __m256 x0 = _mm256_broadcast_ss(x + t), x1 = _mm256_broadcast_ss(x + d + t);
+        const __m256 x2 = _mm256_broadcast_ss(x + 2 * d + t), x3 = _mm256_broadcast_ss(x + 3 * d + t);
+        a0 = _mm256_fmadd_ps(x0, lo, a0), a1 = _mm256_fmadd_ps(x0, hi, a1);
+        b0 = _mm256_fmadd_ps(x1, lo, b0), b1 = _mm256_fmadd_ps(x1, hi, b1);
+        c0 = _mm256_fmadd_ps(x2, lo, c0), c1 = _mm256_fmadd_ps(x2, hi, c1);
+        e0 = _mm256_fmadd_ps(x3, lo, e0), e1 = _mm256_fmadd_ps(x3, hi, e1);
+    }
+    _mm256_storeu_ps(s, a0), _mm256_storeu_ps(s + 8, a1), _mm256_storeu_ps(s + 16, b0), _mm256_storeu_ps(s + 24, b1);
+    _mm256_storeu_ps(s + 32, c0), _mm256_storeu_ps(s + 40, c1), _mm256_storeu_ps(s + 48, e0);
+    _mm256_storeu_ps(s + 56, e1);
+}
+
+bool has_fma() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+const bool kHasFma = has_fma();
+
+// knn_many on AVX2+FMA: the bank in chunks of sixteen rows, widened and transposed once per chunk, every query
+// passing each chunk four at a time. Rows past the bank's end are zero and never kept.
+void knn_many_fma(const float *xn, py::ssize_t mq, const void *bd, bool is_f16, py::ssize_t n,
+                  py::ssize_t d, int k, float *top) {
+    std::vector<float> cT(d * 16), rowbuf(d);
+    float sims[64];
+    const py::ssize_t blocks = mq / 4 * 4;
+    for (py::ssize_t j0 = 0; j0 < n; j0 += 16) {
+        const py::ssize_t rows = std::min<py::ssize_t>(16, n - j0);
+        std::fill(cT.begin(), cT.end(), 0.f);
+        for (py::ssize_t r = 0; r < rows; ++r) {
+            const float *row = static_cast<const float *>(bd) + (j0 + r) * d;
+            if (is_f16) {
+                widen_f16(static_cast<const uint16_t *>(bd) + (j0 + r) * d, d, rowbuf.data());
+                row = rowbuf.data();
+            }
+            for (py::ssize_t t = 0; t < d; ++t) cT[t * 16 + r] = row[t];
+        }
+        for (py::ssize_t i0 = 0; i0 < blocks; i0 += 4) {
+            block4x16(cT.data(), xn + i0 * d, d, sims);
+            for (int q = 0; q < 4; ++q)
+                for (py::ssize_t r = 0; r < rows; ++r) keep_top(top + (i0 + q) * k, k, sims[q * 16 + r]);
+        }
+        for (py::ssize_t i = blocks; i < mq; ++i)
+            for (py::ssize_t r = 0; r < rows; ++r) {
+                float dot = 0.f;
+                for (py::ssize_t t = 0; t < d; ++t) dot += xn[i * d + t] * cT[t * 16 + r];
+                keep_top(top + i * k, k, dot);
+            }
+    }
+}
+#endif
+
+void knn_many(const float *xs, py::ssize_t m, const void *bd, bool is_f16, py::ssize_t n, py::ssize_t d, int k,
+              float *o) {
+    const float lowest = -std::numeric_limits<float>::infinity();
+    constexpr py::ssize_t kChunk = 64, kQueries = 4096;  // bank rows per chunk; queries held at once
+    std::vector<float> chunk(is_f16 ? kChunk * d : 0);
+    for (py::ssize_t base = 0; base < m; base += kQueries) {
+        const py::ssize_t mq = std::min(kQueries, m - base), blocks = mq / 8 * 8;
+        const float *xb = xs + base * d;
+        std::vector<float> xn(mq * d), top(mq * k, lowest);
+        std::vector<char> valid(mq);
+        for (py::ssize_t i = 0; i < mq; ++i) {
+            valid[i] = l2n(xb + i * d, d, xn.data() + i * d);
+            if (!valid[i]) std::fill(xn.begin() + i * d, xn.begin() + (i + 1) * d, 0.f);
+        }
+#if defined(BOUNCER_X86)
+        if (kHasFma) {
+            knn_many_fma(xn.data(), mq, bd, is_f16, n, d, k, top.data());
+            for (py::ssize_t i = 0; i < mq; ++i) o[base + i] = valid[i] ? 1.0f - top[i * k + k - 1] : kNaN;
+            continue;
+        }
+#endif
+        float sims[8];
+        for (py::ssize_t j0 = 0; j0 < n; j0 += kChunk) {
+            const py::ssize_t rows = std::min(kChunk, n - j0);
+            const float *c = is_f16 ? chunk.data() : static_cast<const float *>(bd) + j0 * d;
+            if (is_f16)
+                for (py::ssize_t r = 0; r < rows; ++r)
+                    widen_f16(static_cast<const uint16_t *>(bd) + (j0 + r) * d, d, chunk.data() + r * d);
+            for (py::ssize_t i0 = 0; i0 < blocks; i0 += 8)
+                for (py::ssize_t r = 0; r < rows; ++r) {
+                    dot8_f32(c + r * d, xn.data() + i0 * d, d, sims);
+                    for (int q = 0; q < 8; ++q) keep_top(top.data() + (i0 + q) * k, k, sims[q]);
+                }
+            for (py::ssize_t i = blocks; i < mq; ++i)
+                for (py::ssize_t r = 0; r < rows; ++r)
+                    keep_top(top.data() + i * k, k, dot_f32(c + r * d, xn.data() + i * d, d));
+        }
+        for (py::ssize_t i = 0; i < mq; ++i) o[base + i] = valid[i] ? 1.0f - top[i * k + k - 1] : kNaN;
+    }
 }
 
 py::array_t<float> knn_score(const py::array &x, const py::array &bank, int k, std::optional<py::array> bank_scale) {
@@ -829,37 +935,19 @@ py::array_t<float> knn_score(const py::array &x, const py::array &bank, int k, s
                 o[i] = 1.0f - top[k - 1];
             }
         } else {
-            // many queries (a patch head's hundreds per frame), as a matrix product is done: a chunk of bank rows
-            // (widened once if float16) stays in cache while every query passes it, eight queries at a time
-            constexpr py::ssize_t kChunk = 64, kQueries = 4096;  // bank rows per chunk; queries held at once
-            std::vector<float> chunk(is_f16 ? kChunk * d : 0);
-            for (py::ssize_t base = 0; base < m; base += kQueries) {
-                const py::ssize_t mq = std::min(kQueries, m - base), blocks = mq / 8 * 8;
-                const float *xb = xs + base * d;
-                std::vector<float> xn(mq * d), top(mq * k, lowest);
-                std::vector<char> valid(mq);
-                for (py::ssize_t i = 0; i < mq; ++i) {
-                    valid[i] = l2n(xb + i * d, d, xn.data() + i * d);
-                    if (!valid[i]) std::fill(xn.begin() + i * d, xn.begin() + (i + 1) * d, 0.f);
-                }
-                float sims[8];
-                for (py::ssize_t j0 = 0; j0 < n; j0 += kChunk) {
-                    const py::ssize_t rows = std::min(kChunk, n - j0);
-                    const float *c = is_f32 ? static_cast<const float *>(bd) + j0 * d : chunk.data();
-                    if (is_f16)
-                        for (py::ssize_t r = 0; r < rows; ++r)
-                            widen_f16(static_cast<const uint16_t *>(bd) + (j0 + r) * d, d, chunk.data() + r * d);
-                    for (py::ssize_t i0 = 0; i0 < blocks; i0 += 8)
-                        for (py::ssize_t r = 0; r < rows; ++r) {
-                            dot8_f32(c + r * d, xn.data() + i0 * d, d, sims);
-                            for (int q = 0; q < 8; ++q) keep_top(top.data() + (i0 + q) * k, k, sims[q]);
-                        }
-                    for (py::ssize_t i = blocks; i < mq; ++i)
-                        for (py::ssize_t r = 0; r < rows; ++r)
-                            keep_top(top.data() + i * k, k, dot_f32(c + r * d, xn.data() + i * d, d));
-                }
-                for (py::ssize_t i = 0; i < mq; ++i) o[base + i] = valid[i] ? 1.0f - top[i * k + k - 1] : kNaN;
+            // many queries (a patch head's hundreds per frame): split over the cores (the backbone is idle while
+            // the heads score, and numpy's matrix product uses every core too), each part as `knn_many` does it
+            const py::ssize_t parts = std::max<py::ssize_t>(
+                1, std::min<py::ssize_t>({static_cast<py::ssize_t>(std::thread::hardware_concurrency()), 4,
+                                          m * n * d / kThreadWork}));
+            const py::ssize_t per = (m + parts - 1) / parts;
+            std::vector<std::thread> threads;
+            for (py::ssize_t p = 1; p < parts; ++p) {
+                const py::ssize_t lo = std::min(m, p * per), hi = std::min(m, lo + per);
+                if (lo < hi) threads.emplace_back(knn_many, xs + lo * d, hi - lo, bd, is_f16, n, d, k, o + lo);
             }
+            knn_many(xs, std::min(m, per), bd, is_f16, n, d, k, o);
+            for (auto &t : threads) t.join();
         }
     }
     return out;
