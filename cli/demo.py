@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bouncer.cli.servers import free_port
+from bouncer.bench.servers import free_port
 from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.decision import VERDICTS, Verdict

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 # the real servers the tests start (shared with `bouncer bench station`)
-from bouncer.cli.servers import Mosquitto, Postgres, SeaweedFS, free_port, wait_for_port  # noqa: F401
+from bouncer.bench.servers import Mosquitto, Postgres, SeaweedFS, free_port, wait_for_port  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from bouncer.cli.bench_backbone import held_out_frames
+from bouncer.bench.backbone import held_out_frames
 from bouncer.quantize.report import cosine_rows
 from bouncer.runtime import backends
 from bouncer.runtime.preprocess import preprocess

@@ -38,6 +38,8 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
         "bouncer/station/static/style.css",
         "bouncer/devices/ota.py",
         "bouncer/cli/demo.py",
+        "bouncer/bench/servers.py",
+        "bouncer/bench/hotpath.py",
         "bouncer/sim/incidents.py",
         "bouncer/sim/sources.py",
         "bouncer/fitting/fit.py",

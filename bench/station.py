@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bouncer.cli.servers import Mosquitto, Postgres, SeaweedFS, free_port
+from bouncer.bench.servers import Mosquitto, Postgres, SeaweedFS, free_port
 from bouncer.runtime import schemas
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.decision import Verdict

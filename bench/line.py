@@ -14,8 +14,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bouncer.cli.bench_hotpath import camera_frame, small_gate
-from bouncer.cli.servers import free_port, wait_for_port
+from bouncer.bench.hotpath import camera_frame, small_gate
+from bouncer.bench.servers import free_port, wait_for_port
 from bouncer.runtime import backends
 from bouncer.runtime.config import load_config
 from bouncer.runtime.gates.guard import Guard

@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bouncer.cli.bench_gates import simulated_splits
+from bouncer.bench.gates import simulated_splits
 from bouncer.fitting.datasets import split_dataset
 from bouncer.fitting.fit import (
     FeatureSet,

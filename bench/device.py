@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bouncer.cli.bench_hotpath import camera_frame, small_gate
+from bouncer.bench.hotpath import camera_frame, small_gate
 from bouncer.runtime import backends, schemas
 from bouncer.runtime.config import load_config
 from bouncer.runtime.errors import BouncerError

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bouncer.cli.bench_rotation import Cache, cached, known_sets
+from bouncer.bench.rotation import Cache, cached, known_sets
 from bouncer.fitting.fit import FeatureSet, FitSettings, fit_from_features
 from bouncer.fitting.replay import replay
 from bouncer.fitting.support import settle_new_classes
