@@ -96,7 +96,8 @@ def bench_detector(
     # the common practice: every frame accepted, with the boxes scoring at least 0.5
     practice_wrong = ~every_box_over_half(card.layout, len(classes), ex["pool"], card.detections, pp, truth)
 
-    splits, per_class = [], {}
+    splits: list[dict[str, Any]] = []
+    per_class: dict[str, Any] = {}
     n = len(ex["pool"].paths)
     for seed in range(seeds):
         order = np.random.default_rng(seed).permutation(n)
@@ -110,12 +111,14 @@ def bench_detector(
         cor, _ = judge_frames(bundle, ex["corrupted"], card.detections, None)
         n_acc = int(acc.sum())
         err = float((~correct[acc]).mean()) if n_acc else 0.0
+        fit = bundle.fit.detector
+        assert fit is not None, "a detector gate's fit records its box calibration"
         splits.append({
             "seed": seed, "threshold": bundle.acceptance.threshold, "error_bound": bundle.acceptance.error_bound,
             "accepted": n_acc, "test_frames": len(test), "accepted_error": round(err, 4),
             "coverage": round(n_acc / len(test), 4), "unknown_accepted": int(unk.sum()),
-            "corrupted_accepted": int(cor.sum()), "ece_before": bundle.fit_metrics["ece_before_calibration"],
-            "ece_after": bundle.fit_metrics["ece_after_calibration"],
+            "corrupted_accepted": int(cor.sum()), "ece_before": fit.ece_before_calibration,
+            "ece_after": fit.ece_after_calibration,
         })  # fmt: skip
         if seed == 0:
             per_class = _per_class_ece(bundle, test_ex, card.detections, test_truth)

@@ -201,11 +201,12 @@ def anomaly_rows(name: str, data: Path, work: Path, foreign: list[Path], sidecar
             def alone(fs: FeatureSet, task: AnomalyScore = task, cut: float = cut) -> np.ndarray:
                 return task.pvalues(fs.features) >= cut  # what the anomaly model alone would accept
 
-            an = bundle.fit_metrics["anomaly"]
+            an = bundle.fit.anomaly
+            assert an is not None, "an anomaly gate's fit records its false-alarm bound"
             out[variant].append({
                 "seed": seed,
-                "stated_false_alarm": an["false_alarm_bound"],
-                "false_alarm_met_at_fit": an["false_alarm_met"],
+                "stated_false_alarm": an.false_alarm_bound,
+                "false_alarm_met_at_fit": an.false_alarm_met,
                 "observed_false_alarm": round(float(score_flag[good_t & passing].mean()), 4),
                 "flagged_good_any_reason": round(float(1 - r.accepted[good_t].mean()), 4),
                 "defects_accepted": f"{int(r.accepted[~good_t].sum())}/{int((~good_t).sum())}",

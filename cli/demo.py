@@ -362,7 +362,7 @@ def _stale(gate: Path, backend) -> bool:
     except BundleError:
         return True
     # a gate from an older Bouncer lacks what the drift monitor scales by: fit it again
-    return b.backbone_hash != backend.card.model_hash or "drift_reference" not in b.fit_metrics
+    return b.backbone_hash != backend.card.model_hash or not b.fit.drift_reference
 
 
 def _progress(tallies: list[Tally], station):

@@ -309,29 +309,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
         false_alarm=args.false_alarm,
     )
     path = bundle.save(args.out)
-    a, m = bundle.acceptance, bundle.fit_metrics
+    a, fit = bundle.acceptance, bundle.fit
     print(f"gate {bundle.version} -> {path} ({path.stat().st_size / 1e6:.2f} MB), classes: {', '.join(bundle.classes)}")
-    if "platt_frames" in m:
+    if fit.detector:
+        d = fit.detector
         print(
-            f"detector: {m['calibration_boxes']} true boxes in {m['calibration_images']} calibration frames; box "
-            f"scores calibrated per class on {m['platt_frames']} (own fit: "
-            f"{', '.join(m['platt_own_classes']) or 'none'}, else pooled), ECE {m['ece_before_calibration']:.4f} -> "
-            f"{m['ece_after_calibration']:.4f}; frames "
-            f"right (every box, no miss) {m['calibration_accuracy']:.4f} of {m['threshold_frames']}"
+            f"detector: {d.calibration_boxes} true boxes in {fit.calibration_images} calibration frames; box "
+            f"scores calibrated per class on {d.platt_frames} (own fit: "
+            f"{', '.join(d.platt_own_classes) or 'none'}, else pooled), ECE {d.ece_before_calibration:.4f} -> "
+            f"{d.ece_after_calibration:.4f}; frames "
+            f"right (every box, no miss) {d.calibration_accuracy:.4f} of {d.threshold_frames}"
         )
-    elif "anomaly" in m:
+    elif fit.anomaly:
+        an = fit.anomaly
+        print(f"anomaly score: {an.basis}; observed on calibration: false alarms {an.observed_false_alarm}, misses "
+              f"among accepted {an.observed_miss_rate}")  # fmt: skip
+    elif fit.classifier:
+        c = fit.classifier
         print(
-            f"anomaly score: {m['anomaly']['basis']}; observed on calibration: false alarms "
-            f"{m['anomaly']['observed_false_alarm']}, misses among accepted {m['anomaly']['observed_miss_rate']}"
-        )
-    else:
-        print(
-            f"train accuracy {m['train_accuracy']:.4f}, calibration accuracy {m['calibration_accuracy']:.4f}, "
-            f"temperature {m['temperature']:.3f}, ECE {m['ece_before_scaling']:.4f} -> {m['ece_after_scaling']:.4f}"
+            f"train accuracy {c.train_accuracy:.4f}, calibration accuracy {c.calibration_accuracy:.4f}, "
+            f"temperature {c.temperature:.3f}, ECE {c.ece_before_scaling:.4f} -> {c.ece_after_scaling:.4f}"
         )
     print(
         f"OOD heads {', '.join(bundle.fusion.names)} (fusion {bundle.fusion.method}; "
-        f"{'named with --heads' if heads else 'frame-level' if 'platt_frames' in m else 'chosen on held-out classes'}; "
+        f"{'named with --heads' if heads else 'frame-level' if fit.detector else 'chosen on held-out classes'}; "
         f"reading "
         f"{' and '.join(bundle.selection.get('reads', ['model']))}), "
         f"threshold {bundle.ood_threshold:.3f}"
@@ -350,7 +351,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"acceptance: {'any confidence' if a.threshold == 0 else f'confidence >= {a.threshold:.6f}'}; "
             f"accuracy >= {a.target_accuracy} with probability >= "
             f"{1 - a.delta:.2f}: error bound {bound} from {a.n_errors} errors in {a.n_accepted} accepted "
-            f"of {a.n_calibration} calibration frames (coverage {m['calibration_coverage']:.1%})"
+            f"of {a.n_calibration} calibration frames (coverage {fit.calibration_coverage or 0.0:.1%})"
         )
     return 0
 

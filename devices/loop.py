@@ -102,7 +102,7 @@ class Device:
         self.id_key = device_key(data)
         self.metrics = DeviceMetrics(cfg.metrics.port)
         self.gates = GateLife(guard, serial, self._show_gate, self.emit_event)
-        ref = guard.bundle.fit_metrics.get("drift_reference", {})
+        ref = guard.bundle.fit.drift_reference
         d = cfg.drift
         self.drift = DriftMonitor(ref, warmup=d.warmup, k=d.k, h=d.h, rate_h=d.rate_h)
         self.link: MqttLink | None = None  # set by the assembly when a broker is configured

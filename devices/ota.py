@@ -175,7 +175,7 @@ class Trial:
 
 
 def expected_flag_rate(bundle: GateBundle) -> float:
-    return 1.0 - float(bundle.fit_metrics.get("calibration_coverage", 0.0) or 0.0)
+    return 1.0 - float(bundle.fit.calibration_coverage or 0.0)
 
 
 class OtaUpdater(Output):

@@ -494,7 +494,8 @@ def recalibrate(
     task = replace(task, min_score=old.min_score, iou=old.iou, max_candidates=old.max_candidates)
     sel, acceptance, judged = certify(task, threshold, settings, say)
     metrics = {
-        **{k: v for k, v in champion.fit_metrics.items() if k in ("train_images", "drift_reference")},
+        "train_images": champion.fit.train_images,
+        "drift_reference": champion.fit.drift_reference,
         "calibration_images": len(platt) + len(threshold),
         "platt_frames": len(platt),
         "threshold_frames": len(threshold),

@@ -8,6 +8,7 @@ from typing import Any
 
 from bouncer.fitting.operating import curve_table, describe
 from bouncer.runtime.gates.bundle import GateBundle
+from bouncer.runtime.gates.fit_report import FitReport
 
 LIMITS = (
     "The accuracy guarantee holds for frames like the calibration set (exchangeable with it); a changed line "
@@ -25,7 +26,7 @@ def _pct(x: Any) -> str:
 def _per_class(bundle: GateBundle) -> list[str]:
     """The guarantee is pooled over the calibration frames; a class with few of them rides on the others.
     Say, per class, how many more labelled calibration frames would let it stand on its own."""
-    a, counts = bundle.acceptance, bundle.fit_metrics.get("calibration_class_counts") or {}
+    a, counts = bundle.acceptance, bundle.fit.calibration_class_counts
     if not counts:
         return []
     out = [
@@ -62,8 +63,8 @@ def _selection(bundle: GateBundle) -> list[str]:
 
 
 def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[str, Any]]) -> str:
-    m, a = bundle.fit_metrics, bundle.acceptance
-    prev = previous.fit_metrics if previous else {}
+    m, a = bundle.fit, bundle.acceptance
+    prev = previous.fit if previous else FitReport()
     lines = [
         f"# Gate {bundle.version}",
         "",
@@ -76,12 +77,12 @@ def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[
         "",
         "| | this gate | previous |",
         "| --- | --- | --- |",
-        f"| training frames | {m.get('train_images', '-')} | {prev.get('train_images', '-')} |",
-        f"| calibration frames | {m.get('calibration_images', '-')} | {prev.get('calibration_images', '-')} |",
+        f"| training frames | {m.train_images or '-'} | {prev.train_images or '-'} |",
+        f"| calibration frames | {m.calibration_images or '-'} | {prev.calibration_images or '-'} |",
     ]
-    for cls, n in (m.get("class_counts") or {}).items():
-        lines.append(f"| training frames of `{cls}` | {n} | {(prev.get('class_counts') or {}).get(cls, '-')} |")
-    retrain = m.get("retrain") or {}
+    for cls, n in m.class_counts.items():
+        lines.append(f"| training frames of `{cls}` | {n} | {prev.class_counts.get(cls, '-')} |")
+    retrain = m.retrain
     if retrain:
         lines.append(f"| operator labels used | {retrain.get('labelled_used', '-')} | |")
         lines.append(f"| new classes | {', '.join(retrain.get('new_classes') or []) or 'none'} | |")
@@ -98,12 +99,13 @@ def gate_card(bundle: GateBundle, previous: GateBundle | None, audit: list[dict[
         "| metric (calibration set) | this gate | previous |",
         "| --- | --- | --- |",
     ]
-    for label, key, fmt in (
-        ("accuracy", "calibration_accuracy", _pct),
-        ("coverage (auto-accepted)", "calibration_coverage", _pct),
-        ("ECE after temperature scaling", "ece_after_scaling", lambda x: "-" if x is None else str(x)),
-    ):
-        lines.append(f"| {label} | {fmt(m.get(key))} | {fmt(prev.get(key))} |")
+
+    def ece(f: FitReport) -> str:
+        return "-" if f.classifier is None else str(f.classifier.ece_after_scaling)
+
+    lines.append(f"| accuracy | {_pct(m.calibration_accuracy)} | {_pct(prev.calibration_accuracy)} |")
+    lines.append(f"| coverage (auto-accepted) | {_pct(m.calibration_coverage)} | {_pct(prev.calibration_coverage)} |")
+    lines.append(f"| ECE after temperature scaling | {ece(m)} | {ece(prev)} |")
     if retrain.get("challenger", {}).get("frames"):
         ch, cp = retrain["challenger"], retrain["champion"]
         lines += [

@@ -206,7 +206,7 @@ def retrain(
     metrics |= {"champion": {"version": champion.version, **champ}, "challenger": {"version": version, **chall}}
     # the guarantee is pooled over all classes; a new class with few labelled calibration frames rides on the
     # others: say how many more labels would let each stand on its own guarantee
-    counts = challenger.fit_metrics.get("calibration_class_counts") or {}
+    counts = challenger.fit.calibration_class_counts
     need = challenger.acceptance.frames_needed
     metrics["labels_needed"] = {
         c: math.ceil(max(need - counts.get(c, 0), 0) * LABELS_PER_CALIBRATION_FRAME) for c in new_classes

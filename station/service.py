@@ -391,10 +391,11 @@ def _card_key(group: str, version: str) -> str:
 
 def _fit_summary(bundle: GateBundle, **extra: Any) -> dict[str, Any]:
     """What a `fitted` audit record keeps: data used, metrics, the guarantee achieved."""
-    m = bundle.fit_metrics
-    keep = ("train_images", "calibration_images", "class_counts", "calibration_accuracy", "calibration_coverage",
-            "ece_after_scaling")  # fmt: skip
-    return {**{k: m.get(k) for k in keep}, "classes": bundle.classes, "guarantee": bundle.acceptance.__dict__, **extra}
+    f = bundle.fit
+    return {"train_images": f.train_images, "calibration_images": f.calibration_images, "class_counts": f.class_counts,
+            "calibration_accuracy": f.calibration_accuracy, "calibration_coverage": f.calibration_coverage,
+            "ece_after_scaling": f.classifier.ece_after_scaling if f.classifier else None, "classes": bundle.classes,
+            "guarantee": bundle.acceptance.__dict__, **extra}  # fmt: skip
 
 
 def labels_until(gate: dict[str, Any]) -> float:

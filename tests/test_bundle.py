@@ -164,3 +164,24 @@ def test_pickled_arrays_are_refused(bundle, tmp_path):
     bad = _rewrite(good, tmp_path / "pickle.gate", arrays_fn=lambda a: a.update({"task.bias": objs}))
     with pytest.raises(BundleError, match=r"pickle\.gate"):
         GateBundle.load(bad)
+
+
+def test_the_fit_report_reads_each_task_and_old_bundles():
+    """`GateBundle.fit` types the flat `fit_metrics` a bundle has always carried: the task's own section, defaults
+    for what an older bundle lacks, a clear error for a malformed value."""
+    from bouncer.runtime.errors import BouncerError
+    from bouncer.runtime.gates.fit_report import FitReport
+
+    classifier = {"train_images": 40, "train_accuracy": 1.0, "calibration_accuracy": 0.99, "temperature": 1.3,
+                  "ece_before_scaling": 0.05, "ece_after_scaling": 0.01, "calibration_coverage": 0.9}  # fmt: skip
+    f = FitReport.of(classifier)
+    assert f.kind == "classifier" and f.calibration_accuracy == 0.99 and f.classifier.temperature == 1.3
+    detector = {"calibration_boxes": 9, "platt_frames": 5, "threshold_frames": 5, "platt_own_classes": ["gear"],
+                "calibration_accuracy": 0.6, "ece_before_calibration": 0.2, "ece_after_calibration": 0.05}  # fmt: skip
+    assert FitReport.of(detector).kind == "detector" and FitReport.of(detector).calibration_accuracy == 0.6
+    an = FitReport.of({"anomaly": {"basis": "p-values", "false_alarm_bound": 0.012, "unknown_key": 1}})
+    assert an.kind == "anomaly" and an.anomaly.false_alarm_bound == 0.012
+    old = FitReport.of({"train_images": 3})
+    assert old.kind == "unknown" and old.drift_reference == {} and old.calibration_coverage is None
+    with pytest.raises(BouncerError, match="fit_metrics"):
+        FitReport.of({"train_images": "many"})

@@ -45,7 +45,7 @@ def test_bundle_contents(gate, built_models):
     assert b.backbone_hash == backends.load(built_models["onnx_int8"]).card.model_hash
     a = b.acceptance
     assert a.threshold is not None and a.error_bound <= 0.01 and a.n_accepted >= a.frames_needed == 230
-    assert b.fit_metrics["ece_after_scaling"] < 0.02
+    assert b.fit.kind == "classifier" and b.fit.classifier.ece_after_scaling < 0.02
     assert gate.stat().st_size < 10_000_000
 
 

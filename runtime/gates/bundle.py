@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bouncer.runtime.errors import BouncerError
+from bouncer.runtime.gates.fit_report import FitReport
 from bouncer.runtime.gates.heads import FUSION_METHODS, Fusion, GaussianHead, KnnHead, OodHead, load_head
 from bouncer.runtime.gates.quality import QualityGate
 from bouncer.runtime.gates.tasks import TaskHead, load_task, task_arrays, task_meta
@@ -164,6 +165,11 @@ class GateBundle:
             "fit_metrics": self.fit_metrics,
             "fit_settings": self.fit_settings,
         }
+
+    @property
+    def fit(self) -> FitReport:
+        """`fit_metrics`, typed (runtime/gates/fit_report.py): what code reads of them."""
+        return FitReport.of(self.fit_metrics)
 
     def save(self, path: Path) -> Path:
         """Write atomically: a reader never sees half a bundle, a crash leaves the old one."""
