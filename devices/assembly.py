@@ -1,9 +1,10 @@
 """A device's outputs, built from its configuration, in the order each frame reaches them.
 
 The line's verdict first (the part is in front of the camera), then the gate's own life (flag rate, trial,
-canary), the metrics, the outbox (which names a flagged frame for the alerts after it), the alerts, the MQTT
-link, the over-the-air updater and Sparkplug. They start in this order and stop in it: the line goes to hold
-before anything else winds down. A new output is its module and one line in `BUILDERS`.
+canary), the metrics, the outbox (which names a flagged frame for the alerts after it), the alerts, the local
+verdict log, the MQTT link, the over-the-air updater and Sparkplug. They start in this order and stop in it: the
+line goes to hold before anything else winds down. A new output is its module (the output and its `build`) and its
+entry in `BUILDERS`: devices/verdict_log.py is one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bouncer.devices import verdict_log
 from bouncer.devices.alerts import Alerts
 from bouncer.devices.flagging import Flagger
 from bouncer.devices.outputs import Output
@@ -84,7 +86,7 @@ def sparkplug(cfg: Config, device: Device) -> Iterator[Output]:
                             sp.every_s)  # fmt: skip
 
 
-BUILDERS: tuple[Builder, ...] = (lines, gate_life, metrics, outbox, alerts, link, ota, sparkplug)
+BUILDERS: tuple[Builder, ...] = (lines, gate_life, metrics, outbox, alerts, verdict_log.build, link, ota, sparkplug)
 
 
 def build_outputs(cfg: Config, device: Device) -> list[Output]:

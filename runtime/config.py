@@ -140,6 +140,14 @@ class SparkplugSection:
 
 
 @dataclass
+class VerdictsSection:
+    """Every verdict as a JSON line in a local file (devices/verdict_log.py)."""
+
+    path: str = ""  # e.g. /var/lib/bouncer/verdicts.jsonl; empty: off
+    max_mb: Positive = 64.0  # then rotated to PATH.1
+
+
+@dataclass
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     source: SourceSection = field(default_factory=SourceSection)
@@ -152,6 +160,7 @@ class Config:
     line: LineSection = field(default_factory=LineSection)
     alerts: AlertsSection = field(default_factory=AlertsSection)
     sparkplug: SparkplugSection = field(default_factory=SparkplugSection)
+    verdicts: VerdictsSection = field(default_factory=VerdictsSection)
 
     def validate(self) -> Config:
         from bouncer.runtime.schemas import SchemaError, check_device_id, gate_topic

@@ -14,7 +14,10 @@ import cv2
 import numpy as np
 from helpers import Collector, run_cli
 
+from bouncer.devices.loop import Device
 from bouncer.runtime import schemas
+from bouncer.runtime.config import load_config
+from bouncer.runtime.outbox import Outbox
 from bouncer.sim import simulator
 
 
@@ -479,3 +482,28 @@ def test_tls_with_client_certificates(sim_gate, tmp_path, bouncer_home):
     finally:
         broker.terminate()
         broker.wait(timeout=10)
+
+
+def test_the_verdict_log_writes_every_verdict_and_rotates(sim_gate, tmp_path):
+    """An output added as one module (devices/verdict_log.py) and one entry in devices/assembly.py: every verdict
+    a JSON line, a flagged frame's line naming its outbox message, the file rotated at its size."""
+    frames = simulator.write_dataset(tmp_path / "f", ("gear", "giraffe"), per_class=5, seed=3)
+    log_path = tmp_path / "plant" / "verdicts.jsonl"
+    cfg = load_config(None, {"device.id": "cam-v", "device.data_dir": str(tmp_path / "dev"), "source.uri": str(frames),
+                             "gate.bundle": str(sim_gate), "verdicts.path": str(log_path)})  # fmt: skip
+    summary = Device(cfg).run(once=True, handle_signals=False).to_dict()
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert len(rows) == summary["frames"] == 10 and summary["verdict_log"]["written"] == 10
+    assert [r["sequence"] for r in rows] == list(range(1, 11))
+    flagged = [r for r in rows if r["decision"] != "accept"]
+    assert flagged and all(r["frame_id"] for r in flagged) and all(r["frame_id"] is None for r in rows
+                                                                  if r["decision"] == "accept")  # fmt: skip
+    box = Outbox(tmp_path / "dev" / "outbox.sqlite")
+    ids = {json.loads(p.payload)["id"] for p in box.pending(limit=100) if p.kind in ("review", "reject")}
+    box.close()
+    assert {r["frame_id"] for r in flagged} == ids
+    small = load_config(None, {"device.id": "cam-w", "device.data_dir": str(tmp_path / "dev2"),
+                               "source.uri": str(frames), "gate.bundle": str(sim_gate),
+                               "verdicts.path": str(tmp_path / "v2.jsonl"), "verdicts.max_mb": 0.0005})  # fmt: skip
+    report = Device(small).run(once=True, handle_signals=False).to_dict()["verdict_log"]
+    assert report["rotations"] >= 1 and (tmp_path / "v2.jsonl.1").is_file()
