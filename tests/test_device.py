@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from helpers import Collector, run_cli
 
 from bouncer.devices.loop import Device
@@ -507,3 +508,46 @@ def test_the_verdict_log_writes_every_verdict_and_rotates(sim_gate, tmp_path):
                                "verdicts.path": str(tmp_path / "v2.jsonl"), "verdicts.max_mb": 0.0005})  # fmt: skip
     report = Device(small).run(once=True, handle_signals=False).to_dict()["verdict_log"]
     assert report["rotations"] >= 1 and (tmp_path / "v2.jsonl.1").is_file()
+
+
+def test_an_output_that_fails_to_start_or_stop_leaves_nothing_open(sim_gate, tmp_path):
+    """Outputs start in order and stop in order; one that raises at its stop is logged and the rest still stop
+    (the outbox closes, the reports arrive); one that raises at its start stops those already started."""
+    from bouncer.devices.outputs import Output
+
+    class Recorder(Output):
+        def __init__(self, name: str, fail_start: bool = False, fail_stop: bool = False) -> None:
+            self.name, self.fail_start, self.fail_stop, self.seen = name, fail_start, fail_stop, []
+
+        def start(self) -> None:
+            self.seen.append("start")
+            if self.fail_start:
+                raise RuntimeError(f"{self.name} cannot start")
+
+        def frame(self, done) -> None:
+            self.seen.append("frame")
+
+        def stop(self) -> None:
+            self.seen.append("stop")
+            if self.fail_stop:
+                raise RuntimeError(f"{self.name} cannot stop")
+
+        def report(self) -> dict:
+            return {"frames": self.seen.count("frame")}
+
+    frames = simulator.write_dataset(tmp_path / "f", ("gear",), per_class=3, seed=5)
+
+    def config(name: str):
+        return load_config(None, {"device.id": name, "device.data_dir": str(tmp_path / name),
+                                  "source.uri": str(frames), "gate.bundle": str(sim_gate)})  # fmt: skip
+
+    a, b = Recorder("a", fail_stop=True), Recorder("b")
+    summary = Device(config("cam-a"), extra=[a, b]).run(once=True, handle_signals=False).to_dict()
+    assert a.seen == ["start", "frame", "frame", "frame", "stop"] and b.seen[-1] == "stop"
+    assert summary["a"] == {"frames": 3} and summary["b"] == {"frames": 3}
+    Outbox(tmp_path / "cam-a" / "outbox.sqlite").close()  # closed by the run: it opens again
+    first, broken, never = Recorder("first"), Recorder("broken", fail_start=True), Recorder("never")
+    device = Device(config("cam-b"), extra=[first, broken, never])
+    with pytest.raises(RuntimeError, match="broken cannot start"):
+        device.run(once=True, handle_signals=False)
+    assert first.seen == ["start", "stop"] and broken.seen == ["start"] and never.seen == []
