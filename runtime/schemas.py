@@ -148,6 +148,18 @@ class BoxWire(msgspec.Struct, forbid_unknown_fields=True):
 Side = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
+def _plain(obj: Any) -> Any:
+    """numpy scalars and arrays in a decision's details (a float64 is a float to json, not to msgspec)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise NotImplementedError(f"cannot put a {type(obj).__name__} on the wire")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_plain)
+
+
 class FrameMessage(msgspec.Struct, kw_only=True):
     """A flagged frame (`bouncer/v1/<device>/frames`): docs/mqtt.md explains each field.
 
@@ -202,11 +214,11 @@ class FrameMessage(msgspec.Struct, kw_only=True):
         )  # fmt: skip
 
     def encode(self) -> bytes:
-        return msgspec.json.encode(self)
+        return _ENCODER.encode(self)
 
     def encode_head(self) -> bytes:
         """The message with an empty JPEG, for `with_jpeg`."""
-        return msgspec.json.encode(msgspec.structs.replace(self, jpeg=b""))
+        return _ENCODER.encode(msgspec.structs.replace(self, jpeg=b""))
 
     @staticmethod
     def with_jpeg(head: bytes, jpeg: bytes) -> bytes:

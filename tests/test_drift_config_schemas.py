@@ -235,6 +235,9 @@ def test_frame_message_round_trip():
     assert back == m and back.group == "default"
     np.testing.assert_array_equal(back.feature_arrays()["features"], feats["features"])
     assert schemas.FrameMessage.with_jpeg(m.encode_head(), m.jpeg) == m.encode()
+    # a decision's details may hold numpy scalars (a float64 is a float to json, not to msgspec): plain on the wire
+    m.details = [{"reason": "ood", "value": np.float64(2.5), "n": np.int64(3), "v": np.float32(0.25)}]
+    assert schemas.FrameMessage.decode(m.encode()).details == [{"reason": "ood", "value": 2.5, "n": 3, "v": 0.25}]
     with pytest.raises(schemas.SchemaError, match="decision"):
         schemas.FrameMessage.decode(m.encode().replace(b'"review"', b'"maybe"'))
 
