@@ -26,7 +26,7 @@ from bouncer.fitting.support import settle_new_classes
 from bouncer.runtime import backends
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.station.retrain import LABELS_PER_CALIBRATION_FRAME, split_of
+from bouncer.station.retrain import LABELS_PER_CALIBRATION_FRAME, assign_splits
 
 BATCHES = (10, 20, 40, 80, 160)
 SCENARIOS = {
@@ -64,8 +64,8 @@ def label_curve(
     for n in [b for b in BATCHES if b <= len(pool)] or [len(pool)]:
         labelled = pool[:n]
         parts: dict[str, list[int]] = {"train": [], "calib": [], "heldout": []}
-        for i in labelled:
-            parts[split_of(str(cache.name[i]))].append(i)
+        for i, split in zip(labelled, assign_splits([(str(cache.name[i]), new) for i in labelled]), strict=True):
+            parts[split].append(i)
         tr = FeatureSet.concat([train, fs.take(parts["train"])]) if parts["train"] else train
         ca = FeatureSet.concat([calib, fs.take(parts["calib"])]) if parts["calib"] else calib
         row: dict[str, Any] = {"labels": n, "split": {k: len(v) for k, v in parts.items()}}

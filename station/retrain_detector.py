@@ -15,7 +15,7 @@ from bouncer.fitting.detector import DetectionFrames, halves, judge, recalibrate
 from bouncer.fitting.fit import FitSettings
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import GateBundle
-from bouncer.station.retrain import BaseData, RetrainResult, split_of
+from bouncer.station.retrain import BaseData, RetrainResult, assign_splits
 from bouncer.station.store import Store
 
 # reasons a frame is flagged for that still leave it in distribution: it belongs to the frames the threshold
@@ -47,13 +47,16 @@ def retrain_detector(
     parts: dict[str, DetectionFrames] = {k: DetectionFrames([], [], np.zeros(0, bool)) for k in
                                          ("train", "calib", "heldout")}  # fmt: skip
     skipped, unknown = 0, set()
+    rows = []
     for frame_id, kind, label, reasons, _, cands in store.labelled_detections(champion.backbone_hash, group):
         if cands is None or kind not in ("boxes", "garbage"):
             skipped += 1  # rejected before the detector ran (quality gate), or labelled under another gate kind
             continue
+        rows.append((frame_id, kind, label, reasons, cands))
+    for split, (_, kind, label, reasons, cands) in zip(assign_splits([(r[0], r[1]) for r in rows]), rows, strict=True):
         truth, names = true_boxes(kind, label, classes)
         unknown.update(names)
-        p = parts[split_of(frame_id)]
+        p = parts[split]
         p.cands.append(cands)
         p.truth.append(truth)
         p.passing = np.append(p.passing, set(reasons) <= IN_DISTRIBUTION)

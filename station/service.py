@@ -405,10 +405,15 @@ def labels_until(gate: dict[str, Any]) -> float:
 
 def retraining_due(store: Store, r: RetrainSection, group: str, now: float) -> bool:
     """Since the group's newest gate (fitted, pending or refused) or retraining read its labels: the schedule has
-    run out, or enough labels arrived. Read from the store, so a restart of the station keeps the count."""
+    run out, or enough labels arrived: `min_new_labels`, or fewer when the last retraining left a new class out
+    and said how many more labels it needs (a schedule that fires on the 20th of 35 labels leaves the other 15
+    below `min_new_labels`, and the class waited for good). Read from the store, so a restart keeps the count."""
     tried = store.last_retrain(group)
     last = max([labels_until(g) for g in store.gates(group)] + [tried["ts"] if tried else 0.0])
     new = store.labels_since(group, last)
     if r.every_s and now - last >= r.every_s and new:  # nothing new since the last gate: nothing to learn
         return True
-    return bool(r.min_new_labels) and new >= r.min_new_labels
+    if not r.min_new_labels:
+        return False
+    promised = [int(p["labels_needed"]) for p in (tried or {}).get("pending_classes", {}).values()]
+    return new >= min([r.min_new_labels, *(max(n, 1) for n in promised)])

@@ -15,7 +15,7 @@ import pytest
 from helpers import StationProcess, free_port, http_json, run_cli, wait_until
 
 from bouncer.sim import simulator
-from bouncer.station.retrain import split_of
+from bouncer.station.retrain import is_heldout
 
 GROUPS = ("line-a", "line-b", "line-c")
 
@@ -83,7 +83,7 @@ def test_three_groups_retrain_and_roll_out_independently(broker, sim_gate, tmp_p
         # as a new class: a challenger that contradicts its own held-out labels (a bad one, by construction)
         for g, q in queues.items():
             for f in q["frames"]:
-                label = "garbage" if g == "line-c" and split_of(f["id"]) == "heldout" else "new:bolt"
+                label = "garbage" if g == "line-c" and is_heldout(f["id"]) else "new:bolt"
                 assert http_json(f"{station.url}/api/frames/{f['id']}/label", {"label": label})[0] == 200
         results = {g: http_json(f"{station.url}/api/retrain?group={g}", {})[1] for g in GROUPS}
         assert results["line-a"]["published"] and results["line-b"]["published"], results

@@ -28,6 +28,8 @@ from helpers import (
     station_config,
     wait_until,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from msgspec.structs import replace as restruct
 
 from bouncer.runtime import schemas
@@ -447,6 +449,33 @@ def test_scheduled_retraining_runs_when_due_and_only_with_new_labels(
         station.stop()
 
 
+def test_a_class_left_out_for_want_of_labels_is_retried_once_the_labels_it_needs_arrive(tmp_path):
+    """A retraining that fired on the 20th label left `bolt` out, needing 4 more: the 5 that follow start the next
+    although `min_new_labels` is 20 (it raced the operator in CI and the class waited for good)."""
+    from bouncer.station.config import RetrainSection
+    from bouncer.station.service import retraining_due
+
+    store = Store(tmp_path / "st")
+    try:
+        store.add_gate("g1", "default", 1, "champion", tmp_path / "g1.bouncer", {})
+        for i in range(6):
+            store.add_frame(frame_message("cam-1", i))
+        schedule = RetrainSection(min_new_labels=20)
+        left_out = {"published": False, "reason": "labels not yet enough", "pending_classes": {
+            "bolt": {"labels_needed": 4, "calibration": 5}}}  # fmt: skip
+        store.add_retrain("default", left_out, time.time())
+        for i in range(3):
+            store.set_label(f"cam-1-0000{i}", "new", "bolt", "ann")
+        assert not retraining_due(store, schedule, "default", time.time())  # 3 of the 4 it asked for
+        store.set_label("cam-1-00003", "new", "bolt", "ann")
+        assert retraining_due(store, schedule, "default", time.time())
+        store.add_retrain("default", {"published": False, "reason": "no threshold"}, time.time())
+        store.set_label("cam-1-00004", "new", "bolt", "ann")
+        assert not retraining_due(store, schedule, "default", time.time())  # no class waiting: 20 again
+    finally:
+        store.close()
+
+
 def test_labels_given_while_a_retraining_fits_count_as_new_for_the_next(tmp_path):
     """A scheduled retraining that read 30 of 44 labels must run again for the other 14, although they were
     labelled before it finished (CI caught the schedule stopping there)."""
@@ -528,3 +557,18 @@ def test_draining_against_a_broker_that_is_not_there_is_one_clear_error(tmp_path
     cfg.write_text(cfg.read_text().replace("[station]\n", "[station]\nwait_s = 2\n"))
     res = run_cli("station", "drain", str(cfg), "--worker", "w9", timeout=60)
     assert res.returncode == 2 and "not reachable for 2 s" in res.stderr and "Traceback" not in res.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.uuids().map(str), st.sampled_from(["bolt", "gear", "garbage"])), unique_by=lambda t: t[0]))
+def test_a_labelled_frame_s_split_is_its_class_s_share_and_held_out_for_good(frames):
+    """Held out by the id alone (a frame held out stays held out as labels are added); of each class's other
+    frames every third calibrates, whatever order the store returns them in."""
+    from bouncer.station.retrain import assign_splits, is_heldout
+
+    splits = assign_splits(frames)
+    assert [s == "heldout" for s in splits] == [is_heldout(i) for i, _ in frames]
+    for cls in {c for _, c in frames}:
+        kept = [s for s, (_, c) in zip(splits, frames, strict=True) if c == cls and s != "heldout"]
+        assert kept.count("calib") == len(kept) // 3 and kept.count("train") == len(kept) - len(kept) // 3
+    assert assign_splits(frames[::-1]) == splits[::-1]
