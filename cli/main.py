@@ -48,10 +48,12 @@ def default_model(runtime: str = "onnxruntime", precision: str = "int8") -> Path
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from bouncer.devices import profiles
+    from bouncer.runtime.sources.genicam import list_cameras
     from bouncer.runtime.sysinfo import collect
 
     info = collect()
     info["device_profile"] = profiles.detect().name
+    info["cameras"] = list_cameras()
     if args.json:
         _print_json_last(info)
         return 0
@@ -69,6 +71,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"  device profile : {info['device_profile']}")
     print(f"  model cache    : {info['bouncer_home']}")
     print(f"  cached models  : {', '.join(info['cached_models']) or 'none (run: bouncer models build)'}")
+    for cam in info["cameras"]:
+        seen = cam.get("error") or f"genicam://{cam['stack']}/{cam['id']} ({cam['model']}, {cam['protocol']})"
+        print(f"  camera {cam['stack']:<8}: {seen}")
+    if not any("id" in c for c in info["cameras"]):
+        print("  cameras        : none seen (GenICam over GigE Vision / USB3 Vision: docs/cameras.md)")
     return 0
 
 
@@ -696,7 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = add("run", cmd_run, "run the guard on a camera, video, folder or the simulator; flag frames over MQTT")
     r.add_argument("config", type=Path, nargs="?", help="TOML config (docs/config.md); flags override it")
-    r.add_argument("--source", help="folder, video file, camera index, rtsp:// or http:// URL, or sim:SEED")
+    r.add_argument(
+        "--source",
+        help="folder, video file, camera index, rtsp:// or http:// URL, genicam://aravis/ID, "
+        "genicam://pylon/SERIAL, or sim:SEED",
+    )
     r.add_argument("--gate", type=Path, help="gate bundle")
     r.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
     r.add_argument("--sidecar", type=Path, help="the gate's sidecar backbone, if it has one (default: cached)")

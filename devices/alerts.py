@@ -19,7 +19,7 @@ from typing import Any
 from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.gates.quality import REASONS as QUALITY_REASONS
 
-LOOP_EVENTS = ("drift", "camera_lost", "camera_recovered")
+LOOP_EVENTS = ("drift", "camera_lost", "camera_recovered", "trigger_timeout")
 MAX_IDS = 5  # frame ids an alert carries, so the operator can open the first frames at the station
 
 
@@ -39,6 +39,7 @@ SUMMARY = {
     "quality": "frames fail the input check {cause}: lens, light or camera?",
     "drift": "slow drift in {cause}: no single frame shows it",
     "camera_lost": "the camera stopped delivering frames ({cause})",
+    "no_trigger": "the camera answers but no part triggered it for {cause}: light barrier, encoder or PLC?",
 }
 
 
@@ -61,6 +62,7 @@ class Alerts(Output):
         self.sent = 0
 
     def frame(self, done: FrameDone) -> None:
+        self.open.pop("no_trigger", None)  # parts come again: the next silence is a new incident
         d = done.decision
         self.note(time.time(), d.decision, d.reasons, done.frame_id)
 
@@ -87,6 +89,8 @@ class Alerts(Output):
             self._open("camera_lost", "camera_lost", str(fields.get("uri", "?")), ts, [])
         elif kind == "camera_recovered":
             self.open.pop("camera_lost", None)
+        elif kind == "trigger_timeout":
+            self._open("no_trigger", "no_trigger", f"{fields.get('after_s', '?')} s", ts, [])
 
     def _evidence(self, alert: str, key: str, cause: str, ts: float, frame_id: str | None) -> None:
         inc = self.open.get(key)
@@ -116,5 +120,5 @@ class Alerts(Output):
 
     def _expire(self, now: float) -> None:
         for key, inc in list(self.open.items()):
-            if inc.alert != "camera_lost" and inc.last < now - self.quiet_s:
+            if inc.alert not in ("camera_lost", "no_trigger") and inc.last < now - self.quiet_s:
                 del self.open[key]

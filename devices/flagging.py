@@ -95,6 +95,7 @@ class Flagger(Output):
             jpeg=b"",
             group=self.group,
             audit=audit,
+            part=item.part,
         )
         job = self._helper.submit(self._explain, guard, msg, outputs)
         jpeg = b"" if item.frame is None else encode_jpeg(item.frame, self.cfg.jpeg_max_side, self.cfg.jpeg_quality)

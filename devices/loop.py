@@ -257,9 +257,9 @@ class Device:
             self.source.stop.set()
 
     def run(self, once: bool = False, drain_timeout: float = 60.0, handle_signals: bool = True) -> RunSummary:
-        self.source = open_source(
-            self.cfg.source.uri, loop=self.cfg.source.loop and not once, skip_under_load=self.cfg.source.skip_under_load
-        )
+        src = self.cfg.source
+        self.source = open_source(src.uri, loop=src.loop and not once, skip_under_load=src.skip_under_load,
+                                  camera=self.cfg.camera)  # fmt: skip
         self.source_uri = self.source.uri
         if once and not self.source.finite:
             raise BouncerError(f"--once needs a finite source (a folder or video file), not {self.source.uri}")

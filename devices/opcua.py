@@ -2,12 +2,13 @@
 (docs/line.md).
 
 Under Objects/Bouncer/<device id>: `Verdict` (Int16: 0 hold, 1 accept, 2 review, 3 reject), `VerdictName`,
-`Sequence` (UInt32, frames since start), `Heartbeat` (UInt32, advanced every `line.heartbeat_s`), `Health`
-(Boolean), `GateVersion` (String) and the counters `Accepted`, `Reviewed`, `Rejected` (UInt64). A verdict is
-written before its sequence, so a client that acts when `Sequence` changes reads that frame's verdict. The same
-fail-safe rules as
-Modbus: late verdicts are written as hold, the guard leaves hold and Health false on its way out, and a client
-holds the line when the heartbeat stops moving or the session drops (a killed guard).
+`Sequence` (UInt32, frames since start), `PartId` (UInt64: a triggered camera's part, 0 without parts),
+`Heartbeat` (UInt32, advanced every `line.heartbeat_s`), `Health` (Boolean), `GateVersion` (String) and the
+counters `Accepted`, `Reviewed`, `Rejected` (UInt64). A verdict and its part are written before its sequence, so
+a client that acts when `Sequence` changes reads that frame's verdict and part. The same fail-safe rules as
+Modbus: late verdicts are written as hold, so is the verdict while the camera is lost or silent, the guard leaves
+hold and Health false on its way out, and a client holds the line when the heartbeat stops moving or the session
+drops (a killed guard).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class OpcUaLine(LineOutput):
         idx = self.server.register_namespace(NAMESPACE)
         root = self.server.nodes.objects.add_object(idx, "Bouncer").add_object(idx, device)
         V = ua.VariantType
-        kinds = {"Verdict": (0, V.Int16), "VerdictName": ("hold", V.String), "Sequence": (0, V.UInt32),
+        kinds = {"Verdict": (0, V.Int16), "VerdictName": ("hold", V.String), "PartId": (0, V.UInt64),
+                 "Sequence": (0, V.UInt32),
                  "Heartbeat": (0, V.UInt32), "Health": (True, V.Boolean), "GateVersion": (gate_version, V.String),
                  "Accepted": (0, V.UInt64), "Reviewed": (0, V.UInt64), "Rejected": (0, V.UInt64)}  # fmt: skip
         self.nodes = {name: root.add_variable(idx, name, value, varianttype=kind) for name, (value, kind) in
@@ -61,7 +63,8 @@ class OpcUaLine(LineOutput):
 
     def _set(self, values: dict[str, Any]) -> bool:
         V = self.ua.VariantType
-        kinds = {"Verdict": V.Int16, "VerdictName": V.String, "Sequence": V.UInt32, "Heartbeat": V.UInt32,
+        kinds = {"Verdict": V.Int16, "VerdictName": V.String, "PartId": V.UInt64, "Sequence": V.UInt32,
+                 "Heartbeat": V.UInt32,
                  "Health": V.Boolean, "GateVersion": V.String, "Accepted": V.UInt64, "Reviewed": V.UInt64,
                  "Rejected": V.UInt64}  # fmt: skip
         try:
@@ -72,12 +75,16 @@ class OpcUaLine(LineOutput):
             return False
         return True
 
-    def _verdict(self, code: int, sequence: int) -> bool:
+    def _verdict(self, code: int, sequence: int, part: int) -> bool:
         counter = {1: "Accepted", 2: "Reviewed", 3: "Rejected"}.get(code)
         if counter:
             self.counts[counter] += 1
         extra = {counter: self.counts[counter]} if counter else {}
-        return self._set({"Verdict": code, "VerdictName": NAMES[code], **extra, "Sequence": sequence & 0xFFFFFFFF})
+        return self._set({"Verdict": code, "VerdictName": NAMES[code], "PartId": part, **extra,
+                          "Sequence": sequence & 0xFFFFFFFF})  # fmt: skip
+
+    def _hold(self) -> bool:
+        return self._set({"Verdict": CODES["hold"], "VerdictName": "hold"})
 
     def _beat(self, n: int) -> bool:
         return self._set({"Heartbeat": n, "Health": True})

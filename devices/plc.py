@@ -1,11 +1,14 @@
 """The per-part verdict to the line's controller over Modbus TCP (pymodbus), fail-safe by design (docs/line.md).
 
-Four holding registers from `line.register` on the PLC: the verdict of the last frame (0 hold, 1 accept, 2 review,
+Six holding registers from `line.register` on the PLC: the verdict of the last frame (0 hold, 1 accept, 2 review,
 3 reject), its sequence number (frames since start, modulo 65536), a heartbeat counter the guard advances every
-`line.heartbeat_s`, and health (1 while the guard runs with a gate, 0 when it stops). The PLC acts on a verdict
+`line.heartbeat_s`, health (1 while the guard runs with a gate, 0 when it stops), and the frame's part id (a
+triggered camera's trigger count, 32 bits, high word first; 0 for sources without parts). A verdict is one write
+of all six, so the PLC never reads a sequence with another frame's verdict or part. The PLC acts on a verdict
 when its sequence changes, and holds the part when the heartbeat stops moving for a few periods: a guard that
 crashed, hung or lost its network can never leave "accept" standing. A verdict decided later than
-`line.deadline_ms` after its frame came in is written as hold, not as the verdict the part has already passed.
+`line.deadline_ms` after its frame came in is written as hold, not as the verdict the part has already passed;
+a camera lost or silent past `camera.trigger_timeout_s` writes hold (sequence unchanged) until frames come again.
 
 Writes happen on their own thread: the frame loop hands over (code, sequence, time in) and never waits for the
 PLC. A PLC that is unreachable, refuses writes or answers slowly is logged once per change of state, retried at
@@ -28,6 +31,7 @@ from bouncer.runtime.errors import BouncerError
 
 log = logging.getLogger("bouncer.line")
 CODES = {"hold": 0, "accept": 1, "review": 2, "reject": 3}
+HOLD_EVENTS = ("camera_lost", "trigger_timeout")  # no frame is coming: nothing may stand as the last verdict
 
 
 def parse_modbus_url(url: str) -> tuple[str, int]:
@@ -50,7 +54,7 @@ class LineOutput(Output):
 
     def __init__(self, deadline_ms: float, heartbeat_s: float) -> None:
         self.deadline_s, self.heartbeat_s = deadline_ms / 1000, heartbeat_s
-        self._q: queue.Queue[tuple[int, int, float] | None] = queue.Queue(maxsize=10000)
+        self._q: queue.Queue[tuple[int, int | None, int, float] | None] = queue.Queue(maxsize=10000)
         self.latencies: list[float] = []  # seconds from frame in to verdict written
         self.written = self.late = self.failed = self.dropped = 0
         self._beat_n = 0
@@ -62,19 +66,26 @@ class LineOutput(Output):
 
     # ---- the frame loop's side --------------------------------------------------------------------
 
-    def verdict(self, decision: str, sequence: int, t_in: float) -> None:
+    def verdict(self, decision: str, sequence: int, t_in: float, part: int | None = None) -> None:
         """Hand over a frame's verdict (t_in: time.perf_counter() when the frame came in); never blocks."""
         code = CODES[decision]
         if time.perf_counter() - t_in > self.deadline_s:
             code = CODES["hold"]  # too late for the part it belongs to
             self.late += 1
+        self._put((code, sequence, part or 0, t_in))
+
+    def _put(self, item: tuple[int, int | None, int, float]) -> None:
         try:
-            self._q.put_nowait((code, sequence, t_in))
+            self._q.put_nowait(item)
         except queue.Full:
             self.dropped += 1
 
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind in HOLD_EVENTS:
+            self._put((CODES["hold"], None, 0, time.perf_counter()))
+
     def frame(self, done: FrameDone) -> None:
-        self.verdict(done.decision.decision, done.sequence, done.t_in)
+        self.verdict(done.decision.decision, done.sequence, done.t_in, done.item.part)
         if done.gate_version != self._gate:
             if self._gate is not None:
                 self.set_gate(done.gate_version)
@@ -101,7 +112,11 @@ class LineOutput(Output):
 
     # ---- the writer thread ------------------------------------------------------------------------
 
-    def _verdict(self, code: int, sequence: int) -> bool:
+    def _verdict(self, code: int, sequence: int, part: int) -> bool:
+        raise NotImplementedError
+
+    def _hold(self) -> bool:
+        """The verdict register to hold, sequence unchanged (no frame is coming)."""
         raise NotImplementedError
 
     def _beat(self, n: int) -> bool:
@@ -124,8 +139,10 @@ class LineOutput(Output):
                 continue
             if item is None:
                 return
-            code, seq, t_in = item
-            if self._verdict(code, seq):
+            code, seq, part, t_in = item
+            if seq is None:
+                self._hold()
+            elif self._verdict(code, seq, part):
                 self.written += 1
                 self.latencies.append(time.perf_counter() - t_in)
             else:
@@ -147,8 +164,12 @@ class ModbusLine(LineOutput):
         self.client = ModbusTcpClient(self.host, port=self.port, timeout=timeout_s, retries=0)
         self._ok: bool | None = None  # the PLC's state as last logged
 
-    def _verdict(self, code: int, sequence: int) -> bool:
-        return self._write(self.base, [code, sequence & 0xFFFF])
+    def _verdict(self, code: int, sequence: int, part: int) -> bool:
+        part &= 0xFFFFFFFF
+        return self._write(self.base, [code, sequence & 0xFFFF, self._beat_n, 1, part >> 16, part & 0xFFFF])
+
+    def _hold(self) -> bool:
+        return self._write(self.base, [CODES["hold"]])
 
     def _beat(self, n: int) -> bool:
         return self._write(self.base + 2, [n, 1])  # heartbeat, health

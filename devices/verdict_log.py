@@ -37,7 +37,8 @@ class VerdictLog(Output):
         d = done.decision
         line = json.dumps({"ts": round(time.time(), 3), "sequence": done.sequence, "frame": done.item.key,
                            "decision": d.decision, "label": d.label, "reasons": d.reasons,
-                           "gate": done.gate_version, "frame_id": done.frame_id})  # fmt: skip
+                           "gate": done.gate_version, "frame_id": done.frame_id, "part": done.item.part,
+                           "camera": done.item.camera})  # fmt: skip
         try:
             self._file.write(line + "\n")
             if self._file.tell() >= self.max_bytes:

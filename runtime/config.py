@@ -38,10 +38,29 @@ class DeviceSection:
 
 @dataclass
 class SourceSection:
-    uri: str = ""  # folder path, video file, camera index, rtsp://..., http://..., or sim:SEED
+    uri: str = ""  # folder path, video file, camera index, rtsp://..., http://..., genicam://..., or sim:SEED
     loop: bool = False  # folders: start again at the end
     max_fps: NonNegative = 0.0  # 0: the device profile's rate for live sources, unlimited for files
     skip_under_load: bool = True  # live sources only: drop frames rather than fall behind
+
+
+@dataclass
+class CameraSection:
+    """A GenICam camera's settings, for `genicam://` sources (runtime/sources/genicam.py, docs/cameras.md): each
+    one set is applied when the camera opens and read back; a camera without the feature, or a value outside its
+    range, is an error naming the key."""
+
+    exposure_us: Annotated[float, Meta(gt=0)] | None = None  # unset: as the camera is
+    gain_db: Annotated[float, Meta(ge=0)] | None = None
+    pixel_format: str = ""  # a GenICam name (Mono8, Mono12, BayerRG8, RGB8...); empty: as the camera is
+    roi: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=4)] = field(default_factory=list)  # x y w h
+    trigger: str = "off"  # off (free running), software (a frame when the guard is ready), or an input line (Line1)
+    trigger_timeout_s: Positive = 10.0  # no frame for this long: event trigger_timeout, the line on hold
+    reconnect_max_s: Positive = 30.0  # a lost camera is reopened with backoff up to this
+
+    def validate(self) -> None:
+        if self.roi and (len(self.roi) != 4 or not self.roi[2] or not self.roi[3]):
+            raise BouncerError(f"camera.roi: expected [x, y, width, height] with width and height > 0, got {self.roi}")
 
 
 @dataclass
@@ -114,8 +133,8 @@ class LineSection:
     modbus: str = ""  # modbus://HOST[:PORT] of the PLC (Modbus TCP); empty: off
     opcua: str = ""  # opc.tcp://HOST:PORT/PATH this device serves its verdicts on (OPC UA server); empty: off
     unit: Annotated[int, Meta(ge=0, le=247)] = 1  # the PLC's unit (device) id
-    register: Annotated[int, Meta(ge=0, le=65532)] = (
-        0  # first of four holding registers: verdict, sequence, heartbeat, health
+    register: Annotated[int, Meta(ge=0, le=65530)] = (
+        0  # first of six holding registers: verdict, sequence, heartbeat, health, part id (2)
     )
     deadline_ms: Positive = 200.0  # a verdict decided later than this after its frame came in is written as hold
     heartbeat_s: Positive = 0.5
@@ -151,6 +170,7 @@ class VerdictsSection:
 class Config:
     device: DeviceSection = field(default_factory=DeviceSection)
     source: SourceSection = field(default_factory=SourceSection)
+    camera: CameraSection = field(default_factory=CameraSection)
     gate: GateSection = field(default_factory=GateSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
@@ -181,6 +201,7 @@ class Config:
         if not self.gate.bundle:
             raise BouncerError("gate.bundle: required (a bundle made by `bouncer fit`)")
         self.mqtt.validate()
+        self.camera.validate()
         if self.sparkplug.group and not self.mqtt.broker:
             raise BouncerError("sparkplug.group: needs mqtt.broker (Sparkplug B travels over MQTT)")
         return self

@@ -146,6 +146,7 @@ class BoxWire(msgspec.Struct, forbid_unknown_fields=True):
 
 
 Side = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PartId = Annotated[int, msgspec.Meta(ge=1, le=2**53, description="the part's trigger count since the camera opened")]
 
 
 def _plain(obj: Any) -> Any:
@@ -188,6 +189,7 @@ class FrameMessage(msgspec.Struct, kw_only=True):
     boxes: list[BoxWire] | None = None  # a detector gate's kept boxes
     size: Annotated[list[Side], msgspec.Meta(min_length=2, max_length=2)] | None = None  # their pixel space: w, h
     candidates: list[list[Number]] | None = None  # a detector's candidates after NMS: x1 y1 x2 y2 class score
+    part: PartId | None = None  # a triggered camera's part (docs/cameras.md): what the verdict to the line names
     jpeg: bytes
 
     def __post_init__(self) -> None:
@@ -263,7 +265,7 @@ class EventWire(msgspec.Struct, kw_only=True):
     event: Annotated[str, msgspec.Meta(pattern=whole(r"[a-z][a-z0-9_]{0,63}").pattern)]
 
 
-ALERTS = ("new_defect_suspected", "quality", "drift", "camera_lost")
+ALERTS = ("new_defect_suspected", "quality", "drift", "camera_lost", "no_trigger")
 
 
 class AlertWire(msgspec.Struct, kw_only=True):
@@ -273,7 +275,7 @@ class AlertWire(msgspec.Struct, kw_only=True):
     id: MessageId
     device: DeviceId
     ts: Timestamp
-    alert: Literal["new_defect_suspected", "quality", "drift", "camera_lost"]
+    alert: Literal["new_defect_suspected", "quality", "drift", "camera_lost", "no_trigger"]
     key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     summary: Text
     since: Timestamp

@@ -52,14 +52,14 @@ class LineSource(Source):
             yield FrameItem(key, f"{self.uri}#{key}", frame=f.frame, truth=f.truth)
 
 
-def open_sim(uri: str) -> SimulatorSource:
+def open_sim(uri: str, camera: object = None) -> SimulatorSource:
     try:
         return SimulatorSource(int(uri[4:] or 0))
     except ValueError:
         raise BouncerError(f"source {uri!r}: expected sim:SEED with an integer seed") from None
 
 
-def open_line(uri: str) -> LineSource:
+def open_line(uri: str, camera: object = None) -> LineSource:
     scheme, _, rest = uri.partition(":")
     try:
         parts = [int(x) for x in rest.split(":")]

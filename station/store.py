@@ -52,6 +52,7 @@ class Frame:
     boxes: list[dict[str, Any]] | None = None  # a detector frame's kept boxes
     size: list[int] | None = None  # its width and height: the boxes' pixel space
     labelled_by: str | None = None  # the authenticated person (or `local` on an open loopback station)
+    part: int | None = None  # a triggered camera's part id (docs/cameras.md)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "heatmap_path"}
@@ -66,7 +67,7 @@ class Frame:
 # The frames table's columns a `Frame` is read from, by name (the table's `grp` is the record's `group`)
 FRAME_FIELDS = ("id", "grp", "device", "ts", "received", "source", "decision", "predicted", "confidence", "ood_score",
                 "reasons", "details", "quality", "gate_version", "label_kind", "label", "heatmap_path", "audit",
-                "boxes", "size", "labelled_by")  # fmt: skip
+                "boxes", "size", "labelled_by", "part")  # fmt: skip
 FRAME_COLUMNS = ", ".join(FRAME_FIELDS)
 JSON_FIELDS = {"reasons", "details", "quality", "boxes", "size"}
 
@@ -90,7 +91,7 @@ def frame_row(m: schemas.FrameMessage, received: float) -> dict[str, Any]:
         "heatmap_path": frame_key(m.id, "heat.png") if m.heatmap else None, "audit": int(m.audit),
         "features": pack_features(m.feature_arrays()) if m.features else None,
         "boxes": None if boxes is None else json.dumps(boxes), "size": None if m.size is None else json.dumps(m.size),
-        "candidates": None if (c := m.candidate_array()) is None else c.tobytes(),
+        "candidates": None if (c := m.candidate_array()) is None else c.tobytes(), "part": m.part,
     }  # fmt: skip
 
 

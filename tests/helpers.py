@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bouncer.bench.servers import Mosquitto, Postgres, SeaweedFS, free_port, wait_for_port  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+BASE = 10  # line.register of the PLC tests
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -243,3 +244,44 @@ def device_messages(sim_gate: Path, model: Path, folder: Path, device: str, grou
             group=group, heatmap=None if (h := explain.heatmap(b, out)) is None else explain.heatmap_png(h),
         ))  # fmt: skip
     return msgs
+
+
+class Plc:
+    """pymodbus's Modbus TCP server with 100 holding registers; every write request is logged with its time.
+    `delay_s` makes it answer that late (it blocks its event loop, as a busy PLC would)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        import asyncio
+        import threading
+
+        from pymodbus.server import StartAsyncTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        self.port = free_port()
+        self.writes: list[tuple[float, int, list[int]]] = []
+
+        def trace(sending: bool, pdu):
+            if not sending and getattr(pdu, "function_code", None) == 16:  # write multiple registers
+                self.writes.append((time.monotonic(), pdu.address, list(pdu.registers)))
+                time.sleep(delay_s)
+            return pdu
+
+        device = SimDevice(id=1, simdata=SimData(0, count=100, values=0, datatype=DataType.REGISTERS))
+        serve = StartAsyncTcpServer(context=device, address=("127.0.0.1", self.port), trace_pdu=trace)
+        threading.Thread(target=lambda: asyncio.run(serve), daemon=True).start()
+        wait_for_port(self.port, "the Modbus server", 10.0)
+
+    def verdicts(self) -> list[tuple[float, int, int]]:
+        """(time, code, sequence) of every verdict write."""
+        return [(t, v[0], v[1]) for t, a, v in self.writes if a == BASE and len(v) == 6]
+
+    def parts(self) -> list[tuple[int, int, int]]:
+        """(code, sequence, part id) of every verdict write."""
+        return [(v[0], v[1], v[4] << 16 | v[5]) for _, a, v in self.writes if a == BASE and len(v) == 6]
+
+    def holds(self) -> list[float]:
+        """When the verdict register alone was set to hold (camera lost or silent, or the guard stopping)."""
+        return [t for t, a, v in self.writes if a == BASE and v == [0]]
+
+    def beats(self) -> list[float]:
+        return [t for t, a, v in self.writes if a == BASE + 2]

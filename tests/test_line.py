@@ -4,52 +4,19 @@ unreachable PLC costs the frame loop nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from helpers import device_toml, free_port, run_cli, wait_for_port
+from helpers import BASE, Plc, device_toml, free_port, run_cli
 
 from bouncer.sim import simulator
 
 HOLD, ACCEPT, REVIEW, REJECT = 0, 1, 2, 3
-BASE = 10  # line.register
-
-
-class Plc:
-    """pymodbus's Modbus TCP server with 100 holding registers; every write request is logged with its time.
-    `delay_s` makes it answer that late (it blocks its event loop, as a busy PLC would)."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        from pymodbus.server import StartAsyncTcpServer
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
-        self.port = free_port()
-        self.writes: list[tuple[float, int, list[int]]] = []
-
-        def trace(sending: bool, pdu):
-            if not sending and getattr(pdu, "function_code", None) == 16:  # write multiple registers
-                self.writes.append((time.monotonic(), pdu.address, list(pdu.registers)))
-                time.sleep(delay_s)
-            return pdu
-
-        device = SimDevice(id=1, simdata=SimData(0, count=100, values=0, datatype=DataType.REGISTERS))
-        serve = StartAsyncTcpServer(context=device, address=("127.0.0.1", self.port), trace_pdu=trace)
-        threading.Thread(target=lambda: asyncio.run(serve), daemon=True).start()
-        wait_for_port(self.port, "the Modbus server", 10.0)
-
-    def verdicts(self) -> list[tuple[float, int, int]]:
-        """(time, code, sequence) of every verdict write."""
-        return [(t, v[0], v[1]) for t, a, v in self.writes if a == BASE and len(v) == 2]
-
-    def beats(self) -> list[float]:
-        return [t for t, a, v in self.writes if a == BASE + 2]
 
 
 def line_config(tmp_path, source: dict, gate, plc_port: int, **line):
@@ -124,7 +91,7 @@ def test_a_plc_that_refuses_writes_or_answers_late_is_said_once_and_costs_the_lo
     What the PLC then does is its rule's job (docs/line.md): a heartbeat that stops moving holds the line."""
     parts = simulator.write_dataset(tmp_path / "parts", ("gear", "bolt"), per_class=10, seed=4)
     refusing = Plc()
-    cfg = line_config(tmp_path, {"uri": str(parts)}, sim_gate, refusing.port, register=100)  # 100..103: it has 0..99
+    cfg = line_config(tmp_path, {"uri": str(parts)}, sim_gate, refusing.port, register=100)  # 100..105: it has 0..99
     res = run_cli("run", str(cfg), "--once")
     assert res.returncode == 0, res.stderr[-3000:]
     line = json.loads(res.stdout.strip().splitlines()[-1])["line"]["line-modbus"]

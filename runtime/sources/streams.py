@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,6 +29,8 @@ class FrameItem:
     error: str | None = None  # unreadable frame: the guard rejects it with reason "unreadable"
     event: dict | None = None  # camera lost / recovered
     truth: str | None = None  # simulated line: the incident this frame belongs to (ground truth)
+    part: int | None = None  # a triggered camera: the part this frame shows (trigger count since the source opened)
+    camera: dict | None = None  # a GenICam camera: its own frame id and timestamp
 
 
 class Source:
@@ -174,19 +177,21 @@ class _LatestFrame:
 PLUGIN_GROUP = "bouncer.sources"
 
 
-def _plugin(scheme: str) -> Callable[[str], Source] | None:
+def _plugin(scheme: str) -> Callable[..., Source] | None:
     """A source plug-in for URIs `SCHEME:...`, from the entry points of the installed distributions (the
-    simulator registers `sim` and `line`): the camera core names no plug-in."""
+    simulator registers `sim` and `line`, the GenICam cameras `genicam`): the camera core names no plug-in. A
+    plug-in is called with the URI and the config's `[camera]` section (or None)."""
     found = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == scheme]
     return found[0].load() if found else None
 
 
-def open_source(uri: str, loop: bool = False, skip_under_load: bool = True) -> Source:
+def open_source(uri: str, loop: bool = False, skip_under_load: bool = True, camera: Any = None) -> Source:
+    """CAMERA: the config's `[camera]` section, for plug-ins that drive a camera (`genicam:`)."""
     scheme, sep, _ = uri.partition(":")
-    if sep and scheme.isidentifier() and not uri.startswith(f"{scheme}://") and len(scheme) > 1:
+    if sep and scheme.isidentifier() and len(scheme) > 1:
         opener = _plugin(scheme)
         if opener is not None:
-            return opener(uri)
+            return opener(uri, camera)
     path = Path(uri)
     if path.is_dir():
         return FolderSource(path, loop)
