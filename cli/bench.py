@@ -168,6 +168,16 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_camera(args: argparse.Namespace) -> int:
+    from bouncer.bench.cameras import bench_camera, print_camera
+
+    with tempfile.TemporaryDirectory(prefix="bouncer-bench-camera-") as tmp:
+        res = bench_camera(args.model or default_model(), Path(tmp), args.frames, args.pixel_format, args.frame_rate)
+    print_camera(res)
+    _print_json_last(res)
+    return 0
+
+
 def cmd_bench_station(args: argparse.Namespace) -> int:
     from bouncer.bench.station import bench_station, print_cpu, print_station
 
@@ -274,6 +284,13 @@ def add_bench(sub, add) -> None:
     bs.add_argument("--devices", type=_positive_int, default=20, help="simulated cameras")
     bs.add_argument("--size-kb", type=_positive_int, default=50, help="message size")
     bs.add_argument("--no-faults", action="store_true", help="skip the run with faults injected")
+
+    bc = add("camera", cmd_bench_camera, "trigger-to-verdict latency and fps through a fake GigE Vision camera",
+             bsub)  # fmt: skip
+    bc.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")
+    bc.add_argument("--frames", type=_positive_int, default=200, help="triggered parts to time")
+    bc.add_argument("--pixel-format", default="BayerRG8", help="the camera's pixel format (Mono8, BayerRG8, ...)")
+    bc.add_argument("--frame-rate", type=float, default=100.0, help="the free-running row's frame rate (Hz)")
 
     bd = add("device", cmd_bench_device, "guarded vs bare fps, outbox drain rate, peak memory", bsub)
     bd.add_argument("--model", type=Path, help="backbone (default: cached int8 EfficientNet-Lite0)")

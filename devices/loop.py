@@ -23,6 +23,7 @@ from bouncer.devices.ids import device_key
 from bouncer.devices.metrics import DeviceMetrics
 from bouncer.devices.ota import GateSlots, Trial
 from bouncer.devices.outputs import FrameDone, Output
+from bouncer.devices.plc import part_id_reader
 from bouncer.devices.systemd import Notifier
 from bouncer.runtime import schemas
 from bouncer.runtime.config import Config
@@ -109,9 +110,11 @@ class Device:
         self.ota: OtaUpdater | None = None  # and the updater when ota.url is
         self.paused = threading.Event()
         self.drift_alarms, self.camera_lost = 0, False
+        self.last_part: tuple[int, str] = (0, "")  # the last frame's part id and verdict (Sparkplug shows them)
         self.summary = RunSummary()
         self._stop = threading.Event()
         self.source_uri = cfg.source.uri
+        self.part_ids = part_id_reader(cfg.line)  # the PLC numbers the parts (line.part_register)
         self.outputs = build_outputs(cfg, self) + list(extra)
 
     # ---- gate updates -----------------------------------------------------------------------------
@@ -177,6 +180,8 @@ class Device:
             "Outbox Depth": ("UInt64", self.outbox.depth()),
             "Alerts": ("UInt64", self.summary.alerts),
             "Camera Lost": ("Boolean", self.camera_lost),
+            "Last Part/Id": ("UInt64", self.last_part[0]),
+            "Last Part/Verdict": ("String", self.last_part[1]),
             "Drift/Alarms": ("UInt64", self.drift_alarms),
             "Gate/Version": ("String", self.guard.bundle.version),
             "Gate/Serial": ("UInt64", self.serial),
@@ -230,6 +235,8 @@ class Device:
             self.emit_event(item.event.pop("event"), **item.event)
             return prev
         t0 = time.perf_counter()
+        if self.part_ids is not None:
+            item.part = self.part_ids.read()
         outputs = grey = None
         if item.frame is None:
             decision = unreadable(item.error or "unreadable frame")
@@ -242,6 +249,7 @@ class Device:
         for out in self.outputs:
             out.frame(done)
         s.decisions[decision.decision] += 1
+        self.last_part = (item.part or 0, str(decision.decision))
         if decision.decision == Verdict.ACCEPT and decision.label is not None:
             s.accepted[decision.label] = s.accepted.get(decision.label, 0) + 1
         for ev in self.drift.update(
@@ -311,5 +319,8 @@ class Device:
                 report = out.report()
                 if report is not None:
                     self.summary.add(out, report)
+            if self.part_ids is not None:
+                self.part_ids.close()
+                self.summary.outputs.setdefault("line", {})["part_ids"] = self.part_ids.report()
             self.outbox.close()
         return self.summary

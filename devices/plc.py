@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from bouncer.devices.outputs import FrameDone, Output
+from bouncer.runtime.config import LineSection
 from bouncer.runtime.errors import BouncerError
 
 log = logging.getLogger("bouncer.line")
@@ -149,19 +150,81 @@ class LineOutput(Output):
                 self.failed += 1
 
 
+def _modbus_client(url: str, timeout_s: float) -> Any:
+    try:
+        from pymodbus.client import ModbusTcpClient
+    except ImportError:
+        raise BouncerError("line.modbus needs pymodbus (the [line] extra): pip install 'bouncer[line]'") from None
+    host, port = parse_modbus_url(url)
+    return ModbusTcpClient(host, port=port, timeout=timeout_s, retries=0)
+
+
+class ModbusPartId:
+    """The part id the PLC writes into two holding registers (`line.part_register`, high word first) before it
+    triggers the camera, read as the frame comes in: the PLC's own numbering travels with the verdict, so parts
+    can be matched even across a guard restart or a camera reconnect, where a trigger count starts again.
+
+    The read is in the frame loop (the id must be the one of this frame's part, not a later one) with its own
+    budget (`line.part_timeout_ms`) and its own connection (the verdict writer's is another thread's). An
+    unanswered read gives part id 0, which the PLC cannot match and so holds, and is logged once per change of
+    state; after a failure reads resume at the heartbeat, so a PLC that is gone costs the loop one timeout per
+    `line.heartbeat_s`, not one per frame."""
+
+    def __init__(self, url: str, unit: int, register: int, timeout_ms: float, retry_s: float) -> None:
+        self.client = _modbus_client(url, timeout_ms / 1000)
+        self.url, self.unit, self.register, self.retry_s = url, unit, register, retry_s
+        self.read_ok = self.unread = 0
+        self._ok: bool | None = None
+        self._next_try = 0.0
+
+    def read(self) -> int:
+        if self._ok is False and time.monotonic() < self._next_try:
+            self.unread += 1
+            return 0
+        try:
+            if not self.client.connected and not self.client.connect():
+                raise ConnectionError("no connection")
+            rr = self.client.read_holding_registers(self.register, count=2, device_id=self.unit)
+            if rr.isError() or len(rr.registers) != 2:
+                raise ConnectionError(f"the PLC refused the read ({rr})")
+        except Exception as exc:  # pymodbus raises ModbusException, ConnectionError, OSError ...
+            if self._ok is not False:
+                log.error("line: part id from %s register %d unreadable (%s); verdicts carry part 0 (the PLC "
+                          "holds those parts) until it answers", self.url, self.register, exc)  # fmt: skip
+            self._ok, self._next_try = False, time.monotonic() + self.retry_s
+            self.client.close()
+            self.unread += 1
+            return 0
+        if self._ok is False:
+            log.warning("line: part id from %s readable again", self.url)
+        self._ok = True
+        self.read_ok += 1
+        hi, lo = rr.registers
+        return (hi << 16) | lo
+
+    def report(self) -> dict[str, int]:
+        return {"read": self.read_ok, "unread": self.unread}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def part_id_reader(c: LineSection) -> ModbusPartId | None:
+    """The PLC's part ids, when the configuration says the PLC writes them (`line.part_register`)."""
+    if c.part_register is None:
+        return None
+    return ModbusPartId(c.modbus, c.unit, c.part_register, c.part_timeout_ms, c.heartbeat_s)
+
+
 class ModbusLine(LineOutput):
     name = "line-modbus"
 
     def __init__(self, url: str, unit: int, register: int, deadline_ms: float, heartbeat_s: float,
                  timeout_s: float) -> None:  # fmt: skip
-        try:
-            from pymodbus.client import ModbusTcpClient
-        except ImportError:
-            raise BouncerError("line.modbus needs pymodbus (the [line] extra): pip install 'bouncer[line]'") from None
+        self.client = _modbus_client(url, timeout_s)
         super().__init__(deadline_ms, heartbeat_s)
         self.host, self.port = parse_modbus_url(url)
         self.unit, self.base = unit, register
-        self.client = ModbusTcpClient(self.host, port=self.port, timeout=timeout_s, retries=0)
         self._ok: bool | None = None  # the PLC's state as last logged
 
     def _verdict(self, code: int, sequence: int, part: int) -> bool:

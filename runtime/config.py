@@ -52,6 +52,7 @@ class CameraSection:
 
     exposure_us: Annotated[float, Meta(gt=0)] | None = None  # unset: as the camera is
     gain_db: Annotated[float, Meta(ge=0)] | None = None
+    frame_rate_hz: Annotated[float, Meta(gt=0)] | None = None  # the camera's frame clock (AcquisitionFrameRate)
     pixel_format: str = ""  # a GenICam name (Mono8, Mono12, BayerRG8, RGB8...); empty: as the camera is
     roi: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=4)] = field(default_factory=list)  # x y w h
     trigger: str = "off"  # off (free running), software (a frame when the guard is ready), or an input line (Line1)
@@ -137,6 +138,10 @@ class LineSection:
         0  # first of six holding registers: verdict, sequence, heartbeat, health, part id (2)
     )
     deadline_ms: Positive = 200.0  # a verdict decided later than this after its frame came in is written as hold
+    # two holding registers (high word first) where the PLC writes the part id before it triggers the camera, read
+    # as each frame comes in; unset: the part id is the trigger count (docs/line.md, "Part ids from the PLC")
+    part_register: Annotated[int, Meta(ge=0, le=65534)] | None = None
+    part_timeout_ms: Positive = 50.0  # reading it; an unanswered read is part id 0 (the PLC holds that part)
     heartbeat_s: Positive = 0.5
     timeout_s: Positive = 0.5  # per write; a slow PLC is a failed write, never a slow frame loop
 
@@ -202,6 +207,8 @@ class Config:
             raise BouncerError("gate.bundle: required (a bundle made by `bouncer fit`)")
         self.mqtt.validate()
         self.camera.validate()
+        if self.line.part_register is not None and not self.line.modbus:
+            raise BouncerError("line.part_register: needs line.modbus (the PLC the part id is read from)")
         if self.sparkplug.group and not self.mqtt.broker:
             raise BouncerError("sparkplug.group: needs mqtt.broker (Sparkplug B travels over MQTT)")
         return self

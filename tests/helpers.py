@@ -271,6 +271,17 @@ class Plc:
         threading.Thread(target=lambda: asyncio.run(serve), daemon=True).start()
         wait_for_port(self.port, "the Modbus server", 10.0)
 
+    def set(self, address: int, values: list[int]) -> None:
+        """What the PLC's own program writes into its registers (a part id before it triggers the camera)."""
+        from pymodbus.client import ModbusTcpClient
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=5)
+        try:
+            assert client.connect(), "the Modbus server"
+            assert not client.write_registers(address, values, device_id=1).isError()
+        finally:
+            client.close()
+
     def verdicts(self) -> list[tuple[float, int, int]]:
         """(time, code, sequence) of every verdict write."""
         return [(t, v[0], v[1]) for t, a, v in self.writes if a == BASE and len(v) == 6]

@@ -67,7 +67,8 @@ def test_a_software_triggered_gige_camera_survives_a_pulled_cable_and_every_verd
     go on counting; nothing decided before the loss is missing."""
     plc, collector = Plc(), Collector(broker.port, "cam-test")
     cfg = camera_config(tmp_path, camera.uri, sim_gate,
-                        {"trigger": "software", "exposure_us": 2500.0, "pixel_format": "BayerRG8", "gain_db": 2.0},
+                        {"trigger": "software", "exposure_us": 2500.0, "pixel_format": "BayerRG8", "gain_db": 2.0,
+                         "frame_rate_hz": 100.0},
                         mqtt={"broker": broker.url}, line={"modbus": f"modbus://127.0.0.1:{plc.port}",
                                                            "register": 10, "deadline_ms": 2000.0})  # fmt: skip
     proc = start_run(cfg)
@@ -94,6 +95,7 @@ def test_a_software_triggered_gige_camera_survives_a_pulled_cable_and_every_verd
     assert opened["camera"]["serial"] == camera.serial and opened["camera"]["model"] == "Fake"
     assert opened["settings"]["pixel_format"] == "BayerRG8" and opened["settings"]["exposure_us"] == 2500.0
     assert opened["settings"]["gain_db"] == 2.0 and opened["settings"]["trigger"] == "software"
+    assert opened["settings"]["frame_rate_hz"] == 100.0
     assert [json.loads(a)["alert"] for a in collector.on("/alerts")].count("camera_lost") == 1
     d = summary["decisions"]
     assert summary["frames"] == len(parts) == d["review"] + d["reject"], summary
@@ -129,7 +131,8 @@ def test_pylon_s_emulated_camera_runs_a_gate_with_its_region_and_frame_ids(sim_g
     verdict in the verdict log with its part and the camera's own frame id, both counting up by one."""
     log = tmp_path / "verdicts.jsonl"
     cfg = camera_config(tmp_path, "genicam://pylon/0815-0000", sim_gate,
-                        {"trigger": "software", "roi": [16, 8, 640, 480], "gain_db": 1.0, "exposure_us": 3000.0},
+                        {"trigger": "software", "roi": [16, 8, 640, 480], "gain_db": 1.0, "exposure_us": 3000.0,
+                         "frame_rate_hz": 50.0},
                         verdicts={"path": str(log)})  # fmt: skip
     proc = start_run(cfg, env=PYLON)
     try:
@@ -152,6 +155,7 @@ def test_pylon_s_emulated_camera_runs_a_gate_with_its_region_and_frame_ids(sim_g
     [
         ({"exposure_us": 1e9}, "camera.exposure_us: 1e+09 is outside this camera's range 10 to 1e+07"),
         ({"gain_db": 50.0}, "camera.gain_db: 50 is outside this camera's range 0 to 10"),
+        ({"frame_rate_hz": 5000.0}, "camera.frame_rate_hz: 5000 is outside this camera's range 0.1 to 1000"),
         ({"pixel_format": "YUV422_8"}, "camera.pixel_format: 'YUV422_8' is not one this camera offers"),
         ({"trigger": "Line3"}, "camera.trigger: 'Line3' is not one of this camera's trigger inputs (Line0)"),
         ({"roi": [0, 0, 4096, 100]}, "camera.roi: [0, 0, 4096, 100] does not fit the sensor (2048 x 2048)"),
@@ -217,3 +221,22 @@ def test_a_pixel_format_bouncer_cannot_read_is_refused_by_name(name):
     with pytest.raises(BouncerError, match=f"the camera sends {name}, which Bouncer cannot read"):
         check_format(name)
     assert check_format("RGB8Packed") == "RGB8" and cv2 is not None
+
+
+def test_bench_camera_times_both_acquisition_modes_beside_the_decision_alone(built_models, bouncer_home):
+    """Through the fake GigE Vision camera (the bench starts and stops its own): every part decided in order,
+    the gate fitted on the camera's frames so that they take the full path (mostly accepted), and the camera
+    path never faster than the decision it ends in."""
+    res = run_cli("bench", "camera", "--frames", "40", "--frame-rate", "50", env={"BOUNCER_HOME": str(bouncer_home)},
+                  timeout=600)  # fmt: skip
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    soft, free, alone = out["software_trigger"], out["free_running"], out["decision_alone"]
+    assert out["frame_shape"] == [512, 512, 3] and out["pixel_format"] == "BayerRG8"
+    assert soft["settings"]["trigger"] == "software" and free["settings"]["frame_rate_hz"] == 50.0
+    assert soft["parts_in_order"] and free["parts_in_order"] and soft["events"] == free["events"] == []
+    assert out["verdicts"]["accept"] > 0.8 * sum(out["verdicts"].values()), out["verdicts"]
+    for row in (soft, free):
+        assert alone["latency"]["p50_ms"] < row["latency"]["p50_ms"] < 1000, (alone, row)
+    assert 0 < free["fps"] <= 55 and free["camera_frames_missed"] >= 0
+    assert "software trigger -> verdict" in res.stdout

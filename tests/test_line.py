@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import BASE, Plc, device_toml, free_port, run_cli
+from helpers import BASE, Plc, device_toml, free_port, run_cli, wait_until
 
 from bouncer.sim import simulator
 
@@ -114,6 +114,43 @@ def test_a_plc_that_refuses_writes_or_answers_late_is_said_once_and_costs_the_lo
     assert time.monotonic() - t0 < 90
 
 
+def test_part_ids_the_plc_writes_travel_with_each_verdict_and_an_unreadable_one_is_part_0(sim_gate, tmp_path):
+    """The PLC numbers its parts (32 bits, two registers) and writes the number before it triggers: each verdict
+    carries the number that stood when its frame came in, in order. A part-id register the guard cannot read
+    gives part 0 (the PLC cannot match it, so it holds the part), said once, and the loop goes on."""
+    plc = Plc()
+    plc.set(50, [1, 4464])  # part 70000
+    cfg = line_config(tmp_path, {"uri": "sim:5", "max_fps": 20.0}, sim_gate, plc.port, part_register=50)
+    proc = subprocess.Popen([sys.executable, "-m", "bouncer", "run", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: len(plc.parts()) >= 5, timeout=60)
+        plc.set(50, [1, 4465])
+        changed = len(plc.parts())
+        wait_until(lambda: len(plc.parts()) >= changed + 5, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    ids = [p for _, _, p in plc.parts()]
+    assert set(ids) == {70000, 70001} and ids == sorted(ids), ids
+    assert ids[:5] == [70000] * 5 and ids[changed + 3 :] == [70001] * len(ids[changed + 3 :]), (changed, ids)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["line"]["part_ids"] == {"read": summary["frames"], "unread": 0}, summary
+
+    parts = simulator.write_dataset(tmp_path / "parts", ("gear",), per_class=12, seed=2)
+    (tmp_path / "gone").mkdir()
+    cfg = line_config(tmp_path / "gone", {"uri": str(parts)}, sim_gate, plc.port, part_register=99)  # 99, 100: no 100
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 12 and summary["line"]["part_ids"] == {"read": 0, "unread": 12}, summary
+    assert summary["line"]["line-modbus"]["written"] == 12, "the verdicts themselves still reach the PLC"
+    assert [p for _, _, p in plc.parts()][-12:] == [0] * 12
+    said = [ln for ln in res.stderr.splitlines() if "part id from" in ln]
+    assert len(said) == 1 and "register 99 unreadable" in said[0], res.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
@@ -121,6 +158,7 @@ def test_a_plc_that_refuses_writes_or_answers_late_is_said_once_and_costs_the_lo
         ({"modbus": "modbus://plc:502", "unit": 300}, "line.unit: Expected `int` <= 247"),
         ({"modbus": "modbus://plc:502", "deadline_ms": 0}, "line.deadline_ms: Expected `float` > 0"),
         ({"modbus": "modbus://plc:502", "verdict": 1}, "line.verdict: unknown key"),
+        ({"part_register": 40}, "line.part_register: needs line.modbus"),
     ],
 )
 def test_a_bad_line_section_is_a_clear_error(sim_gate, tmp_path, line, needle):

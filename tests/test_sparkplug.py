@@ -69,7 +69,8 @@ def test_a_host_sees_birth_data_rebirth_and_the_death_certificate_of_a_killed_ca
         first = values(birth, names)
         assert birth["seq"] == 0 and first[REBIRTH] is False and isinstance(first["bdSeq"], int)
         assert {"Frames", "Verdicts/Accept", "Verdicts/Review", "Verdicts/Reject", "Review Rate", "Gate/Version",
-                "Camera Lost", "Drift/Alarms", "Outbox Depth"} <= set(first)  # fmt: skip
+                "Camera Lost", "Drift/Alarms", "Outbox Depth", "Last Part/Id",
+                "Last Part/Verdict"} <= set(first)  # fmt: skip
         assert all(m["datatype"] in (8, 10, 11, 12) for m in birth["metrics"])
         wait_until(lambda: len(messages(host, "NDATA")) >= 3, 60)
         data = messages(host, "NDATA")
@@ -79,6 +80,8 @@ def test_a_host_sees_birth_data_rebirth_and_the_death_certificate_of_a_killed_ca
         frames = [values(d, names).get("Frames") for d in data]
         frames = [f for f in frames if f is not None]
         assert frames == sorted(frames) and frames[-1] > first["Frames"]
+        shown = [v for d in [birth, *data] if (v := values(d, names).get("Last Part/Verdict"))]
+        assert shown and set(shown) <= {"accept", "review", "reject"}, shown  # sim:3 has no parts: id 0
         # a host asks for a rebirth (NCMD): a new birth, seq back to 0, the same bdSeq (same session)
         cmd = pb.Payload(timestamp=int(time.time() * 1000))
         cmd.metrics.add(name=REBIRTH, datatype=11, boolean_value=True)

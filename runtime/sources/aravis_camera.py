@@ -81,11 +81,18 @@ class AravisCamera:
                 check_range("gain_db", s.gain_db, *c.get_gain_bounds())
                 c.set_gain_auto(self.arv.Auto.OFF) if c.is_gain_auto_available() else None
                 c.set_gain(s.gain_db)
+            if s.frame_rate_hz is not None:
+                if not c.is_frame_rate_available():
+                    raise BouncerError("camera.frame_rate_hz: this camera has no frame rate to set")
+                check_range("frame_rate_hz", s.frame_rate_hz, *c.get_frame_rate_bounds())
+                c.set_frame_rate(s.frame_rate_hz)
             check_trigger(s.trigger, list(c.dup_available_trigger_sources() or []))
             region = c.get_region()
             return {"pixel_format": self.pixel_format(), "roi": [region.x, region.y, region.width, region.height],
                     "exposure_us": c.get_exposure_time() if c.is_exposure_time_available() else None,
-                    "gain_db": c.get_gain() if c.is_gain_available() else None, "trigger": s.trigger}  # fmt: skip
+                    "gain_db": c.get_gain() if c.is_gain_available() else None,
+                    "frame_rate_hz": c.get_frame_rate() if c.is_frame_rate_available() else None,
+                    "trigger": s.trigger}  # fmt: skip
         except BouncerError:
             raise
         except Exception as exc:

@@ -15,7 +15,7 @@ output puts the line on hold meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -129,7 +129,6 @@ class GenicamSource(Source):
         self.uri = uri
         self.settings = settings
         self.parts = 0  # parts (triggers) since the source opened
-        self.dropped = 0
         self.driver: CameraDriver | None = None
         self.readback: dict[str, Any] = {}
         self.camera: dict[str, str] = {}
@@ -166,7 +165,7 @@ class GenicamSource(Source):
             self.driver.software_trigger()
         return self.driver.grab(self.settings.trigger_timeout_s)
 
-    def __iter__(self) -> Iterator[FrameItem]:
+    def __iter__(self) -> Generator[FrameItem, None, None]:
         backoff, silent = 0.5, False
         yield self._event("camera_opened", camera=self.camera, settings=self.readback)  # what the camera runs with
         try:

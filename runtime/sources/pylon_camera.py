@@ -78,8 +78,12 @@ class PylonCamera:
                 self.cam.OffsetX.SetValue(x)
                 self.cam.OffsetY.SetValue(y)
             for key, value, names in (("exposure_us", s.exposure_us, ("ExposureTime", "ExposureTimeAbs")),
-                                      ("gain_db", s.gain_db, ("Gain",))):  # fmt: skip
+                                      ("gain_db", s.gain_db, ("Gain",)),
+                                      ("frame_rate_hz", s.frame_rate_hz,
+                                       ("AcquisitionFrameRate", "AcquisitionFrameRateAbs"))):  # fmt: skip
                 if value is not None:
+                    if key == "frame_rate_hz" and self._read("AcquisitionFrameRateEnable") is not None:
+                        self.cam.AcquisitionFrameRateEnable.SetValue(True)  # Basler's clock is off until enabled
                     node = self._node(key, *names)
                     check_range(key, value, node.GetMin(), node.GetMax())
                     node.SetValue(value)
@@ -89,6 +93,7 @@ class PylonCamera:
                     "roi": [self.cam.OffsetX.GetValue(), self.cam.OffsetY.GetValue(), self.cam.Width.GetValue(),
                             self.cam.Height.GetValue()],
                     "exposure_us": self._read("ExposureTime", "ExposureTimeAbs"), "gain_db": self._read("Gain"),
+                    "frame_rate_hz": self._read("AcquisitionFrameRate", "AcquisitionFrameRateAbs"),
                     "trigger": s.trigger}  # fmt: skip
         except self.genicam.GenericException as exc:
             raise BouncerError(f"genicam://pylon/{self.ident}: setting up the camera failed: "
