@@ -9,26 +9,41 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bouncer.bench.hotpath import camera_frame, small_gate
+from bouncer.devices.prefetch import Prefetch
 from bouncer.runtime import backends, schemas
 from bouncer.runtime.config import load_config
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.outbox import Outbox
 from bouncer.runtime.preprocess import preprocess
-from bouncer.runtime.sources.streams import FrameItem
+from bouncer.runtime.sources.streams import FrameItem, Source
 from bouncer.sim import simulator
 
 
 def _seconds(fn, frames: list[np.ndarray]) -> float:
     t0 = time.perf_counter()
-    for f in frames:
-        fn(f)
+    fn(frames)
     return time.perf_counter() - t0
+
+
+class FramesSource(Source):
+    """Frames in memory, as a live camera would hand them over (one scene: the frozen check applies)."""
+
+    uri = "sim:0"
+
+    def __init__(self, frames: list[np.ndarray], first: int) -> None:
+        super().__init__()
+        self.frames, self.first = frames, first
+
+    def __iter__(self) -> Iterator[FrameItem]:
+        for i, f in enumerate(self.frames):
+            yield FrameItem(f"f{self.first + i}", self.uri, frame=f)
 
 
 def bench_loop(model: Path, work: Path, n_frames: int = 60, rounds: int = 15, block: int = 20) -> dict[str, float]:
@@ -56,37 +71,51 @@ def bench_loop(model: Path, work: Path, n_frames: int = 60, rounds: int = 15, bl
     frames = [camera_frame("bolt" if i % 10 == 9 else simulator.KNOWN_CLASSES[i % 4], rng) for i in range(n_frames)]
     pp = device.guard.bundle.preprocessing
     buf = np.empty((1, 3, pp.height, pp.width), np.float32)
-    state: dict[str, Any] = {"prev": None, "n": 0}
+    state: dict[str, Any] = {"n": 0}
 
-    def bare(frame: np.ndarray) -> None:
-        device.guard.backend.run(preprocess(frame, pp, out=buf))
+    def bare(part: list[np.ndarray]) -> None:
+        for frame in part:
+            device.guard.backend.run(preprocess(frame, pp, out=buf))
 
-    def guarded(frame: np.ndarray) -> None:
-        state["n"] += 1
-        item = FrameItem(f"f{state['n']}", "sim:0", frame=frame)
-        state["prev"] = device.process(item, state["prev"], finite=False)
+    def guarded(part: list[np.ndarray]) -> None:
+        """The device loop's own path: the prefetch thread reads and prepares, the loop decides and hands over."""
+        prefetch = Prefetch(FramesSource(part, state["n"]), lambda: device.guard, device.arrive, lambda _: False)
+        for arrived in prefetch:
+            device.process(arrived.item, None, False, arrived)
+        prefetch.close()
+        state["n"] += len(part)
 
-    for fn in (bare, guarded):  # warm up
-        for f in frames[:5]:
-            fn(f)
+    def sequential(part: list[np.ndarray]) -> None:
+        """The same loop one step after another (the loop before the prefetch thread): the baseline."""
+        prev = None
+        for frame in part:
+            state["n"] += 1
+            prev = device.process(FrameItem(f"f{state['n']}", "sim:0", frame=frame), prev, finite=False)
+
+    for fn in (bare, guarded, sequential):  # warm up
+        fn(frames[:5])
     # Interleaved in blocks of `block` frames (two unfamiliar parts each), bare and guarded on the same
     # frames, which goes first alternating, many times over: this machine's speed drifts by 30% within
     # seconds, and a pair of adjacent blocks sees the same drift. The ratio is the median of the pairs'.
-    bare_s: list[float] = []
-    guarded_s: list[float] = []
+    times: dict[Any, list[float]] = {bare: [], guarded: [], sequential: []}
+    order = (bare, guarded, sequential)
     for r in range(rounds):
         for i in range(0, n_frames, block):
             part = frames[i : i + block]
-            for fn in (bare, guarded) if (r + i // block) % 2 == 0 else (guarded, bare):
-                (bare_s if fn is bare else guarded_s).append(_seconds(fn, part) / len(part))
+            k = (r * 3 + i // block) % 3
+            for fn in order[k:] + order[:k]:  # each goes first in turn
+                times[fn].append(_seconds(fn, part) / len(part))
+    bare_s, guarded_s, seq_s = (np.array(times[f]) for f in order)
     b, g = 1 / float(np.median(bare_s)), 1 / float(np.median(guarded_s))
-    ratio = float(np.median(np.array(bare_s) / np.array(guarded_s)))
+    ratio = float(np.median(bare_s / guarded_s))
     flagged = device.outbox.depth()
     device.outbox.close()
     return {
         "bare_fps": round(b, 1),
         "guarded_fps": round(g, 1),
         "guarded_over_bare": round(ratio, 3),
+        "sequential_fps": round(1 / float(np.median(seq_s)), 1),
+        "sequential_over_bare": round(float(np.median(bare_s / seq_s)), 3),
         "pairs": len(bare_s),
         "flagged_queued": flagged,
     }

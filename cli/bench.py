@@ -158,7 +158,9 @@ def cmd_bench_device(args: argparse.Namespace) -> int:
     res = bench_device(args.model or default_model())
     print(
         f"bare loop (resize + normalise + backbone): {res['bare_fps']:.1f} fps; guarded loop: "
-        f"{res['guarded_fps']:.1f} fps ({res['guarded_over_bare']:.1%} of bare) [640x480, int8, 2 threads]"
+        f"{res['guarded_fps']:.1f} fps ({res['guarded_over_bare']:.1%} of bare) [640x480, int8, 2 threads]; "
+        f"the same loop without its prefetch thread: {res['sequential_fps']:.1f} fps "
+        f"({res['sequential_over_bare']:.1%} of bare)"
     )
     print(
         f"outbox drain after an outage: {res['outbox_drain_msgs_per_s']:.0f} msgs/s of 50 KB "

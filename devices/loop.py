@@ -24,6 +24,7 @@ from bouncer.devices.metrics import DeviceMetrics
 from bouncer.devices.ota import GateSlots, Trial
 from bouncer.devices.outputs import FrameDone, Output
 from bouncer.devices.plc import part_id_reader
+from bouncer.devices.prefetch import Arrival, Prefetch
 from bouncer.devices.systemd import Notifier
 from bouncer.runtime import schemas
 from bouncer.runtime.config import Config
@@ -229,27 +230,37 @@ class Device:
 
     # ---- the loop ---------------------------------------------------------------------------------
 
-    def process(self, item: FrameItem, prev: np.ndarray | None, finite: bool) -> np.ndarray | None:
-        """Decide one frame and hand it to every output; returns its grey image, the next frame's `prev`."""
+    def arrive(self, item: FrameItem) -> None:
+        """What happens to a frame as it comes in, before any waiting: the PLC's part id is read now."""
+        if self.part_ids is not None:
+            item.part = self.part_ids.read()
+
+    def process(self, item: FrameItem, prev: np.ndarray | None, finite: bool, arrived: Arrival | None = None
+                ) -> np.ndarray | None:  # fmt: skip
+        """Decide one frame and hand it to every output; returns its grey image, the next frame's `prev`.
+        `arrived`: the frame as the prefetch thread read and prepared it (then `prev` was its business)."""
         if item.event:
             self.emit_event(item.event.pop("event"), **item.event)
             return prev
-        t0 = time.perf_counter()
-        if self.part_ids is not None:
-            item.part = self.part_ids.read()
+        t_start = time.perf_counter()
+        if arrived is None:
+            self.arrive(item)
+        t0 = t_start if arrived is None else arrived.t_in
         outputs = grey = None
         if item.frame is None:
             decision = unreadable(item.error or "unreadable frame")
+        elif arrived is not None and arrived.prepared is not None:
+            decision, outputs, grey = self.guard.finish(arrived.prepared)
         else:
             decision, outputs, grey = self.guard.score_frame(item.frame, prev)
         s = self.summary
         s.frames += 1
-        done = FrameDone(item, decision, outputs, s.frames, t0, time.perf_counter() - t0, self.guard.bundle.version,
-                         self.source_uri, finite)  # fmt: skip
+        done = FrameDone(item, decision, outputs, s.frames, t0, time.perf_counter() - t_start,
+                         self.guard.bundle.version, self.source_uri, finite)  # fmt: skip
+        self.last_part = (item.part or 0, str(decision.decision))  # before the outputs: Sparkplug reports it
         for out in self.outputs:
             out.frame(done)
         s.decisions[decision.decision] += 1
-        self.last_part = (item.part or 0, str(decision.decision))
         if decision.decision == Verdict.ACCEPT and decision.label is not None:
             s.accepted[decision.label] = s.accepted.get(decision.label, 0) + 1
         for ev in self.drift.update(
@@ -275,7 +286,6 @@ class Device:
         done = self.outbox.done(self.source.uri) if finite else set()
         max_fps = self.cfg.source.max_fps or (self.profile.max_fps if self.source.live else 0.0)
         period = 1.0 / max_fps if max_fps else 0.0
-        prev = None
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
@@ -286,23 +296,23 @@ class Device:
                 out.start()
                 started.append(out)
             notify.ready(f"guarding {self.source.uri} with gate {self.guard.bundle.version}")
-            for item in self.source:
-                notify.alive()
-                if self._stop.is_set():
-                    break
-                while self.paused.is_set() and not self._stop.is_set():
-                    notify.alive()  # paused by a command: alive, not stuck
-                    time.sleep(0.1)
-                if finite and item.key in done:
-                    self.summary.skipped_done += 1
-                    continue
-                t0 = time.monotonic()
-                self.gates.between_frames()
-                prev = self.process(item, prev if self.source.stream else None, finite)
-                if finite:
-                    self.outbox.mark_done(self.source.uri, item.key)
-                if period:
-                    time.sleep(max(0.0, period - (time.monotonic() - t0)))
+            prefetch = Prefetch(self.source, lambda: self.guard, self.arrive,
+                                lambda item: finite and item.key in done, period)  # fmt: skip
+            try:
+                for arrived in prefetch:
+                    notify.alive()
+                    if self._stop.is_set():
+                        break
+                    while self.paused.is_set() and not self._stop.is_set():
+                        notify.alive()  # paused by a command: alive, not stuck
+                        time.sleep(0.1)
+                    self.gates.between_frames()
+                    self.process(arrived.item, None, finite, arrived)
+                    if finite:
+                        self.outbox.mark_done(self.source.uri, arrived.item.key)
+            finally:
+                prefetch.close()
+                self.summary.skipped_done += prefetch.skipped
             if once and self.link:
                 deadline = time.monotonic() + drain_timeout
                 while self.outbox.depth() and time.monotonic() < deadline and not self._stop.is_set():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bouncer.devices import sparkplug_b_pb2 as pb
-from bouncer.devices.outputs import Output
+from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime.config import MqttSection
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.mqtt_client import new_client
@@ -30,6 +30,7 @@ NAMESPACE = "spBv1.0"
 TYPES = {"UInt64": 8, "Double": 10, "Boolean": 11, "String": 12}
 _FIELD = {8: "long_value", 10: "double_value", 11: "boolean_value", 12: "string_value"}
 REBIRTH = "Node Control/Rebirth"
+PART_METRICS = "Last Part/"  # the last part's Id and Verdict: per part, by exception, when frames have parts
 # group and edge node ids: no MQTT wildcards or separators (the specification), and short
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -118,6 +119,7 @@ class SparkplugNode(Output):
         self._rebirth = threading.Event()
         self.connected = threading.Event()
         self.births = self.data_messages = 0
+        self._by_part = False  # set once a frame with a part id was reported by `frame`
         # a clean session, as the specification asks of an edge node: its state is its birth, not the broker's
         v5 = mqtt_cfg.protocol == "v5"
         clean: dict[str, Any] = {} if v5 else {"clean_session": True}
@@ -198,6 +200,8 @@ class SparkplugNode(Output):
             self.birth()
             return
         changed = {k: v for k, v in now.items() if self._last.get(k) != v[1]}
+        if self._by_part:  # `frame` reports those, each part in order; a snapshot here could be one behind
+            changed = {k: v for k, v in changed.items() if not k.startswith(PART_METRICS)}
         if not changed:
             return
         with self._lock:
@@ -208,6 +212,26 @@ class SparkplugNode(Output):
                 self._last[name] = value
             self.client.publish(topic(self.group, "NDATA", self.node), p.SerializeToString(), qos=0)
             self.data_messages += 1
+
+    def frame(self, done: FrameDone) -> None:
+        """A frame of a part (a triggered camera's): its part id and verdict at once, by exception, so SCADA/MES
+        sees every part's verdict and not one every `every_s`. Frames without a part wait for the period."""
+        part = done.item.part
+        if part is None or not self.connected.is_set():
+            return
+        verdict = str(done.decision.decision)
+        metrics = ((f"{PART_METRICS}Id", "UInt64", part), (f"{PART_METRICS}Verdict", "String", verdict))
+        with self._lock:
+            if any(name not in self._aliases for name, _, _ in metrics):
+                return  # not born yet: the birth carries them
+            ts = int(time.time() * 1000)
+            p = pb.Payload(timestamp=ts, seq=self._next_seq())
+            for name, kind, value in metrics:
+                metric(p, None, self._aliases[name], kind, value, ts)
+                self._last[name] = value
+            self.client.publish(topic(self.group, "NDATA", self.node), p.SerializeToString(), qos=0)
+            self.data_messages += 1
+            self._by_part = True
 
     def _run(self) -> None:
         next_data = time.monotonic() + self.every_s

@@ -126,17 +126,21 @@ def test_a_hardware_trigger_that_never_comes_is_said_once_and_holds_the_line(cam
     collector.close()
 
 
-def test_pylon_s_emulated_camera_runs_a_gate_with_its_region_and_frame_ids(sim_gate, tmp_path):
-    """Basler's emulator through pypylon: the region and gain applied and read back, frames 640 x 480, each
-    verdict in the verdict log with its part and the camera's own frame id, both counting up by one."""
-    log = tmp_path / "verdicts.jsonl"
+def test_pylon_s_emulated_camera_runs_a_gate_with_its_region_and_frame_ids(broker, sim_gate, tmp_path):
+    """Basler's emulator through pypylon: the region, gain and frame rate applied and read back, frames 640 x 480,
+    each verdict in the verdict log with its part and the camera's own frame id, both counting up by one; the same
+    part ids reach the PLC in order and name the flagged frames."""
+    log, plc, collector = tmp_path / "verdicts.jsonl", Plc(), Collector(broker.port, "pylon-test")
     cfg = camera_config(tmp_path, "genicam://pylon/0815-0000", sim_gate,
                         {"trigger": "software", "roi": [16, 8, 640, 480], "gain_db": 1.0, "exposure_us": 3000.0,
                          "frame_rate_hz": 50.0},
-                        verdicts={"path": str(log)})  # fmt: skip
+                        verdicts={"path": str(log)}, mqtt={"broker": broker.url},
+                        line={"modbus": f"modbus://127.0.0.1:{plc.port}", "register": 10,
+                              "deadline_ms": 2000.0})  # fmt: skip
     proc = start_run(cfg, env=PYLON)
     try:
-        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 12, timeout=90)
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 12 and collector.on("/frames"),
+                   timeout=90)  # fmt: skip
     finally:
         summary = stop_run(proc)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
@@ -144,10 +148,46 @@ def test_pylon_s_emulated_camera_runs_a_gate_with_its_region_and_frame_ids(sim_g
     ids = [x["camera"]["frame_id"] for x in lines]
     assert ids == list(range(ids[0], ids[0] + len(lines))), ids
     assert summary["frames"] == len(lines)
+    assert [p for _, _, p in plc.parts()] == list(range(1, len(lines) + 1)), "every verdict to the PLC, its part"
+    opened = next(e for e in events(collector) if e["event"] == "camera_opened")
+    assert opened["settings"]["roi"] == [16, 8, 640, 480] and opened["settings"]["frame_rate_hz"] == 50.0
+    flagged = wait_until(lambda: len(f := collector.on("/frames")) + summary["undelivered"] >= summary["decisions"][
+        "review"] + summary["decisions"]["reject"] and f)  # fmt: skip
+    named = [json.loads(f)["part"] for f in flagged]
+    assert len(set(named)) == len(named) and set(named) <= set(range(1, len(lines) + 1)), named
+    collector.close()
     res = run_cli("doctor", "--json", env=PYLON)
     cams = json.loads(res.stdout.strip().splitlines()[-1])["cameras"]
     assert {"stack": "pylon", "id": "0815-0000", "model": "Emulation", "serial": "0815-0000",
             "protocol": "BaslerCamEmu"} in cams  # fmt: skip
+
+
+def test_sparkplug_reports_every_part_s_verdict_in_order(broker, sim_gate, tmp_path):
+    """With a triggered camera each part's id and verdict go to SCADA/MES at once (NDATA by exception), one data
+    message per part in order, not one every `sparkplug.every_s`; the sequence numbers stay one run."""
+    from bouncer.devices.sparkplug import decode
+
+    host = Collector(broker.port, "scada", topic="spBv1.0/line1/#")
+    log = tmp_path / "verdicts.jsonl"
+    cfg = camera_config(tmp_path, "genicam://pylon/0815-0000", sim_gate, {"trigger": "software"},
+                        mqtt={"broker": broker.url}, sparkplug={"group": "line1", "every_s": 30.0},
+                        verdicts={"path": str(log)})  # fmt: skip
+    proc = start_run(cfg, env=PYLON)
+    try:
+        wait_until(lambda: len(host.on("/NDATA/cam-g")) >= 10, timeout=90)
+    finally:
+        stop_run(proc)
+    birth = decode(host.on("/NBIRTH/cam-g")[0])
+    names = {m["alias"]: m["name"] for m in birth["metrics"]}
+    data = [decode(p) for p in host.on("/NDATA/cam-g")]
+    seen = [{names[m["alias"]]: m["value"] for m in d["metrics"]} for d in data]
+    parts = [v["Last Part/Id"] for v in seen if "Last Part/Id" in v]
+    verdicts = {x["part"]: x["decision"] for x in map(json.loads, log.read_text().splitlines())}
+    assert parts == list(range(parts[0], parts[0] + len(parts))) and len(parts) >= 10, parts
+    assert all(v["Last Part/Verdict"] == verdicts[v["Last Part/Id"]] for v in seen if "Last Part/Id" in v)
+    seqs = [d["seq"] for d in data]
+    assert seqs == [(birth["seq"] + 1 + i) % 256 for i in range(len(seqs))], seqs
+    host.close()
 
 
 @pytest.mark.parametrize(

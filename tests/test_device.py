@@ -551,3 +551,68 @@ def test_an_output_that_fails_to_start_or_stop_leaves_nothing_open(sim_gate, tmp
     with pytest.raises(RuntimeError, match="broken cannot start"):
         device.run(once=True, handle_signals=False)
     assert first.seen == ["start", "stop"] and broken.seen == ["start"] and never.seen == []
+
+
+def test_the_prefetch_thread_keeps_order_the_frozen_check_and_the_guard_s_decisions(sim_gate, tmp_path):
+    """Frames read and prepared ahead on their own thread decide exactly as one at a time: same verdicts and
+    reasons in source order, a repeated frame still frozen (the previous frame travels with the preparing), an
+    event in its place, a source that fails mid-run raised in the loop thread, and a stop leaves the thread ended."""
+    import threading
+
+    from bouncer.devices.prefetch import Prefetch
+    from bouncer.runtime.sources.streams import FrameItem, Source
+
+    rng = np.random.default_rng(8)
+    frames = [cv2.resize(simulator.render(simulator.KNOWN_CLASSES[i % 4] if i % 5 else "bolt", rng), (640, 480))
+              for i in range(12)]  # fmt: skip
+    frames[7] = frames[6].copy()  # the camera froze for one frame
+
+    class Frames(Source):
+        uri = "mem:0"
+
+        def __init__(self, fail_at: int | None = None) -> None:
+            super().__init__()
+            self.fail_at = fail_at
+
+        def __iter__(self):
+            for i, f in enumerate(frames):
+                if i == self.fail_at:
+                    raise OSError("the capture card went away")
+                if i == 3:
+                    yield FrameItem("event-3", self.uri, event={"event": "camera_recovered"})
+                yield FrameItem(f"f{i}", self.uri, frame=f)
+
+    device = Device(load_config(None, {"device.id": "cam-p", "device.data_dir": str(tmp_path / "d"),
+                                       "source.uri": "sim:0", "gate.bundle": str(sim_gate)}))  # fmt: skip
+    one_by_one, prev = [], None
+    for f in frames:
+        d, _, prev = device.guard.score_frame(f, prev)
+        one_by_one.append((d.decision, d.label, d.reasons))
+    assert "frozen" in one_by_one[7][2] and "frozen" not in one_by_one[6][2]
+
+    seen = []
+    prefetch = Prefetch(Frames(), lambda: device.guard, device.arrive, lambda item: item.key == "f11")
+    for arrived in prefetch:
+        if arrived.item.event:
+            seen.append(arrived.item.event["event"])
+            continue
+        d, _, _ = device.guard.finish(arrived.prepared)
+        seen.append((arrived.item.key, (d.decision, d.label, d.reasons)))
+    prefetch.close()
+    assert seen == [(f"f{i}", one_by_one[i]) for i in range(3)] + ["camera_recovered"] + [
+        (f"f{i}", one_by_one[i]) for i in range(3, 11)], seen  # fmt: skip
+    assert prefetch.skipped == 1
+
+    failing = Prefetch(Frames(fail_at=5), lambda: device.guard, device.arrive, lambda item: False)
+    got = []
+    with pytest.raises(OSError, match="capture card went away"):
+        for arrived in failing:
+            got.append(arrived.item.key)
+    failing.close()
+    assert got == ["f0", "f1", "f2", "event-3", "f3", "f4"]
+
+    stopped = Prefetch(Frames(), lambda: device.guard, device.arrive, lambda item: False)
+    next(iter(stopped))
+    stopped.close()
+    assert not any(t.name == "bouncer-prefetch" and t.is_alive() for t in threading.enumerate())
+    device.outbox.close()

@@ -46,6 +46,9 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
         "bouncer/runtime/gates/explain.py",
         "bouncer/runtime/gates/guard.py",
         "bouncer/runtime/kernels/reference.py",
+        "bouncer/runtime/sources/genicam.py",
+        "bouncer/runtime/sources/aravis_camera.py",
+        "bouncer/runtime/sources/pylon_camera.py",
     ):
         assert expected in names, expected
     assert any(n.startswith("bouncer/_hotpath") and n.endswith(".so") for n in names), "C++ hot path not in the wheel"
@@ -54,6 +57,14 @@ def test_wheel_builds_and_runs_without_the_checkout(tmp_path: Path):
     entries = zipfile.ZipFile(wheel).read(entry).decode()
     assert "bouncer = bouncer.cli.main:main" in entries
     assert "[bouncer.sources]" in entries and "sim = bouncer.sim.sources:open_sim" in entries  # the plug-ins
+    assert "genicam = bouncer.runtime.sources.genicam:open_genicam" in entries
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    stacks = [
+        ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and ("pypylon" in ln or "pygobject" in ln)
+    ]
+    assert len(stacks) == 2 and all('extra == "cameras"' in ln for ln in stacks), (
+        stacks
+    )  # `pip install .` pulls neither
 
     target = tmp_path / "site"
     subprocess.run(

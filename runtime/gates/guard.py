@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -17,7 +18,7 @@ from bouncer.runtime.gates.detector import Detections, DetectorTask
 from bouncer.runtime.gates.heads import KnnHead, input_sources, tile_output
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
 from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, task_meta
-from bouncer.runtime.preprocess import input_to_frame, preprocess
+from bouncer.runtime.preprocess import Preprocessing, input_to_frame, preprocess
 
 
 def check_pairing(bundle: GateBundle, backend: Backend) -> None:
@@ -37,6 +38,17 @@ def check_pairing(bundle: GateBundle, backend: Backend) -> None:
             f"gate {bundle.version} reads the sidecar backbone {bundle.sidecar['name']} "
             f"({bundle.sidecar['hash'][:12]}) beside {backend.path.name}; loaded: {have} (--sidecar / gate.sidecar)"
         )
+
+
+@dataclass
+class Prepared:
+    """A frame ready for the backbone: its grey downscale and quality statistics, and the model input."""
+
+    frame: np.ndarray
+    grey: np.ndarray
+    stats: dict[str, float]
+    x: np.ndarray
+    preprocessing: Preprocessing  # what `x` was made for
 
 
 class Guard:
@@ -66,8 +78,8 @@ class Guard:
         self._tiling = bundle.tiling
         self._tile_sources = sorted({s for h in bundle.ood_heads if h.input_key.endswith("@tiles")
                                      for s in input_sources(h.input_key)})  # fmt: skip
-        # The frame loop is sequential: OpenCV's worker pool would only wake threads that compete with
-        # the backbone's for the same cores (docs/hotpath.md, "Measured choices").
+        # The loop's own two threads (prefetch and backbone) fill the cores: OpenCV's worker pool would only
+        # wake threads that compete with the backbone's for them (docs/hotpath.md, "Measured choices").
         cv2.setNumThreads(1)
 
     # ---- heads on backbone outputs (vectorised; the per-frame reference) ----------------------
@@ -176,24 +188,40 @@ class Guard:
             d.flag(unsure)
         return d
 
-    def score_frame(
-        self, frame: np.ndarray, prev: np.ndarray | None = None
-    ) -> tuple[Decision, dict[str, np.ndarray] | None, np.ndarray]:
-        """One frame of a stream -> its decision, the backbone outputs (None if the quality gate rejected
-        it before the backbone), and its grey downscale (the `prev` of the next frame)."""
+    def prepare(self, frame: np.ndarray, prev: np.ndarray | None = None, out: np.ndarray | None = None) -> Prepared:
+        """The work on a frame before its backbone call: a device loop runs it for frame n+1 on another thread
+        while frame n's backbone runs (the kernels release the GIL). `out`: where the model input goes (default:
+        this guard's one buffer, so only one prepared frame may be in flight without it)."""
         pp = self.bundle.preprocessing
         base, grey = base_and_grey(frame, max(pp.width, GREY_W), max(pp.height, GREY_H))
         stats = grey_stats(grey, prev)
+        x = preprocess(base, pp, out=self._input if out is None else out)
+        return Prepared(frame, grey, stats, x, pp)
+
+    def finish(self, p: Prepared) -> tuple[Decision, dict[str, np.ndarray] | None, np.ndarray]:
+        """A prepared frame -> its decision, the backbone outputs (None if the quality gate rejected it before the
+        backbone), and its grey downscale (the `prev` of the next frame). This gate's quality bounds decide, also
+        for a frame prepared before a gate swap."""
+        stats, frame = p.stats, p.frame
         issues = self.bundle.quality.check(stats)
         if issues:
-            return self.decide(issues, None, None, stats), None, grey
-        x = preprocess(base, pp, out=self._input)
+            return self.decide(issues, None, None, stats), None, p.grey
+        x = p.x
+        if p.preprocessing != self.bundle.preprocessing:  # prepared for another gate's model input
+            pp = self.bundle.preprocessing
+            x = preprocess(base_and_grey(frame, max(pp.width, GREY_W), max(pp.height, GREY_H))[0], pp)
         t0 = time.perf_counter()
         outputs = self.backend.run(x)
         if self._tiling is not None:
             outputs = {**outputs, **self.tile_outputs([frame])}
         self.last_backbone_s = time.perf_counter() - t0  # lets benchmarks separate the guard's own time
-        return self.decide_outputs(stats, outputs, (frame.shape[1], frame.shape[0])), outputs, grey
+        return self.decide_outputs(stats, outputs, (frame.shape[1], frame.shape[0])), outputs, p.grey
+
+    def score_frame(
+        self, frame: np.ndarray, prev: np.ndarray | None = None
+    ) -> tuple[Decision, dict[str, np.ndarray] | None, np.ndarray]:
+        """One frame of a stream, prepared and finished in one go (see `prepare` and `finish`)."""
+        return self.finish(self.prepare(frame, prev))
 
     def decide_outputs(
         self,
