@@ -123,7 +123,7 @@ def bench_camera(
         prev = device.process(item, prev, finite=False)
         alone.append((time.perf_counter() - t0) * 1e3)
     alone_fps = round(len(alone) / (time.perf_counter() - t_start), 1)
-    device.outbox.close()
+    device.close()
     first = running["items"][0].frame
     result: dict[str, Any] = {"frames": frames, "frame_shape": list(first.shape if first is not None else ()),
                               "pixel_format": pixel_format, "verdicts": verdicts}  # fmt: skip

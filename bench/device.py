@@ -108,8 +108,8 @@ def bench_loop(model: Path, work: Path, n_frames: int = 60, rounds: int = 15, bl
     bare_s, guarded_s, seq_s = (np.array(times[f]) for f in order)
     b, g = 1 / float(np.median(bare_s)), 1 / float(np.median(guarded_s))
     ratio = float(np.median(bare_s / guarded_s))
+    device.close()  # the outbox's writer done
     flagged = device.outbox.depth()
-    device.outbox.close()
     return {
         "bare_fps": round(b, 1),
         "guarded_fps": round(g, 1),

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from bouncer.devices.outputs import FrameDone, Output
 from bouncer.runtime import schemas
 from bouncer.runtime.config import MqttSection
+from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.mqtt_client import new_client
 from bouncer.runtime.outbox import Outbox
 
@@ -79,7 +80,11 @@ class MqttLink:
         with self._lock:
             rowid = self._inflight.pop(mid, None)
         if rowid is not None and not reason_code.is_failure:
-            self.outbox.ack(rowid)
+            try:
+                self.outbox.ack(rowid)
+            except BouncerError as exc:  # a full disk: the row stays and is sent again (the station keeps one)
+                log.warning("%s", exc)
+                return
             self.acked += 1
 
     def _on_message(self, client, userdata, msg) -> None:

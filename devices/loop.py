@@ -269,6 +269,13 @@ class Device:
             self.emit_event(ev.pop("event"), **ev)
         return grey
 
+    def close(self) -> None:
+        """For a caller that drove `process` itself instead of `run` (the benches): every output stopped (the
+        outbox's writer has then written all it was given), the outbox closed."""
+        for out in self.outputs:
+            out.stop()
+        self.outbox.close()
+
     def stop(self) -> None:
         """End the run from another thread (what SIGTERM does for `bouncer run`)."""
         self._stop.set()
@@ -291,6 +298,7 @@ class Device:
                 signal.signal(sig, lambda *_: self.stop())
         notify = Notifier.from_env()  # under systemd: ready now, then the watchdog fed once per frame
         started: list[Output] = []
+        failed: BouncerError | None = None
         try:
             for out in self.outputs:
                 out.start()
@@ -307,9 +315,7 @@ class Device:
                         notify.alive()  # paused by a command: alive, not stuck
                         time.sleep(0.1)
                     self.gates.between_frames()
-                    self.process(arrived.item, None, finite, arrived)
-                    if finite:
-                        self.outbox.mark_done(self.source.uri, arrived.item.key)
+                    self.process(arrived.item, None, finite, arrived)  # the outbox marks a finite one done
             finally:
                 prefetch.close()
                 self.summary.skipped_done += prefetch.skipped
@@ -324,6 +330,8 @@ class Device:
             for out in started:
                 try:
                     out.stop()
+                except BouncerError as exc:  # said (once) when all are stopped: the outbox's last write failed
+                    failed = failed or exc
                 except Exception:  # one output failing to stop must not keep the others (or the outbox) open
                     log.exception("stopping output %s", out.name)
                 report = out.report()
@@ -333,4 +341,6 @@ class Device:
                 self.part_ids.close()
                 self.summary.outputs.setdefault("line", {})["part_ids"] = self.part_ids.report()
             self.outbox.close()
+        if failed is not None:
+            raise failed
         return self.summary

@@ -20,7 +20,7 @@ from bouncer.runtime.sources.streams import FrameItem
 @dataclass
 class FrameDone:
     """One decided frame as every output sees it. An output earlier in the list may add to it: the outbox sets
-    `frame_id` once a flagged frame is on disk, for the alerts after it."""
+    `frame_id` once a flagged frame is queued for disk (its message id), for the alerts after it."""
 
     item: FrameItem
     decision: Decision

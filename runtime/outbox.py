@@ -1,7 +1,8 @@
 """A durable outbox: flagged frames and events wait in SQLite (WAL) until the broker acknowledged them.
 
-- `put` commits before it returns: a frame the loop has moved past survives kill -9 of the process
-  (WAL with synchronous=NORMAL; a power cut may lose the last transactions, see docs/mqtt.md).
+- `put` commits before it returns: a message put survives kill -9 of the process (the device's writer marks
+  a frame done only after its put). WAL with synchronous=NORMAL: a power cut may lose the last transactions,
+  see docs/mqtt.md.
 - Rows are deleted only by `ack`, called when the broker's PUBACK arrives; anything unacked is sent
   again after a restart (duplicates carry the same id; the station keeps one).
 - A disk budget bounds the database: over it, the oldest `reject` rows go first, then the oldest
@@ -14,6 +15,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,35 +68,42 @@ class Outbox:
 
     # ---- writing ---------------------------------------------------------------------------------
 
-    def put(self, msg_id: str, topic: str, payload: bytes, kind: str) -> list[str]:
-        """Store a message durably; returns the ids evicted to stay within the budget."""
-        evicted: list[str] = []
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Under the lock, in one transaction; a write SQLite cannot make (a full disk, a file at its size limit:
+        'disk I/O error') is one error naming the outbox, and nothing of it stays."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (msg_id, topic, payload, kind, created) VALUES (?, ?, ?, ?, ?)",
-                    (msg_id, topic, payload, kind, time.time()),
-                )
-                if cur.rowcount:
-                    self._bytes += len(payload)
-                    self._depth += 1
-                while self._bytes > self.max_bytes:
-                    victim = self._victim()
-                    if victim is None:
-                        break
-                    rowid, vid, size = victim
-                    self._db.execute("DELETE FROM outbox WHERE rowid = ?", (rowid,))
-                    self._bytes -= size
-                    self._depth -= 1
-                    evicted.append(vid)
-                if evicted:
-                    self._bump("evicted", len(evicted))
+                yield
                 self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise BouncerError(f"{self.path}: cannot store a message ({exc}); is the disk full?") from None
+                    with suppress(sqlite3.DatabaseError):  # then SQLite has rolled back itself
+                        self._db.execute("ROLLBACK")
+                raise BouncerError(f"{self.path}: cannot {what} ({exc}); is the disk full?") from None
+
+    def put(self, msg_id: str, topic: str, payload: bytes, kind: str) -> list[str]:
+        """Store a message durably; returns the ids evicted to stay within the budget."""
+        evicted: list[str] = []
+        with self._writing("store a message"):
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO outbox (msg_id, topic, payload, kind, created) VALUES (?, ?, ?, ?, ?)",
+                (msg_id, topic, payload, kind, time.time()),
+            )
+            size, depth = (len(payload), 1) if cur.rowcount else (0, 0)
+            while self._bytes + size > self.max_bytes:
+                victim = self._victim()
+                if victim is None:
+                    break
+                rowid, vid, vsize = victim
+                self._db.execute("DELETE FROM outbox WHERE rowid = ?", (rowid,))
+                size, depth = size - vsize, depth - 1
+                evicted.append(vid)
+            if evicted:
+                self._bump("evicted", len(evicted))
+        self._bytes += size  # committed: only now
+        self._depth += depth
         return evicted
 
     def _victim(self) -> tuple[int, str, int] | None:
@@ -122,12 +132,13 @@ class Outbox:
         return [Pending(*r) for r in rows]
 
     def ack(self, rowid: int) -> None:
-        with self._lock:
+        with self._writing("delete a delivered message"):
             row = self._db.execute("SELECT LENGTH(payload) FROM outbox WHERE rowid = ?", (rowid,)).fetchone()
             if row:
                 self._db.execute("DELETE FROM outbox WHERE rowid = ?", (rowid,))
-                self._bytes -= row[0]
-                self._depth -= 1
+        if row:  # committed
+            self._bytes -= row[0]
+            self._depth -= 1
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -145,7 +156,7 @@ class Outbox:
 
     def mark_done(self, source: str, item: str) -> None:
         """Remember that a frame of a finite source was processed (a restart skips it)."""
-        with self._lock:
+        with self._writing("mark a frame done"):
             self._db.execute("INSERT OR IGNORE INTO progress (source, item) VALUES (?, ?)", (source, item))
 
     def done(self, source: str) -> set[str]:

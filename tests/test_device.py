@@ -231,6 +231,43 @@ def test_disk_budget_evicts_in_the_stated_order(sim_gate, tmp_path, bouncer_home
     box.close()
 
 
+def test_a_full_disk_ends_the_run_with_one_line_and_loses_no_frame(sim_gate, tmp_path, bouncer_home):
+    """The outbox's file may grow no further (RLIMIT_FSIZE: SQLite then reports a full disk) while every frame is
+    flagged: the run ends with one line naming the outbox, no traceback, and a second run with room decides again
+    each frame not yet on disk, so every flagged frame is in the outbox once."""
+    import resource
+
+    src = frames_folder(tmp_path / "frames", ("bolt", "giraffe"), 20, seed=13)  # all flagged (unfamiliar)
+    data = tmp_path / "data"
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'[device]\nid = "cam-8"\ndata_dir = "{data}"\n[source]\nuri = "{src}"\n'
+                   f'[gate]\nbundle = "{sim_gate}"\n')  # fmt: skip
+    limit = 600_000  # bytes per file: a few flagged frames' worth of write-ahead log
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run(device_cmd(str(cfg), "--once"), capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_disk, env={**os.environ, "BOUNCER_HOME": str(bouncer_home)})  # fmt: skip
+    assert full.returncode != 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert "outbox.sqlite" in last and "disk" in last, last
+    box = Outbox(data / "outbox.sqlite", 10**10)
+    stored = {p.msg_id for p in box.pending(limit=10_000) if p.topic.endswith("/frames")}
+    marked = box.done(str(src))
+    box.close()
+    assert 0 < len(marked) < 40 and len(stored) >= len(marked)  # nothing marked done that is not on disk
+    res = run_cli("run", str(cfg), "--once")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["skipped_done"] == len(marked)
+    box = Outbox(data / "outbox.sqlite", 10**10)
+    frames = [schemas.FrameMessage.decode(p.payload) for p in box.pending(limit=10_000) if p.topic.endswith("/frames")]
+    box.close()
+    assert len(frames) == len({m.id for m in frames}) == 40 and {Path(m.source).name for m in frames} == {
+        p.name for p in src.rglob("*.png")}  # fmt: skip
+
+
 def test_outbox_eviction_order_unit(tmp_path):
     from bouncer.runtime.outbox import Outbox
 
