@@ -26,17 +26,15 @@ import numpy as np
 
 from bouncer.fitting.acceptance import select_threshold
 from bouncer.fitting.calibration import expected_calibration_error
-from bouncer.fitting.fit import Extracted, FitSettings, drift_reference, extract
-from bouncer.fitting.operating import choose
+from bouncer.fitting.fit import Extracted, FitSettings, extract
+from bouncer.fitting.stages import acceptance, assemble, fit_input_gate, fit_quality
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.backends.paired import PREFIX, PairedBackend
 from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.bundle import Acceptance, GateBundle
 from bouncer.runtime.gates.decision import rule
 from bouncer.runtime.gates.detector import Detections, DetectorTask, OrphanHead, _logit, iou_matrix
-from bouncer.runtime.gates.heads import Fusion, fit_head, head_input, input_key, input_sources, parse_head
-from bouncer.runtime.gates.quality import QualityGate
-from bouncer.runtime.gates.risk import frames_needed
+from bouncer.runtime.gates.heads import fit_head, head_input, input_key, input_sources, parse_head
 from bouncer.runtime.images import IMAGE_SUFFIXES, iter_image_paths
 from bouncer.runtime.modelcard import ModelCard
 from bouncer.runtime.preprocess import Preprocessing, input_to_frame
@@ -319,9 +317,7 @@ def certify(
     if sel.threshold is None:
         say(f"warning: no frame-confidence threshold reaches accuracy {settings.target_accuracy} on the calibration "
             "frames; this gate auto-accepts nothing, every frame goes to review")  # fmt: skip
-    return sel, Acceptance(sel.threshold, settings.target_accuracy, settings.delta, sel.error_bound,
-                           sel.n_calibration, sel.n_accepted, sel.n_errors,
-                           frames_needed(1 - settings.target_accuracy, settings.delta)), j  # fmt: skip
+    return sel, acceptance(sel, settings.target_accuracy, settings.delta), j
 
 
 def fit_detector_gate(
@@ -385,20 +381,17 @@ def fit_detector_from(
 
     # the input gate: quality and frame-level heads from the training frames, the detector's orphan candidates
     # with the calibration just fitted; thresholds on the calibration frames
-    quality = QualityGate.fit(train_ex.stats)
+    quality, q_ok = fit_quality(train_ex.stats, calib_ex.stats)
     zeros = np.zeros(len(train_ex.paths), np.int64)
     orphan = OrphanHead(card.detections, replace(task, min_score=ORPHAN_FLOOR, max_candidates=ORPHAN_CANDIDATES))
     ood_heads = [orphan if parse_head(h)[0] == "orphan" else fit_head(h, head_input(input_key(h), train_ex.outputs),
                                                                        zeros) for h in heads]  # fmt: skip
-    q_ok = np.array([not quality.check(s) for s in calib_ex.stats], bool)
     raw = np.stack([h.score_vectors(head_input(h.input_key, calib_ex.outputs)) for h in ood_heads], 1)
-    fusion = Fusion.fit(heads, raw[q_ok] if q_ok.sum() >= 10 else raw, settings.fusion or "max")
-    fused = fusion.fuse(raw)
-    op = choose(fused[q_ok], [], settings.review_budget, None, settings.delta)  # no pseudo-unknowns here
-    ood_threshold = op.threshold
-    frames.passing = q_ok & ~rule(q_ok, np.ones(len(q_ok)), fused, ood_threshold, None).ood
+    gate = fit_input_gate(quality, q_ok, np.ones(len(q_ok), bool), raw, heads, settings.fusion or "max", [],
+                          settings.review_budget, None, settings.delta)  # no pseudo-unknowns here  # fmt: skip
+    frames.passing = gate.passing()
 
-    sel, acceptance, judged = certify(task, frames.take(half_b), settings, say)
+    sel, accept, judged = certify(task, frames.take(half_b), settings, say)
     fit_metrics: dict[str, Any] = {
         "train_images": len(train_ex.paths),
         "calibration_images": len(calib_ex.paths),
@@ -408,36 +401,18 @@ def fit_detector_from(
         "platt_own_classes": own,
         "calibration_accuracy": round(float(judged.correct.mean()), 4),
         **judged.ece(),
-        "calibration_quality_rejects": int((~q_ok).sum()),
-        "calibration_ood_flagged": int((q_ok & ~frames.passing).sum()),
+        **gate.metrics(frames.passing, calib_ex.stats),
         "calibration_coverage": round(float(judged.accepted(frames.passing[half_b], sel.threshold).mean()), 4),
-        "drift_reference": drift_reference(calib_ex.stats, fused[q_ok])
-        | box_drift_reference(task, frames.take(half_b), classes),
     }
+    fit_metrics["drift_reference"] |= box_drift_reference(task, frames.take(half_b), classes)
     rule_name = "detector: frame-level heads and orphan candidates" if settings.heads is None else "named with --heads"
     reads = sorted({"sidecar" if k.startswith(PREFIX) else "model" for k in keys})
-    now = datetime.now(UTC)
-    return GateBundle(
-        version=version or now.strftime("%Y%m%d%H%M%S"),
-        created=now.isoformat(timespec="seconds"),
-        backbone_hash=card.model_hash,
-        backbone_name=card.name,
-        classes=classes,
-        preprocessing=pp,
-        quality=quality,
-        task=task,
-        ood_heads=ood_heads,
-        fusion=fusion,
-        ood_threshold=ood_threshold,
-        ood_quantile=1 - op.rate,
-        acceptance=acceptance,
-        fit_metrics=fit_metrics,
-        selection={"rule": rule_name, "chosen": {"heads": heads, "fusion": fusion.method}, "reads": reads},
-        fit_settings=settings.to_dict(),
-        sidecar=sidecar,
-        operating=op.record,
-        ood_reference=fused[q_ok],
-    )
+    return assemble(
+        gate, backbone_hash=card.model_hash, backbone_name=card.name, classes=classes, preprocessing=pp, task=task,
+        ood_heads=ood_heads, accept=accept, fit_metrics=fit_metrics,
+        selection={"rule": rule_name, "chosen": {"heads": heads, "fusion": gate.fusion.method}, "reads": reads},
+        fit_settings=settings.to_dict(), sidecar=sidecar, version=version,
+    )  # fmt: skip
 
 
 def input_pass(bundle: GateBundle, ex: Extracted) -> np.ndarray:
@@ -492,7 +467,7 @@ def recalibrate(
     settings = FitSettings.of(champion)
     task, own = fit_calibration(platt, old.layout, champion.classes)
     task = replace(task, min_score=old.min_score, iou=old.iou, max_candidates=old.max_candidates)
-    sel, acceptance, judged = certify(task, threshold, settings, say)
+    sel, accept, judged = certify(task, threshold, settings, say)
     metrics = {
         "train_images": champion.fit.train_images,
         "drift_reference": champion.fit.drift_reference,
@@ -506,7 +481,7 @@ def recalibrate(
     }
     now = datetime.now(UTC)
     return replace(champion, version=version, created=now.isoformat(timespec="seconds"), task=task,
-                   acceptance=acceptance, fit_metrics=metrics)  # fmt: skip
+                   acceptance=accept, fit_metrics=metrics)  # fmt: skip
 
 
 def every_box_over_half(

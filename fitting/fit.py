@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 from bouncer.fitting.acceptance import Selection, select_threshold, window_exceedance
 from bouncer.fitting.calibration import expected_calibration_error, fit_temperature
 from bouncer.fitting.defects import synthesize
-from bouncer.fitting.operating import DEFAULT_BUDGET, FoldScores, check_budget, choose, describe
+from bouncer.fitting.operating import DEFAULT_BUDGET, FoldScores, check_budget, describe
 from bouncer.fitting.select import (
     HEAD_BUDGET,
     candidate_specs,
@@ -23,13 +22,13 @@ from bouncer.fitting.select import (
     make_folds,
     select_heads,
 )
+from bouncer.fitting.stages import acceptance, assemble, fit_input_gate, fit_quality
 from bouncer.runtime.backends import Backend
 from bouncer.runtime.backends.paired import PREFIX
 from bouncer.runtime.errors import BouncerError, ImageError
-from bouncer.runtime.gates.bundle import Acceptance, GateBundle
+from bouncer.runtime.gates.bundle import GateBundle
 from bouncer.runtime.gates.decision import rule
 from bouncer.runtime.gates.heads import (
-    Fusion,
     GaussianHead,
     KnnHead,
     LinearHead,
@@ -42,7 +41,7 @@ from bouncer.runtime.gates.heads import (
     softmax,
     tile_output,
 )
-from bouncer.runtime.gates.quality import QualityGate, quality_stats
+from bouncer.runtime.gates.quality import quality_stats
 from bouncer.runtime.gates.risk import clopper_pearson_upper, frames_needed
 from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, TaskHead, UserScores, check_scores, task_meta
 from bouncer.runtime.images import image_folder, read_bgr
@@ -668,8 +667,7 @@ def fit_from_features(
     heads, fusion, pp = settings.heads, settings.fusion, preprocessing
     say = log or (lambda m: print(m, file=sys.stderr))
     calib_dir = where
-    quality = QualityGate.fit(train.stats)
-    q_ok = np.array([not quality.check(s) for s in calib.stats], bool)
+    quality, q_ok = fit_quality(train.stats, calib.stats)
     known = calib.labels >= 0  # an anomaly gate's defective frames set no OOD threshold
     # OOD heads model the classes the line has frames of (a user's classifier may know more)
     present, ood_labels = np.unique(train.labels, return_inverse=True)
@@ -719,16 +717,13 @@ def fit_from_features(
     names = list(heads)
 
     # Everything below is calibration: thresholds and temperature, never the training set.
-    ref = q_ok & known
     raw = np.stack([h.score_vectors(calib.vectors[h.input_key]) for h in ood_heads], 1)
-    fusion_ = Fusion.fit(names, raw[ref] if ref.sum() >= 10 else raw[known], method)
-    fused = fusion_.fuse(raw)
     tf = fit_task(role, train, calib, classes, q_ok)  # before the operating point: a model at odds with its card
-    op = choose(fused[ref], folds, settings.review_budget, settings.target_catch, delta)
-    ood_threshold, ood_quantile = op.threshold, 1 - op.rate
-    say(describe(op.record))
+    gate = fit_input_gate(quality, q_ok, known, raw, names, method, folds, settings.review_budget,
+                          settings.target_catch, delta)  # fmt: skip
+    say(describe(gate.op.record))
     task, conf, correct = tf.task, tf.confidence, tf.correct
-    passing = q_ok & ~rule(q_ok, conf, fused, ood_threshold, None).ood  # the input gate; confidence comes next
+    passing = gate.passing(conf)  # the input gate; confidence comes next
     sel = select_threshold(conf[passing], correct[passing], 1 - target_accuracy, delta)
     anomaly: dict[str, Any] = {}
     if role.kind == "anomaly":
@@ -747,16 +742,7 @@ def fit_from_features(
             f"warning: no confidence threshold reaches accuracy {target_accuracy} on the calibration set "
             "(too many confident mistakes); this gate auto-accepts nothing, every frame goes to review"
         )
-    acceptance = Acceptance(
-        threshold=sel.threshold,
-        target_accuracy=target_accuracy,
-        delta=delta,
-        error_bound=sel.error_bound,
-        n_calibration=sel.n_calibration,
-        n_accepted=sel.n_accepted,
-        n_errors=sel.n_errors,
-        frames_needed=frames_needed(1 - target_accuracy, delta),
-    )
+    covered = rule(q_ok, conf, gate.fused, gate.op.threshold, sel.threshold).accepted
     fit_metrics: dict[str, Any] = {
         "train_images": len(train),
         "calibration_images": len(calib),
@@ -765,53 +751,22 @@ def fit_from_features(
             zip(classes, map(int, np.bincount(calib.labels[calib.labels >= 0], minlength=len(classes))), strict=True)
         ),
         **tf.metrics,
-        "calibration_quality_rejects": int((~q_ok).sum()),
-        "calibration_ood_flagged": int((q_ok & ~passing).sum()),
-        "calibration_coverage": round(float(rule(q_ok, conf, fused, ood_threshold, sel.threshold).accepted.mean()), 4),
+        **gate.metrics(passing, calib.stats),
+        "calibration_coverage": round(float(covered.mean()), 4),
     }
-    fit_metrics["drift_reference"] = drift_reference(calib.stats, fused[ref])
     if anomaly:
         fit_metrics["anomaly"] = anomaly
     baseline_threshold = None
     if baseline is not None:
         base_scores = baseline.score_vectors(calib.vectors[baseline.input_key])
-        baseline_threshold = conformal_quantile(base_scores[ref], ood_quantile)
-    now = datetime.now(UTC)
-    return GateBundle(
-        version=version or now.strftime("%Y%m%d%H%M%S"),
-        created=now.isoformat(timespec="seconds"),
-        backbone_hash=backbone_hash,
-        backbone_name=backbone_name,
-        classes=classes,
-        preprocessing=pp,
-        quality=quality,
-        task=task,
-        ood_heads=ood_heads,
-        fusion=fusion_,
-        ood_threshold=ood_threshold,
-        ood_quantile=ood_quantile,
-        acceptance=acceptance,
-        fit_metrics=fit_metrics,
-        baseline=baseline,
-        baseline_threshold=baseline_threshold,
-        selection=selection,
-        explainer=explainer,
-        fit_settings=settings.to_dict(),
-        sidecar=role.sidecar,
-        operating=op.record,
-        ood_reference=fused[ref],
+        baseline_threshold = conformal_quantile(base_scores[gate.reference], 1 - gate.op.rate)
+    return assemble(
+        gate, backbone_hash=backbone_hash, backbone_name=backbone_name, classes=classes, preprocessing=pp, task=task,
+        ood_heads=ood_heads, accept=acceptance(sel, target_accuracy, delta), fit_metrics=fit_metrics,
+        selection=selection, fit_settings=settings.to_dict(), sidecar=role.sidecar, version=version,
+        baseline=baseline, baseline_threshold=baseline_threshold, explainer=explainer,
         tiling=tiling if any(input_key(h).endswith("@tiles") for h in heads) else None,
-    )
-
-
-def drift_reference(stats: Sequence[dict[str, float]], fused_ok: np.ndarray) -> dict[str, float]:
-    """Spreads the drift monitor scales its noise floors by (docs/mqtt.md, runtime/drift.py): of the calibration
-    frames' brightness and log sharpness, and of the fused OOD scores of those passing the quality gate."""
-    return {
-        "brightness": round(float(np.std([st["mean"] for st in stats])), 4),
-        "sharpness": round(float(np.std(np.log([max(st["sharpness"], 1e-6) for st in stats]))), 4),
-        "ood_score": round(float(np.std(fused_ok)) if len(fused_ok) else 1.0, 4),
-    }
+    )  # fmt: skip
 
 
 def choose_heads(
