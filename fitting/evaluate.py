@@ -20,7 +20,6 @@ from bouncer.runtime.errors import ImageError
 from bouncer.runtime.gates.decision import VERDICTS, Verdict
 from bouncer.runtime.gates.guard import Guard
 from bouncer.runtime.gates.quality import quality_stats
-from bouncer.runtime.gates.tasks import uncalibrated_probs
 from bouncer.runtime.images import list_images, read_bgr
 from bouncer.runtime.preprocess import preprocess
 
@@ -60,7 +59,7 @@ class Mix:
             out = g.backend.run(batch) | g.tile_outputs(self.frames[i : i + 16])
             x = out[g.backend.card.task_input]
             probs_l.append(b.task.probs(x))
-            plain.append(uncalibrated_probs(b.task, x))
+            plain.append(b.task.uncalibrated(x))
             scores = g.head_scores(out)
             raw.append(scores)
             if b.baseline is not None:

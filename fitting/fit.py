@@ -43,7 +43,7 @@ from bouncer.runtime.gates.heads import (
 )
 from bouncer.runtime.gates.quality import quality_stats
 from bouncer.runtime.gates.risk import clopper_pearson_upper, frames_needed
-from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, TaskHead, UserScores, check_scores, task_meta
+from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, TaskHead, UserScores, check_scores
 from bouncer.runtime.images import image_folder, read_bgr
 from bouncer.runtime.modelcard import ModelCard
 from bouncer.runtime.preprocess import Preprocessing, preprocess
@@ -508,7 +508,7 @@ class ModelRole:
 
     @classmethod
     def of_bundle(cls, bundle: GateBundle) -> ModelRole:
-        meta = task_meta(bundle.task)
+        meta = bundle.task.meta()
         base = bundle.baseline.source if bundle.baseline is not None else ""
         return cls(meta["kind"], meta.get("score_kind", "logits"), base, bundle.sidecar)
 

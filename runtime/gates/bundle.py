@@ -22,7 +22,7 @@ from bouncer.runtime.errors import BouncerError
 from bouncer.runtime.gates.fit_report import FitReport
 from bouncer.runtime.gates.heads import FUSION_METHODS, Fusion, GaussianHead, KnnHead, OodHead, load_head
 from bouncer.runtime.gates.quality import QualityGate
-from bouncer.runtime.gates.tasks import TaskHead, load_task, task_arrays, task_meta
+from bouncer.runtime.gates.tasks import TaskHead, load_task
 from bouncer.runtime.preprocess import Preprocessing
 from bouncer.runtime.tiles import Tiling
 
@@ -118,7 +118,7 @@ class GateBundle:
     # ---- writing -------------------------------------------------------------------------------
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = task_arrays(self.task)
+        arrays = self.task.arrays("task")
         for i, h in enumerate(self.ood_heads):
             arrays |= h.arrays(f"ood{i}")
         if self.baseline is not None:
@@ -143,7 +143,7 @@ class GateBundle:
             "preprocessing": self.preprocessing.to_dict(),
             "tiling": None if self.tiling is None else self.tiling.to_dict(),
             "quality": self.quality.to_dict(),
-            "task": task_meta(self.task),
+            "task": self.task.meta(),
             "sidecar": self.sidecar,
             "ood": {
                 "heads": [h.meta() for h in self.ood_heads],

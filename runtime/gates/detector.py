@@ -97,6 +97,11 @@ class DetectorTask:
         x = x.reshape(-1, *x.shape[-2:])
         return np.array([[self.detect(r).certainty()] for r in x], np.float32)
 
+    def uncalibrated(self, x: np.ndarray) -> np.ndarray:
+        """What evaluations compare the calibrated gate with: here the calibrated confidence itself (a raw
+        detector score has no frame-level confidence to compare)."""
+        return self.probs(x)
+
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "layout": self.layout, "min_score": self.min_score, "iou": self.iou,
                 "max_candidates": self.max_candidates}  # fmt: skip

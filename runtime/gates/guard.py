@@ -17,7 +17,7 @@ from bouncer.runtime.gates.decision import Decision, Verdict, rule_one
 from bouncer.runtime.gates.detector import Detections, DetectorTask
 from bouncer.runtime.gates.heads import KnnHead, input_sources, tile_output
 from bouncer.runtime.gates.quality import GREY_H, GREY_W, base_and_grey, grey_stats
-from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore, task_meta
+from bouncer.runtime.gates.tasks import TASK_OF_CARD, AnomalyScore
 from bouncer.runtime.preprocess import Preprocessing, input_to_frame, preprocess
 
 
@@ -25,7 +25,7 @@ def check_pairing(bundle: GateBundle, backend: Backend) -> None:
     """A gate guards one kind of model, and reads the sidecar it was fitted with (if any)."""
     from bouncer.runtime.backends.paired import PairedBackend
 
-    task, kind = backend.card.task, task_meta(bundle.task)["kind"]
+    task, kind = backend.card.task, bundle.task.kind
     if TASK_OF_CARD[task] != kind:
         raise BundleError(f"gate {bundle.version} certifies a {kind} task head; {backend.path.name}'s card says "
                           f"task = {task!r}")  # fmt: skip

@@ -145,6 +145,9 @@ class OodHead:
 
 @dataclass
 class LinearHead:
+    """Bouncer's own classifier on the backbone's features: a task head (runtime/gates/tasks.py)."""
+
+    kind: ClassVar[str] = "linear"
     weight: np.ndarray  # C x d, applied to l2-normalised features
     bias: np.ndarray  # C
     temperature: float = 1.0
@@ -157,6 +160,26 @@ class LinearHead:
 
     def probs(self, features: np.ndarray) -> np.ndarray:
         return kernels.linear_probs(_f32(features), self.weight, self.bias, self.temperature)
+
+    def uncalibrated(self, features: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(features)).astype(np.float32)
+
+    def meta(self) -> dict[str, Any]:
+        return {"kind": self.kind, "temperature": self.temperature}
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}.weight": self.weight, f"{prefix}.bias": self.bias}
+
+    @classmethod
+    def load(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, n_classes: int) -> LinearHead:
+        temperature = float(meta.get("temperature", 1.0))
+        if not temperature > 0:
+            raise ValueError("task temperature must be positive")
+        head = cls(arrays[f"{prefix}.weight"].astype(np.float32), arrays[f"{prefix}.bias"].astype(np.float32),
+                   temperature)  # fmt: skip
+        if head.weight.ndim != 2 or head.weight.shape[0] != n_classes or head.bias.shape != (n_classes,):
+            raise ValueError(f"task head shape {head.weight.shape} does not match {n_classes} classes")
+        return head
 
 
 def ledoit_wolf(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -70,11 +70,23 @@ class UserScores:
     def probs(self, x: np.ndarray) -> np.ndarray:
         return softmax(self.logits(x) / self.temperature).astype(np.float32)
 
+    def uncalibrated(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(x)).astype(np.float32)
+
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "score_kind": self.score_kind, "temperature": self.temperature}
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {}
+
+    @classmethod
+    def load(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, n_classes: int) -> UserScores:
+        temperature = float(meta.get("temperature", 1.0))
+        if not temperature > 0:
+            raise ValueError("task temperature must be positive")
+        if meta["score_kind"] not in ("logits", "softmax", "sigmoid"):
+            raise ValueError(f"task score_kind {meta['score_kind']!r}")
+        return cls(str(meta["score_kind"]), n_classes, temperature)
 
 
 @dataclass
@@ -105,58 +117,54 @@ class AnomalyScore:
     def probs(self, x: np.ndarray) -> np.ndarray:
         return self.pvalues(x)[:, None].astype(np.float32)
 
+    def uncalibrated(self, x: np.ndarray) -> np.ndarray:
+        return self.probs(x)  # a p-value has no temperature
+
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "n_reference": len(self.reference)}
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.reference": self.reference}
 
-
-TaskHead = LinearHead | UserScores | AnomalyScore | DetectorTask
-TASK_OF_CARD = {"features": "linear", "classifier": "scores", "anomaly": "anomaly", "detector": "detector"}
-
-
-def uncalibrated_probs(task: TaskHead, x: np.ndarray) -> np.ndarray:
-    """Confidences before calibration (temperature 1; an anomaly score's p-value has none): what evaluations
-    compare the calibrated gate against."""
-    if isinstance(task, AnomalyScore | DetectorTask):
-        return task.probs(x)
-    return softmax(task.logits(x)).astype(np.float32)
-
-
-def task_meta(task: TaskHead) -> dict[str, Any]:
-    if isinstance(task, LinearHead):
-        return {"kind": "linear", "temperature": task.temperature}
-    return task.meta()
-
-
-def task_arrays(task: TaskHead, prefix: str = "task") -> dict[str, np.ndarray]:
-    if isinstance(task, LinearHead):
-        return {f"{prefix}.weight": task.weight, f"{prefix}.bias": task.bias}
-    return task.arrays(prefix)
-
-
-def load_task(meta: dict[str, Any], arrays: dict[str, np.ndarray], n_classes: int, prefix: str = "task") -> TaskHead:
-    """A task head saved by task_meta/task_arrays (bundles before format 3: always linear)."""
-    kind = meta.get("kind", "linear")
-    temperature = float(meta.get("temperature", 1.0))
-    if kind in ("linear", "scores") and not temperature > 0:
-        raise ValueError("task temperature must be positive")
-    if kind == "linear":
-        head = LinearHead(arrays[f"{prefix}.weight"].astype(np.float32), arrays[f"{prefix}.bias"].astype(np.float32),
-                          temperature)  # fmt: skip
-        if head.weight.ndim != 2 or head.weight.shape[0] != n_classes or head.bias.shape != (n_classes,):
-            raise ValueError(f"task head shape {head.weight.shape} does not match {n_classes} classes")
-        return head
-    if kind == "scores":
-        if meta["score_kind"] not in ("logits", "softmax", "sigmoid"):
-            raise ValueError(f"task score_kind {meta['score_kind']!r}")
-        return UserScores(str(meta["score_kind"]), n_classes, temperature)
-    if kind == "anomaly":
+    @classmethod
+    def load(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, n_classes: int) -> AnomalyScore:
         ref = arrays[f"{prefix}.reference"]
         if ref.ndim != 1 or not len(ref) or not np.isfinite(ref).all():
             raise ValueError("anomaly task: reference scores must be a non-empty finite vector")
-        return AnomalyScore(ref)
-    if kind == "detector":
-        return DetectorTask.load(meta, arrays, prefix, n_classes)
-    raise ValueError(f"unknown task kind {kind!r}")
+        return cls(ref)
+
+
+class TaskHead(Protocol):
+    """What a gate certifies, as the bundle, the guard and the evaluations see it. A new task head is a class with
+    these and one entry in `TASK_KINDS` (its card's task in `TASK_OF_CARD`)."""
+
+    kind: ClassVar[str]  # its name in gate.json
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """N task outputs -> N x C calibrated confidences (an anomaly or detector gate: N x 1)."""
+        ...
+
+    def uncalibrated(self, x: np.ndarray) -> np.ndarray:
+        """The same before calibration: what evaluations compare the calibrated gate against."""
+        ...
+
+    def meta(self) -> dict[str, Any]: ...
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]: ...
+
+    @classmethod
+    def load(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str, n_classes: int) -> TaskHead:
+        """The head `meta` and `arrays` saved; ValueError naming what is wrong."""
+        ...
+
+
+TASK_KINDS: dict[str, type[TaskHead]] = {c.kind: c for c in (LinearHead, UserScores, AnomalyScore, DetectorTask)}
+TASK_OF_CARD = {"features": "linear", "classifier": "scores", "anomaly": "anomaly", "detector": "detector"}
+
+
+def load_task(meta: dict[str, Any], arrays: dict[str, np.ndarray], n_classes: int, prefix: str = "task") -> TaskHead:
+    """A task head saved with its `meta` and `arrays` (bundles before format 3: always linear)."""
+    kind = meta.get("kind", "linear")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {kind!r}")
+    return TASK_KINDS[kind].load(meta, arrays, prefix, n_classes)
