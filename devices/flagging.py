@@ -85,6 +85,11 @@ class Flagger(Output):
         self.metrics.outbox_depth.set(self.outbox.depth())  # in memory: no query per frame
         self.metrics.outbox_bytes.set(self.outbox.bytes)
 
+    def flush(self) -> None:
+        """Wait for what is queued to be on disk, then say any failure."""
+        self._jobs.join()
+        self._raise_failed()
+
     def stop(self) -> None:
         """Wait for what is queued to be on disk (a SIGTERM loses nothing decided), then say any failure."""
         if self._writer is not None:
@@ -133,13 +138,15 @@ class Flagger(Output):
 
     def _write_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if self._failed is not None:
-                continue  # after a failed write nothing more is marked done (nor written out of order)
             try:
-                job()
+                if self._failed is None:  # after a failed write nothing more is marked done (nor written out of order)
+                    job()
             except BaseException as exc:  # raised on the loop's thread at its next frame
                 log.error("outbox: %s", exc)
                 self._failed = exc
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
 
     def _raise_failed(self) -> None:
         if self._failed is not None and not self._said:

@@ -319,6 +319,8 @@ class Device:
             finally:
                 prefetch.close()
                 self.summary.skipped_done += prefetch.skipped
+            for out in self.outputs:
+                out.flush()  # the last flagged frames on disk before the outbox's depth is read
             if once and self.link:
                 deadline = time.monotonic() + drain_timeout
                 while self.outbox.depth() and time.monotonic() < deadline and not self._stop.is_set():

@@ -52,6 +52,10 @@ class Output:
     def event(self, kind: str, fields: dict[str, Any]) -> None:
         return None
 
+    def flush(self) -> None:
+        """Wait until what `frame` handed to the output's own thread is done (the outbox: written to disk)."""
+        return None
+
     def stop(self) -> None:
         return None
 
