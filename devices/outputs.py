@@ -1,8 +1,8 @@
 """What the frame loop tells, behind one protocol: each decided frame goes to every output in turn.
 
 The loop (devices/loop.py) reads a frame, has the guard decide it and hands the result to its outputs; it knows
-none of them by name. An output is started before the first frame, sees every frame and every event, is stopped
-after the last, and may add a section to the run's summary. Adding one is a module with the output and its
+none of them by name. An output is started before the first frame, sees every frame and every event, is flushed
+and stopped after the last, and may add a section to the run's summary. Adding one is a module with the output and its
 builder, and one line in devices/assembly.py.
 """
 
