@@ -77,11 +77,13 @@ class Outbox:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield
                 self._db.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
+            except BaseException as exc:  # nothing of it stays, whatever stopped it (the next write must begin)
                 if self._db.in_transaction:
                     with suppress(sqlite3.DatabaseError):  # then SQLite has rolled back itself
                         self._db.execute("ROLLBACK")
-                raise BouncerError(f"{self.path}: cannot {what} ({exc}); is the disk full?") from None
+                if isinstance(exc, sqlite3.DatabaseError):
+                    raise BouncerError(f"{self.path}: cannot {what} ({exc}); is the disk full?") from None
+                raise
 
     def put(self, msg_id: str, topic: str, payload: bytes, kind: str) -> list[str]:
         """Store a message durably; returns the ids evicted to stay within the budget."""

@@ -289,6 +289,16 @@ def test_outbox_eviction_order_unit(tmp_path):
     box.close()
     again = Outbox(tmp_path / "o.sqlite", max_bytes=1000)  # reopened: the state is on disk
     assert again.depth() == 4 and again.counter("evicted") == 4
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    again._victim = interrupted  # a put stopped halfway through its eviction: nothing of it stays
+    with pytest.raises(KeyboardInterrupt):
+        again.put("rev5", "t", b"x" * 400, "review")
+    del again._victim
+    assert again.depth() == 4 and "rev5" not in {p.msg_id for p in again.pending()}
+    assert again.put("rev6", "t", b"x" * 10, "review") == [] and again.depth() == 5  # the next write begins
     again.close()
 
 
